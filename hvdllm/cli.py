@@ -1,0 +1,133 @@
+"""`hvdllm` command line: train | launch | generate | bench | config."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+
+from . import config as config_mod
+from .errors import ConfigError, HvdllmError
+
+BACKENDS = {"torch": "torch_backend", "tensorflow": "tf_backend"}
+
+
+def load_backend(name: str):
+    return importlib.import_module(BACKENDS[name])
+
+
+def env_world_size() -> int | None:
+    """World size from the launcher's environment, known before any initialisation."""
+    for key in ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def env_rank() -> int:
+    for key in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import runtime
+    try:
+        cfg = config_mod.validate(config_mod.load(args.config, args.set), env_world_size())
+    except ConfigError as e:  # every rank prints and leaves with 2, before anything is written
+        print(f"[hvdllm] rank {env_rank()}: {e}", file=sys.stderr)
+        return 2
+    backend = load_backend(cfg.backend)
+    rt = None
+    try:
+        rt = runtime.start(backend)
+        from .trainer import Trainer
+        summary = Trainer(cfg, rt, backend).run()
+    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        runtime.fail(rt, e)
+    if rt.rank == 0:
+        _print_summary(cfg, summary)
+    return 0
+
+
+def _print_summary(cfg, s: dict) -> None:
+    print(f"\n[hvdllm] done: {cfg.train.steps} steps, backend={cfg.backend}, out_dir={cfg.train.out_dir}")
+    if "val_loss" in s:
+        print(f"[hvdllm] val_loss {s['val_loss']:.4f} nats/token (ppl {s['val_ppl']:.2f}, "
+              f"next-token acc {s['val_acc']:.3f}); unigram entropy of the corpus "
+              f"{s['unigram_entropy']:.4f} nats/token")
+    if "sample" in s:
+        print("[hvdllm] sample:\n" + s["sample"])
+
+
+def cmd_launch(args) -> int:
+    from . import launch
+    rest = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not rest:
+        print("hvdllm launch: nothing to run; e.g. hvdllm launch -np 2 -- train configs/demo.toml",
+              file=sys.stderr)
+        return 2
+    cmd = launch.command(args.launcher, args.np, rest, args.hosts)
+    launch.check_available(cmd)
+    print("[hvdllm] running: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_generate(args) -> int:
+    from .generate import run
+    return run(args)
+
+
+def cmd_bench(args) -> int:
+    mod = importlib.import_module(f"hvdllm.bench.{args.what}")
+    return mod.main(args.rest)
+
+
+def cmd_config(args) -> int:
+    for key, default, help_ in config_mod.describe():
+        print(f"{key:28s} {default!r:24s} {help_}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvdllm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train (inside any launcher, or alone as one rank)")
+    t.add_argument("config", nargs="?", help="TOML file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    t.set_defaults(fn=cmd_train)
+    la = sub.add_parser("launch", help="start N ranks under mpirun, horovodrun or srun")
+    la.add_argument("-np", type=int, required=True)
+    la.add_argument("--launcher", default="mpirun", choices=["mpirun", "horovodrun", "srun"])
+    la.add_argument("--hosts", help="host list passed to the launcher (-H)")
+    la.add_argument("command", nargs=argparse.REMAINDER)
+    la.set_defaults(fn=cmd_launch)
+    g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")
+    g.add_argument("out_dir")
+    g.add_argument("--prompt", default="def ")
+    g.add_argument("--tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", choices=list(BACKENDS), help="load with the other framework")
+    g.set_defaults(fn=cmd_generate)
+    b = sub.add_parser("bench", help="benchmarks (not tests): dp, ...")
+    b.add_argument("what")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+    c = sub.add_parser("config", help="list every setting with its default and meaning")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except HvdllmError as e:
+        print(f"[hvdllm] error: {e}", file=sys.stderr)
+        return e.exit_code

@@ -1,0 +1,290 @@
+"""Configuration: a tree of small dataclasses, loaded from TOML and overridden by `--set a.b=c`.
+
+Precedence: `--set` > TOML file > defaults. Each component receives only its own section.
+`validate()` collects every problem and raises one ConfigError naming each key to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+
+def doc(text, default, **kw):
+    """A field with its help text (shown by `hvdllm train --help-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = doc("transformer blocks", 4)
+    n_head: int = doc("attention heads per block (must divide n_embd)", 4)
+    n_embd: int = doc("model width", 128)
+    block_size: int = doc("context length in tokens", 128)
+    vocab_size: int = doc("vocabulary size; 0 takes the tokenizer's", 0)
+    dropout: float = doc("dropout probability (0 keeps runs bit-reproducible)", 0.0)
+
+
+@dataclass
+class DataConfig:
+    corpus: list = doc("text files or folders; empty means the Python standard library's sources", [])
+    tokenizer: str = doc("'byte' (256 symbols) or 'bpe' (trained locally, cached)", "byte")
+    bpe_vocab_size: int = doc("vocabulary size of the BPE tokenizer", 2048)
+    val_fraction: float = doc("fraction of tokens held out for validation", 0.05)
+    max_bytes: int = doc("cap on corpus bytes read (0 = no cap)", 8_000_000)
+    cache_dir: str = doc("where prepared token files are cached ('' = ~/.cache/hvdllm/data)", "")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = doc("data-parallel ranks; 0 = every rank left after pp, tp and role ranks", 0)
+    pp: int = doc("pipeline stages", 1)
+    tp: int = doc("tensor-parallel ranks", 1)
+
+
+@dataclass
+class AggregationConfig:
+    op: str = doc("gradient reduction: 'average', 'sum' or 'adasum'", "average")
+    compression: str = doc("wire format for gradients: 'none', 'fp16' or 'bf16'", "none")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("peak learning rate", 1e-3)
+    min_lr: float = doc("learning rate at the end of the cosine decay", 1e-4)
+    warmup_steps: int = doc("linear warm-up steps", 10)
+    weight_decay: float = doc("AdamW decoupled weight decay (matrices and embeddings only)", 0.1)
+    beta1: float = doc("AdamW beta1", 0.9)
+    beta2: float = doc("AdamW beta2", 0.95)
+    eps: float = doc("AdamW epsilon", 1e-8)
+    grad_clip: float = doc("global gradient-norm clip; 0 disables", 1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc("optimizer steps", 200)
+    batch_size: int = doc("sequences per rank per step (the micro-batch)", 16)
+    seed: int = doc("seed for weights, sampling and dropout", 1337)
+    out_dir: str = doc("output folder: config, metrics.jsonl, plot, checkpoints, samples", "runs/default")
+    log_every: int = doc("steps between metric records", 1)
+    eval_every: int = doc("steps between evaluations (0 = only at the end)", 50)
+    eval_batches: int = doc("validation batches per rank per evaluation", 4)
+    checkpoint_every: int = doc("steps between checkpoints (0 = only at the end)", 100)
+    keep_checkpoints: int = doc("checkpoints kept on disk", 2)
+    resume: bool = doc("resume from the latest checkpoint in out_dir", False)
+    progress: bool = doc("show a progress bar on rank 0", True)
+    threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
+    sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
+    sample_prompt: str = doc("prompt for the final sample", "def ")
+    step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
+                              "ended as hung", 600.0)
+    fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
+    fail_rank: int = doc("testing aid: the rank that raises at fail_at_step", 0)
+
+
+@dataclass
+class Config:
+    backend: str = doc("'torch' or 'tensorflow'", "torch")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "backend": ("torch", "tensorflow"),
+    "data.tokenizer": ("byte", "bpe"),
+    "aggregation.op": ("average", "sum", "adasum"),
+    "aggregation.compression": ("none", "fp16", "bf16"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: TOML + overrides into the dataclass tree, collecting problems rather than stopping.
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are TOML literals (1, 0.5, true, [..], "s"); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(value, typ, key, problems):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is list and isinstance(value, str):
+        return [value]
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        problems.append(f"{key}: expected {typ.__name__}, got {value!r}")
+        return None
+    return value
+
+
+def _fill(obj, values: dict, prefix: str, problems: list):
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            problems.append(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a table of settings, got {value!r}")
+            else:
+                _fill(getattr(obj, name), value, key + ".", problems)
+            continue
+        coerced = _coerce(value, typ, key, problems)
+        if coerced is not None:
+            setattr(obj, name, coerced)
+
+
+def _nest(overrides: list[str], problems: list) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+            continue
+        key, text = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(text.strip())
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Build a Config from an optional TOML file and `key=value` overrides (not yet validated)."""
+    problems: list[str] = []
+    values: dict = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            problems.append(f"config file {path}: not found")
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"config file {path}: not valid TOML ({e})")
+    values = _merge(values, _nest(list(overrides), problems))
+    cfg = Config()
+    _fill(cfg, values, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule, every problem, one message.
+
+def _get(cfg, key):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Check every rule; raise one ConfigError listing all problems. Returns cfg for chaining."""
+    p: list[str] = []
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            p.append(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}")
+    positive = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "parallel.pp",
+                "parallel.tp", "train.batch_size", "train.log_every", "train.keep_checkpoints"]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
+    for key in ["train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                "train.threads", "train.sample_tokens", "parallel.dp", "model.vocab_size",
+                "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay"]:
+        if _get(cfg, key) < 0:
+            p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    m = cfg.model
+    if m.n_head >= 1 and m.n_embd % m.n_head:
+        p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0.0 < cfg.data.val_fraction < 0.5:
+        p.append(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
+    if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
+        p.append(f"data.bpe_vocab_size: must be >= 260, got {cfg.data.bpe_vocab_size}")
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        p.append(f"optim.lr / optim.min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={o.lr} min_lr={o.min_lr}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            p.append(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    if not cfg.train.out_dir:
+        p.append("train.out_dir: must name a folder")
+    if world_size is not None:
+        p.extend(_grid_problems(cfg, world_size))
+    if p:
+        raise ConfigError(p)
+    return cfg
+
+
+def _grid_problems(cfg: Config, world_size: int) -> list[str]:
+    par = cfg.parallel
+    model_ranks = par.pp * par.tp
+    if par.dp == 0:
+        if model_ranks >= 1 and world_size % model_ranks:
+            return [f"parallel.dp: {world_size} ranks cannot be split into pp*tp={model_ranks}-rank groups"]
+        return []
+    if par.dp * model_ranks != world_size:
+        return [f"parallel.dp: dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {par.dp * model_ranks} "
+                f"but {world_size} ranks were launched (set parallel.dp=0 to use all ranks)"]
+    return []
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting, for `--help-config`."""
+    rows = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            if dataclasses.is_dataclass(val):
+                walk(val, prefix + f.name + ".")
+            else:
+                rows.append((prefix + f.name, val, f.metadata.get("help", "")))
+    walk(Config(), "")
+    return rows
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise (for the run's resolved config.toml)."""
+    def lit(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(lit(x) for x in v) + "]"
+        return repr(v)
+    d = cfg.to_dict()
+    lines = [f"backend = {lit(d.pop('backend'))}"]
+    for section, values in d.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {lit(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Parallel strategies: framework-free plans (schedules, layouts) that the backends execute."""

@@ -1,0 +1,153 @@
+"""The training loop, framework-neutral: which batch, which learning rate, when to evaluate, log
+and checkpoint. The backend's Engine does the arithmetic and the collectives.
+
+Per step every data-parallel rank takes its own disjoint slice of the global batch (see
+data.Sampler), so np=k with micro-batch b computes exactly what one process with batch k*b does.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data, lr as lr_schedule, metrics
+from .config import Config, to_toml
+from .layout import Layout
+from .params import param_shapes
+from .runtime import Runtime, Watchdog
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by train.fail_at_step: proves that one failing rank ends the whole job."""
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
+                mininterval=1.0, dynamic_ncols=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rt: Runtime, backend):
+        self.cfg, self.rt, self.backend = cfg, rt, backend
+        self.layout = Layout.build(cfg.parallel, rt.size, rt.rank)
+        self.watchdog = Watchdog(rt)
+        self.is_root = rt.rank == 0
+        self.out = Path(cfg.train.out_dir)
+        with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
+            self.data = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
+        self.engine = backend.Engine(cfg, self.layout)
+        t = cfg.train
+        self.sampler = data.Sampler(self.data.train, cfg.model.block_size, t.batch_size,
+                                    self.layout.dp, self.layout.dp_rank, t.seed)
+        self.start_step = self._maybe_resume()
+        if self.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(cfg))
+            self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None)
+
+    def _maybe_resume(self) -> int:
+        if not self.cfg.train.resume:
+            return 0
+        path = checkpoint.latest(self.out)
+        if path is None:
+            return 0
+        state, meta = checkpoint.load(path)
+        m = self.cfg.model
+        checkpoint.check_compatible(state, param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size), path)
+        self.engine.load_state_dict(state)
+        if self.is_root:
+            print(f"[hvdllm] resumed from {path} (step {meta['step']})", file=sys.stderr)
+        return int(meta["step"])
+
+    # the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = self.layout.dp * t.batch_size * cfg.model.block_size
+        bar = _progress(self.is_root and t.progress, t.steps, self.start_step)
+        summary = {}
+        for step in range(self.start_step, t.steps):
+            x, y = self.sampler.batch(step)
+            lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
+            t0 = time.perf_counter()
+            with self.watchdog.deadline(t.step_timeout, f"step {step}"):
+                if step == t.fail_at_step and self.rt.rank == t.fail_rank:
+                    raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
+                res = self.engine.train_step(x, y, lr)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"loss became {res.loss} at step {step}; lower optim.lr "
+                                         f"or set optim.grad_clip")
+            done = step + 1
+            rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+            if self.is_root and (done % t.log_every == 0 or done == t.steps):
+                self.log.write(rec)
+            if bar:
+                bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
+                bar.update(1)
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                summary.update(self.evaluate(done))
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+                self.save(done)
+            summary["loss"] = res.loss
+        if bar:
+            bar.close()
+        return self.finish(summary)
+
+    def evaluate(self, step: int) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        totals = np.zeros(3)
+        with self.watchdog.deadline(t.step_timeout, f"evaluation at step {step}"):
+            for x, y in data.eval_batches(self.data.val, m.block_size, t.batch_size, self.layout.dp,
+                                          self.layout.dp_rank, t.eval_batches):
+                r = self.engine.evaluate(x, y)
+                totals += (r.loss_sum, r.correct, r.tokens)
+            loss_sum, correct, tokens = self.engine.allreduce_sum(totals)
+        rec = {"step": step, "val_loss": loss_sum / tokens, "val_ppl": math.exp(loss_sum / tokens),
+               "val_acc": correct / tokens}
+        if self.is_root:
+            self.log.write(rec)
+        return rec
+
+    def save(self, step: int) -> None:
+        # Data-parallel replicas hold identical state: rank 0 writes for everyone.
+        if not self.is_root:
+            return
+        with self.watchdog.deadline(self.cfg.train.step_timeout, f"checkpoint at step {step}"):
+            meta = {"config": self.cfg.to_dict(), "layout": self.layout.describe(),
+                    "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
+            checkpoint.save(self.out, step, self.engine.state_dict(), meta, self.cfg.train.keep_checkpoints)
+
+    def finish(self, summary: dict) -> dict:
+        t = self.cfg.train
+        summary["unigram_entropy"] = data.unigram_entropy(self.data.train)
+        if t.sample_tokens and self.is_root:
+            tok = self.data.tokenizer
+            ids = self.engine.generate(tok.encode(t.sample_prompt), t.sample_tokens, 0.8, 40, t.seed)
+            text = t.sample_prompt + tok.decode(ids)
+            (self.out / "sample.txt").write_text(text)
+            summary["sample"] = text
+        if self.is_root:
+            self.log.close()
+            metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")
+        return summary
+
+
+def _cores() -> int:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
