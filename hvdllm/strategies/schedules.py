@@ -15,7 +15,8 @@ go before gradient messages, and a send of the previous output goes before the r
 the next input. So on every link the upstream rank sends its activation and then receives a
 gradient while the downstream rank receives the activation and then sends the gradient: each
 pair of blocking calls meets in the same order on both sides, and the schedules run without
-buffering (MPI_Ssend semantics). ``simulate(..., buffered=False)`` checks exactly that.
+buffering (MPI_Ssend semantics) for GPipe and 1F1B; ``simulate(..., buffered=False)`` checks
+that. The interleaved schedule needs non-blocking sends (see :func:`interleaved_1f1b`).
 """
 from __future__ import annotations
 
@@ -135,26 +136,33 @@ def one_f_one_b(p: int, m: int, stage: int) -> list[Instr]:
 
 
 def _interleaved_table(p: int, m: int, v: int) -> list[tuple[int, int]]:
-    """Forward order ``(mb, chunk)``: groups of ``p`` micro-batches go through chunk 0, then
-    chunk 1, ...; the last group holds the ``m % p`` leftovers when ``m`` is not a multiple."""
-    table = []
-    for lo in range(0, m, p):
-        table += [(mb, c) for c in range(v) for mb in range(lo, min(lo + p, m))]
-    return table
+    """Forward order ``(mb, chunk)``: each group of ``p`` micro-batches goes through chunk 0,
+    then chunk 1, ... -- exactly ``p`` forwards later the last stage has the group's first
+    activation ready for the next chunk, so stage 0 never waits on the ring."""
+    return [(g + i, c) for g in range(0, m, p) for c in range(v) for i in range(p)]
 
 
 def interleaved_1f1b(p: int, m: int, stage: int, v: int) -> list[Instr]:
-    """Megatron's interleaved 1F1B with ``v`` model chunks per rank.
+    """Megatron's interleaved 1F1B with ``v`` model chunks per rank (``v == 1``: plain 1F1B).
 
     The k-th forward is ``_interleaved_table(...)[k]``; the k-th backward is the same entry
-    with the chunk mirrored (``v-1-chunk``), since gradients flow through the chunks in
-    reverse. Warm-up is ``(p-stage-1)*2 + (v-1)*p`` forwards (capped at ``m*v``), then one
-    forward / one backward, then the remaining backwards. Messages cross the ring: the last
-    stage's chunk ``c`` sends activations to stage 0's chunk ``c+1`` and receives gradients
-    back from it. Megatron requires ``m % p == 0``; here any ``m >= 1`` is accepted, the last
-    group simply being shorter (every combination is checked by :func:`simulate` in tests).
+    with the chunk mirrored (``v-1-chunk``), since gradients go through the chunks in reverse.
+    Warm-up is Megatron's ``(p-stage-1)*2 + (v-1)*p`` forwards (capped at ``m*v``), then one
+    forward / one backward, then the remaining backwards. The extra ``p-stage-1`` warm-up
+    forwards (``simulate`` shows the same bubble without them when ``comm_time == 0``) give one
+    micro-batch of slack per downstream hop, which hides the p2p latency when it is not 0.
+    Messages go round the ring: stage ``p-1``'s chunk ``c`` sends activations to stage 0's
+    chunk ``c+1`` and receives gradients from it. Sends must be non-blocking (MPI_Isend,
+    ``simulate(buffered=True)``): for ``p, v >= 2`` rendezvous sends deadlock, because a stage
+    sends several activations ahead of the gradient its neighbour sends first.
+    ``m`` must be a multiple of ``p`` as in Megatron (otherwise some cases deadlock).
     """
     _check_args(p, m, stage, v)
+    if v == 1:
+        return one_f_one_b(p, m, stage)
+    if m % p:
+        raise ValueError(f"interleaved pipeline schedule needs the number of micro-batches ({m}) "
+                         f"to be a multiple of the number of stages ({p})")
     table = _interleaved_table(p, m, v)
     total = len(table)
     fwd = [("forward", mb, c) for mb, c in table]
