@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
     backend = load_backend(cfg.backend)
     rt = None
     try:
-        rt = runtime.start(backend)
+        rt = runtime.start(backend, cfg.aggregation)
         from .trainer import Trainer
         summary = Trainer(cfg, rt, backend).run()
     except BaseException as e:  # noqa: one rank's failure must end every rank, never hang

@@ -46,12 +46,27 @@ class ParallelConfig:
     dp: int = doc("data-parallel ranks; 0 = every rank left after pp, tp and role ranks", 0)
     pp: int = doc("pipeline stages", 1)
     tp: int = doc("tensor-parallel ranks", 1)
+    zero: int = doc("ZeRO stage: 0 = replicated AdamW state, 1 = state sharded over the dp group", 0)
 
 
 @dataclass
 class AggregationConfig:
     op: str = doc("gradient reduction: 'average', 'sum' or 'adasum'", "average")
     compression: str = doc("wire format for gradients: 'none', 'fp16' or 'bf16'", "none")
+    accumulation: int = doc("micro-batches accumulated per optimizer step (one reduction per step)", 1)
+    predivide: float = doc("divide gradients by this before the sum and by size/this after "
+                           "(Horovod's gradient_predivide_factor; 1 = plain average)", 1.0)
+    fusion_threshold_mb: float = doc("Horovod tensor-fusion buffer in MiB (0 = Horovod's default)", 0.0)
+    cycle_time_ms: float = doc("Horovod background cycle time in ms (0 = Horovod's default)", 0.0)
+
+
+@dataclass
+class LocalSGDConfig:
+    every: int = doc("average parameters every H steps (0 = off: synchronous gradients)", 0)
+    outer_lr: float = doc("outer learning rate on the averaged change (1 with momentum 0 = plain "
+                          "averaging; DiLoCo uses 0.7)", 1.0)
+    outer_momentum: float = doc("outer momentum (DiLoCo: 0.9)", 0.0)
+    nesterov: bool = doc("Nesterov form of the outer momentum", True)
 
 
 @dataclass
@@ -95,6 +110,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    localsgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -235,6 +251,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for key in ("optim.beta1", "optim.beta2"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             p.append(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    p.extend(_strategy_problems(cfg))
     if not cfg.train.out_dir:
         p.append("train.out_dir: must name a folder")
     if world_size is not None:
@@ -242,6 +259,30 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if p:
         raise ConfigError(p)
     return cfg
+
+
+def _strategy_problems(cfg: Config) -> list[str]:
+    p, a, ls = [], cfg.aggregation, cfg.localsgd
+    if a.accumulation < 1:
+        p.append(f"aggregation.accumulation: must be >= 1, got {a.accumulation}")
+    if a.predivide <= 0:
+        p.append(f"aggregation.predivide: must be > 0, got {a.predivide}")
+    if a.predivide != 1.0 and a.op != "average":
+        p.append("aggregation.predivide: only applies with aggregation.op = 'average'")
+    if cfg.parallel.zero not in (0, 1):
+        p.append(f"parallel.zero: must be 0 or 1, got {cfg.parallel.zero}")
+    if cfg.parallel.zero and a.op != "average":
+        p.append("parallel.zero: ZeRO-1 reduce-scatters averaged gradients; set aggregation.op = 'average'")
+    if ls.every < 0:
+        p.append(f"localsgd.every: must be >= 0, got {ls.every}")
+    if ls.every and cfg.parallel.zero:
+        p.append("localsgd.every: local SGD keeps a full optimizer per rank; set parallel.zero = 0")
+    if ls.every and cfg.train.checkpoint_every % ls.every:
+        p.append(f"train.checkpoint_every: must be a multiple of localsgd.every={ls.every} so a "
+                 f"checkpoint holds the averaged model")
+    if ls.outer_lr <= 0 or not 0 <= ls.outer_momentum < 1:
+        p.append("localsgd.outer_lr / localsgd.outer_momentum: need outer_lr > 0 and 0 <= momentum < 1")
+    return p
 
 
 def _grid_problems(cfg: Config, world_size: int) -> list[str]:

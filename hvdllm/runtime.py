@@ -53,10 +53,13 @@ class Runtime:
                               f"--launcher mpirun), or choose a strategy without it.")
 
 
-def start(backend) -> Runtime:
+def start(backend, agg_cfg=None) -> Runtime:
     """Initialise MPI (when present) and Horovod through `backend.init_horovod(comm)`."""
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
+    if agg_cfg is not None:
+        from .aggregation import apply_horovod_env
+        apply_horovod_env(agg_cfg)
     launcher = detect_launcher()
     comm = None
     if launcher in ("mpi", "single"):

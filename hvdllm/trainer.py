@@ -49,7 +49,9 @@ class Trainer:
         backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
         self.engine = backend.Engine(cfg, self.layout)
         t = cfg.train
-        self.sampler = data.Sampler(self.data.train, cfg.model.block_size, t.batch_size,
+        # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
+        self.sampler = data.Sampler(self.data.train, cfg.model.block_size,
+                                    t.batch_size * cfg.aggregation.accumulation,
                                     self.layout.dp, self.layout.dp_rank, t.seed)
         self.start_step = self._maybe_resume()
         if self.is_root:
@@ -74,7 +76,7 @@ class Trainer:
     # the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        tokens_per_step = self.layout.dp * t.batch_size * cfg.model.block_size
+        tokens_per_step = self.layout.dp * t.batch_size * cfg.aggregation.accumulation * cfg.model.block_size
         bar = _progress(self.is_root and t.progress, t.steps, self.start_step)
         summary = {}
         for step in range(self.start_step, t.steps):
@@ -122,13 +124,15 @@ class Trainer:
         return rec
 
     def save(self, step: int) -> None:
-        # Data-parallel replicas hold identical state: rank 0 writes for everyone.
-        if not self.is_root:
-            return
+        # Every rank takes part (gathering sharded optimizer state is collective); replicas
+        # then hold identical state and rank 0 writes for everyone.
         with self.watchdog.deadline(self.cfg.train.step_timeout, f"checkpoint at step {step}"):
+            state = self.engine.state_dict()
+            if not self.is_root:
+                return
             meta = {"config": self.cfg.to_dict(), "layout": self.layout.describe(),
                     "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
-            checkpoint.save(self.out, step, self.engine.state_dict(), meta, self.cfg.train.keep_checkpoints)
+            checkpoint.save(self.out, step, state, meta, self.cfg.train.keep_checkpoints)
 
     def finish(self, summary: dict) -> dict:
         t = self.cfg.train

@@ -9,6 +9,8 @@ from __future__ import annotations
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from hvdllm.errors import ConfigError
+
 _OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum"}
 _WIRE = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 
@@ -23,15 +25,16 @@ def _wire(compression: str):
     if compression not in _WIRE:
         raise ValueError(f"aggregation.compression: {compression!r} is not one of {', '.join(_WIRE)}")
     if compression == "bf16":
-        # Measured with Horovod 0.28.1 on TF's CPU path: see BF16_UNSUPPORTED.
-        raise ValueError(BF16_UNSUPPORTED)
+        # Measured with Horovod 0.28.1 on TF's CPU path (eager, tf.function and grouped).
+        raise ConfigError([BF16_UNSUPPORTED])
     return _WIRE[compression]
 
 
 BF16_UNSUPPORTED = (
-    "aggregation.compression: 'bf16' is not supported by the tensorflow backend: Horovod 0.28.1 "
-    "registers its TensorFlow allreduce kernels without bfloat16, so a bfloat16 tensor fails "
-    "with 'No registered HorovodAllreduce OpKernel'. Use 'fp16' or 'none' (or backend='torch').")
+    "aggregation.compression: 'bf16' is not supported by the tensorflow backend: Horovod 0.28.1's "
+    "TensorFlow ops (HorovodAllreduce, HorovodGroupedAllreduce) accept only uint8, int8, int32, "
+    "int64, half, float and double, so a bfloat16 wire tensor is rejected. Use 'fp16' or 'none', "
+    "or backend='torch' (whose Horovod ops accept bfloat16).")
 
 
 class Collectives:
@@ -63,10 +66,8 @@ class Collectives:
                           postscale=1.0):
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         wire = [self._to_wire(t, compression) for t in tensors]
-        # Horovod names grouped ops from the tensors; a name scope keeps `name` visible in timelines.
-        with tf.name_scope(name or "grouped_allreduce"):
-            outs = hvd.grouped_allreduce(wire, op=_op(op), prescale_factor=prescale,
-                                         postscale_factor=postscale, process_set=self.process_set)
+        outs = hvd.grouped_allreduce(wire, op=_op(op), name=name, prescale_factor=prescale,
+                                     postscale_factor=postscale, process_set=self.process_set)
         return [tf.cast(o, t.dtype) for o, t in zip(outs, tensors)]
 
     def broadcast(self, tensor, root=0, name=None):
@@ -75,6 +76,11 @@ class Collectives:
 
     def allgather(self, tensor, name=None):
         return hvd.allgather(tf.convert_to_tensor(tensor), name=name, process_set=self.process_set)
+
+
+def check_compression(compression: str) -> None:
+    """Fail at start-up, not at the first reduction, on a wire format this backend lacks."""
+    _wire(compression)
 
 
 def init_horovod(comm=None):

@@ -6,6 +6,7 @@ and calls. `process_set=None` means Horovod's global set, passed explicitly, nev
 from __future__ import annotations
 
 import horovod.torch as hvd
+import numpy as np
 import torch
 
 _OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum"}
@@ -66,3 +67,33 @@ def init_horovod(comm=None):
     """Start Horovod on mpi4py's communicator (MPI launchers) or from the environment (Gloo)."""
     hvd.init(comm=comm) if comm is not None else hvd.init()
     return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+
+
+class NumpyCollectives:
+    """The same collectives on numpy arrays, for the core's framework-free strategies
+    (ZeRO-1, local SGD). torch.from_numpy shares memory, so the casts cost nothing."""
+
+    def __init__(self, coll: Collectives):
+        self.coll = coll
+
+    @property
+    def rank(self) -> int:
+        return self.coll.rank
+
+    @property
+    def size(self) -> int:
+        return self.coll.size
+
+    def allreduce(self, a, op="average", name=None, compression="none"):
+        return self.coll.allreduce(torch.from_numpy(a), op=op, name=name, compression=compression).numpy()
+
+    def reducescatter(self, a, op="average", name=None, compression="none"):
+        t = self.coll._to_wire(torch.from_numpy(a), compression)
+        out = hvd.reducescatter(t, op=_op(op), name=name, process_set=self.coll.process_set)
+        return out.to(torch.float32 if a.dtype == np.float32 else out.dtype).numpy()
+
+    def allgather(self, a, name=None):
+        return self.coll.allgather(torch.from_numpy(a), name=name).numpy()
+
+    def broadcast(self, a, root=0, name=None):
+        return self.coll.broadcast(torch.from_numpy(a), root=root, name=name).numpy()

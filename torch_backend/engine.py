@@ -1,18 +1,24 @@
-"""The torch Engine: forward/backward, Horovod gradient aggregation, clipping, AdamW.
+"""The torch Engine: forward/backward, gradient aggregation, clipping and the optimizer step.
 
-Per train_step the messages are, in order: one grouped allreduce of every gradient over the
-data-parallel process set (op and wire dtype from cfg.aggregation), then one allreduce of the
-scalar loss for logging. Everything else is local arithmetic.
+Which messages a step sends depends on the strategy (each documented in its core file):
+- data parallel (default): one grouped allreduce of every gradient over the dp process set;
+- ZeRO-1 (parallel.zero=1): hvdllm/strategies/zero.py (reducescatter, norm allreduce, allgather);
+- local SGD (localsgd.every=H): no gradient messages; every H steps hvdllm/strategies/local_sgd.py.
+Then one allreduce of the scalar loss, for logging.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from hvdllm import sampling
+from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
+from hvdllm.flat import FlatLayout
+from hvdllm.params import param_shapes
+from hvdllm.strategies.local_sgd import LocalSGD
+from hvdllm.strategies.zero import Zero1
 
-from .collectives import Collectives
+from .collectives import Collectives, NumpyCollectives
 from .model import GPT
 
 
@@ -20,7 +26,10 @@ def configure(threads: int, seed: int = 0) -> None:
     """Set compute threads before any work (0 = torch's default)."""
     if threads > 0:
         torch.set_num_threads(threads)
-        torch.set_num_interop_threads(max(1, min(threads, 2)))
+        try:
+            torch.set_num_interop_threads(max(1, min(threads, 2)))
+        except RuntimeError:  # already set once in this process
+            pass
 
 
 class Engine:
@@ -28,16 +37,24 @@ class Engine:
         self.cfg = cfg
         self.layout = layout
         self.comm = collectives or Collectives()
+        self.ncomm = NumpyCollectives(self.comm)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.model = GPT(cfg.model, cfg.train.seed)
         self._broadcast_parameters()
         self.params = [p for _, p in self.model.named()]
-        o = cfg.optim
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+        m = cfg.model
+        self.flat = FlatLayout(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size))
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.steps_done = 0
+        self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
+        self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params()) if cfg.localsgd.every else None
+        if self.zero is None:
+            o = cfg.optim
+            decay = [p for p in self.params if p.ndim >= 2]
+            no_decay = [p for p in self.params if p.ndim < 2]
+            self.opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
 
     def _broadcast_parameters(self):
         """Rank 0's initial weights win: ranks agree even if their seeds or files differed."""
@@ -47,32 +64,56 @@ class Engine:
             for name, p in self.model.named():
                 p.copy_(self.comm.broadcast(p.data, root=0, name=f"init.{name}"))
 
+    # flat views for the core's strategies ------------------------------------------------------
+    def flat_params(self) -> np.ndarray:
+        return self.flat.flatten([p.detach().numpy() for p in self.params])
+
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        with torch.no_grad():
+            for p, (name, a) in zip(self.params, self.flat.unflatten(flat).items()):
+                p.copy_(torch.from_numpy(a))
+
     # training --------------------------------------------------------------------------
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+    def _forward_backward(self, x, y) -> torch.Tensor:
+        """Gradient of the mean loss over all k micro-batches (each contributes loss/k)."""
         self.model.train()
-        loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
         for p in self.params:
             p.grad = None
-        loss.backward()
-        grad_norm = self._aggregate_and_clip()
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        mean_loss = self.comm.allreduce(loss.detach(), op="average", name="loss")
-        return StepResult(loss=float(mean_loss), grad_norm=grad_norm)
+        k = self.cfg.aggregation.accumulation
+        total = torch.zeros(())
+        for xm, ym in aggregation.split_microbatches(x, y, k):
+            loss = self.model.loss(torch.from_numpy(xm), torch.from_numpy(ym)) / k
+            loss.backward()
+            total += loss.detach()
+        return total
 
-    def _aggregate_and_clip(self) -> float:
-        a = self.cfg.aggregation
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+        loss = self._forward_backward(x, y)
+        self.steps_done += 1
+        if self.zero is not None:
+            grads = self.flat.flatten([p.grad.numpy() for p in self.params])
+            new, norm = self.zero.step(grads, self.flat_params(), lr)
+            self.set_flat_params(new)
+        else:
+            norm = self._aggregate_and_clip(reduce=self.local is None)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.opt.step()
+            if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
+                self.set_flat_params(self.local.sync(self.flat_params()))
+        mean_loss = self.comm.allreduce(loss, op="average", name="loss")
+        return StepResult(loss=float(mean_loss), grad_norm=norm)
+
+    def _aggregate_and_clip(self, reduce: bool) -> float:
         grads = [p.grad for p in self.params]
-        if self.comm.size > 1:
-            grads = self.comm.grouped_allreduce(grads, op=a.op, name="grads", compression=a.compression)
+        if reduce and self.comm.size > 1:
+            grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
             for p, g in zip(self.params, grads):
                 p.grad = g
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         clip = self.cfg.optim.grad_clip
         if clip > 0:
-            coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef)
+            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
         return float(norm)
 
     # evaluation and metrics -----------------------------------------------------------------
@@ -87,33 +128,49 @@ class Engine:
         return EvalResult(float(loss_sum), int(correct), int(t.numel()))
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.asarray(values, dtype=np.float64))
-        return self.comm.allreduce(t, op="sum", name="metrics").numpy()
+        return self.ncomm.allreduce(np.asarray(values, dtype=np.float64), op="sum", name="metrics")
 
-    # state --------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        if self.zero is not None:
+            return self.zero.state_bytes()
+        return sum(t.nbytes for st in self.opt.state.values() for k, t in st.items() if k != "step")
+
+    # state (collective under ZeRO-1: every rank calls it) ------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {n: p.detach().numpy().copy() for n, p in self.model.named()}
-        step = 0
-        for n, p in self.model.named():
-            st = self.opt.state.get(p)
-            if st:
-                out[f"optim.m.{n}"] = st["exp_avg"].numpy().copy()
-                out[f"optim.v.{n}"] = st["exp_avg_sq"].numpy().copy()
-                step = int(st["step"])
+        if self.zero is not None:
+            st = self.zero.gather_state()
+            m, v, step = self.flat.unflatten(st["m"]), self.flat.unflatten(st["v"]), st["t"]
+        else:
+            m, v, step = {}, {}, 0
+            for n, p in self.model.named():
+                s = self.opt.state.get(p)
+                if s:
+                    m[n], v[n], step = s["exp_avg"].numpy(), s["exp_avg_sq"].numpy(), int(s["step"])
+        for n in m:
+            out[f"optim.m.{n}"], out[f"optim.v.{n}"] = m[n].copy(), v[n].copy()
         out["optim.step"] = np.array(step, dtype=np.int64)
+        if self.local is not None:
+            out.update(self.local.state())
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         step = int(state.get("optim.step", 0))
-        with torch.no_grad():
+        self.set_flat_params(self.flat.flatten({n: state[n] for n in self.flat.names}))
+        self.steps_done = step
+        if step == 0 or f"optim.m.{self.flat.names[0]}" not in state:
+            return
+        m = {n: np.asarray(state[f"optim.m.{n}"], np.float32) for n in self.flat.names}
+        v = {n: np.asarray(state[f"optim.v.{n}"], np.float32) for n in self.flat.names}
+        if self.zero is not None:
+            self.zero.load_state(self.flat.flatten(m), self.flat.flatten(v), step)
+        else:
             for n, p in self.model.named():
-                p.copy_(torch.from_numpy(np.asarray(state[n], dtype=np.float32)))
-                if step > 0 and f"optim.m.{n}" in state:
-                    self.opt.state[p] = {
-                        "step": torch.tensor(float(step)),
-                        "exp_avg": torch.from_numpy(np.array(state[f"optim.m.{n}"], dtype=np.float32)),
-                        "exp_avg_sq": torch.from_numpy(np.array(state[f"optim.v.{n}"], dtype=np.float32)),
-                    }
+                self.opt.state[p] = {"step": torch.tensor(float(step)),
+                                     "exp_avg": torch.from_numpy(m[n].copy()),
+                                     "exp_avg_sq": torch.from_numpy(v[n].copy())}
+        if self.local is not None:
+            self.local.load(state)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -123,6 +180,6 @@ class Engine:
         self.model.eval()
 
         def last_logits(ids):
-            return self.model(torch.tensor([ids], dtype=torch.long))[0, -1].double().numpy()
+            return self.model(torch.from_numpy(np.array([ids], dtype=np.int64)))[0, -1].double().numpy()
         return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
                                  temperature, top_k, seed)

@@ -1,0 +1,256 @@
+"""tf_backend: the GPT, AdamW, clipping, state and sampling in one process (a one-rank Horovod
+job on mpi4py's singleton), plus one data-parallel check under mpirun -np 2."""
+import math
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+hvd = pytest.importorskip("horovod.tensorflow")
+
+from hvdllm.config import Config  # noqa: E402
+from hvdllm.errors import ConfigError  # noqa: E402
+from hvdllm.layout import Layout  # noqa: E402
+from hvdllm.params import init_params, param_shapes  # noqa: E402
+from launch_util import mpirun_argv, run  # noqa: E402
+
+import tf_backend as be  # noqa: E402
+
+V, T = 64, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    from mpi4py import MPI
+    be.init_horovod(MPI.COMM_WORLD)
+
+
+def tiny_cfg(**optim) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size = 2, 32, 4, T, V
+    for k, v in optim.items():
+        setattr(cfg.optim, k, v)
+    return cfg
+
+
+def engine(cfg=None) -> "be.Engine":
+    cfg = cfg or tiny_cfg()
+    return be.Engine(cfg, Layout.build(cfg.parallel, world_size=1, rank=0))
+
+
+def batch(seed=0, b=4):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, (b, T)), rng.integers(0, V, (b, T))
+
+
+# model ------------------------------------------------------------------------------------------
+def test_parameters_match_the_shared_layout_and_init():
+    cfg = tiny_cfg()
+    model = be.GPT(cfg.model, seed=3)
+    shapes = param_shapes(2, 32, V, T)
+    assert list(model.params) == list(shapes)
+    init = init_params(cfg.model, 3)
+    for name, var in model.params.items():
+        assert tuple(var.shape) == shapes[name] and var.dtype == tf.float32
+        np.testing.assert_array_equal(var.numpy(), init[name])
+
+
+def test_logits_shape_and_initial_loss():
+    model = be.GPT(tiny_cfg().model, seed=0)
+    x, y = batch()
+    logits = model(tf.constant(x))
+    assert logits.shape == (4, T, V) and logits.dtype == tf.float32
+    assert abs(float(model.loss(tf.constant(x), tf.constant(y))) - math.log(V)) < 0.1
+
+
+def test_causal_mask_future_tokens_do_not_change_the_past():
+    model = be.GPT(tiny_cfg().model, seed=0)
+    x, _ = batch()
+    x2 = x.copy()
+    x2[:, 10:] = (x2[:, 10:] + 1) % V
+    a, b = model(tf.constant(x)).numpy(), model(tf.constant(x2)).numpy()
+    np.testing.assert_array_equal(a[:, :10], b[:, :10])
+    assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-4
+
+
+def test_too_long_sequence_is_refused():
+    model = be.GPT(tiny_cfg().model, seed=0)
+    with pytest.raises(ValueError, match="block_size"):
+        model(tf.zeros((1, T + 1), tf.int64))
+
+
+def test_dropout_only_in_training():
+    cfg = tiny_cfg()
+    cfg.model.dropout = 0.5
+    model = be.GPT(cfg.model, seed=0)
+    x = tf.constant(batch()[0])
+    np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
+    assert np.abs(model(x, training=True).numpy() - model(x).numpy()).max() > 1e-3
+
+
+# optimizer and clipping ---------------------------------------------------------------------------
+def numpy_adamw(p, g, m, v, step, lr, o, decay):
+    """The contract's formula in float64."""
+    if decay:
+        p = p * (1 - lr * o.weight_decay)
+    m = o.beta1 * m + (1 - o.beta1) * g
+    v = o.beta2 * v + (1 - o.beta2) * g * g
+    denom = np.sqrt(v) / np.sqrt(1 - o.beta2 ** step) + o.eps
+    return p - lr / (1 - o.beta1 ** step) * m / denom, m, v
+
+
+def grads_of(eng, x, y):
+    with tf.GradientTape() as tape:
+        loss = eng.model.loss(tf.constant(x), tf.constant(y))
+    return [tf.convert_to_tensor(g).numpy().astype(np.float64) for g in tape.gradient(loss, eng.vars)]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_two_steps_equal_numpy_adamw_with_clipping(clip):
+    eng = engine(tiny_cfg(grad_clip=clip, weight_decay=0.1))
+    o = eng.cfg.optim
+    p = [v.numpy().astype(np.float64) for v in eng.vars]
+    m = [np.zeros_like(a) for a in p]
+    s = [np.zeros_like(a) for a in p]
+    for step, lr in [(1, 1e-2), (2, 5e-3)]:
+        x, y = batch(step)
+        g = grads_of(eng, x, y)
+        norm = np.sqrt(sum((a * a).sum() for a in g))
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        res = eng.train_step(x, y, lr)
+        assert res.grad_norm == pytest.approx(norm, rel=1e-5)
+        for i, v in enumerate(eng.vars):
+            p[i], m[i], s[i] = numpy_adamw(p[i], g[i] * coef, m[i], s[i], step, lr, o, v.shape.rank >= 2)
+    if clip:
+        assert coef < 1.0  # the clip really acted
+    for a, v in zip(p, eng.vars):
+        np.testing.assert_allclose(v.numpy(), a, rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_the_loss():
+    eng = engine(tiny_cfg(weight_decay=0.0))
+    x, y = batch(1)
+    losses = [eng.train_step(x, y, 1e-2).loss for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_evaluate_counts_tokens_and_leaves_state():
+    eng = engine()
+    x, y = batch(2)
+    before = eng.state_dict()
+    r = eng.evaluate(x, y)
+    assert r.tokens == x.size and 0 <= r.correct <= x.size
+    assert r.loss_sum / r.tokens == pytest.approx(float(eng.model.loss(tf.constant(x), tf.constant(y))), rel=1e-5)
+    after = eng.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_allreduce_sum_on_one_rank_is_identity():
+    np.testing.assert_array_equal(engine().allreduce_sum(np.array([1.5, 2.0, 3.0])), [1.5, 2.0, 3.0])
+
+
+# state -------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_continues_identically():
+    a = engine()
+    assert set(a.state_dict()) == set(a.names) | {"optim.step"}  # no moments before a step
+    for s in range(2):
+        a.train_step(*batch(s), 1e-2)
+    state = a.state_dict()
+    assert int(state["optim.step"]) == 2 and state["optim.step"].dtype == np.int64
+    assert all(state[f"optim.{k}.{n}"].dtype == np.float32 for n in a.names for k in "mv")
+    b = engine(tiny_cfg())
+    b.load_state_dict(state)
+    ra, rb = a.train_step(*batch(5), 1e-2), b.train_step(*batch(5), 1e-2)
+    assert ra.loss == rb.loss
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_parameters_only_state_keeps_optimizer():
+    a = engine()
+    params = {n: v.numpy() * 0 + 0.5 for n, v in zip(a.names, a.vars)}
+    a.load_state_dict(params)
+    assert int(a.state_dict()["optim.step"]) == 0
+    np.testing.assert_array_equal(a.state_dict()["wte"], params["wte"])
+
+
+# sampling ----------------------------------------------------------------------------------------
+def test_generate_is_deterministic_and_crops_context():
+    eng = engine()
+    a = eng.generate([1, 2, 3], 2 * T, temperature=0.8, top_k=10, seed=7)
+    assert a == eng.generate([1, 2, 3], 2 * T, temperature=0.8, top_k=10, seed=7)
+    assert len(a) == 2 * T and all(0 <= t < V for t in a)
+    assert a != eng.generate([1, 2, 3], 2 * T, temperature=0.8, top_k=10, seed=8)
+    greedy = eng.generate([4], 3, temperature=0.0, top_k=0, seed=0)
+    assert greedy[0] == int(np.argmax(eng.model(tf.constant([[4]])).numpy()[0, -1]))
+
+
+# collectives and configuration -------------------------------------------------------------------
+def test_collectives_on_one_rank():
+    c = be.Collectives()
+    assert (c.rank, c.size) == (0, 1) and c.process_set is hvd.global_process_set
+    x = tf.constant(np.linspace(-1, 1, 8, dtype=np.float32))
+    out = c.allreduce(x, op="sum", compression="fp16", postscale=2.0)
+    assert out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy(), 2 * x.numpy(), atol=2e-3)
+    g = c.grouped_allreduce([x, tf.constant([3, 4])], op="average", name="g")
+    np.testing.assert_array_equal(g[1].numpy(), [3, 4])
+    np.testing.assert_array_equal(c.broadcast(x, root=0, name="b").numpy(), x.numpy())
+    np.testing.assert_array_equal(c.allgather(x, name="ag").numpy(), x.numpy())
+    with pytest.raises(ValueError, match="aggregation.op"):
+        c.allreduce(x, op="max")
+
+
+def test_bf16_compression_fails_clearly_at_construction():
+    cfg = tiny_cfg()
+    cfg.aggregation.compression = "bf16"
+    with pytest.raises(ConfigError, match="bf16.*fp16"):
+        engine(cfg)
+
+
+def test_configure_accepts_the_threads_already_set():
+    n = tf.config.threading.get_intra_op_parallelism_threads()
+    be.configure(n, seed=1)  # same value after start-up: no error
+    be.configure(0)
+
+
+# two ranks ---------------------------------------------------------------------------------------
+DP_SCRIPT = """
+import numpy as np, sys
+from mpi4py import MPI
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import tf_backend as be
+from test_tf_backend import tiny_cfg, batch
+from hvdllm.layout import Layout
+rank, size, _, _ = be.init_horovod(MPI.COMM_WORLD)
+cfg = tiny_cfg(); cfg.aggregation.compression = {comp!r}
+cfg.train.seed = 1 + rank  # differing seeds: the initial broadcast must make ranks agree
+eng = be.Engine(cfg, Layout.build(cfg.parallel, size, rank))
+losses = []
+for s in range(3):
+    x, y = batch(s, b=8)
+    lo = slice(rank * 8 // size, (rank + 1) * 8 // size)
+    losses.append(eng.train_step(x[lo], y[lo], 1e-2).loss)
+np.savez({out!r} + f".{{size}}.{{rank}}.npz", losses=losses, **eng.state_dict())
+"""
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("comp,rtol", [("none", 2e-4), ("fp16", 2e-2)])
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, comp, rtol):
+    from launch_util import ROOT
+    script = tmp_path / "dp.py"
+    script.write_text(textwrap.dedent(DP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                                       comp=comp, out=str(tmp_path / "r"))))
+    for np_ in (1, 2):
+        r = run(mpirun_argv(np_) + [sys.executable, str(script)], timeout=240)
+        assert r.returncode == 0, r.stdout[-4000:]
+    one = np.load(tmp_path / "r.1.0.npz")
+    a, b = np.load(tmp_path / "r.2.0.npz"), np.load(tmp_path / "r.2.1.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])  # replicas identical
+    np.testing.assert_allclose(a["losses"], one["losses"], rtol=rtol)
+    np.testing.assert_allclose(a["wte"], one["wte"], rtol=rtol, atol=1e-4)
