@@ -108,8 +108,26 @@ def grads_of(eng, x, y):
     return [tf.convert_to_tensor(g).numpy().astype(np.float64) for g in tape.gradient(loss, eng.vars)]
 
 
+def test_adamw_equals_numpy_formula():
+    """Given gradients, three updates match the contract's arithmetic (decay only for ndim >= 2)."""
+    o = tiny_cfg(weight_decay=0.1).optim
+    rng = np.random.default_rng(0)
+    init = [rng.normal(size=(5, 3)), rng.normal(size=(3,))]
+    vars_ = [tf.Variable(a.astype(np.float32)) for a in init]
+    opt = be.engine.AdamW(vars_, o)
+    p, m, s = [a.copy() for a in init], [np.zeros_like(a) for a in init], [np.zeros_like(a) for a in init]
+    for step, lr in [(1, 1e-2), (2, 5e-3), (3, 1e-3)]:
+        g = [rng.normal(size=a.shape) * 1e-3 for a in init]
+        opt.apply([tf.constant(a.astype(np.float32)) for a in g], tf.constant(lr, tf.float64))
+        for i in range(2):
+            p[i], m[i], s[i] = numpy_adamw(p[i], g[i], m[i], s[i], step, lr, o, i == 0)
+    assert int(opt.step.numpy()) == 3
+    for a, v in zip(p, vars_):
+        np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_two_steps_equal_numpy_adamw_with_clipping(clip):
+def test_train_step_equals_numpy_adamw_with_clipping(clip):
     eng = engine(tiny_cfg(grad_clip=clip, weight_decay=0.1))
     o = eng.cfg.optim
     p = [v.numpy().astype(np.float64) for v in eng.vars]
@@ -126,8 +144,10 @@ def test_two_steps_equal_numpy_adamw_with_clipping(clip):
             p[i], m[i], s[i] = numpy_adamw(p[i], g[i] * coef, m[i], s[i], step, lr, o, v.shape.rank >= 2)
     if clip:
         assert coef < 1.0  # the clip really acted
+    # Adam divides by sqrt(v): where a gradient is ~0 a float32 rounding difference between the
+    # eager reference gradient and the compiled one moves p by up to ~lr * 1e-3.
     for a, v in zip(p, eng.vars):
-        np.testing.assert_allclose(v.numpy(), a, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(v.numpy(), a, rtol=1e-4, atol=1e-5)
 
 
 def test_training_lowers_the_loss():
@@ -196,7 +216,7 @@ def test_collectives_on_one_rank():
     out = c.allreduce(x, op="sum", compression="fp16", postscale=2.0)
     assert out.dtype == tf.float32
     np.testing.assert_allclose(out.numpy(), 2 * x.numpy(), atol=2e-3)
-    g = c.grouped_allreduce([x, tf.constant([3, 4])], op="average", name="g")
+    g = c.grouped_allreduce([x, tf.constant([3.0, 4.0])], op="average", name="g")  # one dtype per group
     np.testing.assert_array_equal(g[1].numpy(), [3, 4])
     np.testing.assert_array_equal(c.broadcast(x, root=0, name="b").numpy(), x.numpy())
     np.testing.assert_array_equal(c.allgather(x, name="ag").numpy(), x.numpy())
@@ -253,4 +273,5 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, comp, rtol):
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])  # replicas identical
     np.testing.assert_allclose(a["losses"], one["losses"], rtol=rtol)
-    np.testing.assert_allclose(a["wte"], one["wte"], rtol=rtol, atol=1e-4)
+    # fp16 gradients: Adam's normalisation turns small wire rounding into ~lr-sized moves.
+    np.testing.assert_allclose(a["wte"], one["wte"], rtol=rtol, atol=1e-4 if comp == "none" else 3e-3)
