@@ -48,7 +48,7 @@ class Runtime:
     def require_mpi(self, what: str):
         """Strategies built on point-to-point call this: a clear error instead of a hang."""
         if self.comm is None:
-            raise LaunchError(f"{what} needs MPI point-to-point, but this job was started by "
+            raise LaunchError(f"{what} needs MPI, but this job was started by "
                               f"horovodrun --gloo. Launch with mpirun or srun (hvdllm launch "
                               f"--launcher mpirun), or choose a strategy without it.")
 

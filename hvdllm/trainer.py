@@ -39,6 +39,8 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, backend):
         self.cfg, self.rt, self.backend = cfg, rt, backend
         self.layout = Layout.build(cfg.parallel, rt.size, rt.rank)
+        if cfg.aggregation.op == "adasum":
+            rt.require_mpi("aggregation.op='adasum' (Horovod enables Adasum only on its MPI controller)")
         self.watchdog = Watchdog(rt)
         self.is_root = rt.rank == 0
         self.out = Path(cfg.train.out_dir)

@@ -73,16 +73,16 @@ class Request:
     req: Any
     peer: int
     tag: int
-    op: str = "recv"                       # "send" | "recv" | other (collectives)
+    op: str = "recv"               # "send" | "recv" | "probe" | "request" (a raw mpi4py one)
     buf: Any = field(default=None, repr=False)
     status: Any = field(default=None, repr=False)
-
     done: bool = False
 
     def test(self) -> bool:
         """Non-blocking check that also drives MPI progress; idempotent once complete."""
         if not self.done:
-            self.status = self.status or _MPI().Status()
+            if self.status is None:
+                self.status = _MPI().Status()
             self.done = bool(self.req.Test(self.status))
         return self.done
 
@@ -113,9 +113,11 @@ def _timeout(pending: Sequence[Request], timeout_s: float, what: str) -> PeerTim
         if r.op == "recv":
             r.req.Cancel()
             r.req.Wait()   # completes at once: cancelled, or it matched after all
-    peers = sorted({r.peer for r in pending})
-    tags = ", ".join(sorted({f"{r.op} tag {r.tag} ({describe_tag(r.tag)})" for r in pending}))
-    return PeerTimeout(f"{what}: no progress within {timeout_s:g}s from rank(s) {peers} [{tags}]; "
+    peers = sorted({r.peer for r in pending if r.peer >= 0})
+    who = f"rank(s) {peers}" if peers else "the other ranks"   # raw requests (collectives)
+    tags = ", ".join(sorted({f"{r.op} tag {r.tag} ({describe_tag(r.tag)})" if r.tag >= 0 else r.op
+                             for r in pending}))
+    return PeerTimeout(f"{what}: no progress within {timeout_s:g}s from {who} [{tags}]; "
                        f"that rank is lost or stuck. If the step is just slow, raise {TIMEOUT_SETTING}.")
 
 
@@ -201,7 +203,7 @@ def send_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, timeo
                chunk: int = 0) -> None:
     """Send header then payload on the same tag: MPI's non-overtaking rule keeps them in order,
     and sharing the tag means headers of different kinds can never be confused."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")   # keeps 0-d arrays 0-d (ascontiguousarray would not)
     t = tag(tag_kind, mb, chunk)
     reqs = [isend(comm, encode_header(array), dest, t), isend(comm, array, dest, t)]
     waitall(reqs, timeout_s, f"send_array {tag_kind} mb={mb} to rank {dest}")

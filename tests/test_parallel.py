@@ -1,20 +1,56 @@
 """The parallel tier: the same check files under mpirun -np 1, mpirun -np 2 and horovodrun --gloo."""
 import sys
+import time
 
 import pytest
 
 from launch_util import horovodrun_argv, mpirun_argv, run
 
 LAUNCHES = [("mpirun", 1), ("mpirun", 2), ("horovodrun", 2)]
+# The stall check must fire fast in the op-order test, and stay above any honest wait.
+STALL = {"HOROVOD_STALL_CHECK_TIME_SECONDS": 2, "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": 6}
+
+
+def launch(launcher, np_, check_file, backend):
+    fwd = ["-x", "HVDLLM_BACKEND", "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+           "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"]
+    pre = mpirun_argv(np_) + fwd if launcher == "mpirun" else horovodrun_argv(np_)
+    argv = pre + [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", check_file]
+    return run(argv, timeout=240, HVDLLM_BACKEND=backend, **STALL)
 
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 @pytest.mark.parametrize("launcher,np_", LAUNCHES, ids=[f"{l}-np{n}" for l, n in LAUNCHES])
 def test_collectives(backend, launcher, np_):
-    pre = mpirun_argv(np_) + ["-x", "HVDLLM_BACKEND"] if launcher == "mpirun" else horovodrun_argv(np_)
-    argv = pre + [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                  "tests/parallel/check_collectives.py"]
-    r = run(argv, timeout=240, HVDLLM_BACKEND=backend)
+    r = launch(launcher, np_, "tests/parallel/check_collectives.py", backend)
     assert r.returncode == 0, r.stdout[-6000:]
     assert r.stdout.count(" passed") >= np_, r.stdout[-3000:]
+
+
+AGG_LAUNCHES = LAUNCHES + [("mpirun", 4)]
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("launcher,np_", AGG_LAUNCHES, ids=[f"{l}-np{n}" for l, n in AGG_LAUNCHES])
+def test_aggregation_conformance(backend, launcher, np_):
+    r = launch(launcher, np_, "tests/parallel/check_aggregation.py", backend)
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert r.stdout.count(" passed") >= np_, r.stdout[-3000:]
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_disagreeing_op_order_ends_the_job(backend, launcher):
+    t0 = time.monotonic()
+    if launcher == "mpirun":
+        pre = mpirun_argv(2) + ["-x", "HVDLLM_BACKEND", "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+                                "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"]
+    else:
+        pre = horovodrun_argv(2)
+    r = run(pre + [sys.executable, "tests/parallel/check_stall.py"], timeout=120, HVDLLM_BACKEND=backend, **STALL)
+    assert r.returncode != 0 and "no error" not in r.stdout, r.stdout[-3000:]
+    assert "stalled" in r.stdout, r.stdout[-3000:]
+    assert time.monotonic() - t0 < 90

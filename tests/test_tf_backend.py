@@ -145,9 +145,15 @@ def test_train_step_equals_numpy_adamw_with_clipping(clip):
     if clip:
         assert coef < 1.0  # the clip really acted
     # Adam divides by sqrt(v): where a gradient is ~0 a float32 rounding difference between the
-    # eager reference gradient and the compiled one moves p by up to ~lr * 1e-3.
-    for a, v in zip(p, eng.vars):
-        np.testing.assert_allclose(v.numpy(), a, rtol=1e-4, atol=1e-5)
+    # eager reference gradient and the compiled one moves p by up to ~lr * 1e-3. The key bias's
+    # true gradient is exactly 0 (softmax ignores a per-query constant), so Adam amplifies pure
+    # rounding noise to +-lr there: those entries are left out.
+    for n, a, v in zip(eng.names, p, eng.vars):
+        got = v.numpy()
+        if n.endswith("attn.c_attn.bias"):
+            keep = np.r_[0:32, 64:96]
+            got, a = got[keep], a[keep]
+        np.testing.assert_allclose(got, a, rtol=1e-4, atol=1e-5, err_msg=n)
 
 
 def test_training_lowers_the_loss():

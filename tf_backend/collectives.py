@@ -6,6 +6,9 @@ eagerly and inside tf.function (Horovod's TF ops are graph ops).
 """
 from __future__ import annotations
 
+import os
+import time
+
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
@@ -71,8 +74,13 @@ class Collectives:
         return [tf.cast(o, t.dtype) for o, t in zip(outs, tensors)]
 
     def broadcast(self, tensor, root=0, name=None):
-        return hvd.broadcast(tf.convert_to_tensor(tensor), root_rank=root, name=name,
-                             process_set=self.process_set)
+        """`root` is a rank within this set (0 = its first member); Horovod wants the global rank."""
+        return hvd.broadcast(tf.convert_to_tensor(tensor), root_rank=self._global_rank(root),
+                             name=name, process_set=self.process_set)
+
+    def _global_rank(self, set_rank: int) -> int:
+        ranks = self.process_set.ranks
+        return set_rank if ranks is None else ranks[set_rank]
 
     def allgather(self, tensor, name=None):
         return hvd.allgather(tf.convert_to_tensor(tensor), name=name, process_set=self.process_set)
@@ -89,7 +97,7 @@ def init_horovod(comm=None):
     return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
 
 
-def dp_process_set(layout):
+def dp_process_set(layout, timeout_s: float = 60.0):
     """The Horovod process set of this rank's data-parallel group.
 
     The whole world when dp covers it; otherwise every dp group is registered (a collective
@@ -97,9 +105,28 @@ def dp_process_set(layout):
     """
     if layout.dp == layout.world_size:
         return hvd.global_process_set
+    if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
+        raise ConfigError([f"parallel: {layout.describe()} needs a data-parallel process set "
+                           f"smaller than the world; start the job with HOROVOD_DYNAMIC_PROCESS_SETS=1"])
     mine = None
     for group in layout.all_groups("dp"):
         ps = hvd.add_process_set(list(group))
         if layout.rank in group:
             mine = ps
+    _wait_registered(mine, timeout_s)
     return mine
+
+
+def _wait_registered(ps, timeout_s: float) -> None:
+    """Horovod 0.28.1 may return from add_process_set before this rank's table lists the new set
+    (seen at np=2: size() raised 'not registered' and rank() aborted the process). size() fails
+    cleanly in that window, so poll it before anything else touches the set."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ps.size()
+            return
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -19,7 +19,7 @@ from hvdllm.layout import Layout
 W = MPI.COMM_WORLD
 R, S = W.Get_rank(), W.Get_size()
 PEER = R ^ 1
-T = 30.0                                      # generous deadline for things that should succeed
+T = 10.0                                      # generous deadline for things that should succeed
 pytestmark = pytest.mark.skipif(S % 2, reason="ranks pair up: needs an even world")
 
 

@@ -1,0 +1,140 @@
+"""Helpers shared by the benchmarks: timing, interleaved measurement, tables, JSON.
+
+Timing rules used throughout:
+- warm-up steps are run and thrown away (first calls compile, allocate and fill caches);
+- the reported figure is the median of per-step wall times (robust to a stray slow step);
+- variants compared against each other are measured interleaved in rounds (A B C A B C ...) in
+  one process, so drift (other load on the machine, thermal, page cache) hits all of them alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+clock = time.perf_counter
+
+
+def median_time(fn: Callable[[], object], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Run fn `warmup` times untimed, then `steps` times timed; (median seconds, every time)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return statistics.median(times), times
+
+
+def rounds_for(steps: int, per_round: int) -> list[int]:
+    """Split `steps` timed steps into rounds of at most `per_round` (the last may be shorter)."""
+    per_round = max(1, per_round)
+    full, rest = divmod(max(0, steps), per_round)
+    return [per_round] * full + ([rest] if rest else [])
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1,
+                per_round: int = 5, on_round: Callable[[int, int], None] | None = None,
+                before_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Time every fn `steps` times, interleaved: round r runs each variant for `per_round` steps
+    in turn (A A A, B B B, C C C, then again), after `warmup` untimed steps of each.
+
+    Every variant sees the same number of rounds and switches, so slow phases of the machine and
+    the cost of switching models in and out of cache fall on all of them equally.
+    `before_round()` runs untimed at each round's start (e.g. a barrier, so ranks stay aligned);
+    `on_round(r, n_rounds)` after each round (progress).
+    Returns {name: [seconds per step, in order]}.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    plan = rounds_for(steps, per_round)
+    for r, k in enumerate(plan):
+        for name, fn in fns.items():
+            if before_round is not None:
+                before_round()
+            for _ in range(k):
+                t0 = clock()
+                fn()
+                times[name].append(clock() - t0)
+        if on_round is not None:
+            on_round(r + 1, len(plan))
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict:
+    """Median, quartiles, min, max and count of a list of step times (seconds)."""
+    ts = sorted(times)
+    if not ts:
+        return {"median_s": math.nan, "p25_s": math.nan, "p75_s": math.nan, "min_s": math.nan,
+                "max_s": math.nan, "n": 0}
+    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
+    return {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "min_s": ts[0],
+            "max_s": ts[-1], "n": len(ts)}
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}" if abs(value) < 1e3 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(rows: Iterable[Mapping], columns: Sequence[str | tuple[str, str]]) -> str:
+    """A plain-text table. `columns` are keys, or (key, header) pairs; numbers right-aligned."""
+    cols = [(c, c) if isinstance(c, str) else c for c in columns]
+    cells = [[fmt(row.get(key)) for key, _ in cols] for row in rows]
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows)
+               for key, _ in cols]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, (_, h) in enumerate(cols)]
+
+    def line(values, is_header=False):
+        out = []
+        for v, w, num in zip(values, widths, numeric):
+            out.append(v.rjust(w) if num and not is_header else v.ljust(w))
+        return "  ".join(out).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line([h for _, h in cols], True), sep] + [line(r) for r in cells])
+
+
+def print_table(rows: Iterable[Mapping], columns: Sequence[str | tuple[str, str]], file=None) -> str:
+    """Print (and return) format_table(rows, columns)."""
+    text = format_table(list(rows), columns)
+    print(text, file=file or sys.stdout, flush=True)
+    return text
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write obj as indented JSON (NaN/inf become null), atomically; parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,277 @@
+"""`hvdllm bench dp`: data-parallel step time of hvdllm against the baselines, and weak scaling.
+
+    hvdllm bench dp [--np 2] [--steps N] [--warmup W] [--model small|medium|large|tiny]
+                    [--backends torch,tensorflow] [--out runs/bench/dp.json]
+
+For each backend this launches, one after the other,
+    mpirun -np NP ... python -m hvdllm.bench.dp_worker --backend B ...    (the comparison)
+    mpirun -np 1  ... python -m hvdllm.bench.dp_worker --backend B ...    (for scaling)
+Within one launch the variants (hvdllm, hand-written Horovod, and for torch DDP over gloo) run
+interleaved in rounds in the same process group, on the same model, batches and AdamW, with the
+same global-norm clip, one compute thread per rank (see dp_worker.py). Speed goals are ratios
+against a baseline measured in the same process group:
+
+    hvdllm / hand <= 1.03      hvdllm / ddp <= 1.0 (torch)
+    scaling efficiency = step(np=1) / step(np=NP) >= 0.85   (weak scaling: same per-rank batch)
+
+It prints each mpirun command, a table, the goals, and writes JSON plus a bar plot (PNG) next
+to it. A benchmark, not a test: nothing here fails on a slow result.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hvdllm.bench import common
+from hvdllm.bench.dp_worker import MODELS, VARIANTS, param_count
+
+ROOT = Path(__file__).resolve().parents[2]
+GOALS = {"hvdllm/hand": 1.03, "hvdllm/ddp": 1.0, "scaling_efficiency": 0.85}
+# The default model: the smallest of ours whose compute amortises the gradient allreduce on this
+# 2-core test machine (see README "Benchmarks" / the JSON of a full run).
+DEFAULT_MODEL = "medium"
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="hvdllm bench dp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--np", type=int, default=2, help="ranks of the comparison run (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--per-round", type=int, default=5,
+                   help="steps of one variant before switching to the next (interleaving)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
+                   help=f"GPT size (default {DEFAULT_MODEL}); "
+                        + "; ".join(f"{k}: {v[0]}x{v[1]}, {v[2]} heads, T={v[3]}, batch {v[5]}/rank"
+                                    for k, v in MODELS.items()))
+    p.add_argument("--backends", default="torch,tensorflow", help="comma list: torch,tensorflow")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip in every variant (0: none)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the np=1 runs")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the ranks, forwarded with mpirun -x (e.g. HOROVOD_CYCLE_TIME=1)")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
+    p.add_argument("--out", default="runs/bench/dp.json", help="JSON output; the PNG goes next to it")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    bad = [b for b in a.backends if b not in VARIANTS]
+    if bad or not a.backends:
+        p.error(f"--backends: {bad or a.backends} not among {', '.join(VARIANTS)}")
+    if a.np < 1 or a.steps < 1 or a.warmup < 0:
+        p.error("--np and --steps must be >= 1, --warmup >= 0")
+    for kv in a.env:
+        if "=" not in kv:
+            p.error(f"--env {kv!r}: expected KEY=VALUE")
+    return a
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_command(np_: int, backend: str, args, out: str, port: int) -> list[str]:
+    """The exact mpirun argv of one worker launch."""
+    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
+           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
+    if np_ > _cores():
+        cmd.append("--oversubscribe")
+    for kv in args.env:
+        cmd += ["-x", kv]
+    cmd += [sys.executable, "-m", "hvdllm.bench.dp_worker", "--backend", backend,
+            "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--per-round", str(args.per_round), "--grad-clip", str(args.grad_clip),
+            "--threads", "1", "--out", out]
+    if backend == "torch":
+        cmd += ["--ddp-port", str(port)]
+    return cmd
+
+
+def _env() -> dict:
+    e = dict(os.environ)
+    pp = e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
+    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
+        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return e
+
+
+def launch(cmd: list[str], timeout: float) -> int:
+    """Run one mpirun in its own process group (its output goes straight to ours); kill the whole
+    group past `timeout` so a stuck rank can never hang the benchmark."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True)
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        print(f"[bench dp] timed out after {timeout:.0f} s; killed", file=sys.stderr, flush=True)
+        return 124
+    except KeyboardInterrupt:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+
+
+def analyse(runs: list[dict], np_: int) -> tuple[list[dict], dict, list[dict]]:
+    """Table rows, ratios {backend: {...}}, goal rows from the worker results."""
+    rows, ratios, goals = [], {}, []
+    by = {(r["backend"], r["np"]): r for r in runs}
+    for backend in dict.fromkeys(r["backend"] for r in runs):
+        multi, single = by.get((backend, np_)), by.get((backend, 1)) if np_ != 1 else None
+        rat = ratios.setdefault(backend, {})
+        if multi:
+            v = multi["variants"]
+            if "hvdllm" in v and "hand" in v:
+                rat["hvdllm/hand"] = v["hvdllm"]["median_s"] / v["hand"]["median_s"]
+            if "hvdllm" in v and "ddp" in v:
+                rat["hvdllm/ddp"] = v["hvdllm"]["median_s"] / v["ddp"]["median_s"]
+            if "ddp" in v and "hand" in v:
+                rat["ddp/hand"] = v["ddp"]["median_s"] / v["hand"]["median_s"]
+        eff = {}
+        if multi and single:
+            for name, s in multi["variants"].items():
+                if name in single["variants"]:
+                    eff[name] = single["variants"][name]["median_s"] / s["median_s"]
+            rat["scaling_efficiency"] = eff
+        for run in (multi, single):
+            if not run:
+                continue
+            base = "hand" if "hand" in run["variants"] else None
+            for name, s in run["variants"].items():
+                row = {"backend": backend, "variant": name, "np": run["np"],
+                       "median_s": s["median_s"], "p25_s": s["p25_s"], "p75_s": s["p75_s"],
+                       "tokens_per_s": s["tokens_per_s"],
+                       "baseline": base if base and name != base else ("-" if not base else "(baseline)"),
+                       "ratio": (s["median_s"] / run["variants"][base]["median_s"]) if base else None,
+                       "scaling_eff": eff.get(name) if run is multi else None}
+                rows.append(row)
+        for key in ("hvdllm/hand", "hvdllm/ddp"):
+            if key in rat:
+                goals.append({"backend": backend, "goal": key, "value": rat[key],
+                              "target": f"<= {GOALS[key]:.2f}", "met": "yes" if rat[key] <= GOALS[key] else "NO"})
+        for name, e in eff.items():
+            goals.append({"backend": backend, "goal": f"scaling eff ({name})", "value": e,
+                          "target": f">= {GOALS['scaling_efficiency']:.2f}",
+                          "met": "yes" if e >= GOALS["scaling_efficiency"] else "NO"})
+    return rows, ratios, goals
+
+
+TABLE = [("backend", "backend"), ("variant", "variant"), ("np", "np"), ("median_s", "median step s"),
+         ("p25_s", "p25 s"), ("p75_s", "p75 s"), ("tokens_per_s", "tokens/s"),
+         ("ratio", "ratio vs baseline"), ("baseline", "baseline"), ("scaling_eff", "scaling eff")]
+GOAL_TABLE = [("backend", "backend"), ("goal", "goal"), ("value", "value"), ("target", "target"),
+              ("met", "met")]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench dp] matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    labels = [f"{r['backend']}\n{r['variant']} np={r['np']}" for r in rows]
+    values = [r["median_s"] for r in rows]
+    errs = [[r["median_s"] - r["p25_s"] for r in rows], [r["p75_s"] - r["median_s"] for r in rows]]
+    colors = {"hvdllm": "tab:blue", "hand": "tab:orange", "ddp": "tab:green"}
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    bars = ax.bar(range(len(rows)), values, yerr=errs, capsize=3,
+                  color=[colors.get(r["variant"], "tab:gray") for r in rows])
+    for bar, r in zip(bars, rows):
+        if r["np"] == 1:  # the single-rank runs (for scaling) are hatched
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("median step time, s (bars: p25-p75)")
+    ax.set_title(title, fontsize=9)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse(list(argv or []))
+    out = Path(args.out)
+    plan = [(b, n) for b in args.backends for n in ([args.np] + ([] if args.no_scaling or args.np == 1 else [1]))]
+    n_params = param_count(args.model)
+    L, C, H, T, V, B = MODELS[args.model]
+    print(f"[bench dp] model {args.model}: {L} layers x {C} wide, {H} heads, T={T}, vocab {V}, "
+          f"{n_params:,} parameters; batch {B} sequences/rank; {args.warmup} warm-up + "
+          f"{args.steps} timed steps per variant; {len(plan)} launches", file=sys.stderr, flush=True)
+    runs, commands, failed = [], [], []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hvdllm-bench-") as tmp:
+        for i, (backend, n) in enumerate(plan, 1):
+            part = os.path.join(tmp, f"{backend}-np{n}.json")
+            cmd = worker_command(n, backend, args, part, _free_port())
+            commands.append(cmd)
+            print(f"\n[bench dp] ({i}/{len(plan)}) {backend} np={n}, variants "
+                  f"{', '.join(VARIANTS[backend])}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            rc = launch(cmd, args.timeout)
+            if rc != 0 or not os.path.exists(part):
+                print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} FAILED (exit {rc})",
+                      file=sys.stderr, flush=True)
+                failed.append({"backend": backend, "np": n, "exit": rc, "command": cmd})
+                continue
+            run = common.read_json(part)
+            run["command"] = cmd
+            run["wall_s"] = time.perf_counter() - t0
+            runs.append(run)
+            print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} done in {run['wall_s']:.0f} s",
+                  file=sys.stderr, flush=True)
+    rows, ratios, goals = analyse(runs, args.np)
+    title = (f"hvdllm bench dp: {args.model} GPT ({L}x{C}, {n_params:,} params), batch {B}x{T} "
+             f"tokens/rank, 1 thread/rank, clip {args.grad_clip:g} in every variant")
+    print(f"\n{title}")
+    if rows:
+        common.print_table(rows, TABLE)
+    if goals:
+        print()
+        common.print_table(goals, GOAL_TABLE)
+    result = {
+        "benchmark": "dp", "argv": ["hvdllm", "bench", "dp", *list(argv or [])],
+        "model": args.model, "model_config": {"n_layer": L, "n_embd": C, "n_head": H, "block_size": T,
+                                              "vocab_size": V},
+        "params": n_params, "batch_per_rank": B, "np": args.np, "steps": args.steps,
+        "warmup": args.warmup, "per_round": args.per_round, "grad_clip": args.grad_clip,
+        "threads_per_rank": 1, "env": args.env, "goals_target": GOALS,
+        "commands": [shlex.join(c) for c in commands], "runs": runs, "failed": failed,
+        "rows": rows, "ratios": ratios, "goals": goals, "wall_s": time.perf_counter() - t_all,
+    }
+    path = common.write_json(out, result)
+    print(f"\n[bench dp] wrote {path}", file=sys.stderr)
+    if rows and not args.no_plot:
+        png = plot(rows, out.with_suffix(".png"), title)
+        if png:
+            print(f"[bench dp] wrote {png}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
