@@ -32,6 +32,13 @@ def env_rank() -> int:
     return 0
 
 
+def process_set_groups(cfg) -> list[tuple]:
+    """Every rank registers the same Horovod process sets: the dp groups of a model-parallel grid."""
+    from .layout import Layout
+    lay = Layout.build(cfg.parallel, env_world_size(), 0)
+    return lay.all_groups("dp") if lay.dp < lay.world_size else []
+
+
 def cmd_train(args) -> int:
     from . import runtime
     try:
@@ -42,7 +49,7 @@ def cmd_train(args) -> int:
     backend = load_backend(cfg.backend)
     rt = None
     try:
-        rt = runtime.start(backend, cfg.aggregation)
+        rt = runtime.start(backend, cfg.aggregation, process_set_groups(cfg))
         from .trainer import Trainer
         summary = Trainer(cfg, rt, backend).run()
     except BaseException as e:  # noqa: one rank's failure must end every rank, never hang

@@ -46,6 +46,10 @@ class ParallelConfig:
     dp: int = doc("data-parallel ranks; 0 = every rank left after pp, tp and role ranks", 0)
     pp: int = doc("pipeline stages", 1)
     tp: int = doc("tensor-parallel ranks", 1)
+    microbatches: int = doc("micro-batches per step in a pipeline (train.batch_size must divide)", 1)
+    schedule: str = doc("pipeline schedule: 'gpipe', '1f1b' or 'interleaved'", "1f1b")
+    virtual_stages: int = doc("model chunks per pipeline rank (the interleaved schedule's v)", 1)
+    partition: str = doc("how layers are split over stages: 'uniform', 'params' or 'time'", "params")
     zero: int = doc("ZeRO stage: 0 = replicated AdamW state, 1 = state sharded over the dp group", 0)
 
 
@@ -122,6 +126,8 @@ CHOICES = {
     "backend": ("torch", "tensorflow"),
     "data.tokenizer": ("byte", "bpe"),
     "aggregation.op": ("average", "sum", "adasum"),
+    "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
+    "parallel.partition": ("uniform", "params", "time"),
     "aggregation.compression": ("none", "fp16", "bf16"),
 }
 
@@ -282,6 +288,31 @@ def _strategy_problems(cfg: Config) -> list[str]:
                  f"checkpoint holds the averaged model")
     if ls.outer_lr <= 0 or not 0 <= ls.outer_momentum < 1:
         p.append("localsgd.outer_lr / localsgd.outer_momentum: need outer_lr > 0 and 0 <= momentum < 1")
+    p.extend(_pipeline_problems(cfg))
+    return p
+
+
+def _pipeline_problems(cfg: Config) -> list[str]:
+    par, p = cfg.parallel, []
+    if par.microbatches < 1 or par.virtual_stages < 1:
+        return ["parallel.microbatches / parallel.virtual_stages: must be >= 1"]
+    if cfg.train.batch_size % par.microbatches:
+        p.append(f"parallel.microbatches: {par.microbatches} does not divide train.batch_size="
+                 f"{cfg.train.batch_size}")
+    if par.schedule == "interleaved":
+        if par.pp < 2 or par.virtual_stages < 2:
+            p.append("parallel.schedule: 'interleaved' needs parallel.pp >= 2 and parallel.virtual_stages >= 2")
+        elif par.microbatches % par.pp:
+            p.append(f"parallel.microbatches: the interleaved schedule needs a multiple of parallel.pp="
+                     f"{par.pp}, got {par.microbatches}")
+    elif par.virtual_stages != 1:
+        p.append("parallel.virtual_stages: only the 'interleaved' schedule uses more than 1")
+    if par.pp > 1:
+        for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every),
+                         ("aggregation.accumulation", cfg.aggregation.accumulation - 1)):
+            if bad:
+                p.append(f"{key}: not combinable with parallel.pp > 1 yet (pipelines accumulate "
+                         f"over parallel.microbatches)")
     return p
 
 

@@ -53,3 +53,35 @@ def init_params(model_cfg, seed: int) -> dict[str, np.ndarray]:
 def count(model_cfg) -> int:
     m = model_cfg
     return sum(int(np.prod(s)) for s in param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPT as an ordered list of layers, for pipeline stages: 0 = embeddings, 1..L = blocks,
+# L+1 = head (final LayerNorm and the tied output embedding, so `wte` lives on both ends).
+
+def n_layers(model_cfg) -> int:
+    return model_cfg.n_layer + 2
+
+
+def layer_params(model_cfg, i: int) -> list[str]:
+    L = model_cfg.n_layer
+    if i == 0:
+        return ["wte", "wpe"]
+    if i == L + 1:
+        return ["ln_f.weight", "ln_f.bias", "wte"]
+    block = [n[len("h.0."):] for n in param_shapes(1, 1, 1, 1) if n.startswith("h.0.")]
+    return [f"h.{i - 1}.{n}" for n in block]
+
+
+def names_for_layers(model_cfg, layers) -> list[str]:
+    """Parameter names used by these layers, in canonical order, each once."""
+    wanted = {n for i in layers for n in layer_params(model_cfg, i)}
+    m = model_cfg
+    return [n for n in param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size) if n in wanted]
+
+
+def layer_costs(model_cfg) -> list[float]:
+    """Parameter count per layer (the head counts its logits matmul, V*C, not a second wte)."""
+    m = model_cfg
+    shapes = param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+    return [float(sum(np.prod(shapes[n]) for n in layer_params(m, i))) for i in range(n_layers(m))]

@@ -44,6 +44,16 @@ class Runtime:
     local_rank: int
     local_size: int
     comm: object = None  # mpi4py COMM_WORLD, or None under Gloo
+    process_sets: dict = None  # {tuple(ranks): Horovod ProcessSet} registered at init
+
+    def process_set(self, ranks):
+        """The Horovod process set for exactly these ranks (None = the global set)."""
+        ranks = tuple(ranks)
+        if len(ranks) == self.size:
+            return None
+        if not self.process_sets or ranks not in self.process_sets:
+            raise AssertionError(f"no process set registered for ranks {ranks}")
+        return self.process_sets[ranks]
 
     def require_mpi(self, what: str):
         """Strategies built on point-to-point call this: a clear error instead of a hang."""
@@ -53,8 +63,9 @@ class Runtime:
                               f"--launcher mpirun), or choose a strategy without it.")
 
 
-def start(backend, agg_cfg=None) -> Runtime:
-    """Initialise MPI (when present) and Horovod through `backend.init_horovod(comm)`."""
+def start(backend, agg_cfg=None, groups=()) -> Runtime:
+    """Initialise MPI (when present) and Horovod through `backend.init_horovod(comm, groups)`;
+    `groups` are the rank groups (from the Layout) that need their own Horovod process set."""
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
     if agg_cfg is not None:
@@ -65,8 +76,8 @@ def start(backend, agg_cfg=None) -> Runtime:
     if launcher in ("mpi", "single"):
         from mpi4py import MPI  # noqa: deferred so Gloo jobs never initialise MPI
         comm = MPI.COMM_WORLD
-    rank, size, local_rank, local_size = backend.init_horovod(comm)
-    rt = Runtime(launcher, rank, size, local_rank, local_size, comm)
+    rank, size, local_rank, local_size, sets = backend.init_horovod(comm, groups)
+    rt = Runtime(launcher, rank, size, local_rank, local_size, comm, sets)
     _install_signal_handlers(rt)
     return rt
 

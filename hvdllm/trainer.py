@@ -49,7 +49,7 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
         backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
-        self.engine = backend.Engine(cfg, self.layout)
+        self.engine = backend.make_engine(cfg, self.layout, rt)
         t = cfg.train
         # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
         self.sampler = data.Sampler(self.data.train, cfg.model.block_size,

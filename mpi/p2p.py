@@ -209,6 +209,14 @@ def send_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, timeo
     waitall(reqs, timeout_s, f"send_array {tag_kind} mb={mb} to rank {dest}")
 
 
+def isend_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, chunk: int = 0) -> list:
+    """Non-blocking send_array: returns the two requests (header, payload); the caller waits
+    for them later with a deadline. Pipeline schedules post these and keep computing."""
+    array = np.asarray(array, order="C")
+    t = tag(tag_kind, mb, chunk)
+    return [isend(comm, encode_header(array), dest, t), isend(comm, array, dest, t)]
+
+
 def recv_array(comm, source: int, tag_kind: str, mb: int, timeout_s: float, chunk: int = 0) -> np.ndarray:
     """Receive what send_array sent: header, allocate, payload. The deadline covers both."""
     t, what = tag(tag_kind, mb, chunk), f"recv_array {tag_kind} mb={mb}"

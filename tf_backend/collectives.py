@@ -7,7 +7,6 @@ eagerly and inside tf.function (Horovod's TF ops are graph ops).
 from __future__ import annotations
 
 import os
-import time
 
 import horovod.tensorflow as hvd
 import tensorflow as tf
@@ -97,11 +96,14 @@ def init_horovod(comm=None):
     return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
 
 
-def dp_process_set(layout, timeout_s: float = 60.0):
+def dp_process_set(layout):
     """The Horovod process set of this rank's data-parallel group.
 
     The whole world when dp covers it; otherwise every dp group is registered (a collective
-    call: all ranks must make it in the same order), which needs HOROVOD_DYNAMIC_PROCESS_SETS=1.
+    call: all ranks make it in the same order), which needs HOROVOD_DYNAMIC_PROCESS_SETS=1.
+    Horovod's shutdown is collective too: a rank that exits tears the sets down under ranks still
+    using them ('Process set ... has not been registered'), so every rank must reach a final
+    global collective before exiting.
     """
     if layout.dp == layout.world_size:
         return hvd.global_process_set
@@ -113,20 +115,4 @@ def dp_process_set(layout, timeout_s: float = 60.0):
         ps = hvd.add_process_set(list(group))
         if layout.rank in group:
             mine = ps
-    _wait_registered(mine, timeout_s)
     return mine
-
-
-def _wait_registered(ps, timeout_s: float) -> None:
-    """Horovod 0.28.1 may return from add_process_set before this rank's table lists the new set
-    (seen at np=2: size() raised 'not registered' and rank() aborted the process). size() fails
-    cleanly in that window, so poll it before anything else touches the set."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ps.size()
-            return
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)

@@ -81,10 +81,14 @@ class Collectives:
         return hvd.allgather(tensor, name=name, process_set=self.process_set)
 
 
-def init_horovod(comm=None):
-    """Start Horovod on mpi4py's communicator (MPI launchers) or from the environment (Gloo)."""
-    hvd.init(comm=comm) if comm is not None else hvd.init()
-    return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+def init_horovod(comm=None, process_sets=()):
+    """Start Horovod on mpi4py's communicator (MPI launchers) or from the environment (Gloo),
+    registering one process set per rank group (e.g. each pipeline stage's dp group).
+    Returns (rank, size, local_rank, local_size, {ranks: ProcessSet})."""
+    sets = {tuple(g): hvd.ProcessSet(list(g)) for g in process_sets}
+    kwargs = {"process_sets": list(sets.values())} if sets else {}
+    hvd.init(comm=comm, **kwargs) if comm is not None else hvd.init(**kwargs)
+    return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), sets
 
 
 class NumpyCollectives:

@@ -18,6 +18,7 @@ from hvdllm.params import param_shapes
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
+from . import adamw_state
 from .collectives import Collectives, NumpyCollectives
 from .model import GPT
 
@@ -49,12 +50,7 @@ class Engine:
         self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
         self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params()) if cfg.localsgd.every else None
         if self.zero is None:
-            o = cfg.optim
-            decay = [p for p in self.params if p.ndim >= 2]
-            no_decay = [p for p in self.params if p.ndim < 2]
-            self.opt = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+            self.opt = adamw_state.make_adamw(self.model.named(), cfg.optim)
 
     def _broadcast_parameters(self):
         """Rank 0's initial weights win: ranks agree even if their seeds or files differed."""
@@ -96,8 +92,7 @@ class Engine:
             self.set_flat_params(new)
         else:
             norm = self._aggregate_and_clip(reduce=self.local is None)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            adamw_state.set_lr(self.opt, lr)
             self.opt.step()
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
                 self.set_flat_params(self.local.sync(self.flat_params()))
@@ -140,16 +135,12 @@ class Engine:
         out = {n: p.detach().numpy().copy() for n, p in self.model.named()}
         if self.zero is not None:
             st = self.zero.gather_state()
-            m, v, step = self.flat.unflatten(st["m"]), self.flat.unflatten(st["v"]), st["t"]
+            m, v = self.flat.unflatten(st["m"]), self.flat.unflatten(st["v"])
+            for n in m:
+                out[f"optim.m.{n}"], out[f"optim.v.{n}"] = m[n].copy(), v[n].copy()
+            out["optim.step"] = np.array(st["t"], dtype=np.int64)
         else:
-            m, v, step = {}, {}, 0
-            for n, p in self.model.named():
-                s = self.opt.state.get(p)
-                if s:
-                    m[n], v[n], step = s["exp_avg"].numpy(), s["exp_avg_sq"].numpy(), int(s["step"])
-        for n in m:
-            out[f"optim.m.{n}"], out[f"optim.v.{n}"] = m[n].copy(), v[n].copy()
-        out["optim.step"] = np.array(step, dtype=np.int64)
+            out.update(adamw_state.export(self.opt, self.model.named()))
         if self.local is not None:
             out.update(self.local.state())
         return out
@@ -160,15 +151,12 @@ class Engine:
         self.steps_done = step
         if step == 0 or f"optim.m.{self.flat.names[0]}" not in state:
             return
-        m = {n: np.asarray(state[f"optim.m.{n}"], np.float32) for n in self.flat.names}
-        v = {n: np.asarray(state[f"optim.v.{n}"], np.float32) for n in self.flat.names}
         if self.zero is not None:
-            self.zero.load_state(self.flat.flatten(m), self.flat.flatten(v), step)
+            m = self.flat.flatten({n: state[f"optim.m.{n}"] for n in self.flat.names})
+            v = self.flat.flatten({n: state[f"optim.v.{n}"] for n in self.flat.names})
+            self.zero.load_state(m, v, step)
         else:
-            for n, p in self.model.named():
-                self.opt.state[p] = {"step": torch.tensor(float(step)),
-                                     "exp_avg": torch.from_numpy(m[n].copy()),
-                                     "exp_avg_sq": torch.from_numpy(v[n].copy())}
+            adamw_state.load(self.opt, self.model.named(), state)
         if self.local is not None:
             self.local.load(state)
 
@@ -183,3 +171,11 @@ class Engine:
             return self.model(torch.from_numpy(np.array([ids], dtype=np.int64)))[0, -1].double().numpy()
         return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
                                  temperature, top_k, seed)
+
+
+def make_engine(cfg, layout, rt):
+    """The engine for this layout: a pipeline stage when parallel.pp > 1, else data parallel."""
+    if layout.pp > 1:
+        from .pipeline import PipelineEngine
+        return PipelineEngine(cfg, layout, rt)
+    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))))

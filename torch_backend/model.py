@@ -10,17 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvdllm.params import init_params, param_shapes
+from hvdllm.params import init_params, n_layers, names_for_layers
 
 
 class GPT(nn.Module):
-    def __init__(self, model_cfg, seed: int):
+    """The whole GPT, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
+    L+1 = head. A partial model holds only its layers' parameters, under their global names."""
+
+    def __init__(self, model_cfg, seed: int, layers=None):
         super().__init__()
         self.cfg = model_cfg
+        self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
         values = init_params(model_cfg, seed)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
-        self.names = list(param_shapes(model_cfg.n_layer, model_cfg.n_embd, model_cfg.vocab_size,
-                                       model_cfg.block_size))
+        self.names = names_for_layers(model_cfg, self.layers)
         self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values[n].copy())) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
 
@@ -55,18 +58,27 @@ class GPT(nn.Module):
     def _dropout(self, x):
         return F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
 
+    def run_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i: token ids -> hidden (i=0), hidden -> hidden (blocks), hidden -> logits (head)."""
+        if i == 0:
+            T = x.shape[1]
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
+            return self._dropout(self.p("wte")[x] + self.p("wpe")[:T])
+        if i == self.cfg.n_layer + 1:
+            return self._ln(x, "ln_f") @ self.p("wte").t()
+        h = f"h.{i - 1}."
+        x = x + self._attn(self._ln(x, h + "ln_1"), h)
+        return x + self._mlp(self._ln(x, h + "ln_2"), h)
+
+    def run_layers(self, layers, x):
+        for i in layers:
+            x = self.run_layer(i, x)
+        return x
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) int64 -> logits (B, T, vocab)."""
-        T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
-        x = self._dropout(self.p("wte")[idx] + self.p("wpe")[:T])
-        for i in range(self.cfg.n_layer):
-            h = f"h.{i}."
-            x = x + self._attn(self._ln(x, h + "ln_1"), h)
-            x = x + self._mlp(self._ln(x, h + "ln_2"), h)
-        x = self._ln(x, "ln_f")
-        return x @ self.p("wte").t()
+        """idx (B, T) int64 -> logits (B, T, vocab) (a full model)."""
+        return self.run_layers(self.layers, idx)
 
     def loss(self, idx, targets) -> torch.Tensor:
         logits = self(idx)

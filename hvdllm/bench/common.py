@@ -69,6 +69,32 @@ def interleaved(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int
     return times
 
 
+def cpu_snapshot() -> dict:
+    """Machine-wide busy CPU seconds (Linux /proc/stat; None elsewhere), this process's CPU
+    seconds (every thread) and a wall clock: two snapshots tell how busy others kept the machine."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        busy = (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"busy_s": busy, "self_s": ru.ru_utime + ru.ru_stime, "wall_s": time.monotonic()}
+
+
+def foreign_cores(a: dict, b: dict, own_cpu_s: float) -> float | None:
+    """Average cores kept busy by processes other than ours between snapshots a and b, where
+    own_cpu_s is the CPU time our processes used meanwhile (0 on a quiet machine; the launcher's
+    own small overhead counts as foreign)."""
+    if a["busy_s"] is None or b["busy_s"] is None:
+        return None
+    wall = b["wall_s"] - a["wall_s"]
+    return max(0.0, (b["busy_s"] - a["busy_s"] - own_cpu_s) / wall) if wall > 0 else None
+
+
 def summarize(times: Sequence[float]) -> dict:
     """Median, quartiles, min, max and count of a list of step times (seconds)."""
     ts = sorted(times)

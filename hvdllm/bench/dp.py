@@ -55,6 +55,9 @@ def parse(argv):
     p.add_argument("--backends", default="torch,tensorflow", help="comma list: torch,tensorflow")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip in every variant (0: none)")
     p.add_argument("--no-scaling", action="store_true", help="skip the np=1 runs")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="launch the np=NP / np=1 pair this many times, alternating, and pool the "
+                        "step times (evens out drift between launches on a shared machine)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the ranks, forwarded with mpirun -x (e.g. HOROVOD_CYCLE_TIME=1)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
@@ -65,8 +68,8 @@ def parse(argv):
     bad = [b for b in a.backends if b not in VARIANTS]
     if bad or not a.backends:
         p.error(f"--backends: {bad or a.backends} not among {', '.join(VARIANTS)}")
-    if a.np < 1 or a.steps < 1 or a.warmup < 0:
-        p.error("--np and --steps must be >= 1, --warmup >= 0")
+    if a.np < 1 or a.steps < 1 or a.warmup < 0 or a.repeats < 1:
+        p.error("--np, --steps and --repeats must be >= 1, --warmup >= 0")
     for kv in a.env:
         if "=" not in kv:
             p.error(f"--env {kv!r}: expected KEY=VALUE")
@@ -133,10 +136,30 @@ def launch(cmd: list[str], timeout: float) -> int:
         raise
 
 
+def pool(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """{(backend, np): run} with the step times of repeated launches pooled per variant."""
+    by: dict[tuple[str, int], dict] = {}
+    for r in runs:
+        key = (r["backend"], r["np"])
+        if key not in by:
+            by[key] = {"backend": r["backend"], "np": r["np"], "launches": 0,
+                       "tokens_per_step": r["tokens_per_step"], "times": {}}
+        by[key]["launches"] += 1
+        for name, v in r["variants"].items():
+            by[key]["times"].setdefault(name, []).extend(v["step_times_s"])
+    for m in by.values():
+        m["variants"] = {}
+        for name, ts in m.pop("times").items():
+            s = common.summarize(ts)
+            s["tokens_per_s"] = m["tokens_per_step"] / s["median_s"]
+            m["variants"][name] = s
+    return by
+
+
 def analyse(runs: list[dict], np_: int) -> tuple[list[dict], dict, list[dict]]:
     """Table rows, ratios {backend: {...}}, goal rows from the worker results."""
     rows, ratios, goals = [], {}, []
-    by = {(r["backend"], r["np"]): r for r in runs}
+    by = pool(runs)
     for backend in dict.fromkeys(r["backend"] for r in runs):
         multi, single = by.get((backend, np_)), by.get((backend, 1)) if np_ != 1 else None
         rat = ratios.setdefault(backend, {})
@@ -217,7 +240,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 def main(argv=None) -> int:
     args = parse(list(argv or []))
     out = Path(args.out)
-    plan = [(b, n) for b in args.backends for n in ([args.np] + ([] if args.no_scaling or args.np == 1 else [1]))]
+    sizes = [args.np] + ([] if args.no_scaling or args.np == 1 else [1])
+    plan = [(b, n) for b in args.backends for _ in range(args.repeats) for n in sizes]
     n_params = param_count(args.model)
     L, C, H, T, V, B = MODELS[args.model]
     print(f"[bench dp] model {args.model}: {L} layers x {C} wide, {H} heads, T={T}, vocab {V}, "
@@ -243,8 +267,14 @@ def main(argv=None) -> int:
             run["command"] = cmd
             run["wall_s"] = time.perf_counter() - t0
             runs.append(run)
-            print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} done in {run['wall_s']:.0f} s",
-                  file=sys.stderr, flush=True)
+            med = ", ".join(f"{k} {v['median_s']:.4f} s" for k, v in run["variants"].items())
+            print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} done in {run['wall_s']:.0f} s: "
+                  f"median step {med}", file=sys.stderr, flush=True)
+            other = run.get("foreign_cpu_cores")
+            if other is not None and other > 0.2:
+                print(f"[bench dp] warning: other processes kept {other:.1f} of {_cores()} cores "
+                      f"busy during this run: times are inflated and noisier", file=sys.stderr,
+                      flush=True)
     rows, ratios, goals = analyse(runs, args.np)
     title = (f"hvdllm bench dp: {args.model} GPT ({L}x{C}, {n_params:,} params), batch {B}x{T} "
              f"tokens/rank, 1 thread/rank, clip {args.grad_clip:g} in every variant")
@@ -260,7 +290,7 @@ def main(argv=None) -> int:
                                               "vocab_size": V},
         "params": n_params, "batch_per_rank": B, "np": args.np, "steps": args.steps,
         "warmup": args.warmup, "per_round": args.per_round, "grad_clip": args.grad_clip,
-        "threads_per_rank": 1, "env": args.env, "goals_target": GOALS,
+        "threads_per_rank": 1, "repeats": args.repeats, "env": args.env, "goals_target": GOALS,
         "commands": [shlex.join(c) for c in commands], "runs": runs, "failed": failed,
         "rows": rows, "ratios": ratios, "goals": goals, "wall_s": time.perf_counter() - t_all,
     }

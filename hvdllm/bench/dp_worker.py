@@ -308,10 +308,13 @@ def run(args, rt) -> dict | None:
         print(f"{tag}: variants {', '.join(fns)}; {args.warmup} warm-up + {args.steps} timed steps "
               f"each, interleaved {args.per_round} at a time", file=sys.stderr, flush=True)
     barrier()
+    load0, cpu0 = os.getloadavg(), common.cpu_snapshot()
     t1 = time.perf_counter()
     times = common.interleaved(fns, args.steps, args.warmup, args.per_round, progress, barrier)
     barrier()
+    cpu1 = common.cpu_snapshot()
     all_times = gather(times)  # one dict per rank
+    own_cpu = sum(gather(cpu1["self_s"] - cpu0["self_s"]))  # CPU seconds of every rank
     for close in closers:
         close()
     if rt.rank != 0:
@@ -335,7 +338,9 @@ def run(args, rt) -> dict | None:
         "tokens_per_step": tokens, "threads_per_rank": args.threads, "grad_clip": args.grad_clip,
         "lr": LR, "steps": args.steps, "warmup": args.warmup, "per_round": args.per_round,
         "rounds": len(common.rounds_for(args.steps, args.per_round)), "setup_s": setup_s,
-        "variants": variants, "host": platform.node(),
+        "variants": variants, "host": platform.node(), "cores": os.cpu_count(),
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own_cpu),
         "env": {k: os.environ[k] for k in sorted(os.environ)
                 if k.startswith(("HOROVOD_", "OMPI_MCA_")) or k in ("OMP_NUM_THREADS",)},
     }

@@ -1,0 +1,104 @@
+"""Pipeline parallelism: run this stage's instruction list (schedules.py) for one optimizer step.
+
+The model's layers are split into p*v contiguous chunks (partition.py); virtual stage
+vs = chunk*p + stage lives on pipeline rank vs % p. Messages, all over the pipeline
+sub-communicator with mpi/p2p (numpy buffers, shape header first, tags = (kind, mb, chunk)):
+  - act:  forward output of vs -> vs+1 (non-blocking send, blocking receive with a deadline);
+  - grad: gradient of vs+1's input -> vs (same);
+  - after the last backward: every posted send is waited for (deadline), then the backend's
+    reduce (tied-embedding sum between the first and last stage, dp allreduce, global clip
+    norm over the pipeline) and the optimizer step;
+  - the loss, known on the last stage, is broadcast over the pipeline.
+Sends are posted non-blocking because the interleaved schedule deadlocks with blocking sends
+(schedules.simulate shows it); the buffered simulation is deadlock-free for every schedule.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from mpi import p2p
+
+from . import schedules
+
+
+class StageRunner(Protocol):
+    """What a backend supplies for one pipeline rank (it holds this rank's chunks)."""
+
+    def forward(self, chunk: int, mb: int, inp: np.ndarray, target: np.ndarray | None) -> np.ndarray | float:
+        """Run chunk's layers; return the activation, or (last virtual stage) the mb's loss."""
+
+    def backward(self, chunk: int, mb: int, grad: np.ndarray | None) -> np.ndarray | None:
+        """Backward of a saved forward; return d(input) (None on the first virtual stage)."""
+
+
+class Pipeline:
+    def __init__(self, comm, p: int, stage: int, m: int, v: int, schedule: str, timeout_s: float):
+        self.comm, self.p, self.stage, self.m, self.v = comm, p, stage, m, v
+        self.timeout = timeout_s
+        self.last_vs = p * v - 1
+        self.instrs = schedules.build(schedule, p, m, stage, v)
+        schedules.validate_schedule([schedules.build(schedule, p, m, s, v) for s in range(p)], p, m, v)
+
+    def owner(self, vs: int) -> int:
+        return vs % self.p
+
+    def run(self, runner: StageRunner, xs: list, ys: list, reduce_and_step) -> float:
+        """One optimizer step over m micro-batches; returns the mean loss (on every stage)."""
+        inbox, outbox, sends, loss = {}, {}, [], 0.0
+        for ins in self.instrs:
+            vs = ins.chunk * self.p + self.stage
+            key = (ins.mb, ins.chunk)
+            what = f"pipeline stage {self.stage}: {ins.op} mb={ins.mb} chunk={ins.chunk}"
+            if ins.op == "recv_act":
+                inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk)
+            elif ins.op == "forward":
+                inp = xs[ins.mb] if vs == 0 else inbox.pop(key)
+                out = runner.forward(ins.chunk, ins.mb, inp, ys[ins.mb] if vs == self.last_vs else None)
+                if vs == self.last_vs:
+                    loss += float(out) / self.m
+                else:
+                    outbox[key] = out
+            elif ins.op == "send_act":
+                sends += p2p.isend_array(self.comm, outbox.pop(key), self.owner(vs + 1), "act", ins.mb,
+                                         (vs + 1) // self.p)
+            elif ins.op == "recv_grad":
+                inbox[("g",) + key] = p2p.recv_array(self.comm, self.owner(vs + 1), "grad", ins.mb,
+                                                     self.timeout, ins.chunk)
+            elif ins.op == "backward":
+                g = runner.backward(ins.chunk, ins.mb, None if vs == self.last_vs else inbox.pop(("g",) + key))
+                if vs > 0:
+                    outbox[("g",) + key] = g
+            elif ins.op == "send_grad":
+                sends += p2p.isend_array(self.comm, outbox.pop(("g",) + key), self.owner(vs - 1), "grad",
+                                         ins.mb, (vs - 1) // self.p)
+            elif ins.op == "reduce_grads":
+                p2p.waitall(sends, self.timeout, f"pipeline stage {self.stage}: outstanding sends")
+                sends = []
+            elif ins.op == "step":
+                reduce_and_step()
+            else:
+                raise AssertionError(f"unknown instruction {ins}")
+        return self.broadcast_loss(loss)
+
+    def broadcast_loss(self, loss: float) -> float:
+        """The last stage knows the loss; every stage reports it."""
+        buf = np.array([loss], np.float64)
+        self.comm.Bcast(buf, root=self.owner(self.last_vs))
+        return float(buf[0])
+
+    def forward_only(self, forward, x: np.ndarray) -> object:
+        """Evaluation: one pass through every virtual stage, blocking, in order. Returns the last
+        virtual stage's result on its owner and None elsewhere."""
+        act = x
+        for vs in range(self.p * self.v):
+            if self.owner(vs) != self.stage:
+                continue
+            chunk = vs // self.p
+            if vs > 0 and self.p > 1:
+                act = p2p.recv_array(self.comm, self.owner(vs - 1), "eval", 0, self.timeout, chunk)
+            act = forward(chunk, act)
+            if vs < self.last_vs and self.p > 1:
+                p2p.send_array(self.comm, act, self.owner(vs + 1), "eval", 0, self.timeout, (vs + 1) // self.p)
+        return act if self.owner(self.last_vs) == self.stage else None

@@ -1,0 +1,200 @@
+"""The torch side of pipeline parallelism: this rank's model chunks, their forward and backward
+per micro-batch (autograd keeps each micro-batch's graph until its backward), and the step.
+
+The schedule, the messages and their order live in hvdllm/strategies/pipeline.py. After the last
+backward this engine sends, in order: the tied-embedding gradient exchange between the first and
+last pipeline ranks (p2p, so both copies of `wte` stay identical), one grouped allreduce of every
+gradient over this stage's dp process set (Horovod), one allreduce of the squared gradient norm
+over the pipeline (MPI) for global clipping; then AdamW. Loss: broadcast from the last stage.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hvdllm import aggregation, sampling
+from hvdllm.engine import EvalResult, StepResult
+from hvdllm.params import layer_costs, n_layers
+from hvdllm.strategies.partition import partition
+from hvdllm.strategies.pipeline import Pipeline
+from mpi import p2p
+from mpi.groups import subcomms
+
+from . import adamw_state
+from .collectives import Collectives
+from .model import GPT
+
+
+def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
+    """Forward+backward seconds per layer on this process (for parallel.partition='time')."""
+    model = GPT(model_cfg, seed)
+    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size))
+    times = []
+    for i in model.layers:
+        inp = x if i == 0 else torch.randn(batch, model_cfg.block_size, model_cfg.n_embd, requires_grad=True)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model.run_layer(i, inp).float().pow(2).mean().backward()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return times
+
+
+class PipelineEngine:
+    def __init__(self, cfg, layout, rt):
+        rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
+        self.cfg, self.layout, self.m = cfg, layout, cfg.parallel.microbatches
+        par = cfg.parallel
+        p, v, stage = layout.pp, par.virtual_stages, layout.pp_rank
+        self.pp_comm = subcomms(rt.comm, layout, "pp")
+        self.timeout = cfg.train.step_timeout
+        self.ranges = self._partition(rt, p * v)
+        self.chunks = [list(range(*self.ranges[c * p + stage])) for c in range(v)]
+        torch.manual_seed(cfg.train.seed + layout.rank)
+        self.model = GPT(cfg.model, cfg.train.seed, layers=sorted(i for c in self.chunks for i in c))
+        self.named = self.model.named()
+        self.comm = Collectives(rt.process_set(layout.group("dp")))
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.opt = adamw_state.make_adamw(self.named, cfg.optim)
+        self.pipe = Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
+        L = cfg.model.n_layer
+        self.tied_peer = None
+        if p > 1 and (0 in self.model.layers) != (L + 1 in self.model.layers):
+            self.tied_peer = p - 1 if 0 in self.model.layers else 0
+        self.saved, self.full_state = {}, None
+
+    def _partition(self, rt, parts):
+        m = self.cfg.model
+        method = self.cfg.parallel.partition
+        if method == "time":  # measured once on world rank 0, so every rank splits identically
+            costs = measure_layer_times(m, self.cfg.train.seed, 2) if rt.rank == 0 else None
+            costs = rt.comm.bcast(costs, root=0)
+        else:
+            costs = layer_costs(m)
+        return partition(costs if len(costs) == n_layers(m) else layer_costs(m), parts, method)
+
+    # StageRunner --------------------------------------------------------------------------
+    def forward(self, chunk, mb, inp, target):
+        layers = self.chunks[chunk]
+        x = torch.from_numpy(inp)
+        if layers[0] != 0:
+            x.requires_grad_(True)
+        out = self.model.run_layers(layers, x)
+        if target is None:
+            self.saved[(mb, chunk)] = (x, out)
+            return out.detach().numpy()
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.from_numpy(target).reshape(-1))
+        self.saved[(mb, chunk)] = (x, loss / self.m)
+        return float(loss.detach())
+
+    def backward(self, chunk, mb, grad):
+        x, out = self.saved.pop((mb, chunk))
+        out.backward(None if grad is None else torch.from_numpy(grad))
+        return x.grad.numpy() if x.requires_grad else None
+
+    # one optimizer step ---------------------------------------------------------------------
+    def train_step(self, x, y, lr) -> StepResult:
+        self.model.train()
+        for _, p in self.named:
+            p.grad = None
+        norm = []
+        loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
+                             lambda: norm.append(self._reduce_and_step(lr)))
+        return StepResult(loss=self._dp_mean(loss), grad_norm=norm[0])
+
+    def _reduce_and_step(self, lr) -> float:
+        self._sum_tied_embedding()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        if self.comm.size > 1:
+            grads = self.comm.grouped_allreduce(grads, name="pp.grads", **self.reduce.kwargs())
+        for (_, p), g in zip(self.named, grads):
+            p.grad = g
+        # wte is held twice (first and last stage); count it once in the global norm.
+        mine = [g for (n, _), g in zip(self.named, grads) if not (n == "wte" and self.tied_peer == 0)]
+        sq = np.array([float(sum((g.double() ** 2).sum() for g in mine))])
+        total = np.empty(1)
+        from mpi4py import MPI
+        p2p.wait(self.pp_comm.Iallreduce(sq, total, op=MPI.SUM), self.timeout, "pipeline grad-norm allreduce")
+        norm = float(np.sqrt(total[0]))
+        coef = min(1.0, self.cfg.optim.grad_clip / (norm + 1e-6)) if self.cfg.optim.grad_clip > 0 else 1.0
+        torch._foreach_mul_(grads, coef)
+        adamw_state.set_lr(self.opt, lr)
+        self.opt.step()
+        return norm
+
+    def _sum_tied_embedding(self):
+        if self.tied_peer is None:
+            return
+        wte = self.model.p("wte")
+        mine = (wte.grad if wte.grad is not None else torch.zeros_like(wte)).numpy().copy()
+        theirs = np.empty_like(mine)
+        t = p2p.tag("params", 0, 1)
+        reqs = [p2p.isend(self.pp_comm, mine, self.tied_peer, t), p2p.irecv(self.pp_comm, theirs, self.tied_peer, t)]
+        p2p.waitall(reqs, self.timeout, "tied-embedding gradient exchange")
+        wte.grad = torch.from_numpy(mine + theirs)
+
+    def _dp_mean(self, value: float) -> float:
+        return float(self.comm.allreduce(torch.tensor([value], dtype=torch.float64), op="average", name="pp.loss"))
+
+    # evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x, y) -> EvalResult:
+        self.model.eval()
+        out = self.pipe.forward_only(lambda c, a: self.model.run_layers(self.chunks[c], torch.from_numpy(a)).numpy(), x)
+        res = np.zeros(3)
+        if out is not None:
+            logits, t = torch.from_numpy(out).reshape(-1, out.shape[-1]), torch.from_numpy(y).reshape(-1)
+            res[:] = (float(F.cross_entropy(logits, t, reduction="sum")), int((logits.argmax(-1) == t).sum()), t.numel())
+        self.pp_comm.Bcast(res, root=self.pipe.owner(self.pipe.last_vs))
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+
+    def allreduce_sum(self, values):
+        t = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        return self.comm.allreduce(t, op="sum", name="pp.metrics").numpy()
+
+    # state: gathered over the pipeline so a checkpoint is the whole, unsharded model ---------
+    def _local_state(self) -> dict:
+        out = {n: p.detach().numpy().copy() for n, p in self.named}
+        out.update(adamw_state.export(self.opt, self.named))
+        return out
+
+    def state_dict(self) -> dict:
+        local = self._local_state()
+        t = p2p.tag("ckpt", 0)
+        if self.layout.pp_rank != 0:
+            p2p.send_obj(self.pp_comm, local, 0, t, self.timeout, "checkpoint gather")
+            return local
+        full = dict(local)
+        for src in range(1, self.layout.pp):
+            part = p2p.recv_obj(self.pp_comm, src, t, self.timeout, "checkpoint gather")
+            full.update({k: v for k, v in part.items() if k != "optim.step"})
+        self.full_state = full
+        return full
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))
+        adamw_state.load(self.opt, self.named, state)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for _, p in self.named)
+
+    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0):
+        """On pipeline rank 0, from the whole model gathered by the last state_dict() (the trainer
+        always checkpoints at the final step, just before it samples)."""
+        if self.full_state is None:
+            raise RuntimeError("generate() under a pipeline needs a state_dict() first")
+        full = GPT(self.cfg.model, self.cfg.train.seed).eval()
+        with torch.no_grad():
+            for n, p in full.named():
+                p.copy_(torch.from_numpy(np.asarray(self.full_state[n], np.float32)))
+
+            def last_logits(ids):
+                return full(torch.from_numpy(np.array([ids], dtype=np.int64)))[0, -1].double().numpy()
+            return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
+                                     temperature, top_k, seed)
