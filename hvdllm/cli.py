@@ -35,7 +35,7 @@ def env_rank() -> int:
 def process_set_groups(cfg) -> list[tuple]:
     """Every rank registers the same Horovod process sets: the dp groups of a model-parallel grid."""
     from .layout import Layout
-    lay = Layout.build(cfg.parallel, env_world_size(), 0)
+    lay = Layout.from_config(cfg, env_world_size(), 0)
     return lay.all_groups("dp") if lay.dp < lay.world_size else []
 
 

@@ -74,6 +74,24 @@ class LocalSGDConfig:
 
 
 @dataclass
+class PSConfig:
+    servers: int = doc("parameter-server ranks (extra ranks after the trainers; 0 = none)", 0)
+    mode: str = doc("'sync' (equals data parallelism), 'async' (apply each push on arrival) or "
+                    "'ssp' (bounded staleness)", "sync")
+    staleness: int = doc("ssp: no worker runs more than this many steps ahead of the slowest", 2)
+    straggler_rank: int = doc("testing/bench aid: this worker's steps are slowed (-1 = none)", -1)
+    straggler_factor: float = doc("how much slower the straggler's steps are (2 = twice as long)", 2.0)
+
+
+@dataclass
+class RolesConfig:
+    evaluators: int = doc("ranks that evaluate weight snapshots while the trainers train", 0)
+    generators: int = doc("ranks that write samples from the latest snapshot", 0)
+    snapshot_every: int = doc("steps between weight snapshots offered to evaluators/generators", 50)
+    prompts_file: str = doc("generators answer each line of this file ('' = train.sample_prompt)", "")
+
+
+@dataclass
 class OptimConfig:
     lr: float = doc("peak learning rate", 1e-3)
     min_lr: float = doc("learning rate at the end of the cosine decay", 1e-4)
@@ -115,6 +133,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     localsgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -128,6 +148,7 @@ CHOICES = {
     "aggregation.op": ("average", "sum", "adasum"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
     "parallel.partition": ("uniform", "params", "time"),
+    "ps.mode": ("sync", "async", "ssp"),
     "aggregation.compression": ("none", "fp16", "bf16"),
 }
 
@@ -237,7 +258,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for key in positive:
         if _get(cfg, key) < 1:
             p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
-    for key in ["train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    for key in ["ps.servers", "ps.staleness", "roles.evaluators", "roles.generators", "train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                 "train.threads", "train.sample_tokens", "parallel.dp", "model.vocab_size",
                 "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay"]:
         if _get(cfg, key) < 0:
@@ -316,8 +337,18 @@ def _pipeline_problems(cfg: Config) -> list[str]:
     return p
 
 
+def extra_ranks(cfg: Config) -> int:
+    """Ranks that are not trainers: parameter servers, evaluators, generators."""
+    return cfg.ps.servers + cfg.roles.evaluators + cfg.roles.generators
+
+
 def _grid_problems(cfg: Config, world_size: int) -> list[str]:
     par = cfg.parallel
+    extra = extra_ranks(cfg)
+    if extra >= world_size:
+        return [f"ps.servers / roles.evaluators / roles.generators: {extra} role ranks leave no trainer "
+                f"among the {world_size} launched ranks"]
+    world_size -= extra
     model_ranks = par.pp * par.tp
     if par.dp == 0:
         if model_ranks >= 1 and world_size % model_ranks:
@@ -325,7 +356,7 @@ def _grid_problems(cfg: Config, world_size: int) -> list[str]:
         return []
     if par.dp * model_ranks != world_size:
         return [f"parallel.dp: dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {par.dp * model_ranks} "
-                f"but {world_size} ranks were launched (set parallel.dp=0 to use all ranks)"]
+                f"but {world_size} trainer ranks were launched (set parallel.dp=0 to use all ranks)"]
     return []
 
 

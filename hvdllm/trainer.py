@@ -38,7 +38,7 @@ def _progress(enabled: bool, total: int, initial: int):
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, backend):
         self.cfg, self.rt, self.backend = cfg, rt, backend
-        self.layout = Layout.build(cfg.parallel, rt.size, rt.rank)
+        self.layout = Layout.from_config(cfg, rt.size, rt.rank)
         if cfg.aggregation.op == "adasum":
             rt.require_mpi("aggregation.op='adasum' (Horovod enables Adasum only on its MPI controller)")
         self.watchdog = Watchdog(rt)

@@ -27,3 +27,11 @@ def test_3d_grid_coords_and_groups():
 def test_bad_product_names_key():
     with pytest.raises(ConfigError, match="parallel.dp"):
         Layout.build(ParallelConfig(dp=3), world_size=4, rank=0)
+
+
+def test_role_ranks_follow_trainers():
+    lay = Layout.build(ParallelConfig(), world_size=7, rank=5, servers=2, evaluators=1, generators=1)
+    assert lay.n_trainers == 3 and lay.dp == 3
+    assert lay.role_ranks("server") == (3, 4) and lay.role_ranks("evaluator") == (5,)
+    assert lay.role() == "evaluator" and lay.role(6) == "generator" and lay.role(0) == "trainer"
+    assert lay.all_groups("dp") == [(0, 1, 2)]

@@ -83,6 +83,12 @@ class Engine:
             total += loss.detach()
         return total
 
+    def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(this rank's mean loss, its flat gradient) with no communication: for strategies
+        that move gradients themselves (parameter servers)."""
+        loss = self._forward_backward(x, y)
+        return float(loss), self.flat.flatten([p.grad.numpy() for p in self.params])
+
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         loss = self._forward_backward(x, y)
         self.steps_done += 1

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from hvdllm.bench import common
+from hvdllm.launch import check_available
 from hvdllm.bench.dp_worker import MODELS, VARIANTS, param_count
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
             part = os.path.join(tmp, f"{backend}-np{n}.json")
             cmd = worker_command(n, backend, args, part, _free_port())
             commands.append(cmd)
+            check_available(cmd)  # a clear error when mpirun is missing
             print(f"\n[bench dp] ({i}/{len(plan)}) {backend} np={n}, variants "
                   f"{', '.join(VARIANTS[backend])}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()

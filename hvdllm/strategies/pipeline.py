@@ -14,6 +14,7 @@ Sends are posted non-blocking because the interleaved schedule deadlocks with bl
 """
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +40,7 @@ class Pipeline:
         self.timeout = timeout_s
         self.last_vs = p * v - 1
         self.instrs = schedules.build(schedule, p, m, stage, v)
+        self.trace = None  # set to a list to record (start, end, op, mb, chunk) per instruction
         schedules.validate_schedule([schedules.build(schedule, p, m, s, v) for s in range(p)], p, m, v)
 
     def owner(self, vs: int) -> int:
@@ -48,6 +50,7 @@ class Pipeline:
         """One optimizer step over m micro-batches; returns the mean loss (on every stage)."""
         inbox, outbox, sends, loss = {}, {}, [], 0.0
         for ins in self.instrs:
+            t0 = time.perf_counter() if self.trace is not None else 0.0
             vs = ins.chunk * self.p + self.stage
             key = (ins.mb, ins.chunk)
             what = f"pipeline stage {self.stage}: {ins.op} mb={ins.mb} chunk={ins.chunk}"
@@ -80,6 +83,8 @@ class Pipeline:
                 reduce_and_step()
             else:
                 raise AssertionError(f"unknown instruction {ins}")
+            if self.trace is not None:
+                self.trace.append((t0, time.perf_counter(), ins.op, ins.mb, ins.chunk))
         return self.broadcast_loss(loss)
 
     def broadcast_loss(self, loss: float) -> float:
