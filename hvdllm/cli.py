@@ -33,10 +33,13 @@ def env_rank() -> int:
 
 
 def process_set_groups(cfg) -> list[tuple]:
-    """Every rank registers the same Horovod process sets: the dp groups of a model-parallel grid."""
+    """Every rank registers the same Horovod process sets: the dp groups (when they are not the
+    whole world) and the tp groups of the trainer grid."""
     from .layout import Layout
     lay = Layout.from_config(cfg, env_world_size(), 0)
-    return lay.all_groups("dp") if lay.dp < lay.world_size else []
+    groups = lay.all_groups("dp") + (lay.all_groups("tp") if lay.tp > 1 else []) + [lay.role_ranks("trainer")]
+    # the whole world is Horovod's global set already; a duplicate set is refused by hvd.init
+    return list(dict.fromkeys(g for g in groups if len(g) < lay.world_size))
 
 
 def cmd_train(args) -> int:

@@ -328,6 +328,12 @@ def _pipeline_problems(cfg: Config) -> list[str]:
                      f"{par.pp}, got {par.microbatches}")
     elif par.virtual_stages != 1:
         p.append("parallel.virtual_stages: only the 'interleaved' schedule uses more than 1")
+    if par.tp > 1:
+        from .strategies.tensor_parallel import problems
+        p.extend(problems(cfg.model, par.tp))
+        for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every)):
+            if bad:
+                p.append(f"{key}: not combinable with parallel.tp > 1 yet")
     if par.pp > 1:
         for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every),
                          ("aggregation.accumulation", cfg.aggregation.accumulation - 1)):

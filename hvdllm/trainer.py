@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data, lr as lr_schedule, metrics
+from . import config
 from .config import Config, to_toml
 from .layout import Layout
 from .params import param_shapes
@@ -48,6 +49,7 @@ class Trainer:
             self.data = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
+            config.validate(cfg, rt.size)  # rules that depend on the vocabulary (tp must divide it)
         backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
         self.engine = backend.make_engine(cfg, self.layout, rt)
         t = cfg.train
@@ -108,7 +110,12 @@ class Trainer:
             summary["loss"] = res.loss
         if bar:
             bar.close()
-        return self.finish(summary)
+        summary = self.finish(summary)
+        # No rank may leave while another still talks to it: Horovod shuts down for everyone
+        # when the first process exits (e.g. a pipeline stage done before its peers).
+        with self.watchdog.deadline(t.step_timeout, "the final barrier"):
+            self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer"))).barrier()
+        return summary
 
     def evaluate(self, step: int) -> dict:
         t, m = self.cfg.train, self.cfg.model
@@ -139,12 +146,13 @@ class Trainer:
     def finish(self, summary: dict) -> dict:
         t = self.cfg.train
         summary["unigram_entropy"] = data.unigram_entropy(self.data.train)
-        if t.sample_tokens and self.is_root:
+        if t.sample_tokens:  # every rank: under tensor parallelism sampling is collective
             tok = self.data.tokenizer
             ids = self.engine.generate(tok.encode(t.sample_prompt), t.sample_tokens, 0.8, 40, t.seed)
-            text = t.sample_prompt + tok.decode(ids)
-            (self.out / "sample.txt").write_text(text)
-            summary["sample"] = text
+            if self.is_root:
+                text = t.sample_prompt + tok.decode(ids)
+                (self.out / "sample.txt").write_text(text)
+                summary["sample"] = text
         if self.is_root:
             self.log.close()
             metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")

@@ -1,20 +1,21 @@
 """Horovod collectives for TensorFlow tensors, with the same names and arguments as torch_backend's.
 
 The aggregation rules (which op, which wire dtype) are the core's; this adapter only casts and
-calls. `process_set=None` means Horovod's global set, passed explicitly, never implied. Works
-eagerly and inside tf.function (Horovod's TF ops are graph ops).
+calls. `process_set=None` means Horovod's global set, passed explicitly, never implied. Every
+method works eagerly and inside tf.function (Horovod's TF ops are graph ops).
 """
 from __future__ import annotations
-
-import os
 
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from hvdllm.errors import ConfigError
-
-_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum"}
+_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
 _WIRE = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
+# Measured with Horovod 0.28.1: its TF ops HorovodAllreduce / HorovodGroupedAllreduce accept only
+# uint8, int8, int32, int64, half, float and double, so a bfloat16 tensor is rejected (eager, in
+# tf.function and grouped alike). bf16 on the wire therefore travels as its raw 16-bit patterns
+# (bitcast to int16, which HorovodAllgather accepts) and is summed locally in float32: the same
+# scheme, bytes and arithmetic as torch_backend.
 
 
 def _op(name: str):
@@ -26,17 +27,7 @@ def _op(name: str):
 def _wire(compression: str):
     if compression not in _WIRE:
         raise ValueError(f"aggregation.compression: {compression!r} is not one of {', '.join(_WIRE)}")
-    if compression == "bf16":
-        # Measured with Horovod 0.28.1 on TF's CPU path (eager, tf.function and grouped).
-        raise ConfigError([BF16_UNSUPPORTED])
     return _WIRE[compression]
-
-
-BF16_UNSUPPORTED = (
-    "aggregation.compression: 'bf16' is not supported by the tensorflow backend: Horovod 0.28.1's "
-    "TensorFlow ops (HorovodAllreduce, HorovodGroupedAllreduce) accept only uint8, int8, int32, "
-    "int64, half, float and double, so a bfloat16 wire tensor is rejected. Use 'fp16' or 'none', "
-    "or backend='torch' (whose Horovod ops accept bfloat16).")
 
 
 class Collectives:
@@ -57,8 +48,20 @@ class Collectives:
         dtype = _wire(compression)
         return tf.cast(t, dtype) if dtype is not None and t.dtype.is_floating else t
 
+    def _bf16_allreduce(self, tensor, op, name, prescale, postscale):
+        if op == "adasum":
+            raise ValueError("aggregation.compression='bf16' cannot be combined with aggregation.op='adasum'")
+        bits = tf.bitcast(tf.cast(tf.cast(tensor, tf.float32) * prescale, tf.bfloat16), tf.int16)
+        every = hvd.allgather(tf.reshape(bits, [1, -1]), name=name, process_set=self.process_set)
+        total = tf.reduce_sum(tf.cast(tf.bitcast(every, tf.bfloat16), tf.float32), axis=0)
+        if op == "average":
+            total = total / self.size
+        return tf.cast(tf.reshape(total * postscale, tf.shape(tensor)), tensor.dtype)
+
     def allreduce(self, tensor, op="average", name=None, compression="none", prescale=1.0, postscale=1.0):
         tensor = tf.convert_to_tensor(tensor)
+        if compression == "bf16" and tensor.dtype.is_floating:
+            return self._bf16_allreduce(tensor, op, name, prescale, postscale)
         out = hvd.allreduce(self._to_wire(tensor, compression), op=_op(op), name=name,
                             prescale_factor=prescale, postscale_factor=postscale,
                             process_set=self.process_set)
@@ -66,53 +69,73 @@ class Collectives:
 
     def grouped_allreduce(self, tensors, op="average", name=None, compression="none", prescale=1.0,
                           postscale=1.0):
+        """One fused message for tensors of one dtype (Horovod requires a single dtype per group)."""
         tensors = [tf.convert_to_tensor(t) for t in tensors]
+        if compression == "bf16":
+            return [self.allreduce(t, op, f"{name}.{i}", compression, prescale, postscale)
+                    for i, t in enumerate(tensors)]
         wire = [self._to_wire(t, compression) for t in tensors]
         outs = hvd.grouped_allreduce(wire, op=_op(op), name=name, prescale_factor=prescale,
                                      postscale_factor=postscale, process_set=self.process_set)
         return [tf.cast(o, t.dtype) for o, t in zip(outs, tensors)]
 
     def broadcast(self, tensor, root=0, name=None):
-        """`root` is a rank within this set (0 = its first member); Horovod wants the global rank."""
+        """`root` is a rank within this set (0 = its first member). Horovod wants the global
+        rank: passing 0 for a set without global rank 0 fails with 'invalid root rank'."""
         return hvd.broadcast(tf.convert_to_tensor(tensor), root_rank=self._global_rank(root),
                              name=name, process_set=self.process_set)
 
     def _global_rank(self, set_rank: int) -> int:
         ranks = self.process_set.ranks
-        return set_rank if ranks is None else ranks[set_rank]
+        return ranks[set_rank] if ranks else set_rank
 
     def allgather(self, tensor, name=None):
         return hvd.allgather(tf.convert_to_tensor(tensor), name=name, process_set=self.process_set)
 
 
-def check_compression(compression: str) -> None:
-    """Fail at start-up, not at the first reduction, on a wire format this backend lacks."""
-    _wire(compression)
+def init_horovod(comm=None, process_sets=()):
+    """Start Horovod on mpi4py's communicator (MPI launchers) or from the environment (Gloo),
+    registering one static process set per rank group (static: Horovod 0.28.1's dynamic sets are
+    torn down under ranks still using them when another rank shuts down first).
+    Returns (rank, size, local_rank, local_size, {ranks: ProcessSet})."""
+    sets = {tuple(g): hvd.ProcessSet(list(g)) for g in process_sets}
+    kwargs = {"process_sets": list(sets.values())} if sets else {}
+    hvd.init(comm=comm, **kwargs) if comm is not None else hvd.init(**kwargs)
+    return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), sets
 
 
-def init_horovod(comm=None):
-    """Start Horovod on mpi4py's communicator (MPI launchers) or from the environment (Gloo)."""
-    hvd.init(comm=comm) if comm is not None else hvd.init()
-    return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+class NumpyCollectives:
+    """The same collectives on numpy arrays, for the core's framework-free strategies
+    (ZeRO-1, local SGD)."""
+
+    def __init__(self, coll: Collectives):
+        self.coll = coll
+
+    @property
+    def rank(self) -> int:
+        return self.coll.rank
+
+    @property
+    def size(self) -> int:
+        return self.coll.size
+
+    def allreduce(self, a, op="average", name=None, compression="none"):
+        return self.coll.allreduce(tf.constant(a), op=op, name=name, compression=compression).numpy()
+
+    def reducescatter(self, a, op="average", name=None, compression="none"):
+        if compression == "bf16":  # see _bf16_allreduce: reduce whole, keep this rank's shard
+            full = self.allreduce(a, op=op, name=name, compression=compression)
+            n = a.shape[0] // self.size
+            return full[self.rank * n:(self.rank + 1) * n].copy()
+        t = self.coll._to_wire(tf.constant(a), compression)
+        out = hvd.reducescatter(t, op=_op(op), name=name, process_set=self.coll.process_set)
+        return out.numpy().astype(a.dtype if a.dtype.kind == "f" else out.dtype.as_numpy_dtype)
+
+    def allgather(self, a, name=None):
+        return self.coll.allgather(tf.constant(a), name=name).numpy()
+
+    def broadcast(self, a, root=0, name=None):
+        return self.coll.broadcast(tf.constant(a), root=root, name=name).numpy()
 
 
-def dp_process_set(layout):
-    """The Horovod process set of this rank's data-parallel group.
-
-    The whole world when dp covers it; otherwise every dp group is registered (a collective
-    call: all ranks make it in the same order), which needs HOROVOD_DYNAMIC_PROCESS_SETS=1.
-    Horovod's shutdown is collective too: a rank that exits tears the sets down under ranks still
-    using them ('Process set ... has not been registered'), so every rank must reach a final
-    global collective before exiting.
-    """
-    if layout.dp == layout.world_size:
-        return hvd.global_process_set
-    if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
-        raise ConfigError([f"parallel: {layout.describe()} needs a data-parallel process set "
-                           f"smaller than the world; start the job with HOROVOD_DYNAMIC_PROCESS_SETS=1"])
-    mine = None
-    for group in layout.all_groups("dp"):
-        ps = hvd.add_process_set(list(group))
-        if layout.rank in group:
-            mine = ps
-    return mine
+__all__ = ["Collectives", "NumpyCollectives", "init_horovod"]

@@ -1,20 +1,27 @@
-"""The TensorFlow Engine: forward/backward, Horovod gradient aggregation, clipping, AdamW.
+"""The TensorFlow Engine: forward/backward, gradient aggregation, clipping and the optimizer step.
 
-Per train_step the messages are, in order: one grouped allreduce of every gradient over the
-data-parallel process set (op and wire dtype from cfg.aggregation), then one allreduce of the
-scalar loss for logging (always 'average', never compressed: it is a metric, not a gradient).
-Everything else is local arithmetic, compiled once with tf.function (see TrainFn below).
+Which messages a step sends depends on the strategy (each documented in its core file):
+- data parallel (default): one grouped allreduce of every gradient over the dp process set
+  (op, wire dtype and predivide from cfg.aggregation);
+- ZeRO-1 (parallel.zero=1): hvdllm/strategies/zero.py (reducescatter, norm allreduce, allgather);
+- local SGD (localsgd.every=H): no gradient messages; every H steps hvdllm/strategies/local_sgd.py.
+Then one allreduce of the scalar loss, for logging ('average', never compressed).
+The per-step arithmetic is compiled once with tf.function (see COMPILE).
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 
-from hvdllm import sampling
+from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
-from hvdllm.params import decays
+from hvdllm.errors import ConfigError
+from hvdllm.flat import FlatLayout
+from hvdllm.params import decays, param_shapes
+from hvdllm.strategies.local_sgd import LocalSGD
+from hvdllm.strategies.zero import Zero1
 
-from .collectives import Collectives, check_compression, dp_process_set
+from .collectives import Collectives, NumpyCollectives
 from .model import GPT
 
 # Measured per train_step on 2 CPU threads, 1 rank: tiny model (2x32, T=16, B=8) eager 62.5 ms,
@@ -22,6 +29,7 @@ from .model import GPT
 # (jit_compile) on the forward/backward was slower on CPU (119 vs 102 ms), so it is not used.
 COMPILE = True
 
+_MICRO = tf.TensorSpec([None, None, None], tf.int64)  # (accumulation k, batch, T)
 _TOKENS = tf.TensorSpec([None, None], tf.int64)
 
 
@@ -74,21 +82,41 @@ class AdamW:
             v.assign(o.beta2 * v + (1.0 - o.beta2) * g * g)
             p.assign_sub(step_size * m / (tf.sqrt(v) / bc2_sqrt + o.eps))
 
+    def state_bytes(self) -> int:
+        return sum(4 * int(np.prod(v.shape)) * 2 for v in self.vars)
+
+
+def make_engine(cfg, layout, rt):
+    """The engine for this layout. TensorFlow trains data-parallel only (with ZeRO-1, local SGD,
+    accumulation); pipeline and tensor parallelism are torch_backend's."""
+    bad = [f"parallel.{k}: {getattr(layout, k)} needs backend='torch' (tensorflow is data-parallel only)"
+           for k in ("pp", "tp") if getattr(layout, k) > 1]
+    if bad:
+        raise ConfigError(bad)
+    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))))
+
 
 class Engine:
     def __init__(self, cfg, layout, collectives: Collectives | None = None):
         self.cfg, self.layout = cfg, layout
-        check_compression(cfg.aggregation.compression)
-        self.comm = collectives or Collectives(dp_process_set(layout))
+        self.comm = collectives or Collectives()
+        self.ncomm = NumpyCollectives(self.comm)
         # Same weights on every rank; dropout streams differ per rank (as the torch backend).
         self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank)
         self.names = list(self.model.params)
         self.vars = list(self.model.params.values())
         self._broadcast_parameters()
-        self.opt = AdamW(self.vars, cfg.optim)
+        m = cfg.model
+        self.flat = FlatLayout(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size))
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.steps_done = 0
+        self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
+        self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params()) if cfg.localsgd.every else None
+        self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
         wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True)) \
             if COMPILE else (lambda f, sig: f)
-        self._train = wrap(self._train_step, [_TOKENS, _TOKENS, tf.TensorSpec([], tf.float64)])
+        self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64)])
+        self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
         self._eval = wrap(self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(self.model.__call__, [_TOKENS])
 
@@ -99,33 +127,67 @@ class Engine:
         for name, v in zip(self.names, self.vars):
             v.assign(self.comm.broadcast(v, root=0, name=f"init.{name}"))
 
+    # flat views for the core's strategies ------------------------------------------------------
+    def flat_params(self) -> np.ndarray:
+        return self.flat.flatten([v.numpy() for v in self.vars])
+
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        for v, a in zip(self.vars, self.flat.unflatten(flat).values()):
+            v.assign(a)
+
     # training --------------------------------------------------------------------------------
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
-        loss, norm = self._train(_ids(x), _ids(y), tf.constant(lr, tf.float64))
-        return StepResult(loss=float(loss), grad_norm=float(norm))
+    def _micro(self, x, y):
+        """(k, b, T) stacks of the core's k micro-batches (it checks that k divides the batch)."""
+        parts = aggregation.split_microbatches(np.asarray(x, np.int64), np.asarray(y, np.int64),
+                                               self.cfg.aggregation.accumulation)
+        return tf.constant(np.stack([p[0] for p in parts])), tf.constant(np.stack([p[1] for p in parts]))
 
-    def _train_step(self, x, y, lr):
-        with tf.GradientTape() as tape:
-            loss = self.model.loss(x, y, training=True)
-        # wte's gradient mixes a gather (IndexedSlices) and a matmul; reduce dense tensors only.
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, self.vars)]
-        grads, norm = self._aggregate_and_clip(grads)
-        self.opt.apply(grads, lr)
-        if self.comm.size > 1:
-            loss = self.comm.allreduce(loss, op="average", name="loss")
-        return loss, norm
+    def _loss_and_grads(self, xs, ys):
+        """Gradient of the mean loss over all k micro-batches (each contributes loss/k)."""
+        k = self.cfg.aggregation.accumulation
+        total, acc = tf.constant(0.0), None
+        for i in range(k):  # k is fixed per run: unrolled once at trace time
+            with tf.GradientTape() as tape:
+                loss = self.model.loss(xs[i], ys[i], training=True) / k
+            # wte's gradient mixes a gather (IndexedSlices) and a matmul: make every one dense
+            g = [tf.convert_to_tensor(t) for t in tape.gradient(loss, self.vars)]
+            acc = g if acc is None else [a + b for a, b in zip(acc, g)]
+            total += loss
+        return total, acc
 
-    def _aggregate_and_clip(self, grads):
-        a = self.cfg.aggregation
-        if self.comm.size > 1:
-            grads = self.comm.grouped_allreduce(grads, op=a.op, name="grads", compression=a.compression)
+    def _train_step(self, xs, ys, lr):
+        loss, grads = self._loss_and_grads(xs, ys)
+        if self.local is None and self.comm.size > 1:
+            grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
         # norm of per-tensor norms: the same reduction order as the torch backend
         norm = tf.norm(tf.stack([tf.norm(g) for g in grads]))
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             coef = tf.minimum(clip / (norm + 1e-6), 1.0)
             grads = [g * coef for g in grads]
-        return grads, norm
+        self.opt.apply(grads, lr)
+        return loss, norm
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+        xs, ys = self._micro(x, y)
+        self.steps_done += 1
+        if self.zero is not None:
+            loss, grads = self._grads(xs, ys)
+            new, norm = self.zero.step(self.flat.flatten([g.numpy() for g in grads]), self.flat_params(), lr)
+            self.set_flat_params(new)
+        else:
+            loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64))
+            if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
+                self.set_flat_params(self.local.sync(self.flat_params()))
+        if self.comm.size > 1:
+            loss = self.comm.allreduce(loss, op="average", name="loss")
+        return StepResult(loss=float(loss), grad_norm=float(norm))
+
+    def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(this rank's mean loss, its flat gradient) with no communication: for strategies
+        that move gradients themselves (parameter servers)."""
+        loss, grads = self._grads(*self._micro(x, y))
+        return float(loss), self.flat.flatten([g.numpy() for g in grads])
 
     # evaluation and metrics ------------------------------------------------------------------
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
@@ -139,36 +201,56 @@ class Engine:
         return tf.reduce_sum(per_token), correct
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        t = tf.constant(np.asarray(values, dtype=np.float64))
-        return self.comm.allreduce(t, op="sum", name="metrics").numpy()
+        return self.ncomm.allreduce(np.asarray(values, dtype=np.float64), op="sum", name="metrics")
 
-    # state -------------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        return self.zero.state_bytes() if self.zero is not None else self.opt.state_bytes()
+
+    # state (collective under ZeRO-1: every rank calls it) -------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Whole parameters and AdamW moments (gathered under ZeRO-1): loadable under any layout."""
         out = {n: v.numpy().copy() for n, v in zip(self.names, self.vars)}
-        step = int(self.opt.step.numpy())
-        if step > 0:  # like torch: no moments before the first step
-            for n, m, v in zip(self.names, self.opt.m, self.opt.v):
-                out[f"optim.m.{n}"] = m.numpy().copy()
-                out[f"optim.v.{n}"] = v.numpy().copy()
+        if self.zero is not None:
+            st = self.zero.gather_state()
+            m, v = self.flat.unflatten(st["m"]), self.flat.unflatten(st["v"])
+            out.update({f"optim.m.{n}": m[n].copy() for n in m})
+            out.update({f"optim.v.{n}": v[n].copy() for n in v})
+            step = st["t"]
+        else:
+            step = int(self.opt.step.numpy())
+            if step > 0:  # like torch: no moments before the first step
+                out.update({f"optim.m.{n}": m.numpy().copy() for n, m in zip(self.names, self.opt.m)})
+                out.update({f"optim.v.{n}": v.numpy().copy() for n, v in zip(self.names, self.opt.v)})
         out["optim.step"] = np.array(step, dtype=np.int64)
+        if self.local is not None:
+            out.update(self.local.state())
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for n, v in zip(self.names, self.vars):
-            v.assign(np.asarray(state[n], dtype=np.float32))
+        """Inverse of state_dict; a state without optim.* keys loads parameters only."""
+        self.set_flat_params(self.flat.flatten({n: state[n] for n in self.names}))
         step = int(state.get("optim.step", 0))
-        if step > 0 and f"optim.m.{self.names[0]}" in state:
-            for n, m, v in zip(self.names, self.opt.m, self.opt.v):
-                m.assign(np.asarray(state[f"optim.m.{n}"], dtype=np.float32))
-                v.assign(np.asarray(state[f"optim.v.{n}"], dtype=np.float32))
+        self.steps_done = step
+        if step == 0 or f"optim.m.{self.names[0]}" not in state:
+            return
+        m = {n: np.asarray(state[f"optim.m.{n}"], np.float32) for n in self.names}
+        v = {n: np.asarray(state[f"optim.v.{n}"], np.float32) for n in self.names}
+        if self.zero is not None:
+            self.zero.load_state(self.flat.flatten(m), self.flat.flatten(v), step)
+        else:
+            for n, mv, vv in zip(self.names, self.opt.m, self.opt.v):
+                mv.assign(m[n])
+                vv.assign(v[n])
             self.opt.step.assign(step)
+        if self.local is not None:
+            self.local.load(state)
 
     def num_params(self) -> int:
         return sum(int(np.prod(v.shape)) for v in self.vars)
 
     def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
         """Sample with hvdllm.sampling (shared with torch): the last position's logits go to
-        numpy float64; top-k, temperature and one inverse-CDF draw per token from
+        numpy float64; temperature, top-k and one inverse-CDF draw per token from
         np.random.default_rng(seed). Equal logits therefore give equal tokens in both backends."""
         def last_logits(ids):
             return self._logits(tf.constant([ids], tf.int64))[0, -1].numpy().astype(np.float64)

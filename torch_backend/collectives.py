@@ -9,7 +9,7 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
-_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum"}
+_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
 _WIRE = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Horovod 0.28's CPU ops reject bfloat16 tensors. bf16 on the wire therefore travels as its raw
 # 16-bit patterns through an allgather and is summed locally in float32: half the bytes of an
@@ -79,6 +79,9 @@ class Collectives:
 
     def allgather(self, tensor, name=None):
         return hvd.allgather(tensor, name=name, process_set=self.process_set)
+
+    def barrier(self):
+        hvd.barrier(process_set=self.process_set)
 
 
 def init_horovod(comm=None, process_sets=()):

@@ -15,11 +15,13 @@ from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.flat import FlatLayout
 from hvdllm.params import param_shapes
+from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
 from . import adamw_state
 from .collectives import Collectives, NumpyCollectives
+from .tensor_parallel import TPGroup, gather_full, norm_sq
 from .model import GPT
 
 
@@ -34,17 +36,19 @@ def configure(threads: int, seed: int = 0) -> None:
 
 
 class Engine:
-    def __init__(self, cfg, layout, collectives: Collectives | None = None):
+    def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self.cfg = cfg
         self.layout = layout
         self.comm = collectives or Collectives()
         self.ncomm = NumpyCollectives(self.comm)
+        self.tp = tp if tp is not None and tp.size > 1 else None
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
-        self.model = GPT(cfg.model, cfg.train.seed)
+        self.model = GPT(cfg.model, cfg.train.seed, tp=self.tp)
         self._broadcast_parameters()
         self.params = [p for _, p in self.model.named()]
         m = cfg.model
-        self.flat = FlatLayout(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size))
+        self.flat = FlatLayout(tp_plan.local_shapes(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size),
+                                                    self.tp.size if self.tp else 1))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.steps_done = 0
         self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
@@ -111,7 +115,10 @@ class Engine:
             grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
             for p, g in zip(self.params, grads):
                 p.grad = g
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if self.tp:
+            norm = norm_sq(list(zip(self.flat.names, grads)), self.tp).sqrt().float()
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
@@ -122,10 +129,10 @@ class Engine:
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
         self.model.eval()
         logits = self.model(torch.from_numpy(x))
-        flat = logits.view(-1, logits.shape[-1])
         t = torch.from_numpy(y).reshape(-1)
-        loss_sum = torch.nn.functional.cross_entropy(flat, t, reduction="sum")
-        correct = (flat.argmax(-1) == t).sum()
+        loss_sum = self.model.loss_from_logits(logits, t) * t.numel()
+        full = self.model.full_logits(logits)
+        correct = (full.reshape(-1, full.shape[-1]).argmax(-1) == t).sum()
         return EvalResult(float(loss_sum), int(correct), int(t.numel()))
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -138,6 +145,10 @@ class Engine:
 
     # state (collective under ZeRO-1: every rank calls it) ------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Whole (unsharded) parameters and AdamW moments: loadable under any layout."""
+        return gather_full(self._local_state(), self.tp)
+
+    def _local_state(self) -> dict[str, np.ndarray]:
         out = {n: p.detach().numpy().copy() for n, p in self.model.named()}
         if self.zero is not None:
             st = self.zero.gather_state()
@@ -152,6 +163,8 @@ class Engine:
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if self.tp:  # take this rank's slices of the whole arrays
+            state = tp_plan.shard_state(state, self.tp.size, self.tp.rank)
         step = int(state.get("optim.step", 0))
         self.set_flat_params(self.flat.flatten({n: state[n] for n in self.flat.names}))
         self.steps_done = step
@@ -174,14 +187,16 @@ class Engine:
         self.model.eval()
 
         def last_logits(ids):
-            return self.model(torch.from_numpy(np.array([ids], dtype=np.int64)))[0, -1].double().numpy()
+            logits = self.model.full_logits(self.model(torch.from_numpy(np.array([ids], dtype=np.int64))))
+            return logits[0, -1].double().numpy()
         return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
                                  temperature, top_k, seed)
 
 
 def make_engine(cfg, layout, rt):
     """The engine for this layout: a pipeline stage when parallel.pp > 1, else data parallel."""
+    tp = TPGroup(Collectives(rt.process_set(layout.group("tp")))) if layout.tp > 1 else None
     if layout.pp > 1:
         from .pipeline import PipelineEngine
-        return PipelineEngine(cfg, layout, rt)
-    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))))
+        return PipelineEngine(cfg, layout, rt, tp)
+    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))), tp)

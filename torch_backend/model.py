@@ -11,19 +11,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvdllm.params import init_params, n_layers, names_for_layers
+from hvdllm.strategies import tensor_parallel as tp_plan
+
+from .tensor_parallel import (TPGroup, copy_to_tp, gather_vocab, reduce_from_tp, vocab_parallel_cross_entropy,
+                              vocab_parallel_embedding)
 
 
 class GPT(nn.Module):
     """The whole GPT, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
-    L+1 = head. A partial model holds only its layers' parameters, under their global names."""
+    L+1 = head. A partial model holds only its layers' parameters, under their global names.
+    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py)."""
 
-    def __init__(self, model_cfg, seed: int, layers=None):
+    def __init__(self, model_cfg, seed: int, layers=None, tp: TPGroup | None = None):
         super().__init__()
         self.cfg = model_cfg
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        n = self.tp.size if self.tp else 1
+        self.n_head_local, self.width_local = model_cfg.n_head // n, model_cfg.n_embd // n
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
         values = init_params(model_cfg, seed)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
         self.names = names_for_layers(model_cfg, self.layers)
+        if self.tp:
+            values = {k: tp_plan.shard(k, v, self.tp.size, self.tp.rank) for k, v in values.items()}
         self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values[n].copy())) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
 
@@ -41,19 +51,24 @@ class GPT(nn.Module):
         return torch.addmm(self.p(prefix + ".bias"), x.reshape(-1, x.shape[-1]),
                            self.p(prefix + ".weight")).view(*x.shape[:-1], -1)
 
+    def _row_linear(self, x, prefix):
+        """Row-parallel under tp: partial products summed over the group (g), then the bias."""
+        y = reduce_from_tp(x @ self.p(prefix + ".weight"), self.tp)
+        return y + self.p(prefix + ".bias")
+
     def _attn(self, x, h):
-        B, T, C = x.shape
-        nh = self.cfg.n_head
-        q, k, v = self._linear(x, h + "attn.c_attn").split(C, dim=2)
+        B, T, _ = x.shape
+        nh, C = self.n_head_local, self.width_local
+        q, k, v = self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn").split(C, dim=2)
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
         drop = self.cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self._dropout(self._linear(y, h + "attn.c_proj"))
+        return self._dropout(self._row_linear(y, h + "attn.c_proj"))
 
     def _mlp(self, x, h):
-        x = F.gelu(self._linear(x, h + "mlp.c_fc"), approximate="tanh")
-        return self._dropout(self._linear(x, h + "mlp.c_proj"))
+        x = F.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate="tanh")
+        return self._dropout(self._row_linear(x, h + "mlp.c_proj"))
 
     def _dropout(self, x):
         return F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
@@ -64,9 +79,11 @@ class GPT(nn.Module):
             T = x.shape[1]
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
-            return self._dropout(self.p("wte")[x] + self.p("wpe")[:T])
-        if i == self.cfg.n_layer + 1:
-            return self._ln(x, "ln_f") @ self.p("wte").t()
+            tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
+                   else self.p("wte")[x])
+            return self._dropout(tok + self.p("wpe")[:T])
+        if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
+            return copy_to_tp(self._ln(x, "ln_f"), self.tp) @ self.p("wte").t()
         h = f"h.{i - 1}."
         x = x + self._attn(self._ln(x, h + "ln_1"), h)
         return x + self._mlp(self._ln(x, h + "ln_2"), h)
@@ -81,8 +98,18 @@ class GPT(nn.Module):
         return self.run_layers(self.layers, idx)
 
     def loss(self, idx, targets) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return self.loss_from_logits(self(idx), targets)
+
+    def loss_from_logits(self, logits, targets) -> torch.Tensor:
+        """Mean cross-entropy; under tp from the vocabulary slices, never gathering the logits."""
+        flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        if self.tp:
+            return vocab_parallel_cross_entropy(flat, t, self.cfg.vocab_size, self.tp)
+        return F.cross_entropy(flat, t)
+
+    def full_logits(self, logits):
+        """Whole-vocabulary logits (evaluation's argmax, sampling)."""
+        return gather_vocab(logits, self.tp) if self.tp else logits
 
 
 def flops_per_token(model_cfg) -> float:

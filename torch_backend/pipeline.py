@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.params import layer_costs, n_layers
+from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.partition import partition
 from hvdllm.strategies.pipeline import Pipeline
 from mpi import p2p
@@ -26,6 +27,7 @@ from mpi.groups import subcomms
 from . import adamw_state
 from .collectives import Collectives
 from .model import GPT
+from .tensor_parallel import gather_full, norm_sq
 
 
 def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
@@ -45,7 +47,7 @@ def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
 
 
 class PipelineEngine:
-    def __init__(self, cfg, layout, rt):
+    def __init__(self, cfg, layout, rt, tp=None):
         rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
         self.cfg, self.layout, self.m = cfg, layout, cfg.parallel.microbatches
         par = cfg.parallel
@@ -55,7 +57,8 @@ class PipelineEngine:
         self.ranges = self._partition(rt, p * v)
         self.chunks = [list(range(*self.ranges[c * p + stage])) for c in range(v)]
         torch.manual_seed(cfg.train.seed + layout.rank)
-        self.model = GPT(cfg.model, cfg.train.seed, layers=sorted(i for c in self.chunks for i in c))
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.model = GPT(cfg.model, cfg.train.seed, layers=sorted(i for c in self.chunks for i in c), tp=self.tp)
         self.named = self.model.named()
         self.comm = Collectives(rt.process_set(layout.group("dp")))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
@@ -87,7 +90,7 @@ class PipelineEngine:
         if target is None:
             self.saved[(mb, chunk)] = (x, out)
             return out.detach().numpy()
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.from_numpy(target).reshape(-1))
+        loss = self.model.loss_from_logits(out, torch.from_numpy(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
         return float(loss.detach())
 
@@ -114,8 +117,8 @@ class PipelineEngine:
         for (_, p), g in zip(self.named, grads):
             p.grad = g
         # wte is held twice (first and last stage); count it once in the global norm.
-        mine = [g for (n, _), g in zip(self.named, grads) if not (n == "wte" and self.tied_peer == 0)]
-        sq = np.array([float(sum((g.double() ** 2).sum() for g in mine))])
+        mine = [(n, g) for (n, _), g in zip(self.named, grads) if not (n == "wte" and self.tied_peer == 0)]
+        sq = np.array([float(norm_sq(mine, self.tp))])
         total = np.empty(1)
         from mpi4py import MPI
         p2p.wait(self.pp_comm.Iallreduce(sq, total, op=MPI.SUM), self.timeout, "pipeline grad-norm allreduce")
@@ -147,8 +150,10 @@ class PipelineEngine:
         out = self.pipe.forward_only(lambda c, a: self.model.run_layers(self.chunks[c], torch.from_numpy(a)).numpy(), x)
         res = np.zeros(3)
         if out is not None:
-            logits, t = torch.from_numpy(out).reshape(-1, out.shape[-1]), torch.from_numpy(y).reshape(-1)
-            res[:] = (float(F.cross_entropy(logits, t, reduction="sum")), int((logits.argmax(-1) == t).sum()), t.numel())
+            logits, t = torch.from_numpy(out), torch.from_numpy(y).reshape(-1)
+            full = self.model.full_logits(logits).reshape(-1, self.cfg.model.vocab_size)
+            res[:] = (float(self.model.loss_from_logits(logits, t)) * t.numel(), int((full.argmax(-1) == t).sum()),
+                      t.numel())
         self.pp_comm.Bcast(res, root=self.pipe.owner(self.pipe.last_vs))
         return EvalResult(float(res[0]), int(res[1]), int(res[2]))
 
@@ -163,7 +168,7 @@ class PipelineEngine:
         return out
 
     def state_dict(self) -> dict:
-        local = self._local_state()
+        local = gather_full(self._local_state(), self.tp)
         t = p2p.tag("ckpt", 0)
         if self.layout.pp_rank != 0:
             p2p.send_obj(self.pp_comm, local, 0, t, self.timeout, "checkpoint gather")
@@ -176,6 +181,9 @@ class PipelineEngine:
         return full
 
     def load_state_dict(self, state: dict) -> None:
+        if self.tp:
+            state = tp_plan.shard_state({k: v for k, v in state.items() if k in self._local_state()},
+                                        self.tp.size, self.tp.rank)
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))
@@ -187,6 +195,8 @@ class PipelineEngine:
     def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0):
         """On pipeline rank 0, from the whole model gathered by the last state_dict() (the trainer
         always checkpoints at the final step, just before it samples)."""
+        if self.layout.pp_rank != 0:
+            return []
         if self.full_state is None:
             raise RuntimeError("generate() under a pipeline needs a state_dict() first")
         full = GPT(self.cfg.model, self.cfg.train.seed).eval()

@@ -1,0 +1,97 @@
+"""Tensor parallelism (Megatron-LM style): which parameters split along which axis, and the
+collectives each layer issues. Framework-free: the backends implement the layers (torch autograd
+functions, TensorFlow custom gradients) and call `shard`/`unshard` from here.
+
+Per transformer block, inside the tp group only:
+  attention: f (identity forward, allreduce backward) -> column-parallel c_attn (this rank's heads)
+             -> attention on local heads -> row-parallel c_proj -> g (allreduce forward)
+  MLP:       f -> column-parallel c_fc -> GELU -> row-parallel c_proj -> g
+so two allreduces in the forward pass and two in the backward pass per block.
+Outside the blocks: the vocabulary-parallel embedding (each rank holds vocab rows [lo, hi),
+looks up the ids it owns, zeros elsewhere, then one forward allreduce) and the vocabulary-parallel
+cross-entropy, which never gathers the full logits: allreduce(max), allreduce(sum exp) and
+allreduce(target logit) of (batch, time)-sized tensors only.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# style per parameter name pattern: column (split output features), row (split input features),
+# vocab (split vocabulary rows), replicate (every rank holds it whole).
+STYLES = [
+    (r"h\.\d+\.attn\.c_attn\.(weight|bias)$", "qkv_column"),
+    (r"h\.\d+\.mlp\.c_fc\.(weight|bias)$", "column"),
+    (r"h\.\d+\.(attn|mlp)\.c_proj\.weight$", "row"),
+    (r"^wte$", "vocab"),
+    (r".*", "replicate"),
+]
+
+
+def style(name: str) -> str:
+    """The split of a parameter, or of its AdamW moments ('optim.m.<name>', 'optim.v.<name>')."""
+    if name.startswith(("optim.m.", "optim.v.")):
+        name = name[len("optim.m."):]
+    for pattern, s in STYLES:
+        if re.search(pattern, name):
+            return s
+    raise AssertionError(name)
+
+
+def _axis(name: str, ndim: int) -> int:
+    s = style(name)
+    if s in ("column", "qkv_column"):
+        return ndim - 1          # weights (in, out): out is the last axis; biases have one axis
+    return 0                     # row: (in, out) splits `in`; vocab: (V, C) splits V
+
+
+def shard(name: str, full: np.ndarray, tp: int, rank: int) -> np.ndarray:
+    """This tp rank's slice of a full parameter (the whole array for replicated ones)."""
+    s = style(name)
+    if s == "replicate" or tp == 1:
+        return full
+    ax = _axis(name, full.ndim)
+    if s == "qkv_column":  # [q | k | v] each split by heads, so a rank keeps its heads' q, k and v
+        parts = np.split(full, 3, axis=ax)
+        return np.concatenate([np.array_split(p, tp, axis=ax)[rank] for p in parts], axis=ax)
+    return np.split(full, tp, axis=ax)[rank]
+
+
+def unshard(name: str, shards: list[np.ndarray]) -> np.ndarray:
+    """Inverse of shard over all tp ranks' slices (in tp-rank order)."""
+    s, tp = style(name), len(shards)
+    if s == "replicate" or tp == 1:
+        return shards[0]
+    ax = _axis(name, shards[0].ndim)
+    if s == "qkv_column":
+        per_rank = [np.split(sh, 3, axis=ax) for sh in shards]
+        return np.concatenate([np.concatenate([pr[i] for pr in per_rank], axis=ax) for i in range(3)], axis=ax)
+    return np.concatenate(shards, axis=ax)
+
+
+def shard_state(state: dict, tp: int, rank: int) -> dict:
+    """A whole checkpoint's arrays -> this tp rank's slices (parameters and AdamW moments)."""
+    return {k: shard(k, v, tp, rank) for k, v in state.items()}
+
+
+def local_shapes(shapes: dict[str, tuple], tp: int) -> dict[str, tuple]:
+    """Shapes of one tp rank's slices."""
+    out = {}
+    for name, shape in shapes.items():
+        shape = list(shape)
+        if style(name) != "replicate" and tp > 1:
+            shape[_axis(name, len(shape))] //= tp
+        out[name] = tuple(shape)
+    return out
+
+
+def problems(model_cfg, tp: int) -> list[str]:
+    """What must divide for a tp-way split (used by config validation)."""
+    p = []
+    if tp > 1:
+        if model_cfg.n_head % tp:
+            p.append(f"parallel.tp: {tp} does not divide model.n_head={model_cfg.n_head}")
+        if model_cfg.vocab_size and model_cfg.vocab_size % tp:
+            p.append(f"parallel.tp: {tp} does not divide the vocabulary ({model_cfg.vocab_size})")
+    return p
