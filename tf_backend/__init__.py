@@ -1,6 +1,6 @@
 """TensorFlow backend: the GPT, its Engine and the Horovod collectives adapter (same names as torch_backend)."""
-from .collectives import Collectives, init_horovod
-from .engine import Engine, configure
+from .collectives import Collectives, NumpyCollectives, init_horovod
+from .engine import Engine, configure, make_engine
 from .model import GPT
 
-__all__ = ["GPT", "Engine", "Collectives", "configure", "init_horovod"]
+__all__ = ["GPT", "Engine", "Collectives", "NumpyCollectives", "configure", "init_horovod", "make_engine"]

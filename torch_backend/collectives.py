@@ -75,7 +75,10 @@ class Collectives:
         return [o.to(t.dtype) for o, t in zip(outs, tensors)]
 
     def broadcast(self, tensor, root=0, name=None):
-        return hvd.broadcast(tensor, root_rank=root, name=name, process_set=self.process_set)
+        """`root` is a rank within this group; Horovod wants the global rank, so translate."""
+        ranks = self.process_set.ranks
+        return hvd.broadcast(tensor, root_rank=ranks[root] if ranks else root, name=name,
+                             process_set=self.process_set)
 
     def allgather(self, tensor, name=None):
         return hvd.allgather(tensor, name=name, process_set=self.process_set)

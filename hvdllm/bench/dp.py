@@ -47,7 +47,7 @@ def parse(argv):
     p.add_argument("--np", type=int, default=2, help="ranks of the comparison run (default 2)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=5,
+    p.add_argument("--per-round", type=int, default=1,
                    help="steps of one variant before switching to the next (interleaving)")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
                    help=f"GPT size (default {DEFAULT_MODEL}); "

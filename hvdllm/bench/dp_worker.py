@@ -52,7 +52,7 @@ def parse(argv=None):
     p.add_argument("--model", default="medium", choices=list(MODELS))
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=5,
+    p.add_argument("--per-round", type=int, default=1,
                    help="consecutive steps of one variant before switching to the next")
     p.add_argument("--variants", default="", help="comma list (default: all for the backend)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip in every variant; 0 = none")
