@@ -92,6 +92,11 @@ def cmd_generate(args) -> int:
     return run(args)
 
 
+def cmd_convert(args) -> int:
+    from .convert import run
+    return run(args)
+
+
 def cmd_bench(args) -> int:
     mod = importlib.import_module(f"hvdllm.bench.{args.what}")
     return mod.main(args.rest)
@@ -125,6 +130,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", choices=list(BACKENDS), help="load with the other framework")
     g.set_defaults(fn=cmd_generate)
+    cv = sub.add_parser("convert", help="write one unsharded parameters file from a run/checkpoint")
+    cv.add_argument("src", help="a run's out_dir (latest checkpoint) or a step_*.npz")
+    cv.add_argument("out", help="output .npz")
+    cv.add_argument("--hf", action="store_true", help="Hugging Face GPT-2 key names")
+    cv.set_defaults(fn=cmd_convert)
     b = sub.add_parser("bench", help="benchmarks (not tests): dp, ...")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)

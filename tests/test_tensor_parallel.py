@@ -49,3 +49,17 @@ def test_3d_layouts_equal_single_process_and_reshard(tmp_path, backend):
         r, d = train(tmp_path, name, np_, b + sets + ["train.resume=true"], timeout=400)
         assert r.returncode == 0 and "resumed from" in r.stdout, f"{name}\n{r.stdout[-4000:]}"
         np.testing.assert_allclose(losses(d)[-3:], losses(ref)[-3:], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.integration
+def test_convert_writes_one_unsharded_file(tmp_path):
+    r, d = train(tmp_path, "tp", 2, ["parallel.tp=2", "train.batch_size=8", "train.steps=2"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    out = tmp_path / "model.npz"
+    r = run([sys.executable, "-m", "hvdllm", "convert", str(d), str(out), "--hf"], timeout=120)
+    assert r.returncode == 0, r.stdout
+    z = np.load(out)
+    ck = np.load(d / "checkpoints" / "step_00000002.npz")
+    np.testing.assert_array_equal(z["transformer.h.1.mlp.c_fc.weight"], ck["h.1.mlp.c_fc.weight"])
+    assert z["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # whole, not a tp slice
+    assert not [k for k in z.files if k.startswith("optim")]
