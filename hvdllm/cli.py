@@ -38,6 +38,8 @@ def process_set_groups(cfg) -> list[tuple]:
     from .layout import Layout
     lay = Layout.from_config(cfg, env_world_size(), 0)
     groups = lay.all_groups("dp") + (lay.all_groups("tp") if lay.tp > 1 else []) + [lay.role_ranks("trainer")]
+    # Evaluators and generators build a model of their own on a one-rank set (strategies/roles.py).
+    groups += [(r,) for role in ("evaluator", "generator") for r in lay.role_ranks(role)]
     # the whole world is Horovod's global set already; a duplicate set is refused by hvd.init
     return list(dict.fromkeys(g for g in groups if len(g) < lay.world_size))
 
@@ -53,8 +55,16 @@ def cmd_train(args) -> int:
     rt = None
     try:
         rt = runtime.start(backend, cfg.aggregation, process_set_groups(cfg))
-        from .trainer import Trainer
-        summary = Trainer(cfg, rt, backend).run()
+        from .layout import Layout
+        if Layout.from_config(cfg, rt.size, rt.rank).role() != "trainer":
+            from .strategies.roles import run_role  # parameter servers, evaluators, generators
+            summary = run_role(cfg, rt, backend)
+        else:
+            from .trainer import Trainer
+            summary = Trainer(cfg, rt, backend).run()
+        if config_mod.extra_ranks(cfg):  # role ranks leave only once the trainers are done
+            from .strategies.roles import final_barrier
+            final_barrier(cfg, rt)
     except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
         if isinstance(e, SystemExit) and not e.code:
             raise

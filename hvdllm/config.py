@@ -279,6 +279,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if not 0.0 <= _get(cfg, key) < 1.0:
             p.append(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
     p.extend(_strategy_problems(cfg))
+    p.extend(_ps_roles_problems(cfg, world_size))
     if not cfg.train.out_dir:
         p.append("train.out_dir: must name a folder")
     if world_size is not None:
@@ -340,6 +341,46 @@ def _pipeline_problems(cfg: Config) -> list[str]:
             if bad:
                 p.append(f"{key}: not combinable with parallel.pp > 1 yet (pipelines accumulate "
                          f"over parallel.microbatches)")
+    return p
+
+
+def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
+    """Parameter servers (strategies/param_server.py) and task separation (strategies/roles.py).
+
+    Servers hold the whole optimizer and take plain float32 gradients from workers that each hold
+    the whole model: so no pipeline / tensor parallelism, ZeRO, local SGD or other reduction op.
+    Evaluators and generators take snapshots from trainer rank 0, which must hold the whole model.
+    """
+    p, ps, ro, par, agg = [], cfg.ps, cfg.roles, cfg.parallel, cfg.aggregation
+    if ps.servers:
+        why = "(parameter servers hold the optimizer; workers push whole float32 gradients)"
+        for key, bad in (("parallel.pp", par.pp != 1), ("parallel.tp", par.tp != 1),
+                         ("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every),
+                         ("aggregation.op", agg.op != "average"),
+                         ("aggregation.compression", agg.compression != "none"),
+                         ("aggregation.predivide", agg.predivide != 1.0)):
+            if bad:
+                p.append(f"{key}: not combinable with ps.servers > 0 {why}")
+    else:
+        if ps.mode != "sync":
+            p.append(f"ps.mode: {ps.mode!r} needs parameter servers; set ps.servers >= 1")
+        if ps.straggler_rank >= 0:
+            p.append("ps.straggler_rank: slows a parameter-server worker; set ps.servers >= 1")
+    if ps.straggler_factor < 1.0:
+        p.append(f"ps.straggler_factor: must be >= 1, got {ps.straggler_factor}")
+    if world_size is not None and ps.straggler_rank >= max(1, world_size - extra_ranks(cfg)):
+        p.append(f"ps.straggler_rank: {ps.straggler_rank} is not a trainer rank (trainers are ranks "
+                 f"0..{world_size - extra_ranks(cfg) - 1})")
+    if ro.evaluators or ro.generators:
+        if par.pp != 1 or par.tp != 1:
+            p.append("roles.evaluators / roles.generators: snapshots come from trainer rank 0, which "
+                     "holds the whole model only with parallel.pp = parallel.tp = 1")
+        if ro.snapshot_every < 1:
+            p.append(f"roles.snapshot_every: must be >= 1, got {ro.snapshot_every}")
+    if ro.generators and cfg.train.sample_tokens < 1:
+        p.append("train.sample_tokens: generators write samples of this length; set it >= 1")
+    if ro.prompts_file and not Path(ro.prompts_file).is_file():
+        p.append(f"roles.prompts_file: {ro.prompts_file} is not a file")
     return p
 
 

@@ -19,6 +19,7 @@ from .config import Config, to_toml
 from .layout import Layout
 from .params import param_shapes
 from .runtime import Runtime, Watchdog
+from .strategies import ps_worker, roles
 
 
 class InjectedFailure(RuntimeError):
@@ -51,7 +52,8 @@ class Trainer:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
             config.validate(cfg, rt.size)  # rules that depend on the vocabulary (tp must divide it)
         backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
-        self.engine = backend.make_engine(cfg, self.layout, rt)
+        # ps.servers > 0: the engine computes gradients, the parameter servers update (ps_worker.py)
+        self.engine = ps_worker.wrap(backend.make_engine(cfg, self.layout, rt), cfg, self.layout, rt)
         t = cfg.train
         # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
         self.sampler = data.Sampler(self.data.train, cfg.model.block_size,
@@ -62,6 +64,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(to_toml(cfg))
             self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None)
+        # Task separation (strategies/roles.py): rank 0 offers weight snapshots to role ranks.
+        self.publisher = (roles.SnapshotPublisher(cfg, self.layout, rt, self.log.write)
+                          if self.is_root and roles.has_roles(self.layout) else None)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.train.resume:
@@ -83,7 +88,12 @@ class Trainer:
         tokens_per_step = self.layout.dp * t.batch_size * cfg.aggregation.accumulation * cfg.model.block_size
         bar = _progress(self.is_root and t.progress, t.steps, self.start_step)
         summary = {}
-        for step in range(self.start_step, t.steps):
+        # Async/SSP parameter-server workers share the servers' step budget (a fast worker runs
+        # more steps than a slow one): their engine bounds the loop and ends it with res.final,
+        # and evaluation during training is left to evaluator ranks (roles.evaluators).
+        last = getattr(self.engine, "max_steps", t.steps)
+        lockstep = getattr(self.engine, "lockstep", True)
+        for step in range(self.start_step, last):
             x, y = self.sampler.batch(step)
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
             t0 = time.perf_counter()
@@ -91,23 +101,28 @@ class Trainer:
                 if step == t.fail_at_step and self.rt.rank == t.fail_rank:
                     raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 res = self.engine.train_step(x, y, lr)
+            if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
+                self.publisher.after_step(step + 1, self.engine)
             dt = time.perf_counter() - t0
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"loss became {res.loss} at step {step}; lower optim.lr "
                                          f"or set optim.grad_clip")
             done = step + 1
+            final = done == last or getattr(res, "final", False)
             rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
-            if self.is_root and (done % t.log_every == 0 or done == t.steps):
+            if self.is_root and (done % t.log_every == 0 or final):
                 self.log.write(rec)
             if bar:
                 bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
                 bar.update(1)
-            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+            if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
                 summary.update(self.evaluate(done))
-            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or final:
                 self.save(done)
             summary["loss"] = res.loss
+            if final:
+                break
         if bar:
             bar.close()
         summary = self.finish(summary)
@@ -153,6 +168,11 @@ class Trainer:
                 text = t.sample_prompt + tok.decode(ids)
                 (self.out / "sample.txt").write_text(text)
                 summary["sample"] = text
+        if self.publisher is not None:  # the final weights to each role, its last record, SHUTDOWN
+            with self.watchdog.deadline(3 * t.step_timeout, "the role ranks' last snapshot"):
+                self.publisher.close(self.engine)
+        if hasattr(self.engine, "close"):  # parameter servers: SHUTDOWN from trainer rank 0
+            self.engine.close()
         if self.is_root:
             self.log.close()
             metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")

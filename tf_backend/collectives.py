@@ -35,6 +35,7 @@ class Collectives:
 
     def __init__(self, process_set=None):
         self.process_set = process_set if process_set is not None else hvd.global_process_set
+        self._fns = {}
 
     @property
     def rank(self) -> int:
@@ -43,6 +44,19 @@ class Collectives:
     @property
     def size(self) -> int:
         return self.process_set.size()
+
+    def _run(self, key, fn, tensors):
+        """Horovod's TF ops take their name from the graph node. Executed eagerly the `name` is
+        dropped (measured: rank 0's 'order.a' and rank 1's 'order.b' were silently summed), so
+        eager calls run through a tf.function cached per call site: names hold, and ranks that
+        disagree stall and get Horovod's error, as with torch."""
+        if not tf.executing_eagerly():
+            return fn(*tensors)
+        key = key + tuple((t.dtype, t.shape.rank) for t in tensors)
+        if key not in self._fns:
+            sig = [tf.TensorSpec([None] * t.shape.rank, t.dtype) for t in tensors]
+            self._fns[key] = tf.function(fn, input_signature=sig)
+        return self._fns[key](*tensors)
 
     def _to_wire(self, t, compression):
         dtype = _wire(compression)
@@ -60,12 +74,16 @@ class Collectives:
 
     def allreduce(self, tensor, op="average", name=None, compression="none", prescale=1.0, postscale=1.0):
         tensor = tf.convert_to_tensor(tensor)
-        if compression == "bf16" and tensor.dtype.is_floating:
-            return self._bf16_allreduce(tensor, op, name, prescale, postscale)
-        out = hvd.allreduce(self._to_wire(tensor, compression), op=_op(op), name=name,
-                            prescale_factor=prescale, postscale_factor=postscale,
-                            process_set=self.process_set)
-        return tf.cast(out, tensor.dtype)
+        _op(op), _wire(compression)  # fail here, not inside a trace
+
+        def fn(t):
+            if compression == "bf16" and t.dtype.is_floating:
+                return self._bf16_allreduce(t, op, name, prescale, postscale)
+            out = hvd.allreduce(self._to_wire(t, compression), op=_op(op), name=name,
+                                prescale_factor=prescale, postscale_factor=postscale,
+                                process_set=self.process_set)
+            return tf.cast(out, t.dtype)
+        return self._run(("allreduce", op, name, compression, prescale, postscale), fn, [tensor])
 
     def grouped_allreduce(self, tensors, op="average", name=None, compression="none", prescale=1.0,
                           postscale=1.0):
@@ -74,23 +92,47 @@ class Collectives:
         if compression == "bf16":
             return [self.allreduce(t, op, f"{name}.{i}", compression, prescale, postscale)
                     for i, t in enumerate(tensors)]
-        wire = [self._to_wire(t, compression) for t in tensors]
-        outs = hvd.grouped_allreduce(wire, op=_op(op), name=name, prescale_factor=prescale,
-                                     postscale_factor=postscale, process_set=self.process_set)
-        return [tf.cast(o, t.dtype) for o, t in zip(outs, tensors)]
+        _op(op), _wire(compression)
+
+        def fn(*ts):
+            outs = hvd.grouped_allreduce([self._to_wire(t, compression) for t in ts], op=_op(op),
+                                         name=name, prescale_factor=prescale,
+                                         postscale_factor=postscale, process_set=self.process_set)
+            return [tf.cast(o, t.dtype) for o, t in zip(outs, ts)]
+        return list(self._run(("grouped", op, name, compression, prescale, postscale), fn, tensors))
 
     def broadcast(self, tensor, root=0, name=None):
         """`root` is a rank within this set (0 = its first member). Horovod wants the global
         rank: passing 0 for a set without global rank 0 fails with 'invalid root rank'."""
-        return hvd.broadcast(tf.convert_to_tensor(tensor), root_rank=self._global_rank(root),
-                             name=name, process_set=self.process_set)
+        root_rank = self._global_rank(root)
+
+        def fn(t):
+            return hvd.broadcast(t, root_rank=root_rank, name=name, process_set=self.process_set)
+        return self._run(("broadcast", root_rank, name), fn, [tf.convert_to_tensor(tensor)])
 
     def _global_rank(self, set_rank: int) -> int:
         ranks = self.process_set.ranks
         return ranks[set_rank] if ranks else set_rank
 
     def allgather(self, tensor, name=None):
-        return hvd.allgather(tf.convert_to_tensor(tensor), name=name, process_set=self.process_set)
+        def fn(t):
+            return hvd.allgather(t, name=name, process_set=self.process_set)
+        return self._run(("allgather", name), fn, [tf.convert_to_tensor(tensor)])
+
+    def reducescatter(self, tensor, op="average", name=None, compression="none"):
+        """This rank's slice (first axis) of the reduction; bf16 reduces whole, then slices."""
+        tensor = tf.convert_to_tensor(tensor)
+        if compression == "bf16":
+            full = self.allreduce(tensor, op=op, name=name, compression=compression)
+            n = tensor.shape[0] // self.size
+            return full[self.rank * n:(self.rank + 1) * n]
+        _op(op)
+
+        def fn(t):
+            out = hvd.reducescatter(self._to_wire(t, compression), op=_op(op), name=name,
+                                    process_set=self.process_set)
+            return tf.cast(out, t.dtype)
+        return self._run(("reducescatter", op, name, compression), fn, [tensor])
 
 
 def init_horovod(comm=None, process_sets=()):
@@ -123,13 +165,7 @@ class NumpyCollectives:
         return self.coll.allreduce(tf.constant(a), op=op, name=name, compression=compression).numpy()
 
     def reducescatter(self, a, op="average", name=None, compression="none"):
-        if compression == "bf16":  # see _bf16_allreduce: reduce whole, keep this rank's shard
-            full = self.allreduce(a, op=op, name=name, compression=compression)
-            n = a.shape[0] // self.size
-            return full[self.rank * n:(self.rank + 1) * n].copy()
-        t = self.coll._to_wire(tf.constant(a), compression)
-        out = hvd.reducescatter(t, op=_op(op), name=name, process_set=self.coll.process_set)
-        return out.numpy().astype(a.dtype if a.dtype.kind == "f" else out.dtype.as_numpy_dtype)
+        return self.coll.reducescatter(tf.constant(a), op=op, name=name, compression=compression).numpy()
 
     def allgather(self, a, name=None):
         return self.coll.allgather(tf.constant(a), name=name).numpy()

@@ -13,6 +13,7 @@ how it measures), then prints a table, the goal, and writes next to --out:
                                    process "measured" (one thread per rank, every instruction,
                                    rank 0's train_step start = 0) and process "simulator"
     pipeline_<schedule>_sim_trace.json the simulator's trace alone
+    pipeline_raw.json              the worker's raw output (every step, rank and instruction)
 
 Definitions (per timed step; the table shows medians over the timed steps):
     busy_s      forward + backward time of stage s, summed from the executor's instruction trace
@@ -22,8 +23,8 @@ Definitions (per timed step; the table shows medians over the timed steps):
                 everything counted: bubbles, message waits, stage imbalance, Python overhead,
                 the optimizer step and the loss broadcast
     eff (pipe)  sum_s busy_s / (p * pipe)   where pipe runs from the first instruction to the last
-                forward/backward on any stage: the schedule's own efficiency, what the simulator
-                and the ideal model (optimizer step and messages excluded)
+                forward/backward on any stage: the schedule's own efficiency, the quantity the
+                simulator and the ideal formula describe (no optimizer step, no loss broadcast)
     ideal       1 - ideal_bubble(p, m) = 1 - (p-1)/(m+p-1), the same quantity for a perfect
                 pipeline (equal stages, free messages, no optimizer step)
     frac        eff / ideal. Goal: frac >= 0.9 at m >= 4p (checked on eff (step), the strict one)
@@ -32,7 +33,16 @@ Definitions (per timed step; the table shows medians over the timed steps):
     act MB      peak bytes autograd saved for backward (+ the kept stage output) per stage,
                 measured with saved_tensors_hooks (see pipeline_worker.MemoryProbe)
     held MB     the same plus the send buffers the executor keeps until reduce_grads
+A second table splits each rank's step into its instructions (compute, blocked in recv, isend
+posting, reduce_grads = waiting for the posted sends, step = tied-embedding exchange + norm
+allreduce + AdamW, before/between/after the instructions) and `msg latency`: per step, the sum
+over blocking receives of the time from the matching isend being posted (or the receive starting,
+if later) to the receive returning -- delivery plus the receiver's wake-up delay.
 The micro-batch size is fixed, so the batch grows with m and work per micro-batch is constant.
+On a shared machine, compute stretched by other processes counts as busy, so a noisy run can
+show eff above the ideal; the warning line reports how many cores other processes kept busy.
+Every intermediate (per step, per rank, per instruction) is kept in <out stem>_raw.json;
+`--from-raw` re-analyses it without running anything.
 A benchmark, not a test: nothing fails on a slow result.
 """
 from __future__ import annotations
@@ -44,7 +54,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -70,10 +79,11 @@ def parse(argv):
                                                       "the machine's cores oversubscribes it)")
     p.add_argument("--m", default="1,2,4,8,16", help="comma list of micro-batch counts")
     p.add_argument("--schedules", default="gpipe,1f1b", help="comma list: gpipe,1f1b")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per (schedule, m)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per (schedule, m)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per (schedule, m) first")
-    p.add_argument("--per-round", type=int, default=5,
-                   help="steps of one variant before switching to the next (interleaving)")
+    p.add_argument("--per-round", type=int, default=1,
+                   help="steps of one variant before switching to the next (default 1: every round "
+                        "runs each (m, schedule) once, so a drifting machine load hits all alike)")
     p.add_argument("--backend", default="torch", help="only torch has a pipeline engine")
     p.add_argument("--model", default="small", choices=list(MODELS),
                    help="; ".join(f"{k}: {v[0]} blocks (rounded up to a multiple of pp) x {v[1]}, "
@@ -85,6 +95,9 @@ def parse(argv):
     p.add_argument("--timeout", type=float, default=1800, help="seconds the mpirun may take")
     p.add_argument("--out", default="runs/bench/pipeline.json", help="JSON output; the rest goes next to it")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--from-raw", metavar="RAW_JSON",
+                   help="analyse a worker output kept by an earlier run (<out stem>_raw.json) "
+                        "instead of launching")
     a = p.parse_args(argv)
     try:
         a.m = sorted({int(v) for v in a.m.split(",") if v.strip()})
@@ -170,6 +183,28 @@ def peak_inflight(trace) -> int:
     return peak
 
 
+def message_latencies(ranks: list[dict]) -> list[list[float]]:
+    """Per rank, for each blocking receive: how long after the matching isend was posted (or
+    after the receive started, if later) the message was in hand. With one clock per host this
+    is delivery + the receiver's wake-up delay (mpi/p2p polls with a growing sleep)."""
+    posted = {}
+    for r, rr in enumerate(ranks):
+        for a, b, op, mb, chunk in rr["trace"]:
+            if op == "send_act":
+                posted[("act", mb, r + 1)] = b
+            elif op == "send_grad":
+                posted[("grad", mb, r - 1)] = b
+    out = []
+    for r, rr in enumerate(ranks):
+        lat = []
+        for a, b, op, mb, chunk in rr["trace"]:
+            t = posted.get((op[5:], mb, r)) if op in WAITS else None
+            if t is not None:
+                lat.append(max(0.0, b - max(a, t)))
+        out.append(lat)
+    return out
+
+
 def step_metrics(ranks: list[dict]) -> dict:
     """Figures of one step from every rank's {t0, t1, trace} (seconds, rank-0 relative)."""
     p = len(ranks)
@@ -180,8 +215,9 @@ def step_metrics(ranks: list[dict]) -> dict:
             if any(e[2] in COMPUTE for e in r["trace"])]
     pipe = max(ends) - min(starts) if starts and ends else step
     busy = [_dur(r["trace"], COMPUTE) for r in ranks]
+    lats = message_latencies(ranks)
     per_rank = []
-    for r, b in zip(ranks, busy):
+    for r, b, lat in zip(ranks, busy, lats):
         tr = r["trace"]
         instr = sum(e[1] - e[0] for e in tr)
         first, last = (tr[0][0], tr[-1][1]) if tr else (r["t0"], r["t0"])
@@ -191,8 +227,9 @@ def step_metrics(ranks: list[dict]) -> dict:
             "reduce_grads_s": _dur(tr, ("reduce_grads",)), "optimizer_step_s": _dur(tr, ("step",)),
             "pre_s": first - r["t0"], "gaps_s": (last - first) - instr, "post_s": r["t1"] - last,
             "late_start_s": r["t0"] - t0, "early_end_s": t1 - r["t1"],
+            "msg_latency_sum_s": sum(lat), "msg_latency_max_s": max(lat, default=0.0),
             "peak_inflight": peak_inflight(tr)})
-    return {"step_s": step, "pipe_s": pipe, "busy_s": busy,
+    return {"step_s": step, "pipe_s": pipe, "busy_s": busy, "msg_latencies_s": [x for lat in lats for x in lat],
             "eff_step": sum(busy) / (p * step) if step > 0 else 0.0,
             "eff_pipe": sum(busy) / (p * pipe) if pipe > 0 else 0.0, "per_rank": per_rank}
 
@@ -200,6 +237,11 @@ def step_metrics(ranks: list[dict]) -> dict:
 def _med(values):
     values = list(values)
     return statistics.median(values) if values else float("nan")
+
+
+def _quartiles(values):
+    s = common.summarize(values)
+    return [s["p25_s"], s["p75_s"]]
 
 
 def simulated(p: int, m: int, schedule: str, fwd: float, bwd: float):
@@ -229,6 +271,9 @@ def analyse_variant(raw: dict, v: dict) -> dict:
         "step_s": _med(s["step_s"] for s in steps), "pipe_s": _med(s["pipe_s"] for s in steps),
         "step_times_s": [s["step_s"] for s in steps],
         "eff_step": eff_step, "eff_pipe": eff_pipe, "ideal": ideal,
+        "eff_step_p25_p75": _quartiles([s["eff_step"] for s in steps]),
+        "msg_latency_median_s": _med(x for s in steps for x in s["msg_latencies_s"]),
+        "msg_latency_max_s": max((x for s in steps for x in s["msg_latencies_s"]), default=0.0),
         "frac_step": eff_step / ideal, "frac_pipe": eff_pipe / ideal,
         "eff_step_per_step": [s["eff_step"] for s in steps], "eff_pipe_per_step": [s["eff_pipe"] for s in steps],
         "busy_s": busy, "imbalance": max(busy) / statistics.mean(busy) if busy and min(busy) > 0 else None,
@@ -272,7 +317,7 @@ BREAKDOWN = [("schedule", "schedule"), ("m", "m"), ("rank", "rank"), ("step_s", 
              ("fwd_s", "F/mb"), ("bwd_s", "B/mb"), ("compute_s", "compute"),
              ("recv_wait_s", "recv wait"), ("send_post_s", "isend"), ("reduce_grads_s", "drain sends"),
              ("optimizer_step_s", "opt step"), ("pre_s", "pre"), ("gaps_s", "gaps"), ("post_s", "post"),
-             ("late_start_s", "late start")]
+             ("late_start_s", "late start"), ("msg_latency_sum_s", "msg latency")]
 
 
 def breakdown_rows(variants: list[dict]) -> list[dict]:
@@ -284,7 +329,8 @@ def breakdown_rows(variants: list[dict]) -> list[dict]:
                          "fwd_s": f, "bwd_s": bw,
                          **{k: b[k] for k in ("compute_s", "recv_wait_s", "send_post_s",
                                                     "reduce_grads_s", "optimizer_step_s", "pre_s",
-                                                    "gaps_s", "post_s", "late_start_s")}})
+                                                    "gaps_s", "post_s", "late_start_s",
+                                                    "msg_latency_sum_s")}})
     return rows
 
 
@@ -376,8 +422,10 @@ def plot_efficiency(variants: list[dict], p: int, path: Path, title: str) -> Pat
     for schedule in dict.fromkeys(a["schedule"] for a in variants):
         rows = sorted((a for a in variants if a["schedule"] == schedule), key=lambda a: a["m"])
         c = colors.get(schedule, "tab:gray")
-        ax.plot([a["m"] for a in rows], [a["eff_step"] for a in rows], "o-", color=c,
-                label=f"{schedule}: measured, whole step")
+        ax.errorbar([a["m"] for a in rows], [a["eff_step"] for a in rows],
+                    yerr=[[a["eff_step"] - a["eff_step_p25_p75"][0] for a in rows],
+                          [a["eff_step_p25_p75"][1] - a["eff_step"] for a in rows]],
+                    fmt="o-", color=c, capsize=3, label=f"{schedule}: measured, whole step (p25-p75)")
         ax.plot([a["m"] for a in rows], [a["eff_pipe"] for a in rows], "s--", color=c, mfc="none",
                 label=f"{schedule}: measured, schedule span")
         bx.plot([a["m"] for a in rows], [max(a["peak_act_bytes"]) / MB for a in rows], "o-", color=c,
@@ -451,9 +499,9 @@ def plot_timeline(panels: list[tuple[str, list[dict], object]], path: Path, titl
                (("forward", "forward"), ("backward", "backward"), ("recv_act", "blocked in recv (act/grad)"),
                 ("send_act", "post isend"), ("reduce_grads", "reduce_grads: wait for sends"),
                 ("step", "step: tied wte + norm allreduce + AdamW"))]
-    fig.legend(handles=handles, loc="upper center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, 0.995))
-    fig.suptitle(textwrap.fill(title, 160), fontsize=8, y=0.965)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.suptitle(textwrap.fill(title, 170), fontsize=8, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles=handles, loc="upper center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -472,29 +520,45 @@ def main(argv=None) -> int:
               f"then measure time-sharing, not the schedule (p={cores} is the realistic maximum here)",
               file=sys.stderr, flush=True)
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="hvdllm-bench-pipeline-") as tmp:
-        raw_path = os.path.join(tmp, "raw.json")
-        cmd = worker_command(args, raw_path)
+    raw_path = Path(f"{stem}_raw.json")
+    if args.from_raw:
+        raw = common.read_json(args.from_raw)
+        cmd = raw.get("command", [])
+        args.m = sorted({v["m"] for v in raw["variants"]})
+        args.schedules = list(dict.fromkeys(v["schedule"] for v in raw["variants"]))
+        args.steps, args.warmup, args.per_round = raw["steps"], raw["warmup"], raw["per_round"]
+    else:
+        cmd = worker_command(args, str(raw_path))
         from hvdllm.launch import check_available
         check_available(cmd)
         print(f"{TAG} p={args.pp}, m={args.m}, schedules {', '.join(args.schedules)}:\n  {shlex.join(cmd)}",
               file=sys.stderr, flush=True)
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        if raw_path.exists():
+            raw_path.unlink()
         rc = launch(cmd, args.timeout)
-        if rc != 0 or not os.path.exists(raw_path):
+        if rc != 0 or not raw_path.exists():
             print(f"{TAG} the worker FAILED (exit {rc})", file=sys.stderr, flush=True)
             common.write_json(out, {"benchmark": "pipeline", "argv": ["hvdllm", "bench", "pipeline", *argv],
                                     "command": shlex.join(cmd), "failed": {"exit": rc}})
             return 1
         raw = common.read_json(raw_path)
+        raw["command"] = cmd
+        common.write_json(raw_path, raw)
     p = raw["p"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(v["schedule"] for v in raw["variants"]))}
+    order = {name: i for i, name in enumerate(args.schedules)} if not args.from_raw else order
+    raw["variants"].sort(key=lambda v: (order.get(v["schedule"], len(order)), v["m"]))
     variants = [analyse_variant(raw, v) for v in raw["variants"]]
     mc = raw["model_config"]
     from hvdllm.params import count
     from hvdllm import config as config_mod
     mcfg = config_mod.ModelConfig(**mc)
     n_params = count(mcfg)
+    split = " | ".join(",".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)
+                       for chunks in raw["stage_layers"])
     title = (f"hvdllm bench pipeline: p={p}, GPT {mc['n_layer']}x{mc['n_embd']} ({n_params:,} params), "
-             f"stages {raw['stage_layers']} (layer 0 = embeddings, {mc['n_layer'] + 1} = head), "
+             f"layers per stage {split} (0 = embeddings, {mc['n_layer'] + 1} = head), "
              f"micro-batch {raw['microbatch']}x{mc['block_size']} tokens, 1 thread/rank, "
              f"median of {args.steps} steps")
     rows = table_rows(variants)
@@ -535,6 +599,7 @@ def main(argv=None) -> int:
                 files["timeline_png"] = str(tl)
     result = {
         "benchmark": "pipeline", "argv": ["hvdllm", "bench", "pipeline", *argv], "command": shlex.join(cmd),
+        "raw": str(args.from_raw or raw_path),
         "backend": raw["backend"], "p": p, "m": args.m, "schedules": args.schedules,
         "oversubscribed": p > cores, "cores": cores, "model": raw["model"], "model_config": mc,
         "params": n_params, "partition": raw["partition"], "ranges": raw["ranges"],

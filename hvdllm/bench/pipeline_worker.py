@@ -61,7 +61,7 @@ def parse(argv=None):
     p.add_argument("--schedules", default="gpipe,1f1b")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=5)
+    p.add_argument("--per-round", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default="", help="raw JSON written by rank 0")
@@ -242,7 +242,7 @@ def run(args, rt) -> dict | None:
     torch_backend.configure(args.threads, args.seed)
     base = model_config(args, p)
     microbatch = base.train.batch_size
-    variants = [(s, m) for s in args.schedules for m in args.m]
+    variants = [(s, m) for m in args.m for s in args.schedules]  # neighbours in time: same m
     engines, batches, meta = {}, {}, {}
     t_setup = time.perf_counter()
     for s, m in variants:

@@ -83,6 +83,8 @@ class Pipeline:
                 reduce_and_step()
             else:
                 raise AssertionError(f"unknown instruction {ins}")
+            if sends:  # release finished sends now: their buffers would otherwise live to the step's end
+                sends = [r for r in sends if not r.test()]
             if self.trace is not None:
                 self.trace.append((t0, time.perf_counter(), ins.op, ins.mb, ins.chunk))
         return self.broadcast_loss(loss)

@@ -1,0 +1,228 @@
+"""Task separation: ranks beside the trainers that evaluate and sample from weight snapshots, and
+the dispatch of every role rank (parameter servers: param_server.py).
+
+Snapshots come from trainer rank 0, which holds the whole model whenever parallel.pp = tp = 1
+(data parallel, ZeRO-1, local SGD, parameter servers). Trainers never wait for a role:
+
+    role r -> rank 0   READY   a small pickled {"record": <result of the last snapshot> | None}:
+                               "idle, send the next snapshot"; the record goes to metrics.jsonl
+    rank 0 -> role r   header float64[4] (SNAPSHOT, step, n) + the flat float32 parameters
+                       header (SHUTDOWN) at the end
+
+All on tag("eval", 0) for evaluators and tag("gen", 0) for generators. After each step divisible
+by roles.snapshot_every, rank 0 looks (Iprobe, no wait) for READY from each role; it sends a
+snapshot (non-blocking, from a copy, so training goes on while it travels) to those that are
+ready and skips the busy ones, like TF's sidecar evaluator. At the end of training rank 0 waits
+for each role once more, sends it the final weights if it has not evaluated them yet, collects
+its last record and sends SHUTDOWN: the final model is always evaluated.
+
+metrics.jsonl keeps one writer: the role's records travel with READY and rank 0 writes them
+(`{"step", "role": "evaluator", "rank", "val_loss", "val_ppl", "val_acc", "eval_time_s"}`, or
+`{"step", "role": "generator", "rank", "samples", "gen_time_s"}`), plus one closing record
+`{"step", "role": "publisher", "snapshots_sent", "snapshots_skipped"}`.
+
+An evaluator evaluates the same validation windows the trainers' own evaluation does
+(train.eval_batches global batches of dp x train.batch_size windows), so its val_loss equals the
+trainers' at the same step. A generator writes `samples/step_<step>_rank<r>.txt` in
+train.out_dir: a continuation of each line of roles.prompts_file (or train.sample_prompt).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mpi import p2p
+
+from .. import data
+from ..errors import PeerTimeout
+from ..layout import Layout
+from . import param_server
+
+SNAPSHOT, SHUTDOWN = 1, 2
+TAGS = {"evaluator": p2p.tag("eval", 0), "generator": p2p.tag("gen", 0)}
+
+
+def has_roles(layout: Layout) -> bool:
+    return bool(layout.evaluators or layout.generators)
+
+
+class SnapshotPublisher:
+    """Trainer rank 0's side: offer snapshots, collect records (written with `write`)."""
+
+    def __init__(self, cfg, layout: Layout, rt, write):
+        rt.require_mpi("task separation (roles.evaluators / roles.generators)")
+        self.comm, self.write = rt.comm, write
+        self.every, self.timeout = cfg.roles.snapshot_every, cfg.train.step_timeout
+        self.peers = {r: TAGS[role] for role in ("evaluator", "generator") for r in layout.role_ranks(role)}
+        self.ready: set[int] = set()
+        self.inflight: dict[int, list] = {r: [] for r in self.peers}
+        self.sent_step: dict[int, int | None] = {r: None for r in self.peers}
+        self.sent = self.skipped = 0
+        self.last_step = 0
+
+    def after_step(self, step: int, engine) -> None:
+        """Called after every training step; never waits."""
+        self.last_step = step
+        for r in self.peers:
+            self._poll(r)
+        if step % self.every == 0:
+            idle = [r for r in self.peers if r in self.ready and not self.inflight[r]]
+            self.skipped += len(self.peers) - len(idle)
+            if idle:
+                self._send(idle, step, engine.flat_params())
+
+    def close(self, engine) -> None:
+        """End of training: the final weights to every role that lacks them, then SHUTDOWN."""
+        step, flat = self.last_step, None
+        for r, t in self.peers.items():
+            while True:
+                if r not in self.ready:
+                    self._take(r, p2p.recv_obj(self.comm, r, t, 2 * self.timeout,
+                                               f"trainer rank 0: waiting for rank {r} to finish its "
+                                               f"last snapshot"))
+                if self.sent_step[r] == step:
+                    break
+                flat = engine.flat_params() if flat is None else flat
+                self._send([r], step, flat)
+            self.inflight[r].append(p2p.isend(self.comm, np.array([SHUTDOWN, step, 0, 0], np.float64), r, t))
+        p2p.waitall([q for qs in self.inflight.values() for q in qs], self.timeout,
+                    "trainer rank 0: snapshots and SHUTDOWN to the role ranks")
+        self.write({"step": step, "role": "publisher", "snapshots_sent": self.sent,
+                    "snapshots_skipped": self.skipped})
+
+    def _poll(self, r: int) -> None:
+        self.inflight[r] = [q for q in self.inflight[r] if not q.test()]
+        msg = self.comm.improbe(source=r, tag=self.peers[r])
+        if msg is not None:
+            self._take(r, msg.recv())
+
+    def _take(self, r: int, ready: dict) -> None:
+        self.ready.add(r)
+        if ready.get("record"):
+            self.write(ready["record"])
+
+    def _send(self, ranks, step: int, flat: np.ndarray) -> None:
+        flat = np.ascontiguousarray(flat, np.float32)
+        hdr = np.array([SNAPSHOT, step, flat.size, 0], np.float64)
+        for r in ranks:
+            self.inflight[r] += [p2p.isend(self.comm, hdr, r, self.peers[r]),
+                                 p2p.isend(self.comm, flat, r, self.peers[r])]
+            self.ready.discard(r)
+            self.sent_step[r] = step
+            self.sent += 1
+
+
+class SnapshotWorker:
+    """An evaluator's or generator's loop: READY, wait for a snapshot, work on it, repeat."""
+
+    role, time_key = "", ""
+
+    def __init__(self, cfg, layout: Layout, comm, engine, tokens: data.TokenData):
+        self.cfg, self.layout, self.comm, self.engine, self.data = cfg, layout, comm, engine, tokens
+        self.tag, self.timeout = TAGS[self.role], cfg.train.step_timeout
+        # Between snapshots trainers take snapshot_every steps and may evaluate, checkpoint and
+        # sample, each under its own deadline; past this something is truly stuck.
+        self.idle_s = self.timeout * (cfg.roles.snapshot_every + 4)
+        self.n = param_server.flat_layout(cfg.model).total
+
+    def run(self) -> dict:
+        record, done = None, []
+        while True:
+            hdr = np.empty(4, np.float64)
+            req = p2p.irecv(self.comm, hdr, 0, self.tag)
+            p2p.send_obj(self.comm, {"record": record}, 0, self.tag, self.timeout,
+                         f"{self.role} rank {self.layout.rank}: READY to trainer rank 0")
+            try:
+                p2p.wait(req, self.idle_s, f"{self.role} rank {self.layout.rank}: waiting for a snapshot")
+            except PeerTimeout as e:
+                raise PeerTimeout(f"{e} (trainer rank 0 sends one every roles.snapshot_every steps)") from None
+            if int(hdr[0]) == SHUTDOWN:
+                return {"role": self.role, "rank": self.layout.rank, "snapshots": done}
+            flat = np.empty(int(hdr[2]), np.float32)
+            if flat.size != self.n:
+                raise ValueError(f"{self.role}: snapshot of {flat.size} values, the model has {self.n}")
+            p2p.recv_into(self.comm, flat, 0, self.tag, self.timeout, f"{self.role}: snapshot")
+            self.engine.set_flat_params(flat)
+            step = int(hdr[1])
+            t0 = time.perf_counter()
+            record = {"step": step, "role": self.role, "rank": self.layout.rank, **self.work(step)}
+            record[self.time_key] = time.perf_counter() - t0
+            done.append(step)
+
+    def work(self, step: int) -> dict:
+        raise NotImplementedError
+
+
+class Evaluator(SnapshotWorker):
+    role, time_key = "evaluator", "eval_time_s"
+
+    def work(self, step: int) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        totals = np.zeros(3)
+        # the trainers' evaluation windows: eval_batches global batches of dp x batch_size
+        for x, y in data.eval_batches(self.data.val, m.block_size, t.batch_size * self.layout.dp,
+                                      1, 0, t.eval_batches):
+            r = self.engine.evaluate(x, y)
+            totals += (r.loss_sum, r.correct, r.tokens)
+        loss_sum, correct, tokens = totals
+        return {"val_loss": loss_sum / tokens, "val_ppl": math.exp(loss_sum / tokens),
+                "val_acc": correct / tokens}
+
+
+class Generator(SnapshotWorker):
+    role, time_key = "generator", "gen_time_s"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        f = self.cfg.roles.prompts_file
+        lines = Path(f).read_text().splitlines() if f else [self.cfg.train.sample_prompt]
+        self.prompts = [ln for ln in lines if ln.strip()] or [self.cfg.train.sample_prompt]
+        self.out = Path(self.cfg.train.out_dir) / "samples"
+
+    def work(self, step: int) -> dict:
+        t, tok = self.cfg.train, self.data.tokenizer
+        texts = []
+        for i, prompt in enumerate(self.prompts):
+            ids = self.engine.generate(tok.encode(prompt), t.sample_tokens, 0.8, 40, t.seed + i)
+            texts.append(f"### prompt {i}: {prompt!r}\n{prompt}{tok.decode(ids)}\n")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"step_{step:08d}_rank{self.layout.rank}.txt"
+        path.write_text("\n".join(texts))
+        return {"samples": str(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+def run_role(cfg, rt, backend) -> dict:
+    """What a rank that is not a trainer does (cli.cmd_train): serve parameters, or evaluate /
+    sample snapshots, until trainer rank 0 sends SHUTDOWN."""
+    layout = Layout.from_config(cfg, rt.size, rt.rank)
+    role = layout.role()
+    rt.require_mpi("parameter servers (ps.servers > 0)" if role == "server"
+                   else "task separation (roles.evaluators / roles.generators)")
+    tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokens.tokenizer.vocab_size
+    if role == "server":
+        return param_server.serve(cfg, layout, rt.comm)
+    threads = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, rt.local_size))
+    backend.configure(threads, cfg.train.seed)
+    # A model of its own, on a one-rank Horovod process set (cli.process_set_groups): building
+    # it never touches the trainers' collectives.
+    solo = Layout(world_size=1, rank=0, dp=1)
+    engine = backend.Engine(cfg, solo, backend.Collectives(rt.process_set((rt.rank,))))
+    loop = {"evaluator": Evaluator, "generator": Generator}[role]
+    return loop(cfg, layout, rt.comm, engine, tokens).run()
+
+
+def final_barrier(cfg, rt) -> None:
+    """Every rank, trainers and role ranks, meets here before leaving: the first process to exit
+    shuts Horovod down for all, so a role rank released by SHUTDOWN must not leave while the
+    trainers still run their last collectives. An MPI barrier (not Horovod), with a deadline."""
+    if rt.comm is None or rt.size == 1:
+        return
+    # rank 0 may still sample and plot after releasing the role ranks
+    p2p.wait(rt.comm.Ibarrier(), 3 * cfg.train.step_timeout, "the final barrier of all ranks")

@@ -1,0 +1,182 @@
+"""Parameter servers (hvdllm/strategies/param_server.py, ps_worker.py): sync equals single-process
+training, async and SSP converge, SSP's staleness bound holds (from the servers' logs), a server or
+worker that dies ends every rank, and Gloo gives a clear error."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hvdllm import config, metrics
+from hvdllm.errors import ConfigError
+from hvdllm.strategies import param_server as ps
+from launch_util import ROOT, env, hvdllm, mpirun_argv
+from test_integration import TINY, losses, train
+
+TF_READY = all(s in (ROOT / f).read_text() for f, s in (("tf_backend/engine.py", "def local_gradients"),
+                                                        ("tf_backend/collectives.py", "def barrier")))
+
+
+def server_log(out, i=0) -> list[dict]:
+    return metrics.read(out / f"ps_server{i}.jsonl")
+
+
+# -- unit ---------------------------------------------------------------------------------------
+def test_shards_are_contiguous_and_balanced():
+    cfg = config.load(None, ["model.vocab_size=256"]).model
+    flat = ps.flat_layout(cfg)
+    for s in (1, 2, 3, 7):
+        rs = ps.shard_ranges(flat, s)
+        assert rs[0][0] == 0 and rs[-1][1] == flat.total
+        assert all(a[1] == b[0] for a, b in zip(rs, rs[1:]))
+        sizes = [hi - lo for lo, hi in rs]
+        assert max(sizes) - min(sizes) < s
+
+
+def test_config_rules():
+    bad = ["ps.servers=1", "parallel.zero=1", "localsgd.every=2", "aggregation.compression=fp16",
+           "ps.straggler_factor=0.5"]
+    with pytest.raises(ConfigError) as e:
+        config.validate(config.load(None, bad), 3)
+    text = str(e.value)
+    for key in ("parallel.zero", "localsgd.every", "aggregation.compression", "ps.straggler_factor"):
+        assert key in text
+    with pytest.raises(ConfigError, match="ps.mode"):
+        config.validate(config.load(None, ["ps.mode=async"]), 2)
+    with pytest.raises(ConfigError, match="ps.straggler_rank"):
+        config.validate(config.load(None, ["ps.servers=1", "ps.straggler_rank=2"]), 3)
+    config.validate(config.load(None, ["ps.servers=2", "ps.mode=ssp", "ps.straggler_rank=1"]), 4)
+
+
+# -- integration ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process, batch 8 (torch)."""
+    r, out = train(tmp_path_factory.mktemp("ps"), "np1", 1, ["train.batch_size=8"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("servers", [1, 2])
+def test_sync_ps_equals_single_process(tmp_path, single, servers):
+    """2 workers x batch 4 + S servers reproduce 1 process x batch 8 (losses, norms, val_loss)."""
+    r, out = train(tmp_path, f"ps{servers}", 2 + servers, ["train.batch_size=4", f"ps.servers={servers}"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    ref = losses(single)
+    assert len(ref) == 6 and ref[-1] < ref[0]
+    np.testing.assert_allclose(losses(out), ref, rtol=2e-5)
+    np.testing.assert_allclose(losses(out, "grad_norm"), losses(single, "grad_norm"), rtol=2e-5)
+    np.testing.assert_allclose(losses(out, "val_loss"), losses(single, "val_loss"), rtol=2e-5)
+    for i in range(servers):
+        log = server_log(out, i)
+        assert len(log) == 2 * 6 and all(x["gap"] == 0 and x["staleness"] == 0 for x in log)
+    assert (out / "checkpoints" / "step_00000006.npz").exists()
+    if servers == 1:  # resume from the step-3 checkpoint: the servers get params and AdamW state
+        shutil.copytree(out, tmp_path / "resumed")
+        (tmp_path / "resumed" / "checkpoints" / "step_00000006.npz").unlink()
+        r, res = train(tmp_path, "resumed", 3, ["train.batch_size=4", "ps.servers=1", "train.resume=true"])
+        assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
+        np.testing.assert_allclose(losses(res), ref, rtol=2e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not TF_READY, reason="tf_backend lacks local_gradients or Collectives.barrier")
+def test_sync_ps_tensorflow_workers(tmp_path, single):
+    """TensorFlow workers with the same numpy servers give the torch single-process losses."""
+    r, out = train(tmp_path, "tf", 3, ["backend=tensorflow", "train.batch_size=4", "ps.servers=1"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    np.testing.assert_allclose(losses(out), losses(single), rtol=2e-4)
+
+
+ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.straggler_factor=5",
+         "train.steps=20", "train.checkpoint_every=0", "train.eval_every=0", "ps.staleness=1"]
+# initial loss ~5.55 nats/token; the unigram entropy of this corpus is 3.15
+CONVERGED = 3.8
+
+
+@pytest.mark.integration
+def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path, single):
+    logs = {}
+    for mode in ("async", "ssp"):
+        r, out = train(tmp_path, mode, 3, ASYNC + [f"ps.mode={mode}"])
+        assert r.returncode == 0, r.stdout[-4000:]
+        val = losses(out, "val_loss")
+        assert len(val) == 1 and val[-1] < CONVERGED, (mode, val)
+        logs[mode] = server_log(out)
+        applied = [x for x in logs[mode] if x["applied"]]
+        assert len(applied) == 2 * 20          # the budget: train.steps x workers pushes
+    per_worker = {w: sum(x["worker"] == w for x in logs["async"]) for w in (0, 1)}
+    # async: the fast worker is not held back, so it runs ahead of the straggler well past tau
+    assert per_worker[0] > per_worker[1] and max(x["gap"] for x in logs["async"]) > 1, per_worker
+    # ssp, tau = 1: no push was computed more than 1 step ahead of the slowest worker
+    assert max(x["gap"] for x in logs["ssp"]) <= 1
+    assert min(x["gap"] for x in logs["ssp"]) >= 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("who", ["worker", "server"])
+def test_dying_rank_ends_every_rank(tmp_path, who):
+    rank = 1 if who == "worker" else 2
+    t0 = time.monotonic()
+    r, _ = train(tmp_path, who, 3, ["train.batch_size=4", "ps.servers=1", "train.fail_at_step=2",
+                                    f"train.fail_rank={rank}"], timeout=150)
+    assert r.returncode != 0
+    assert f"[hvdllm] rank {rank} failed" in r.stdout and "train.fail_at_step" in r.stdout
+    if who == "server":
+        assert "injected failure on parameter server 0" in r.stdout
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.integration
+def test_killed_server_ends_every_rank(tmp_path):
+    """SIGKILL (no exception, no MPI_Abort): mpirun ends the job and names the dead rank."""
+    out = tmp_path / "killed"
+    sets = [*TINY, f"train.out_dir={out}", "train.batch_size=4", "ps.servers=1", "train.steps=100000",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1"]
+    argv = mpirun_argv(3) + [sys.executable, "-m", "hvdllm", "train"] + [a for kv in sets for a in ("--set", kv)]
+    p = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(metrics.read(out / "metrics.jsonl")) < 3:   # training is under way
+            assert time.monotonic() < deadline and p.poll() is None, "training did not start"
+            time.sleep(0.5)
+        victim = _pid_of_rank(2, str(out))
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        text, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert "process rank 2" in text and "signal 9" in text, text[-3000:]
+
+
+def _pid_of_rank(rank: int, marker: str) -> int:
+    """The pid of the hvdllm process with OMPI_COMM_WORLD_RANK=rank whose command line has marker."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            envs = (d / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if marker in cmd and "hvdllm" in cmd and f"OMPI_COMM_WORLD_RANK={rank}" in envs:
+            return int(d.name)
+    raise AssertionError(f"no process of rank {rank} found")
+
+
+@pytest.mark.integration
+def test_gloo_gives_a_clear_error(tmp_path):
+    r, _ = train(tmp_path, "gloo", 3, ["train.batch_size=4", "ps.servers=1"], launcher="horovodrun",
+                 timeout=150)
+    assert r.returncode != 0
+    assert "parameter servers (ps.servers > 0) needs MPI" in r.stdout and "horovodrun --gloo" in r.stdout
