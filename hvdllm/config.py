@@ -89,6 +89,8 @@ class RolesConfig:
     generators: int = doc("ranks that write samples from the latest snapshot", 0)
     snapshot_every: int = doc("steps between weight snapshots offered to evaluators/generators", 50)
     prompts_file: str = doc("generators answer each line of this file ('' = train.sample_prompt)", "")
+    nice: int = doc("CPU priority offset (Unix nice, 0-19) of evaluator and generator processes, so "
+                    "they yield to trainers on a shared node (0 = same priority)", 10)
 
 
 @dataclass
@@ -377,6 +379,8 @@ def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
                      "holds the whole model only with parallel.pp = parallel.tp = 1")
         if ro.snapshot_every < 1:
             p.append(f"roles.snapshot_every: must be >= 1, got {ro.snapshot_every}")
+    if not 0 <= ro.nice <= 19:
+        p.append(f"roles.nice: must be in 0..19, got {ro.nice}")
     if ro.generators and cfg.train.sample_tokens < 1:
         p.append("train.sample_tokens: generators write samples of this length; set it >= 1")
     if ro.prompts_file and not Path(ro.prompts_file).is_file():

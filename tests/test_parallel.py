@@ -52,5 +52,6 @@ def test_disagreeing_op_order_ends_the_job(backend, launcher):
         pre = horovodrun_argv(2)
     r = run(pre + [sys.executable, "tests/parallel/check_stall.py"], timeout=120, HVDLLM_BACKEND=backend, **STALL)
     assert r.returncode != 0 and "no error" not in r.stdout, r.stdout[-3000:]
-    assert "stalled" in r.stdout, r.stdout[-3000:]
+    # MPI: Horovod's stall inspector reports and shuts down; Gloo: hvdllm's own deadline fires
+    assert "stalled" in r.stdout or "did not finish within its deadline" in r.stdout, r.stdout[-3000:]
     assert time.monotonic() - t0 < 90

@@ -7,7 +7,7 @@ import pytest
 
 from test_integration import losses, train
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "tensorflow"]
 DEEP = ["model.n_layer=4"]  # 6 layers (embeddings, 4 blocks, head): room for pp=4 and v=2
 
 

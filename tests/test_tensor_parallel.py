@@ -8,7 +8,7 @@ import pytest
 from launch_util import mpirun_argv, run
 from test_integration import losses, train
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "tensorflow"]
 
 
 @pytest.mark.parallel

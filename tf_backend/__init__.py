@@ -1,4 +1,5 @@
 """TensorFlow backend: the GPT, its Engine and the Horovod collectives adapter (same names as torch_backend)."""
+from . import tensor_parallel
 from .collectives import Collectives, NumpyCollectives, init_horovod
 from .engine import Engine, configure, make_engine
 from .model import GPT

@@ -119,6 +119,10 @@ class Collectives:
             return hvd.allgather(t, name=name, process_set=self.process_set)
         return self._run(("allgather", name), fn, [tf.convert_to_tensor(tensor)])
 
+    def barrier(self):
+        """horovod.tensorflow has no barrier(): a one-integer allreduce every member must join."""
+        self.allreduce(tf.zeros([1], tf.int32), op="sum", name="barrier").numpy()
+
     def reducescatter(self, tensor, op="average", name=None, compression="none"):
         """This rank's slice (first axis) of the reduction; bf16 reduces whole, then slices."""
         tensor = tf.convert_to_tensor(tensor)

@@ -15,14 +15,15 @@ import tensorflow as tf
 
 from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
-from hvdllm.errors import ConfigError
 from hvdllm.flat import FlatLayout
 from hvdllm.params import decays, param_shapes
+from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
 from .collectives import Collectives, NumpyCollectives
 from .model import GPT
+from .tensor_parallel import TPGroup, gather_full, norm_sq
 
 # Measured per train_step on 2 CPU threads, 1 rank: tiny model (2x32, T=16, B=8) eager 62.5 ms,
 # tf.function 6.0 ms; demo model (4x128, T=128, B=16) eager 309 ms, tf.function 124 ms. XLA
@@ -87,27 +88,29 @@ class AdamW:
 
 
 def make_engine(cfg, layout, rt):
-    """The engine for this layout. TensorFlow trains data-parallel only (with ZeRO-1, local SGD,
-    accumulation); pipeline and tensor parallelism are torch_backend's."""
-    bad = [f"parallel.{k}: {getattr(layout, k)} needs backend='torch' (tensorflow is data-parallel only)"
-           for k in ("pp", "tp") if getattr(layout, k) > 1]
-    if bad:
-        raise ConfigError(bad)
-    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))))
+    """The engine for this layout: a pipeline stage when parallel.pp > 1, else data parallel;
+    either with tensor-parallel layers when parallel.tp > 1 (same choice as torch_backend)."""
+    tp = TPGroup(Collectives(rt.process_set(layout.group("tp")))) if layout.tp > 1 else None
+    if layout.pp > 1:
+        from .pipeline import PipelineEngine
+        return PipelineEngine(cfg, layout, rt, tp)
+    return Engine(cfg, layout, Collectives(rt.process_set(layout.group("dp"))), tp)
 
 
 class Engine:
-    def __init__(self, cfg, layout, collectives: Collectives | None = None):
+    def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self.cfg, self.layout = cfg, layout
         self.comm = collectives or Collectives()
         self.ncomm = NumpyCollectives(self.comm)
+        self.tp = tp if tp is not None and tp.size > 1 else None
         # Same weights on every rank; dropout streams differ per rank (as the torch backend).
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank)
+        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp)
         self.names = list(self.model.params)
         self.vars = list(self.model.params.values())
         self._broadcast_parameters()
         m = cfg.model
-        self.flat = FlatLayout(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size))
+        self.flat = FlatLayout(tp_plan.local_shapes(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size),
+                                                    self.tp.size if self.tp else 1))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.steps_done = 0
         self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
@@ -118,7 +121,7 @@ class Engine:
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64)])
         self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
         self._eval = wrap(self._evaluate, [_TOKENS, _TOKENS])
-        self._logits = wrap(self.model.__call__, [_TOKENS])
+        self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
 
     def _broadcast_parameters(self):
         """Rank 0's initial weights win: ranks agree even if their seeds or files differed."""
@@ -159,8 +162,10 @@ class Engine:
         loss, grads = self._loss_and_grads(xs, ys)
         if self.local is None and self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
-        # norm of per-tensor norms: the same reduction order as the torch backend
-        norm = tf.norm(tf.stack([tf.norm(g) for g in grads]))
+        if self.tp:  # sharded parameters' squares summed over the tp group, replicated ones once
+            norm = tf.cast(tf.sqrt(norm_sq(list(zip(self.names, grads)), self.tp)), tf.float32)
+        else:  # norm of per-tensor norms: the same reduction order as the torch backend
+            norm = tf.norm(tf.stack([tf.norm(g) for g in grads]))
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             coef = tf.minimum(clip / (norm + 1e-6), 1.0)
@@ -196,9 +201,10 @@ class Engine:
 
     def _evaluate(self, x, y):
         logits = self.model(x, training=False)
-        per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.int64))
-        return tf.reduce_sum(per_token), correct
+        n = tf.cast(tf.size(y), tf.float32)
+        loss_sum = self.model.loss_from_logits(logits, y) * n
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(self.model.full_logits(logits), -1), y), tf.int64))
+        return loss_sum, correct
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         return self.ncomm.allreduce(np.asarray(values, dtype=np.float64), op="sum", name="metrics")
@@ -208,7 +214,11 @@ class Engine:
 
     # state (collective under ZeRO-1: every rank calls it) -------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Whole parameters and AdamW moments (gathered under ZeRO-1): loadable under any layout."""
+        """Whole parameters and AdamW moments (gathered under ZeRO-1 and tensor parallelism):
+        loadable under any layout."""
+        return gather_full(self._local_state(), self.tp)
+
+    def _local_state(self) -> dict[str, np.ndarray]:
         out = {n: v.numpy().copy() for n, v in zip(self.names, self.vars)}
         if self.zero is not None:
             st = self.zero.gather_state()
@@ -228,6 +238,8 @@ class Engine:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Inverse of state_dict; a state without optim.* keys loads parameters only."""
+        if self.tp:  # this rank's slices of the whole arrays
+            state = tp_plan.shard_state(state, self.tp.size, self.tp.rank)
         self.set_flat_params(self.flat.flatten({n: state[n] for n in self.names}))
         step = int(state.get("optim.step", 0))
         self.steps_done = step

@@ -11,21 +11,35 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from hvdllm.params import init_params, param_shapes
+from hvdllm.params import init_params, n_layers, names_for_layers
+from hvdllm.strategies import tensor_parallel as tp_plan
+
+from .tensor_parallel import (TPGroup, copy_to_tp, gather_vocab, reduce_from_tp, vocab_parallel_cross_entropy,
+                              vocab_parallel_embedding)
 
 LN_EPS = 1e-5
 
 
 class GPT(tf.Module):
-    def __init__(self, model_cfg, seed: int, dropout_seed: int | None = None):
+    """The whole GPT, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
+    L+1 = head. A partial model holds only its layers' parameters, under their global names.
+    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py)."""
+
+    def __init__(self, model_cfg, seed: int, dropout_seed: int | None = None, layers=None,
+                 tp: TPGroup | None = None):
         super().__init__(name="gpt")
         self.cfg = model_cfg
+        self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        n = self.tp.size if self.tp else 1
+        self.n_head_local, self.width_local = model_cfg.n_head // n, model_cfg.n_embd // n
         values = init_params(model_cfg, seed)
-        shapes = param_shapes(model_cfg.n_layer, model_cfg.n_embd, model_cfg.vocab_size,
-                              model_cfg.block_size)
+        if self.tp:
+            values = {k: tp_plan.shard(k, v, self.tp.size, self.tp.rank) for k, v in values.items()}
         # Variable names may not contain '.' in every TF API, so the dict key is the real name.
         self.params = collections.OrderedDict(
-            (n, tf.Variable(values[n], name=n.replace(".", "_"), trainable=True)) for n in shapes)
+            (n, tf.Variable(values[n], name=n.replace(".", "_"), trainable=True))
+            for n in names_for_layers(model_cfg, self.layers))
         # A stateful generator keeps dropout masks reproducible inside tf.function.
         self._rng = tf.random.Generator.from_seed(seed if dropout_seed is None else dropout_seed)
 
@@ -51,44 +65,69 @@ class GPT(tf.Module):
         keep = self._rng.uniform(tf.shape(x)) >= rate
         return tf.where(keep, x / (1.0 - rate), tf.zeros_like(x))
 
+    def _row_linear(self, x, prefix):
+        """Row-parallel under tp: partial products summed over the group (g), then the bias."""
+        return reduce_from_tp(tf.matmul(x, self.p(prefix + ".weight")), self.tp) + self.p(prefix + ".bias")
+
     def _attn(self, x, h, training):
         B, T = tf.shape(x)[0], tf.shape(x)[1]
-        C, nh = self.cfg.n_embd, self.cfg.n_head
+        C, nh = self.width_local, self.n_head_local
         hd = C // nh
-        q, k, v = tf.split(self._linear(x, h + "attn.c_attn"), 3, axis=-1)
+        q, k, v = tf.split(self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn"), 3, axis=-1)
         q, k, v = (tf.transpose(tf.reshape(t, [B, T, nh, hd]), [0, 2, 1, 3]) for t in (q, k, v))
         scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(hd)))
         causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)  # lower triangle incl. diagonal
         scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
         att = self._dropout(tf.nn.softmax(scores, axis=-1), training)
         y = tf.reshape(tf.transpose(tf.matmul(att, v), [0, 2, 1, 3]), [B, T, C])
-        return self._dropout(self._linear(y, h + "attn.c_proj"), training)
+        return self._dropout(self._row_linear(y, h + "attn.c_proj"), training)
 
     def _mlp(self, x, h, training):
-        x = tf.nn.gelu(self._linear(x, h + "mlp.c_fc"), approximate=True)
-        return self._dropout(self._linear(x, h + "mlp.c_proj"), training)
+        x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate=True)
+        return self._dropout(self._row_linear(x, h + "mlp.c_proj"), training)
 
     # model ---------------------------------------------------------------------------------------
+    def run_layer(self, i: int, x, training=False):
+        """Layer i: token ids -> hidden (i=0), hidden -> hidden (blocks), hidden -> logits (head)."""
+        if i == 0:
+            T = x.shape[1]
+            if T is not None and T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
+            T = tf.shape(x)[1]
+            tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
+                   else tf.gather(self.p("wte"), x))
+            return self._dropout(tok + self.p("wpe")[:T], training)
+        if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
+            x = copy_to_tp(self._ln(x, "ln_f"), self.tp)
+            return tf.matmul(x, self.p("wte"), transpose_b=True)
+        h = f"h.{i - 1}."
+        x = x + self._attn(self._ln(x, h + "ln_1"), h, training)
+        return x + self._mlp(self._ln(x, h + "ln_2"), h, training)
+
+    def run_layers(self, layers, x, training=False):
+        for i in layers:
+            x = self.run_layer(i, x, training)
+        return x
+
     def __call__(self, idx, training=False):
-        """idx (B, T) int -> logits (B, T, vocab) float32."""
-        T = idx.shape[1]
-        if T is not None and T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
-        T = tf.shape(idx)[1]
-        x = tf.gather(self.p("wte"), idx) + self.p("wpe")[:T]
-        x = self._dropout(x, training)
-        for i in range(self.cfg.n_layer):
-            h = f"h.{i}."
-            x = x + self._attn(self._ln(x, h + "ln_1"), h, training)
-            x = x + self._mlp(self._ln(x, h + "ln_2"), h, training)
-        x = self._ln(x, "ln_f")
-        return tf.matmul(x, self.p("wte"), transpose_b=True)
+        """idx (B, T) int -> logits (B, T, vocab) float32 (a full model)."""
+        return self.run_layers(self.layers, idx, training)
 
     def loss(self, idx, targets, training=False):
         """Mean cross-entropy over every token."""
-        logits = self(idx, training=training)
+        return self.loss_from_logits(self(idx, training=training), targets)
+
+    def loss_from_logits(self, logits, targets):
+        """Under tp from the vocabulary slices, never gathering the logits."""
+        if self.tp:
+            flat = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+            return vocab_parallel_cross_entropy(flat, tf.reshape(targets, [-1]), self.cfg.vocab_size, self.tp)
         per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
         return tf.reduce_mean(per_token)
+
+    def full_logits(self, logits):
+        """Whole-vocabulary logits (evaluation's argmax, sampling)."""
+        return gather_vocab(logits, self.tp) if self.tp else logits
 
 
 __all__ = ["GPT"]

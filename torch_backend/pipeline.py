@@ -17,11 +17,8 @@ import torch.nn.functional as F
 
 from hvdllm import aggregation, sampling
 from hvdllm.engine import EvalResult, StepResult
-from hvdllm.params import layer_costs, n_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
-from hvdllm.strategies.partition import partition
-from hvdllm.strategies.pipeline import Pipeline
-from mpi import p2p
+from hvdllm.strategies import pipeline as pl
 from mpi.groups import subcomms
 
 from . import adamw_state
@@ -54,8 +51,8 @@ class PipelineEngine:
         p, v, stage = layout.pp, par.virtual_stages, layout.pp_rank
         self.pp_comm = subcomms(rt.comm, layout, "pp")
         self.timeout = cfg.train.step_timeout
-        self.ranges = self._partition(rt, p * v)
-        self.chunks = [list(range(*self.ranges[c * p + stage])) for c in range(v)]
+        self.ranges = pl.split_layers(cfg, rt, p * v, measure_layer_times)
+        self.chunks = pl.stage_chunks(self.ranges, p, v, stage)
         torch.manual_seed(cfg.train.seed + layout.rank)
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.model = GPT(cfg.model, cfg.train.seed, layers=sorted(i for c in self.chunks for i in c), tp=self.tp)
@@ -63,22 +60,9 @@ class PipelineEngine:
         self.comm = Collectives(rt.process_set(layout.group("dp")))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = adamw_state.make_adamw(self.named, cfg.optim)
-        self.pipe = Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
-        L = cfg.model.n_layer
-        self.tied_peer = None
-        if p > 1 and (0 in self.model.layers) != (L + 1 in self.model.layers):
-            self.tied_peer = p - 1 if 0 in self.model.layers else 0
+        self.pipe = pl.Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
+        self.tied_peer = pl.tied_peer(p, self.model.layers, cfg.model.n_layer)
         self.saved, self.full_state = {}, None
-
-    def _partition(self, rt, parts):
-        m = self.cfg.model
-        method = self.cfg.parallel.partition
-        if method == "time":  # measured once on world rank 0, so every rank splits identically
-            costs = measure_layer_times(m, self.cfg.train.seed, 2) if rt.rank == 0 else None
-            costs = rt.comm.bcast(costs, root=0)
-        else:
-            costs = layer_costs(m)
-        return partition(costs if len(costs) == n_layers(m) else layer_costs(m), parts, method)
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
@@ -118,11 +102,8 @@ class PipelineEngine:
             p.grad = g
         # wte is held twice (first and last stage); count it once in the global norm.
         mine = [(n, g) for (n, _), g in zip(self.named, grads) if not (n == "wte" and self.tied_peer == 0)]
-        sq = np.array([float(norm_sq(mine, self.tp))])
-        total = np.empty(1)
-        from mpi4py import MPI
-        p2p.wait(self.pp_comm.Iallreduce(sq, total, op=MPI.SUM), self.timeout, "pipeline grad-norm allreduce")
-        norm = float(np.sqrt(total[0]))
+        norm = float(np.sqrt(pl.allreduce_sum(self.pp_comm, float(norm_sq(mine, self.tp)), self.timeout,
+                                              "pipeline grad-norm allreduce")))
         coef = min(1.0, self.cfg.optim.grad_clip / (norm + 1e-6)) if self.cfg.optim.grad_clip > 0 else 1.0
         torch._foreach_mul_(grads, coef)
         adamw_state.set_lr(self.opt, lr)
@@ -133,12 +114,8 @@ class PipelineEngine:
         if self.tied_peer is None:
             return
         wte = self.model.p("wte")
-        mine = (wte.grad if wte.grad is not None else torch.zeros_like(wte)).numpy().copy()
-        theirs = np.empty_like(mine)
-        t = p2p.tag("params", 0, 1)
-        reqs = [p2p.isend(self.pp_comm, mine, self.tied_peer, t), p2p.irecv(self.pp_comm, theirs, self.tied_peer, t)]
-        p2p.waitall(reqs, self.timeout, "tied-embedding gradient exchange")
-        wte.grad = torch.from_numpy(mine + theirs)
+        mine = (wte.grad if wte.grad is not None else torch.zeros_like(wte)).numpy()
+        wte.grad = torch.from_numpy(pl.sum_with_peer(self.pp_comm, self.tied_peer, mine, self.timeout))
 
     def _dp_mean(self, value: float) -> float:
         return float(self.comm.allreduce(torch.tensor([value], dtype=torch.float64), op="average", name="pp.loss"))
@@ -154,7 +131,7 @@ class PipelineEngine:
             full = self.model.full_logits(logits).reshape(-1, self.cfg.model.vocab_size)
             res[:] = (float(self.model.loss_from_logits(logits, t)) * t.numel(), int((full.argmax(-1) == t).sum()),
                       t.numel())
-        self.pp_comm.Bcast(res, root=self.pipe.owner(self.pipe.last_vs))
+        res = pl.bcast_from_last(self.pipe, res)
         return EvalResult(float(res[0]), int(res[1]), int(res[2]))
 
     def allreduce_sum(self, values):
@@ -169,15 +146,9 @@ class PipelineEngine:
 
     def state_dict(self) -> dict:
         local = gather_full(self._local_state(), self.tp)
-        t = p2p.tag("ckpt", 0)
-        if self.layout.pp_rank != 0:
-            p2p.send_obj(self.pp_comm, local, 0, t, self.timeout, "checkpoint gather")
-            return local
-        full = dict(local)
-        for src in range(1, self.layout.pp):
-            part = p2p.recv_obj(self.pp_comm, src, t, self.timeout, "checkpoint gather")
-            full.update({k: v for k, v in part.items() if k != "optim.step"})
-        self.full_state = full
+        full = pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
+        if self.layout.pp_rank == 0:
+            self.full_state = full
         return full
 
     def load_state_dict(self, state: dict) -> None:

@@ -112,7 +112,9 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:.{digits}f}" if abs(value) < 1e3 else f"{value:,.0f}"
+        if abs(value) >= 1e3:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if abs(value) >= 1e2 else f"{value:.{digits}f}"
     return str(value)
 
 

@@ -109,3 +109,72 @@ class Pipeline:
             if vs < self.last_vs and self.p > 1:
                 p2p.send_array(self.comm, act, self.owner(vs + 1), "eval", 0, self.timeout, (vs + 1) // self.p)
         return act if self.owner(self.last_vs) == self.stage else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Framework-free pieces both backends' pipeline engines use.
+
+def stage_chunks(ranges: list[tuple[int, int]], p: int, v: int, stage: int) -> list[list[int]]:
+    """Layer indices of this rank's v chunks (virtual stage vs = chunk*p + stage)."""
+    return [list(range(*ranges[c * p + stage])) for c in range(v)]
+
+
+def tied_peer(p: int, layers, n_layer: int) -> int | None:
+    """The pipeline rank holding the other copy of the tied embedding `wte` (None if this rank
+    holds neither end, or both)."""
+    first, head = 0 in layers, n_layer + 1 in layers
+    if p == 1 or first == head:
+        return None
+    return p - 1 if first else 0
+
+
+def sum_with_peer(comm, peer: int, array: np.ndarray, timeout_s: float) -> np.ndarray:
+    """Exchange an array with one peer and return the sum (the tied-embedding gradient)."""
+    mine = np.ascontiguousarray(array, dtype=np.float32)
+    theirs = np.empty_like(mine)
+    t = p2p.tag("params", 0, 1)
+    reqs = [p2p.isend(comm, mine, peer, t), p2p.irecv(comm, theirs, peer, t)]
+    p2p.waitall(reqs, timeout_s, "tied-embedding gradient exchange")
+    return mine + theirs
+
+
+def allreduce_sum(comm, value: float, timeout_s: float, what: str) -> float:
+    """A float summed over the pipeline communicator, with a deadline."""
+    from mpi4py import MPI
+    send, recv = np.array([value], np.float64), np.empty(1)
+    p2p.wait(comm.Iallreduce(send, recv, op=MPI.SUM), timeout_s, what)
+    return float(recv[0])
+
+
+def gather_to_first(comm, stage: int, p: int, local: dict, timeout_s: float) -> dict:
+    """Every stage's arrays to pipeline rank 0 (a checkpoint is the whole model); other ranks
+    get their own back."""
+    t = p2p.tag("ckpt", 0)
+    if stage != 0:
+        p2p.send_obj(comm, local, 0, t, timeout_s, "checkpoint gather")
+        return local
+    full = dict(local)
+    for src in range(1, p):
+        part = p2p.recv_obj(comm, src, t, timeout_s, "checkpoint gather")
+        full.update({k: v for k, v in part.items() if k != "optim.step"})
+    return full
+
+
+def bcast_from_last(pipe: Pipeline, values: np.ndarray) -> np.ndarray:
+    """Evaluation results live on the last virtual stage's owner; every stage reports them."""
+    buf = np.ascontiguousarray(values, dtype=np.float64)
+    pipe.comm.Bcast(buf, root=pipe.owner(pipe.last_vs))
+    return buf
+
+
+def split_layers(cfg, rt, parts: int, measure) -> list[tuple[int, int]]:
+    """parallel.partition over the GPT's layers. 'time' measures each layer once on world rank 0
+    with the backend's `measure(model_cfg, seed, batch)` and broadcasts, so every rank splits the
+    same way."""
+    from ..params import layer_costs
+    from .partition import partition
+    m, method = cfg.model, cfg.parallel.partition
+    costs = layer_costs(m)
+    if method == "time":
+        costs = rt.comm.bcast(measure(m, cfg.train.seed, 2) if rt.rank == 0 else None, root=0)
+    return partition(costs, parts, method)

@@ -19,7 +19,11 @@ its last record and sends SHUTDOWN: the final model is always evaluated.
 metrics.jsonl keeps one writer: the role's records travel with READY and rank 0 writes them
 (`{"step", "role": "evaluator", "rank", "val_loss", "val_ppl", "val_acc", "eval_time_s"}`, or
 `{"step", "role": "generator", "rank", "samples", "gen_time_s"}`), plus one closing record
-`{"step", "role": "publisher", "snapshots_sent", "snapshots_skipped"}`.
+`{"step", "role": "publisher", "snapshots_sent", "snapshots_skipped", "offer_s_total",
+"offer_s_max"}` (the time rank 0 spent offering snapshots: all that roles cost a trainer step).
+
+Evaluators and generators lower their CPU priority by roles.nice, so that on a node they share
+with trainers the trainers keep their pace (a starved evaluator skips more snapshots).
 
 An evaluator evaluates the same validation windows the trainers' own evaluation does
 (train.eval_batches global batches of dp x train.batch_size windows), so its val_loss equals the
@@ -63,9 +67,11 @@ class SnapshotPublisher:
         self.sent_step: dict[int, int | None] = {r: None for r in self.peers}
         self.sent = self.skipped = 0
         self.last_step = 0
+        self.offer_s = []   # time each after_step took: what attaching roles costs a trainer step
 
     def after_step(self, step: int, engine) -> None:
         """Called after every training step; never waits."""
+        t0 = time.perf_counter()
         self.last_step = step
         for r in self.peers:
             self._poll(r)
@@ -74,6 +80,7 @@ class SnapshotPublisher:
             self.skipped += len(self.peers) - len(idle)
             if idle:
                 self._send(idle, step, engine.flat_params())
+        self.offer_s.append(time.perf_counter() - t0)
 
     def close(self, engine) -> None:
         """End of training: the final weights to every role that lacks them, then SHUTDOWN."""
@@ -92,7 +99,8 @@ class SnapshotPublisher:
         p2p.waitall([q for qs in self.inflight.values() for q in qs], self.timeout,
                     "trainer rank 0: snapshots and SHUTDOWN to the role ranks")
         self.write({"step": step, "role": "publisher", "snapshots_sent": self.sent,
-                    "snapshots_skipped": self.skipped})
+                    "snapshots_skipped": self.skipped, "offer_s_total": sum(self.offer_s),
+                    "offer_s_max": max(self.offer_s, default=0.0)})
 
     def _poll(self, r: int) -> None:
         self.inflight[r] = [q for q in self.inflight[r] if not q.test()]
@@ -208,6 +216,9 @@ def run_role(cfg, rt, backend) -> dict:
         cfg.model.vocab_size = tokens.tokenizer.vocab_size
     if role == "server":
         return param_server.serve(cfg, layout, rt.comm)
+    # Lower CPU priority: on a node shared with trainers the trainers keep their pace, and a
+    # starved evaluator only skips snapshots (measured: hvdllm bench ps, README of the bench).
+    os.nice(cfg.roles.nice)
     threads = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, rt.local_size))
     backend.configure(threads, cfg.train.seed)
     # A model of its own, on a one-rank Horovod process set (cli.process_set_groups): building

@@ -51,7 +51,7 @@ def test_compression_round_trip_and_wire_dtype(compression, tol):
     np.testing.assert_allclose(out, np.linspace(-2, 2, 101) * (S + 1) / 2, rtol=tol, atol=tol)
     if compression == "fp16":
         wire = C._to_wire(be_tensor(x), "fp16")
-        assert str(wire.dtype).endswith("float16")
+        assert "float16" in str(wire.dtype)
 
 
 def test_grouped_equals_individual_with_compression():
