@@ -29,6 +29,8 @@ class ModelConfig:
     block_size: int = doc("context length in tokens", 128)
     vocab_size: int = doc("vocabulary size; 0 takes the tokenizer's", 0)
     dropout: float = doc("dropout probability (0 keeps runs bit-reproducible)", 0.0)
+    layers: str = doc("a user's model as 'module:function' returning an ordered list of layers (torch "
+                      "nn.Modules, or Keras layers / callables for TensorFlow); '' = the built-in GPT", "")
 
 
 @dataclass
@@ -280,6 +282,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for key in ("optim.beta1", "optim.beta2"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             p.append(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    from .user_model import problems as layers_problems  # model.layers (a user's layer list)
+    p.extend(layers_problems(cfg))
     p.extend(_strategy_problems(cfg))
     p.extend(_ps_roles_problems(cfg, world_size))
     if not cfg.train.out_dir:

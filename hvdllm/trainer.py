@@ -76,7 +76,10 @@ class Trainer:
             return 0
         state, meta = checkpoint.load(path)
         m = self.cfg.model
-        checkpoint.check_compatible(state, param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size), path)
+        # a user's layer list names its own parameters; the built-in GPT's come from params.py
+        shapes = getattr(self.engine, "param_shapes", None) or param_shapes(m.n_layer, m.n_embd, m.vocab_size,
+                                                                             m.block_size)
+        checkpoint.check_compatible(state, shapes, path)
         self.engine.load_state_dict(state)
         if self.is_root:
             print(f"[hvdllm] resumed from {path} (step {meta['step']})", file=sys.stderr)

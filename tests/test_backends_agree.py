@@ -4,10 +4,10 @@ each with its own one-rank Horovod on mpi4py's singleton)."""
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-torch = pytest.importorskip("torch")
-pytest.importorskip("horovod.tensorflow")
-pytest.importorskip("horovod.torch")
+import tensorflow as tf
+import torch
+import horovod.tensorflow  # noqa: F401  (installed by make env)
+import horovod.torch  # noqa: F401  (installed by make env)
 
 from hvdllm.config import Config  # noqa: E402
 from hvdllm.layout import Layout  # noqa: E402

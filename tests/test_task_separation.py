@@ -95,7 +95,7 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
     printed; the goal (<= 1.05x) is measured by `hvdllm bench ps`, since on this shared 2-core
     machine the ratio mostly measures other jobs' load."""
     sets = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_size=64",
-            "train.batch_size=8", "train.steps=40", "train.eval_every=0", "train.checkpoint_every=0",
+            "train.batch_size=8", "train.steps=30", "train.eval_every=0", "train.checkpoint_every=0",
             "train.eval_batches=4", "train.sample_tokens=0"]
     r, alone = train(tmp_path, "alone", 1, sets)
     assert r.returncode == 0, r.stdout[-4000:]
@@ -105,11 +105,11 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:]
     ev, pub = records(paired, "evaluator"), records(paired, "publisher")[0]
     eval_s = float(np.median([x["eval_time_s"] for x in ev]))
-    first = ev[0]["step"] if len(ev) > 1 else 5
-    step_alone, step_paired = _median_step(alone), _median_step(paired, min(first, 30))
+    assert len(ev) >= 3, [x["step"] for x in ev]    # snapshots during training, and the final one
+    step_alone, step_paired = _median_step(alone), _median_step(paired, min(ev[0]["step"], 20))
     print(f"\nmedian trainer step: alone {step_alone:.4f}s, with an evaluator {step_paired:.4f}s "
           f"(x{step_paired / step_alone:.2f}); one evaluation {eval_s:.4f}s; snapshots sent "
           f"{pub['snapshots_sent']}, skipped {pub['snapshots_skipped']}; offering took at most "
           f"{pub['offer_s_max'] * 1e3:.2f} ms")
-    assert ev[-1]["step"] == 40 and eval_s > 1.5 * step_alone
-    assert pub["offer_s_max"] < 0.5 * eval_s and pub["offer_s_total"] < 0.1 * 40 * step_alone
+    assert ev[-1]["step"] == 30 and eval_s > 1.5 * step_alone
+    assert pub["offer_s_max"] < 0.5 * eval_s and pub["offer_s_total"] < 0.1 * 30 * step_alone

@@ -6,8 +6,8 @@ import textwrap
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-hvd = pytest.importorskip("horovod.tensorflow")
+import tensorflow as tf
+import horovod.tensorflow as hvd
 
 from hvdllm.config import Config  # noqa: E402
 from hvdllm.layout import Layout  # noqa: E402

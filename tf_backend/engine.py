@@ -90,6 +90,9 @@ class AdamW:
 def make_engine(cfg, layout, rt):
     """The engine for this layout: a pipeline stage when parallel.pp > 1, else data parallel;
     either with tensor-parallel layers when parallel.tp > 1 (same choice as torch_backend)."""
+    if cfg.model.layers:  # a user's layer list (hvdllm/user_model.py)
+        from .sequential import SequentialEngine
+        return SequentialEngine(cfg, layout, rt)
     tp = TPGroup(Collectives(rt.process_set(layout.group("tp")))) if layout.tp > 1 else None
     if layout.pp > 1:
         from .pipeline import PipelineEngine

@@ -15,6 +15,10 @@ AdamW with decoupled weight decay on matrices and embeddings only, identical hyp
 - ddp:    (torch only) torch.nn.parallel.DistributedDataParallel over torch.distributed's gloo
           in the same processes, AdamW, clip_grad_norm_.
 
+- solo:   (np > 1) rank 0 alone runs the hand-written step without any message while the other
+          ranks wait: the single-rank step time measured interleaved in this process group, so
+          the scaling efficiency solo / variant is not at the mercy of drift between launches.
+
 Neither `hand` nor `ddp` reads or averages the loss; `hvdllm` returns the averaged loss and the
 gradient norm as Python floats (what its trainer logs): part of what is being compared.
 Each rank times its own steps; a step's time is the slowest rank's, and the figure is the median.
@@ -56,6 +60,9 @@ def parse(argv=None):
                    help="consecutive steps of one variant before switching to the next")
     p.add_argument("--variants", default="", help="comma list (default: all for the backend)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip in every variant; 0 = none")
+    p.add_argument("--no-solo", action="store_true",
+                   help="skip 'solo' (rank 0 steps alone, without messages, interleaved with the "
+                        "others: the np=1 time measured in this process group, for scaling)")
     p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--ddp-port", type=int, default=0, help="torch.distributed port (0: rank 0 picks)")
@@ -120,7 +127,7 @@ def torch_variants(cfg, layout, rt, batches, wanted, ddp_port):
     from torch_backend.model import GPT
 
     o, clip = cfg.optim, cfg.optim.grad_clip
-    fns, closers = {}, []
+    fns, closers, weights = {}, [], {}
     adamw = dict(lr=LR, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)  # as torch_backend's
 
     if "hvdllm" in wanted:
@@ -131,6 +138,7 @@ def torch_variants(cfg, layout, rt, batches, wanted, ddp_port):
             x, y = nxt()
             eng.train_step(x, y, LR)
         fns["hvdllm"] = hvdllm_step
+        weights["hvdllm"] = lambda: [p.detach().numpy() for p in eng.params]
 
     if "hand" in wanted:
         model = GPT(cfg.model, cfg.train.seed)
@@ -154,6 +162,22 @@ def torch_variants(cfg, layout, rt, batches, wanted, ddp_port):
             else:
                 opt.step()
         fns["hand"] = hand_step
+        weights["hand"] = lambda: [p.detach().numpy() for p in params]
+
+    if "solo" in wanted:  # rank 0 alone, no messages, while the others wait: np=1 in this group
+        gpt_s = GPT(cfg.model, cfg.train.seed)
+        params_s = [p for _, p in gpt_s.named()]
+        opt_s = torch.optim.AdamW(_groups(gpt_s.named(), o), **adamw)
+        nxt_s = _cycler(batches)
+
+        def solo_step():
+            x, y = nxt_s()
+            opt_s.zero_grad(set_to_none=True)
+            gpt_s.loss(torch.from_numpy(x), torch.from_numpy(y)).backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params_s, clip)
+            opt_s.step()
+        fns["solo"] = solo_step if rt.rank == 0 else (lambda: None)
 
     if "ddp" in wanted:
         if not ddp_port:
@@ -190,13 +214,14 @@ def torch_variants(cfg, layout, rt, batches, wanted, ddp_port):
                 torch.nn.utils.clip_grad_norm_(params_d, clip)
             opt_d.step()
         fns["ddp"] = ddp_step
+        weights["ddp"] = lambda: [p.detach().numpy() for p in params_d]
 
     def barrier():
         hvd.barrier()
 
     def gather(obj):
         return hvd.allgather_object(obj, name="bench.gather")
-    return fns, barrier, gather, closers
+    return fns, weights, barrier, gather, closers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +235,7 @@ def tf_variants(cfg, layout, rt, batches, wanted, ddp_port):
     from tf_backend.model import GPT
 
     o, clip = cfg.optim, cfg.optim.grad_clip
-    fns = {}
-    tbatches = [(tf.constant(x), tf.constant(y)) for x, y in batches]
+    fns, weights = {}, {}
 
     if "hvdllm" in wanted:
         eng = tf_backend.Engine(cfg, layout)
@@ -221,24 +245,27 @@ def tf_variants(cfg, layout, rt, batches, wanted, ddp_port):
             x, y = nxt()
             eng.train_step(x, y, LR)
         fns["hvdllm"] = hvdllm_step
+        weights["hvdllm"] = lambda: [v.numpy() for v in eng.vars]
 
-    if "hand" in wanted:
+    def tf_loop(reduce: bool):
+        """The hand-written loop: tape, grouped allreduce (when `reduce`), clip, AdamW."""
         model = GPT(cfg.model, cfg.train.seed)
         variables = list(model.params.values())
-        hvd.broadcast_variables(variables, root_rank=0)
+        if reduce:
+            hvd.broadcast_variables(variables, root_rank=0)
         m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
         v2 = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
         decay = [len(v.shape) >= 2 for v in variables]
         t = tf.Variable(0.0, dtype=tf.float32, trainable=False)
         b1, b2, eps, wd = o.beta1, o.beta2, o.eps, o.weight_decay
-        size = hvd.size()
+        reduce = reduce and hvd.size() > 1
 
         @tf.function
-        def hand_tf(x, y):
+        def step_tf(x, y):
             with tf.GradientTape() as tape:
                 loss = model.loss(x, y, training=True)
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
-            if size > 1:
+            if reduce:
                 grads = hvd.grouped_allreduce(grads, op=hvd.Average)
             if clip > 0:
                 grads, _ = tf.clip_by_global_norm(grads, clip)
@@ -252,12 +279,17 @@ def tf_variants(cfg, layout, rt, batches, wanted, ddp_port):
                 vv.assign(b2 * vv + (1.0 - b2) * g * g)
                 p.assign_sub(step_size * mm / (tf.sqrt(vv) / bc2 + eps))
             return loss
-        nxt_h = _cycler(tbatches)
+        nxt_h = _cycler(batches)
 
-        def hand_step():
-            x, y = nxt_h()
-            hand_tf(x, y)
-        fns["hand"] = hand_step
+        def step():
+            x, y = nxt_h()  # numpy, as the Engine gets them
+            step_tf(tf.constant(x), tf.constant(y))
+        return step, lambda: [v.numpy() for v in variables]
+
+    if "hand" in wanted:
+        fns["hand"], weights["hand"] = tf_loop(reduce=True)
+    if "solo" in wanted:
+        fns["solo"] = tf_loop(reduce=False)[0] if rt.rank == 0 else (lambda: None)
 
     one = tf.zeros([1])
 
@@ -266,7 +298,19 @@ def tf_variants(cfg, layout, rt, batches, wanted, ddp_port):
 
     def gather(obj):
         return hvd.allgather_object(obj, name="bench.gather")
-    return fns, barrier, gather, []
+    return fns, weights, barrier, gather, []
+
+
+def weight_agreement(w: dict[str, list]) -> dict[str, float]:
+    """Largest |difference| between each variant's weights and the first variant's after the
+    same steps on the same batches: evidence that every variant does the same arithmetic
+    (only float rounding and reduction order differ)."""
+    names = list(w)
+    if not names:
+        return {}
+    ref = w[names[0]]
+    return {n: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(w[n], ref))
+            for n in names[1:]}
 
 
 def _free_port() -> int:
@@ -289,13 +333,15 @@ def run(args, rt) -> dict | None:
     layout = Layout.build(cfg.parallel, rt.size, rt.rank)
     wanted = [v for v in (args.variants.split(",") if args.variants else VARIANTS[args.backend]) if v]
     unknown = [v for v in wanted if v not in VARIANTS[args.backend]]
+    if rt.size > 1 and not args.no_solo:
+        wanted.append("solo")
     if unknown:
         raise ValueError(f"--variants: {unknown} not available for {args.backend} "
                          f"(choose from {', '.join(VARIANTS[args.backend])})")
     batches = make_batches(cfg, rt.rank, args.seed)
     build = torch_variants if args.backend == "torch" else tf_variants
     t0 = time.perf_counter()
-    fns, barrier, gather, closers = build(cfg, layout, rt, batches, wanted, args.ddp_port)
+    fns, weights, barrier, gather, closers = build(cfg, layout, rt, batches, wanted, args.ddp_port)
     fns = {v: fns[v] for v in wanted}
     setup_s = time.perf_counter() - t0
     tag = f"[bench dp] {args.backend} np={rt.size} {args.model}"
@@ -315,6 +361,7 @@ def run(args, rt) -> dict | None:
     cpu1 = common.cpu_snapshot()
     all_times = gather(times)  # one dict per rank
     own_cpu = sum(gather(cpu1["self_s"] - cpu0["self_s"]))  # CPU seconds of every rank
+    agreement = weight_agreement({v: weights[v]() for v in fns if v in weights})
     for close in closers:
         close()
     if rt.rank != 0:
@@ -323,12 +370,14 @@ def run(args, rt) -> dict | None:
     tokens = rt.size * cfg.train.batch_size * m.block_size
     variants = {}
     for v in fns:
-        per_rank = [t[v] for t in all_times]
+        per_rank = [t[v] for t in all_times] if v != "solo" else [all_times[0][v]]
         slowest = [max(ts) for ts in zip(*per_rank)]  # a step ends when its slowest rank is done
         s = common.summarize(slowest)
+        tok = tokens // rt.size if v == "solo" else tokens
         s.update({"rank0_median_s": common.summarize(per_rank[0])["median_s"],
                   "rank_medians_s": [common.summarize(ts)["median_s"] for ts in per_rank],
-                  "tokens_per_s": tokens / s["median_s"], "step_times_s": slowest})
+                  "tokens_per_step": tok, "tokens_per_s": tok / s["median_s"],
+                  "step_times_s": slowest})
         variants[v] = s
     return {
         "backend": args.backend, "np": rt.size, "launcher": rt.launcher, "model": args.model,
@@ -338,7 +387,8 @@ def run(args, rt) -> dict | None:
         "tokens_per_step": tokens, "threads_per_rank": args.threads, "grad_clip": args.grad_clip,
         "lr": LR, "steps": args.steps, "warmup": args.warmup, "per_round": args.per_round,
         "rounds": len(common.rounds_for(args.steps, args.per_round)), "setup_s": setup_s,
-        "variants": variants, "host": platform.node(), "cores": os.cpu_count(),
+        "variants": variants, "weights_max_abs_diff_vs_first": agreement,
+        "host": platform.node(), "cores": os.cpu_count(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own_cpu),
         "env": {k: os.environ[k] for k in sorted(os.environ)

@@ -216,7 +216,7 @@ class ParameterServer:
         for v in self.workers[1:]:
             g += self.inbox[v]
         g /= np.float32(self.W)
-        norm = math.sqrt(self._global_sq(float(np.dot(g.astype(np.float64), g.astype(np.float64)))))
+        norm = math.sqrt(self._global_sq(float(np.dot(g, g))))
         recs = [{"worker": v, "step": int(x[STEP]), "applied": True, "gap": 0,
                  "staleness": self.opt.t - int(x[VERSION])} for v, x in zip(self.workers, hs)]
         self._update(g, norm, float(hs[0][LR]))

@@ -66,7 +66,7 @@ class PSWorker:
         if self.slow > 1.0:  # ps.straggler_*: a slower machine, not a busier one (sleep, no CPU)
             time.sleep((self.slow - 1.0) * (time.perf_counter() - t0))
         g = np.ascontiguousarray(g, np.float32)
-        sq = float(np.dot(g.astype(np.float64), g.astype(np.float64)))
+        sq = float(np.dot(g, g))   # float32 like the backends' norms; used by async/ssp clipping
         k = self.pushes
         reqs, hdrs = self._post_replies()
         for i, (s, (lo, hi)) in enumerate(zip(self.servers, self.ranges)):

@@ -1,0 +1,293 @@
+"""A user's ordered list of Keras layers / callables (model.layers, see hvdllm/user_model.py) under
+data and pipeline parallelism: the TensorFlow twin of torch_backend/sequential.py.
+
+Every rank builds the whole list after seeding (keras.utils.set_random_seed(train.seed)) and runs
+one probe forward (B=2, T=block_size), which creates every Keras weight in the same order on every
+rank and checks that the last layer returns logits. The list is split over the pipeline with
+parallel.partition and each rank keeps its chunks. Per micro-batch one tf.GradientTape, kept until
+that micro-batch's backward; after the last backward one grouped allreduce of this stage's
+gradients over its dp process set (Horovod), one allreduce of the squared gradient norm over the
+pipeline (MPI) for global clipping, and AdamW (tf_backend.engine.AdamW). With parallel.pp = 1 it
+is plain data parallelism over aggregation.accumulation micro-batches.
+
+Keras 3 variables are keras.Variable objects wrapping tf.Variables: the engine works on their
+`.value` (the tf.Variable) and hands Horovod only plain tensors.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hvdllm import aggregation, sampling, user_model
+from hvdllm.engine import EvalResult, StepResult
+from hvdllm.errors import CheckpointError
+from hvdllm.strategies import pipeline as pl
+
+from .collectives import Collectives
+from .engine import AdamW
+
+
+def _seed(seed: int) -> None:
+    keras.utils.set_random_seed(seed)
+
+
+def _call(layer, x, training: bool):
+    return layer(x, training=training) if isinstance(layer, keras.layers.Layer) else layer(x)
+
+
+def _run(layers, x, training: bool):
+    for layer in layers:
+        x = _call(layer, x, training)
+    return x
+
+
+def _tf(v):
+    """The tf.Variable behind a keras.Variable (or the variable itself)."""
+    return getattr(v, "value", v) if isinstance(v, keras.Variable) else v
+
+
+def _weights(layer) -> list:
+    return list(layer.weights) if isinstance(layer, keras.layers.Layer) else []
+
+
+def _loss(logits, target):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits))
+
+
+def build_layers(model_cfg, seed: int) -> list:
+    layers = user_model.as_list(user_model.build(model_cfg, seed, _seed), (keras.Sequential,))
+    for i, layer in enumerate(layers):
+        if not callable(layer):
+            raise user_model.error(f"layer {i} is a {type(layer).__name__}, not a Keras layer or callable")
+    return layers
+
+
+def measure_layer_times(layers, inputs) -> list[float]:
+    """Forward+backward seconds per layer (best of 3), each from its real input activation."""
+    times = []
+    for layer, inp in zip(layers, inputs):
+        sources = [_tf(v) for v in (layer.trainable_variables if isinstance(layer, keras.layers.Layer) else [])]
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with tf.GradientTape() as tape:
+                if inp.dtype.is_floating:
+                    tape.watch(inp)
+                y = tf.reduce_mean(tf.square(tf.cast(_call(layer, inp, False), tf.float32)))
+            tape.gradient(y, sources + ([inp] if inp.dtype.is_floating else []))
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return times
+
+
+class SequentialEngine:
+    def __init__(self, cfg, layout, rt):
+        self.cfg, self.layout = cfg, layout
+        m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
+        self.p, stage = layout.pp, layout.pp_rank
+        self.v = par.virtual_stages if self.p > 1 else 1
+        self.m = par.microbatches if self.p > 1 else cfg.aggregation.accumulation
+        self.timeout = cfg.train.step_timeout
+        layers = build_layers(m, cfg.train.seed)
+        # probe: creates every Keras weight (in list order, identically on every rank)
+        probe = tf.constant(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), tf.int64)
+        inputs = [probe]
+        for i, layer in enumerate(layers):
+            out = _call(layer, inputs[-1], False)
+            if not tf.is_tensor(out):
+                raise user_model.error(f"layer {i} returned a {type(out).__name__}, not one tensor")
+            inputs.append(out)
+        user_model.check_logits(tuple(inputs[-1].shape), m.vocab_size)
+        owners, names = {}, []
+        for i, layer in enumerate(layers):
+            ws = _weights(layer)
+            for w in ws:
+                owners.setdefault(id(_tf(w)), []).append(i)
+            names.append(user_model.unique_names(i, [w.name.split("/")[-1].split(":")[0] for w in ws]))
+        user_model.check_not_shared(owners)
+        self.param_shapes = {n: tuple(w.shape) for i, layer in enumerate(layers)
+                             for n, w in zip(names[i], _weights(layer))}
+        if self.p > 1:
+            from mpi.groups import subcomms
+            rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
+            self.pp_comm = subcomms(rt.comm, layout, "pp")
+            costs = [float(sum(int(np.prod(w.shape)) for w in _weights(l))) for l in layers]
+            self.ranges = user_model.split(costs, self.p * self.v, par.partition, rt,
+                                           lambda: measure_layer_times(layers, inputs[:-1]))
+            self.chunks = pl.stage_chunks(self.ranges, self.p, self.v, stage)
+            self.pipe = pl.Pipeline(self.pp_comm, self.p, stage, self.m, self.v, par.schedule, self.timeout)
+        else:
+            self.ranges, self.chunks, self.pp_comm, self.pipe = [(0, len(layers))], [list(range(len(layers)))], None, None
+        self.n_layers = len(layers)
+        mine = sorted(i for c in self.chunks for i in c)
+        self.layers = {i: layers[i] for i in mine}  # the other ranks' layers are dropped
+        del layers, inputs
+        # every weight (checkpointed) and the trainable ones (optimised), as tf.Variables
+        self.state_vars = [(n, _tf(w)) for i in mine for n, w in zip(names[i], _weights(self.layers[i]))]
+        trainable = {id(_tf(w)) for i in mine if isinstance(self.layers[i], keras.layers.Layer)
+                     for w in self.layers[i].trainable_variables}
+        self.names = [n for n, v in self.state_vars if id(v) in trainable]
+        self.vars = [v for n, v in self.state_vars if id(v) in trainable]
+        self.chunk_vars = []
+        for c in self.chunks:
+            ids = {id(_tf(w)) for i in c for w in _weights(self.layers[i])}
+            self.chunk_vars.append([k for k, v in enumerate(self.vars) if id(v) in ids])
+        self.comm = Collectives(rt.process_set(layout.group("dp")))
+        self._broadcast_parameters()
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.opt = AdamW(self.vars, cfg.optim)
+        self.saved, self.grads = {}, {}
+        if layout.rank == 0:
+            sizes = [hi - lo for lo, hi in self.ranges]
+            print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
+                  f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
+                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else ""), file=sys.stderr)
+
+    def _broadcast_parameters(self):
+        """The dp group's first rank's weights win (one message), should a builder not be seeded."""
+        if self.comm.size == 1 or not self.state_vars:
+            return
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for _, v in self.state_vars], 0)
+        flat = self.comm.broadcast(flat, root=0, name="seq.init").numpy()
+        at = 0
+        for _, v in self.state_vars:
+            n = int(np.prod(v.shape))
+            v.assign(flat[at:at + n].reshape(v.shape).astype(v.dtype.as_numpy_dtype))
+            at += n
+
+    def _run_chunk(self, chunk, x, training):
+        return _run([self.layers[i] for i in self.chunks[chunk]], x, training)
+
+    # StageRunner (pipeline) -------------------------------------------------------------------
+    def forward(self, chunk, mb, inp, target):
+        x = tf.constant(inp)
+        first = self.chunks[chunk][0] == 0
+        tape = tf.GradientTape()
+        with tape:
+            if not first:
+                tape.watch(x)
+            out = self._run_chunk(chunk, x, True)
+            if target is not None:
+                loss = _loss(out, tf.constant(target))
+                out = loss / self.m
+        self.saved[(mb, chunk)] = (tape, x, out)
+        return float(loss) if target is not None else out.numpy()
+
+    def backward(self, chunk, mb, grad):
+        tape, x, out = self.saved.pop((mb, chunk))
+        idx = self.chunk_vars[chunk]
+        first = self.chunks[chunk][0] == 0
+        sources = [self.vars[k] for k in idx] + ([] if first else [x])
+        grads = tape.gradient(out, sources, output_gradients=None if grad is None else tf.constant(grad))
+        self._accumulate(idx, grads)
+        return None if first else grads[-1].numpy()
+
+    def _accumulate(self, idx, grads):
+        for k, g in zip(idx, grads):
+            if g is None:  # a weight this micro-batch did not use
+                continue
+            g = tf.convert_to_tensor(g)  # an embedding's gradient is IndexedSlices
+            self.grads[k] = g if k not in self.grads else self.grads[k] + g
+
+    # one optimizer step -------------------------------------------------------------------------
+    def train_step(self, x, y, lr) -> StepResult:
+        self.grads = {}
+        norm = []
+        if self.pipe is not None:
+            loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
+                                 lambda: norm.append(self._reduce_and_step(lr)))
+        else:
+            loss = 0.0
+            for xm, ym in aggregation.split_microbatches(x, y, self.m):
+                with tf.GradientTape() as tape:
+                    part = _loss(self._run_chunk(0, tf.constant(xm), True), tf.constant(ym)) / self.m
+                self._accumulate(range(len(self.vars)), tape.gradient(part, self.vars))
+                loss += float(part)
+            norm.append(self._reduce_and_step(lr))
+        mean = self.comm.allreduce(tf.constant([loss], tf.float64), op="average", name="seq.loss")
+        return StepResult(loss=float(mean[0]), grad_norm=norm[0])
+
+    def _reduce_and_step(self, lr) -> float:
+        grads = [self.grads.get(k, tf.zeros_like(v)) for k, v in enumerate(self.vars)]
+        if self.comm.size > 1 and grads:
+            grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
+        sq = float(sum(float(tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))) for g in grads))
+        if self.pipe is not None:
+            sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
+        norm = float(np.sqrt(sq))
+        clip = self.cfg.optim.grad_clip
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        if grads:
+            self.opt.apply([g * coef for g in grads], tf.constant(lr, tf.float64))
+        return norm
+
+    # evaluation ---------------------------------------------------------------------------------
+    def _forward_all(self, x: np.ndarray):
+        """Logits (numpy) of the whole list on the last stage's owner, None elsewhere."""
+        if self.pipe is None:
+            return self._run_chunk(0, tf.constant(x), False).numpy()
+        return self.pipe.forward_only(lambda c, a: self._run_chunk(c, tf.constant(a), False).numpy(), x)
+
+    def evaluate(self, x, y) -> EvalResult:
+        out = self._forward_all(np.asarray(x, np.int64))
+        res = np.zeros(3)
+        if out is not None:
+            t = np.asarray(y, np.int64)
+            res[:] = (float(_loss(tf.constant(out), tf.constant(t))) * t.size,
+                      int((out.argmax(-1) == t).sum()), t.size)
+        if self.pipe is not None:
+            res = pl.bcast_from_last(self.pipe, res)
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+
+    def allreduce_sum(self, values):
+        return self.comm.allreduce(tf.constant(np.asarray(values, np.float64)), op="sum", name="seq.metrics").numpy()
+
+    # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
+    def state_dict(self) -> dict:
+        local = {n: v.numpy().copy() for n, v in self.state_vars}
+        step = int(self.opt.step.numpy())
+        if step > 0:  # like torch: no moments before the first step
+            local.update({f"optim.m.{n}": m.numpy().copy() for n, m in zip(self.names, self.opt.m)})
+            local.update({f"optim.v.{n}": v.numpy().copy() for n, v in zip(self.names, self.opt.v)})
+        local["optim.step"] = np.array(step, np.int64)
+        if self.pipe is None:
+            return local
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [n for n, _ in self.state_vars if n not in state]
+        bad = [f"{n}: {tuple(np.shape(state[n]))} != {tuple(v.shape)}" for n, v in self.state_vars
+               if n in state and tuple(np.shape(state[n])) != tuple(v.shape)]
+        if missing or bad:
+            raise CheckpointError(f"checkpoint does not match model.layers={self.cfg.model.layers}: "
+                                  + "; ".join(([f"{n}: missing" for n in missing] + bad)[:5]))
+        for n, v in self.state_vars:
+            v.assign(np.asarray(state[n], v.dtype.as_numpy_dtype))
+        step = int(state.get("optim.step", 0))
+        if step and all(f"optim.m.{n}" in state for n in self.names):
+            for n, m, v in zip(self.names, self.opt.m, self.opt.v):
+                m.assign(np.asarray(state[f"optim.m.{n}"], np.float32))
+                v.assign(np.asarray(state[f"optim.v.{n}"], np.float32))
+            self.opt.step.assign(step)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for v in self.vars)
+
+    def optimizer_state_bytes(self) -> int:
+        return self.opt.state_bytes()
+
+    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
+        """hvdllm.sampling on the last position's logits; under a pipeline every stage takes part
+        (as torch_backend/sequential.py) and draws the same tokens."""
+        V = self.cfg.model.vocab_size
+
+        def last_logits(ids):
+            out = self._forward_all(np.array([ids], dtype=np.int64))
+            vec = np.zeros(V) if out is None else np.asarray(out[0, -1], np.float64)
+            return pl.bcast_from_last(self.pipe, vec) if self.pipe is not None else vec
+        return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
+                                 temperature, top_k, seed)

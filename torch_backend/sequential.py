@@ -1,0 +1,270 @@
+"""A user's ordered list of torch layers (model.layers, see hvdllm/user_model.py) under data and
+pipeline parallelism.
+
+Every rank builds the whole list after seeding with train.seed (so ranks agree), runs one probe
+forward (B=1, T=block_size) to check that the last layer returns logits and to learn every
+parameter's shape, splits the list over the pipeline with parallel.partition, and keeps only its
+own chunks. Then the same steps as torch_backend/pipeline.py: the core's Pipeline runs the
+schedule; forward/backward per micro-batch (autograd keeps each micro-batch's graph until its
+backward); after the last backward one grouped allreduce of this stage's gradients over its dp
+process set (Horovod), one allreduce of the squared gradient norm over the pipeline (MPI) for
+global clipping, and AdamW. With parallel.pp = 1 it is plain data parallelism (accumulating over
+aggregation.accumulation micro-batches), with the same arithmetic, so np=1 is the reference.
+Checkpoints hold "{layer}.{name}" parameters and their AdamW moments, gathered over the pipeline.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvdllm import aggregation, sampling, user_model
+from hvdllm.engine import EvalResult, StepResult
+from hvdllm.errors import CheckpointError
+from hvdllm.strategies import pipeline as pl
+
+from . import adamw_state
+from .collectives import Collectives
+
+
+class _Call(nn.Module):
+    """A parameter-free callable in the list (e.g. a lambda)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def build_layers(model_cfg, seed: int) -> list[nn.Module]:
+    layers = user_model.as_list(user_model.build(model_cfg, seed, torch.manual_seed),
+                                (nn.Sequential, nn.ModuleList))
+    out = []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module):
+            if not callable(layer):
+                raise user_model.error(f"layer {i} is a {type(layer).__name__}, not an nn.Module or callable")
+            layer = _Call(layer)
+        out.append(layer)
+    owners = {}
+    for i, layer in enumerate(out):
+        for p in layer.parameters():
+            owners.setdefault(id(p), []).append(i)
+    user_model.check_not_shared(owners)
+    return out
+
+
+def _run(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def measure_layer_times(layers, inputs) -> list[float]:
+    """Forward+backward seconds per layer (best of 3), each from its real input activation."""
+    times = []
+    for layer, inp in zip(layers, inputs):
+        best = float("inf")
+        for _ in range(3):
+            x = inp if not inp.is_floating_point() else inp.detach().requires_grad_(True)
+            t0 = time.perf_counter()
+            out = layer(x)
+            if out.requires_grad:
+                out.float().pow(2).mean().backward()
+            best = min(best, time.perf_counter() - t0)
+        for p in layer.parameters():
+            p.grad = None
+        times.append(best)
+    return times
+
+
+class SequentialEngine:
+    def __init__(self, cfg, layout, rt):
+        self.cfg, self.layout = cfg, layout
+        m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
+        self.p, stage = layout.pp, layout.pp_rank
+        self.v = par.virtual_stages if self.p > 1 else 1
+        self.m = par.microbatches if self.p > 1 else cfg.aggregation.accumulation
+        self.timeout = cfg.train.step_timeout
+        layers = build_layers(m, cfg.train.seed)
+        # probe: builds nothing in torch, but checks the contract and gives the activations
+        probe = torch.randint(0, m.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+        inputs = [probe]
+        with torch.no_grad():
+            for layer in layers:
+                layer.eval()
+                inputs.append(layer(inputs[-1]))
+                if not torch.is_tensor(inputs[-1]):
+                    raise user_model.error(f"layer {len(inputs) - 2} returned a {type(inputs[-1]).__name__}, "
+                                           f"not one tensor")
+        user_model.check_logits(tuple(inputs[-1].shape), m.vocab_size)
+        self.param_shapes = {f"{i}.{n}": tuple(p.shape) for i, l in enumerate(layers)
+                             for n, p in l.named_parameters()}
+        if self.p > 1:
+            from mpi.groups import subcomms
+            rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
+            self.pp_comm = subcomms(rt.comm, layout, "pp")
+            costs = [float(sum(p.numel() for p in l.parameters())) for l in layers]
+            self.ranges = user_model.split(costs, self.p * self.v, par.partition, rt,
+                                           lambda: measure_layer_times(layers, inputs[:-1]))
+            self.chunks = pl.stage_chunks(self.ranges, self.p, self.v, stage)
+            self.pipe = pl.Pipeline(self.pp_comm, self.p, stage, self.m, self.v, par.schedule, self.timeout)
+        else:
+            self.ranges, self.chunks, self.pp_comm, self.pipe = [(0, len(layers))], [list(range(len(layers)))], None, None
+        self.n_layers = len(layers)
+        mine = sorted(i for c in self.chunks for i in c)
+        self.layers = {i: layers[i].train() for i in mine}  # the other ranks' layers are dropped
+        del layers, inputs
+        self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
+        torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
+        self.comm = Collectives(rt.process_set(layout.group("dp")))
+        self._broadcast_parameters()
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.opt = adamw_state.make_adamw(self.named, cfg.optim)
+        self.saved = {}
+        if layout.rank == 0:
+            sizes = [hi - lo for lo, hi in self.ranges]
+            print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
+                  f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
+                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else ""), file=sys.stderr)
+
+    def _broadcast_parameters(self):
+        """The dp group's first rank's weights win (one message), should a builder not be seeded."""
+        if self.comm.size == 1 or not self.named:
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for _, p in self.named])
+            flat = self.comm.broadcast(flat, root=0, name="seq.init")
+            torch.nn.utils.vector_to_parameters(flat, [p for _, p in self.named])
+
+    def _run_chunk(self, chunk, x):
+        return _run([self.layers[i] for i in self.chunks[chunk]], x)
+
+    @staticmethod
+    def _loss(logits, target):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    # StageRunner (pipeline) -------------------------------------------------------------------
+    def forward(self, chunk, mb, inp, target):
+        x = torch.from_numpy(inp)
+        if self.chunks[chunk][0] != 0:
+            x.requires_grad_(True)
+        out = self._run_chunk(chunk, x)
+        if target is None:
+            self.saved[(mb, chunk)] = (x, out)
+            return out.detach().numpy()
+        loss = self._loss(out, torch.from_numpy(target))
+        self.saved[(mb, chunk)] = (x, loss / self.m)
+        return float(loss.detach())
+
+    def backward(self, chunk, mb, grad):
+        x, out = self.saved.pop((mb, chunk))
+        out.backward(None if grad is None else torch.from_numpy(grad))
+        return x.grad.numpy() if x.requires_grad else None
+
+    # one optimizer step -------------------------------------------------------------------------
+    def train_step(self, x, y, lr) -> StepResult:
+        for layer in self.layers.values():
+            layer.train()
+        for _, p in self.named:
+            p.grad = None
+        norm = []
+        if self.pipe is not None:
+            loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
+                                 lambda: norm.append(self._reduce_and_step(lr)))
+        else:
+            loss = 0.0
+            for xm, ym in aggregation.split_microbatches(x, y, self.m):
+                part = self._loss(self._run_chunk(0, torch.from_numpy(xm)), torch.from_numpy(ym)) / self.m
+                part.backward()
+                loss += float(part.detach())
+            norm.append(self._reduce_and_step(lr))
+        mean = self.comm.allreduce(torch.tensor([loss], dtype=torch.float64), op="average", name="seq.loss")
+        return StepResult(loss=float(mean), grad_norm=norm[0])
+
+    def _reduce_and_step(self, lr) -> float:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        if self.comm.size > 1 and grads:
+            grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
+        for (_, p), g in zip(self.named, grads):
+            p.grad = g
+        sq = float(sum(float(g.double().pow(2).sum()) for g in grads))
+        if self.pipe is not None:
+            sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
+        norm = float(np.sqrt(sq))
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and grads:
+            torch._foreach_mul_(grads, min(1.0, clip / (norm + 1e-6)))
+        adamw_state.set_lr(self.opt, lr)
+        self.opt.step()
+        return norm
+
+    # evaluation ---------------------------------------------------------------------------------
+    def _forward_all(self, x: np.ndarray):
+        """Logits (numpy) of the whole list on the last stage's owner, None elsewhere."""
+        for layer in self.layers.values():
+            layer.eval()
+        with torch.no_grad():
+            if self.pipe is None:
+                return self._run_chunk(0, torch.from_numpy(x)).numpy()
+            return self.pipe.forward_only(lambda c, a: self._run_chunk(c, torch.from_numpy(a)).numpy(), x)
+
+    def evaluate(self, x, y) -> EvalResult:
+        out = self._forward_all(np.asarray(x, np.int64))
+        res = np.zeros(3)
+        if out is not None:
+            logits, t = torch.from_numpy(out), torch.from_numpy(np.asarray(y, np.int64))
+            res[:] = (float(self._loss(logits, t)) * t.numel(),
+                      int((logits.argmax(-1) == t).sum()), t.numel())
+        if self.pipe is not None:
+            res = pl.bcast_from_last(self.pipe, res)
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+
+    def allreduce_sum(self, values):
+        t = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        return self.comm.allreduce(t, op="sum", name="seq.metrics").numpy()
+
+    # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
+    def state_dict(self) -> dict:
+        local = {n: p.detach().numpy().copy() for n, p in self.named}
+        local.update(adamw_state.export(self.opt, self.named))
+        if self.pipe is None:
+            return local
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [n for n, _ in self.named if n not in state]
+        bad = [f"{n}: {tuple(np.shape(state[n]))} != {tuple(p.shape)}" for n, p in self.named
+               if n in state and tuple(np.shape(state[n])) != tuple(p.shape)]
+        if missing or bad:
+            raise CheckpointError(f"checkpoint does not match model.layers={self.cfg.model.layers}: "
+                                  + "; ".join(([f"{n}: missing" for n in missing] + bad)[:5]))
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))
+        adamw_state.load(self.opt, self.named, state)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for _, p in self.named)
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(t.nbytes for st in self.opt.state.values() for k, t in st.items() if k != "step")
+
+    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
+        """hvdllm.sampling on the last position's logits. Under a pipeline every stage takes part
+        (one forward through the pipeline per token, logits broadcast from the last stage), and
+        every stage draws the same tokens from the same seed."""
+        V = self.cfg.model.vocab_size
+
+        def last_logits(ids):
+            out = self._forward_all(np.array([ids], dtype=np.int64))
+            vec = np.zeros(V) if out is None else np.asarray(out[0, -1], np.float64)
+            return pl.bcast_from_last(self.pipe, vec) if self.pipe is not None else vec
+        return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
+                                 temperature, top_k, seed)
