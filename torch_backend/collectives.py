@@ -74,6 +74,13 @@ class Collectives:
                                      postscale_factor=postscale, process_set=self.process_set)
         return [o.to(t.dtype) for o, t in zip(outs, tensors)]
 
+    def grouped_allreduce_(self, tensors, op="average", name=None, prescale=1.0, postscale=1.0):
+        """In place, no wire cast: reuses the gradients' own memory instead of fresh outputs
+        (measured: fresh >32 MiB outputs page-fault inside MPI, 0.3-0.5x mpi4py bandwidth)."""
+        hvd.grouped_allreduce_(tensors, op=_op(op), name=name, prescale_factor=prescale,
+                               postscale_factor=postscale, process_set=self.process_set)
+        return tensors
+
     def broadcast(self, tensor, root=0, name=None):
         """`root` is a rank within this group; Horovod wants the global rank, so translate."""
         ranks = self.process_set.ranks

@@ -111,7 +111,10 @@ class Engine:
 
     def _aggregate_and_clip(self, reduce: bool) -> float:
         grads = [p.grad for p in self.params]
-        if reduce and self.comm.size > 1:
+        if reduce and self.comm.size > 1 and self.reduce.compression == "none" and self.reduce.op != "adasum":
+            r = self.reduce
+            self.comm.grouped_allreduce_(grads, op=r.op, name="grads", prescale=r.prescale, postscale=r.postscale)
+        elif reduce and self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
             for p, g in zip(self.params, grads):
                 p.grad = g
