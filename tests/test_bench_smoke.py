@@ -28,12 +28,17 @@ def test_bench_dp_smoke(tmp_path):
     assert d["benchmark"] == "dp" and d["model"] == "tiny" and d["failed"] == []
     assert sorted((r["backend"], r["np"]) for r in d["runs"]) == [("torch", 1), ("torch", 2)]
     for r in d["runs"]:
-        assert set(r["variants"]) == {"hvdllm", "hand", "ddp"}
-        for v in r["variants"].values():
+        # np=2 adds 'solo': rank 0 alone, interleaved in the same group (np=1 time for scaling)
+        assert set(r["variants"]) == {"hvdllm", "hand", "ddp"} | ({"solo"} if r["np"] == 2 else set())
+        for name, v in r["variants"].items():
             assert v["n"] == 2 and v["median_s"] > 0 and v["tokens_per_s"] > 0
-            assert len(v["rank_medians_s"]) == r["np"]
+            assert len(v["rank_medians_s"]) == (1 if name == "solo" else r["np"])
+        # every variant did the same arithmetic: same weights after the same steps
+        agree = r["weights_rel_diff_vs_first"]
+        assert set(agree) == {"hand", "ddp"} and max(agree.values()) < 1e-5, agree
     rat = d["ratios"]["torch"]
-    assert {"hvdllm/hand", "hvdllm/ddp", "scaling_efficiency"} <= set(rat)
+    assert {"hvdllm/hand", "hvdllm/ddp", "scaling_efficiency", "scaling_efficiency_in_group"} <= set(rat)
     assert set(rat["scaling_efficiency"]) == {"hvdllm", "hand", "ddp"}
+    assert set(rat["scaling_efficiency_in_group"]) == {"hvdllm", "hand", "ddp"}
     assert {(g["goal"]) for g in d["goals"]} >= {"hvdllm/hand", "hvdllm/ddp"}
     assert (tmp_path / "dp.png").stat().st_size > 0

@@ -95,6 +95,31 @@ def foreign_cores(a: dict, b: dict, own_cpu_s: float) -> float | None:
     return max(0.0, (b["busy_s"] - a["busy_s"] - own_cpu_s) / wall) if wall > 0 else None
 
 
+def busy_cores(sample_s: float = 2.0) -> float | None:
+    """Cores kept busy machine-wide over the next `sample_s` seconds (None off Linux)."""
+    a = cpu_snapshot()
+    time.sleep(sample_s)
+    b = cpu_snapshot()
+    return foreign_cores(a, b, b["self_s"] - a["self_s"])
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, sample_s: float = 2.0,
+                   say: Callable[[str], None] | None = None) -> float | None:
+    """Wait (at most max_wait_s) until other processes keep fewer than `threshold` cores busy;
+    return the last reading. For benchmarks on shared machines: call it between launches."""
+    deadline = clock() + max_wait_s
+    busy = busy_cores(sample_s)
+    told = False
+    while busy is not None and busy >= threshold and clock() < deadline:
+        if say and not told:
+            say(f"other processes keep {busy:.1f} cores busy; waiting up to "
+                f"{max_wait_s:.0f} s for the machine to quieten")
+            told = True
+        time.sleep(max(0.0, min(10.0, deadline - clock())))
+        busy = busy_cores(sample_s)
+    return busy
+
+
 def summarize(times: Sequence[float]) -> dict:
     """Median, quartiles, min, max and count of a list of step times (seconds)."""
     ts = sorted(times)

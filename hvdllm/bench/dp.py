@@ -61,6 +61,9 @@ def parse(argv):
                         "step times (evens out drift between launches on a shared machine)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the ranks, forwarded with mpirun -x (e.g. HOROVOD_CYCLE_TIME=1)")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="before each launch wait up to this long for other processes to leave "
+                        "the cores idle (shared machines); 0 = start at once")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
     p.add_argument("--out", default="runs/bench/dp.json", help="JSON output; the PNG goes next to it")
     p.add_argument("--no-plot", action="store_true")
@@ -209,7 +212,8 @@ def analyse(runs: list[dict], np_: int) -> tuple[list[dict], dict, list[dict]]:
                     "backend": backend, "variant": name, "np": 1 if solo else run["np"],
                     "median_s": s["median_s"], "p25_s": s["p25_s"], "p75_s": s["p75_s"],
                     "tokens_per_s": s["tokens_per_s"],
-                    "ratio": None if (solo or not base) else s["median_s"] / run["variants"][base]["median_s"],
+                    "ratio": None if solo or not base
+                    else s["median_s"] / run["variants"][base]["median_s"],
                     "baseline": f"(in np={run['np']} group)" if solo else
                                 "-" if not base else (base if name != base else "(baseline)"),
                     "scaling_eff": eff.get(name) if run is multi else None,
@@ -297,6 +301,12 @@ def main(argv=None) -> int:
             check_available(cmd)  # a clear error when mpirun is missing
             print(f"\n[bench dp] ({i}/{len(plan)}) {backend} np={n}, variants "
                   f"{', '.join(VARIANTS[backend])}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            if args.wait_quiet > 0:
+                busy = common.wait_for_quiet(args.wait_quiet, say=lambda m: print(
+                    f"[bench dp] {m}", file=sys.stderr, flush=True))
+                if busy is not None:
+                    print(f"[bench dp] other processes keep {busy:.1f} cores busy at the start",
+                          file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             rc = launch(cmd, args.timeout)
             if rc != 0 or not os.path.exists(part):
@@ -311,9 +321,9 @@ def main(argv=None) -> int:
             med = ", ".join(f"{k} {v['median_s']:.4f} s" for k, v in run["variants"].items())
             print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} done in {run['wall_s']:.0f} s: "
                   f"median step {med}", file=sys.stderr, flush=True)
-            agree = run.get("weights_max_abs_diff_vs_first") or {}
+            agree = run.get("weights_rel_diff_vs_first") or {}
             if agree:
-                print("[bench dp] same arithmetic: max |weight difference| after the run vs "
+                print("[bench dp] same arithmetic: relative weight difference after the run vs "
                       + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()), file=sys.stderr, flush=True)
             other = run.get("foreign_cpu_cores")
             if other is not None and other > 0.2:
@@ -335,7 +345,8 @@ def main(argv=None) -> int:
                                               "vocab_size": V},
         "params": n_params, "batch_per_rank": B, "np": args.np, "steps": args.steps,
         "warmup": args.warmup, "per_round": args.per_round, "grad_clip": args.grad_clip,
-        "threads_per_rank": 1, "repeats": args.repeats, "env": args.env, "goals_target": GOALS,
+        "threads_per_rank": 1, "repeats": args.repeats, "wait_quiet_s": args.wait_quiet,
+        "env": args.env, "goals_target": GOALS,
         "commands": [shlex.join(c) for c in commands], "runs": runs, "failed": failed,
         "rows": rows, "ratios": ratios, "goals": goals, "wall_s": time.perf_counter() - t_all,
     }
