@@ -16,12 +16,8 @@ import pytest
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
 from hvdllm.strategies import param_server as ps
-from launch_util import ROOT, env, hvdllm, mpirun_argv
+from launch_util import ROOT, env, mpirun_argv, run
 from test_integration import TINY, losses, train
-
-# TensorFlow workers need tf_backend's local_gradients and its Collectives.barrier (trainer's end)
-TF_READY = all(s in (ROOT / f).read_text() for f, s in (("tf_backend/engine.py", "def local_gradients"),
-                                                        ("tf_backend/collectives.py", "def barrier")))
 
 
 def server_log(out, i=0) -> list[dict]:
@@ -83,17 +79,17 @@ def test_sync_ps_equals_single_process(tmp_path, single):
     assert (out / "checkpoints" / "step_00000006.npz").exists()
     shutil.copytree(out, tmp_path / "resumed")
     (tmp_path / "resumed" / "checkpoints" / "step_00000006.npz").unlink()
-    backend = "tensorflow" if TF_READY else "torch"
-    r, res = train(tmp_path, "resumed", 3, [f"backend={backend}", "train.batch_size=4", "ps.servers=1",
+    r, res = train(tmp_path, "resumed", 3, ["backend=tensorflow", "train.batch_size=4", "ps.servers=1",
                                             "train.resume=true"])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
-    np.testing.assert_allclose(losses(res), ref, rtol=2e-4 if backend == "tensorflow" else 2e-5)
+    # float32 in another framework: the backends agree to ~1e-6 (tests/test_backends_agree.py)
+    np.testing.assert_allclose(losses(res), ref, rtol=2e-4)
 
 
 ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.straggler_factor=5",
          "train.steps=20", "train.checkpoint_every=0", "train.eval_every=0", "ps.staleness=1"]
 # initial loss ~5.55 nats/token; the unigram entropy of this corpus is 3.15
-CONVERGED = 3.8
+CONVERGED = 4.0
 
 
 @pytest.mark.integration
@@ -146,7 +142,7 @@ def test_killed_worker_ends_every_rank(tmp_path):
                          text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while len(metrics.read(out / "metrics.jsonl")) < 3:   # training is under way
+        while _lines(out / "metrics.jsonl") < 3:   # training is under way
             assert time.monotonic() < deadline and p.poll() is None, "training did not start"
             time.sleep(0.5)
         victim = _pid_of_rank(1, str(out))
@@ -158,6 +154,13 @@ def test_killed_worker_ends_every_rank(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode != 0 and time.monotonic() - t0 < 60
     assert "process rank 1" in text and "signal 9" in text, text[-3000:]
+
+
+def _lines(path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
 
 
 def _pid_of_rank(rank: int, marker: str) -> int:
@@ -181,3 +184,19 @@ def test_gloo_gives_a_clear_error(tmp_path):
                  timeout=150)
     assert r.returncode != 0
     assert "parameter servers (ps.servers > 0) needs MPI" in r.stdout and "horovodrun --gloo" in r.stdout
+
+
+@pytest.mark.integration
+def test_bench_ps_smoke(tmp_path):
+    """`hvdllm bench ps` runs end to end (tiny model, short phases) and writes its JSON. Timings on
+    a shared machine mean nothing, so none is asserted."""
+    out = tmp_path / "ps.json"
+    p = run([sys.executable, "-m", "hvdllm", "bench", "ps", "--model", "tiny", "--skip", "loss",
+             "--phase-steps", "4", "--rounds", "1", "--roles-steps", "6", "--snapshot-every", "2",
+             "--out", str(out)], timeout=240)
+    assert p.returncode == 0, p.stdout[-4000:]
+    assert "tokens/s" in p.stdout and "goals" in p.stdout
+    d = json.loads(out.read_text())
+    assert [r["mode"] for r in d["throughput"]] == ["sync, no straggler", "sync", "async", "ssp tau=2"]
+    assert all(r["tokens_per_s"] > 0 for r in d["throughput"]) and d["failed"] == []
+    assert d["roles"][1]["n"] > 0 and {g["goal"] for g in d["goals"]} >= {"async/sync throughput (straggler)"}

@@ -25,7 +25,13 @@ server i; wait for every REPLY and load the parameters. Servers, by `ps.mode`:
            the same); clip by that global norm exactly as single-process training does; AdamW;
            REPLY to every worker (parameters, norm, mean loss). Equals data parallelism.
     async  apply each push on arrival, clipped by that worker's own gradient norm (the gradient
-           applied is that worker's alone), lr = schedule at global step = updates // W;
+           applied is that worker's alone), with a staleness-aware learning rate
+           lr = schedule(global step = updates // W) / (1 + staleness), staleness = updates the
+           shard took since the worker pulled it (Zhang et al. 2016, "Staleness-aware async-SGD").
+           In steady state staleness ~ W - 1, so W pushes move the model about as far as one
+           sync step does. Measured (hvdllm bench ps defaults: 2 workers, one 2x slower, equal
+           tokens): val_loss above sync's by 6.6% (async) and 8.7% (ssp) with the full lr per
+           push, by 1.2-2.0% and 2.4% with this rule (async runs are not deterministic).
            REPLY to that worker at once.
     ssp    as async, but the REPLY to a worker that has completed c steps is held back until the
            slowest worker still training has completed at least c - ps.staleness steps: no
@@ -197,9 +203,9 @@ class ParameterServer:
         applied = self.opt.t < self.budget
         rec = {"worker": w, "step": k, "applied": applied, "gap": gap,
                "staleness": self.opt.t - int(h[VERSION])}
-        if applied:
+        if applied:  # staleness-aware: see the module docstring
             lr = lr_at(self.opt.t // self.per_step, self.cfg.optim, self.cfg.train.steps)
-            self._update(self.inbox[w], math.sqrt(h[SQNORM]), lr)
+            self._update(self.inbox[w], math.sqrt(h[SQNORM]), lr / (1 + rec["staleness"]))
         self.clock[w] = k + 1
         self._log(rec)
         self.held.add(w)

@@ -14,6 +14,8 @@ What a step returns: sync, the mean loss of all workers and the global gradient 
 parallelism reports them); async/ssp, this worker's own loss and gradient norm. `final` is true on
 the step after which the servers' budget is spent (see param_server.py): with async/ssp a fast
 worker runs more steps than a straggler, so the training loop ends on `final`, not on a count.
+In async/ssp the `lr` and `tokens_per_s` that trainer rank 0 logs are its own step's view; the
+servers apply the schedule at the global step (param_server.py) and log every push with its time.
 """
 from __future__ import annotations
 

@@ -216,17 +216,20 @@ def run_role(cfg, rt, backend) -> dict:
         cfg.model.vocab_size = tokens.tokenizer.vocab_size
     if role == "server":
         return param_server.serve(cfg, layout, rt.comm)
-    # Lower CPU priority: on a node shared with trainers the trainers keep their pace, and a
-    # starved evaluator only skips snapshots (measured: hvdllm bench ps, README of the bench).
+    loop = {"evaluator": Evaluator, "generator": Generator}[role]
+    return loop(cfg, layout, rt.comm, role_engine(cfg, rt, backend), tokens).run()
+
+
+def role_engine(cfg, rt, backend):
+    """An evaluator's or generator's own model, at lowered CPU priority (roles.nice: on a node
+    shared with trainers the trainers keep their pace; a starved evaluator only skips snapshots).
+    It is built on a one-rank Horovod process set (cli.process_set_groups), so building it never
+    touches the trainers' collectives."""
     os.nice(cfg.roles.nice)
     threads = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, rt.local_size))
     backend.configure(threads, cfg.train.seed)
-    # A model of its own, on a one-rank Horovod process set (cli.process_set_groups): building
-    # it never touches the trainers' collectives.
     solo = Layout(world_size=1, rank=0, dp=1)
-    engine = backend.Engine(cfg, solo, backend.Collectives(rt.process_set((rt.rank,))))
-    loop = {"evaluator": Evaluator, "generator": Generator}[role]
-    return loop(cfg, layout, rt.comm, engine, tokens).run()
+    return backend.Engine(cfg, solo, backend.Collectives(rt.process_set((rt.rank,))))
 
 
 def final_barrier(cfg, rt) -> None:
