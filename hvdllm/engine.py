@@ -53,6 +53,15 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Inverse of state_dict; a state without optim.* keys loads parameters only."""
 
+    def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(this rank's mean loss, flat gradient) with no communication (parameter servers)."""
+
+    def flat_params(self) -> np.ndarray:
+        """All parameters as one float32 vector in hvdllm.params order (hvdllm.flat)."""
+
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        """Inverse of flat_params."""
+
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int,
                  seed: int) -> list[int]:
         """Sample continuation tokens (deterministic given seed)."""
