@@ -111,5 +111,7 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
           f"(x{step_paired / step_alone:.2f}); one evaluation {eval_s:.4f}s; snapshots sent "
           f"{pub['snapshots_sent']}, skipped {pub['snapshots_skipped']}; offering took at most "
           f"{pub['offer_s_max'] * 1e3:.2f} ms")
-    assert ev[-1]["step"] == 30 and eval_s > 1.5 * step_alone
-    assert pub["offer_s_max"] < 0.5 * eval_s and pub["offer_s_total"] < 0.1 * 30 * step_alone
+    # Structural, not timed (timings belong to `hvdllm bench ps`): the evaluator saw the final
+    # weights, and snapshots offered while it was busy were skipped instead of waited for.
+    assert ev[-1]["step"] == 30
+    assert pub["snapshots_skipped"] > 0 and pub["snapshots_sent"] >= len(ev) - 1, pub
