@@ -41,19 +41,23 @@ def rounds_for(steps: int, per_round: int) -> list[int]:
 
 def interleaved(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1,
                 per_round: int = 5, on_round: Callable[[int, int], None] | None = None,
-                before_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                before_round: Callable[[], None] | None = None,
+                after_warmup: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Time every fn `steps` times, interleaved: round r runs each variant for `per_round` steps
     in turn (A A A, B B B, C C C, then again), after `warmup` untimed steps of each.
 
     Every variant sees the same number of rounds and switches, so slow phases of the machine and
     the cost of switching models in and out of cache fall on all of them equally.
     `before_round()` runs untimed at each round's start (e.g. a barrier, so ranks stay aligned);
-    `on_round(r, n_rounds)` after each round (progress).
+    `on_round(r, n_rounds)` after each round (progress); `after_warmup()` once, untimed, between
+    the warm-up and the first round (e.g. to compare the variants' states).
     Returns {name: [seconds per step, in order]}.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if after_warmup is not None:
+        after_warmup()
     times: dict[str, list[float]] = {name: [] for name in fns}
     plan = rounds_for(steps, per_round)
     for r, k in enumerate(plan):
