@@ -52,26 +52,27 @@ def cmd_train(args) -> int:
         print(f"[hvdllm] rank {env_rank()}: {e}", file=sys.stderr)
         return 2
     backend = load_backend(cfg.backend)
-    rt = None
-    try:
-        rt = runtime.start(backend, cfg.aggregation, process_set_groups(cfg))
-        from .layout import Layout
-        if Layout.from_config(cfg, rt.size, rt.rank).role() != "trainer":
-            from .strategies.roles import run_role  # parameter servers, evaluators, generators
-            summary = run_role(cfg, rt, backend)
-        else:
-            from .trainer import Trainer
-            summary = Trainer(cfg, rt, backend).run()
-        if config_mod.extra_ranks(cfg):  # role ranks leave only once the trainers are done
-            from .strategies.roles import final_barrier
-            final_barrier(cfg, rt)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        runtime.fail(rt, e)
+    rt, summary = runtime.run_guarded(
+        lambda: runtime.start(backend, cfg.aggregation, process_set_groups(cfg)),
+        lambda rt: _run_rank(cfg, rt, backend))
     if rt.rank == 0:
         _print_summary(cfg, summary)
     return 0
+
+
+def _run_rank(cfg, rt, backend) -> dict:
+    """This rank's part: a trainer, or a role (parameter server, evaluator, generator)."""
+    from .layout import Layout
+    if Layout.from_config(cfg, rt.size, rt.rank).role() != "trainer":
+        from .strategies.roles import run_role
+        summary = run_role(cfg, rt, backend)
+    else:
+        from .trainer import Trainer
+        summary = Trainer(cfg, rt, backend).run()
+    if config_mod.extra_ranks(cfg):  # role ranks leave only once the trainers are done
+        from .strategies.roles import final_barrier
+        final_barrier(cfg, rt)
+    return summary
 
 
 def _print_summary(cfg, s: dict) -> None:

@@ -102,6 +102,19 @@ def fail(rt: Runtime | None, exc: BaseException, code: int | None = None) -> Non
     os._exit(code)           # Gloo: horovodrun ends the others when one rank exits non-zero
 
 
+def run_guarded(start, body):
+    """`rt = start(); body(rt)` -> (rt, result). Any exception on this rank, before or after
+    Horovod started, ends every rank with its message (`fail`); a clean SystemExit passes."""
+    rt = None
+    try:
+        rt = start()
+        return rt, body(rt)
+    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        fail(rt, e)
+
+
 def _install_signal_handlers(rt: Runtime) -> None:
     def on_term(signum, frame):
         sys.stderr.write(f"[hvdllm] rank {rt.rank}: stopped by signal {signum} (another rank failed "

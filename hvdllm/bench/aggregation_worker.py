@@ -451,15 +451,10 @@ def main(argv=None) -> int:
                                        cycle_time_ms=args.cycle_time_ms)
     if "profile" in args.sections:  # Horovod reads it at init; a job with it is for profiling only
         os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
-    rt, result = None, None
-    try:
-        rt = runtime.start(backend, agg)
+    def body(rt):
         rt.require_mpi("bench aggregation (the mpi4py baseline)")
-        result = run(args, rt)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        runtime.fail(rt, e)
+        return run(args, rt)
+    _, result = runtime.run_guarded(lambda: runtime.start(backend, agg), body)
     if result is not None and args.out:
         common.write_json(args.out, result)
     return 0

@@ -427,14 +427,7 @@ def main(argv=None) -> int:
 
     from hvdllm import runtime
     backend = importlib.import_module(BACKEND_MODULES[args.backend])
-    rt = None
-    try:
-        rt = runtime.start(backend)
-        result = run(args, rt)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        runtime.fail(rt, e)
+    _, result = runtime.run_guarded(lambda: runtime.start(backend), lambda rt: run(args, rt))
     if result is not None and args.out:
         common.write_json(args.out, result)
     return 0

@@ -346,18 +346,16 @@ def main(argv=None) -> int:
     from hvdllm import runtime
     from hvdllm.cli import env_world_size, process_set_groups
     import torch_backend
-    rt, result = None, None
-    try:
+    def start():
         base = model_config(args, env_world_size())
         groups = process_set_groups(variant_config(base, "1f1b", 1, base.train.batch_size))
-        rt = runtime.start(torch_backend, base.aggregation, groups)
+        return runtime.start(torch_backend, base.aggregation, groups)
+
+    def body(rt):
         if rt.size < 2:
             raise ValueError("the pipeline benchmark needs at least 2 ranks (mpirun -np p, p >= 2)")
-        result = run(args, rt)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        runtime.fail(rt, e)
+        return run(args, rt)
+    _, result = runtime.run_guarded(start, body)
     if result is not None and args.out:
         common.write_json(args.out, result)
     return 0
