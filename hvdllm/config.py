@@ -31,6 +31,10 @@ class ModelConfig:
     dropout: float = doc("dropout probability (0 keeps runs bit-reproducible)", 0.0)
     layers: str = doc("a user's model as 'module:function' returning an ordered list of layers (torch "
                       "nn.Modules, or Keras layers / callables for TensorFlow); '' = the built-in GPT", "")
+    tp_plan: str = doc("with model.layers and parallel.tp > 1: which Linear / Dense modules split, as "
+                       "'pattern=style, ...' with fnmatch patterns over module paths ('1.fc', '4') and "
+                       "styles column, row or replicate, e.g. '*.fc=column, *.proj=row' (see "
+                       "hvdllm/user_model.py)", "")
 
 
 @dataclass
@@ -337,7 +341,8 @@ def _pipeline_problems(cfg: Config) -> list[str]:
         p.append("parallel.virtual_stages: only the 'interleaved' schedule uses more than 1")
     if par.tp > 1:
         from .strategies.tensor_parallel import problems
-        p.extend(problems(cfg.model, par.tp))
+        if not cfg.model.layers:   # the built-in GPT's split; a user's list has model.tp_plan
+            p.extend(problems(cfg.model, par.tp))
         for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every)):
             if bad:
                 p.append(f"{key}: not combinable with parallel.tp > 1 yet")
@@ -355,7 +360,8 @@ def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
 
     Servers hold the whole optimizer and take plain float32 gradients from workers that each hold
     the whole model: so no pipeline / tensor parallelism, ZeRO, local SGD or other reduction op.
-    Evaluators and generators take snapshots from trainer rank 0, which must hold the whole model.
+    Evaluators and generators take snapshots that trainer rank 0 sends (gathered from pipeline
+    stages and tensor-parallel slices when it does not hold the whole model): any layout works.
     """
     p, ps, ro, par, agg = [], cfg.ps, cfg.roles, cfg.parallel, cfg.aggregation
     if ps.servers:
@@ -377,12 +383,8 @@ def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
     if world_size is not None and ps.straggler_rank >= max(1, world_size - extra_ranks(cfg)):
         p.append(f"ps.straggler_rank: {ps.straggler_rank} is not a trainer rank (trainers are ranks "
                  f"0..{world_size - extra_ranks(cfg) - 1})")
-    if ro.evaluators or ro.generators:
-        if par.pp != 1 or par.tp != 1:
-            p.append("roles.evaluators / roles.generators: snapshots come from trainer rank 0, which "
-                     "holds the whole model only with parallel.pp = parallel.tp = 1")
-        if ro.snapshot_every < 1:
-            p.append(f"roles.snapshot_every: must be >= 1, got {ro.snapshot_every}")
+    if (ro.evaluators or ro.generators) and ro.snapshot_every < 1:
+        p.append(f"roles.snapshot_every: must be >= 1, got {ro.snapshot_every}")
     if not 0 <= ro.nice <= 19:
         p.append(f"roles.nice: must be in 0..19, got {ro.nice}")
     if ro.generators and cfg.train.sample_tokens < 1:

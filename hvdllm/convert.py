@@ -1,8 +1,11 @@
-"""`hvdllm convert SRC OUT`: one unsharded parameters file from a run or a checkpoint.
+"""`hvdllm convert SRC OUT`: one unsharded file from a run or a checkpoint.
 
-Checkpoints are always written whole (rank 0 gathers tensor-parallel slices and pipeline stages),
-so this only drops the optimizer state and, with --hf, renames to Hugging Face GPT-2 keys
-(`transformer.h.0.attn.c_attn.weight`, ...; the (in, out) Conv1D layout is already GPT-2's).
+A checkpoint is a folder of shards (checkpoint.py: one file per pipeline stage and tensor rank,
+each array's slices with their placement). This reassembles every array whole and writes one
+.npz: the parameters only, or with --optimizer also the AdamW moments and step, which makes the
+file a single-file checkpoint that `train.resume` loads under any layout when placed in
+`checkpoints/` as step_XXXXXXXX.npz. With --hf the parameters are renamed to Hugging Face GPT-2
+keys (`transformer.h.0.attn.c_attn.weight`, ...; the (in, out) Conv1D layout is already GPT-2's).
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ from .errors import CheckpointError
 
 def resolve(src) -> Path:
     p = Path(src)
+    if (p / checkpoint.MANIFEST).exists():   # a checkpoint folder itself
+        return p
     if p.is_dir():
         latest = checkpoint.latest(p)
         if latest is None:
             raise CheckpointError(f"no checkpoint under {p / 'checkpoints'}")
         return latest
     if not p.exists():
-        raise CheckpointError(f"{p} does not exist: pass a run's out_dir or a step_*.npz file")
+        raise CheckpointError(f"{p} does not exist: pass a run's out_dir or a checkpoints/step_* folder")
     return p
 
 
@@ -35,7 +40,8 @@ def hf_name(name: str) -> str:
 def run(args) -> int:
     src = resolve(args.src)
     state, meta = checkpoint.load(src)
-    params = {k: v for k, v in state.items() if not k.startswith(("optim.", "localsgd."))}
+    keep_all = getattr(args, "optimizer", False) and not args.hf
+    params = {k: state[k] for k in state if keep_all or not k.startswith(("optim.", "localsgd."))}
     if args.hf:
         params = {hf_name(k): v for k, v in params.items()}
         params["lm_head.weight"] = params["transformer.wte"]
@@ -45,6 +51,7 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
+        meta = {k: v for k, v in meta.items() if k not in ("format", "shards")}
         np.savez(f, **params, __meta__=np.array(json.dumps({**meta, "converted_from": str(src)})))
     os.replace(tmp, out)
     n = sum(int(v.size) for k, v in params.items() if k != "lm_head.weight")

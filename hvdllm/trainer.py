@@ -65,8 +65,9 @@ class Trainer:
             (self.out / "config.toml").write_text(to_toml(cfg))
             self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None)
         # Task separation (strategies/roles.py): rank 0 offers weight snapshots to role ranks.
-        self.publisher = (roles.SnapshotPublisher(cfg, self.layout, rt, self.log.write)
-                          if self.is_root and roles.has_roles(self.layout) else None)
+        # Under pp / tp every trainer rank helps gather the weights (None where it has no part).
+        self.publisher = roles.publisher(cfg, self.layout, rt, backend, self.watchdog,
+                                         self.log.write if self.is_root else None)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.train.resume:
@@ -151,15 +152,25 @@ class Trainer:
         return rec
 
     def save(self, step: int) -> None:
-        # Every rank takes part (gathering sharded optimizer state is collective); replicas
-        # then hold identical state and rank 0 writes for everyone.
+        """A sharded checkpoint (checkpoint.py): every trainer rank takes part (ZeRO-1 gathers its
+        optimizer shards), the dp-rank-0 process of each (pipeline stage, tp rank) writes its
+        slice, and after a barrier rank 0 writes the manifest and publishes the folder."""
+        lay = self.layout
         with self.watchdog.deadline(self.cfg.train.step_timeout, f"checkpoint at step {step}"):
-            state = self.engine.state_dict()
-            if not self.is_root:
-                return
-            meta = {"config": self.cfg.to_dict(), "layout": self.layout.describe(),
-                    "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
-            checkpoint.save(self.out, step, state, meta, self.cfg.train.keep_checkpoints)
+            if hasattr(self.engine, "shard_state"):
+                local, placements = self.engine.shard_state()
+            else:   # parameter-server workers: trainer rank 0 fetches the whole state
+                local, placements = self.engine.state_dict(), {}
+            if lay.dp_rank == 0:
+                checkpoint.write_shard(self.out, step, checkpoint.shard_name(lay.pp_rank, lay.tp_rank),
+                                       local, placements)
+            if lay.pp * lay.tp > 1:   # every shard on disk before rank 0 publishes the folder
+                self.backend.Collectives(self.rt.process_set(lay.role_ranks("trainer"))).barrier()
+            if self.is_root:
+                meta = {"config": self.cfg.to_dict(), "layout": lay.describe(),
+                        "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
+                names = [checkpoint.shard_name(p, t) for p in range(lay.pp) for t in range(lay.tp)]
+                checkpoint.finalize(self.out, step, names, meta, self.cfg.train.keep_checkpoints)
 
     def finish(self, summary: dict) -> dict:
         t = self.cfg.train

@@ -17,9 +17,33 @@ Contract (both backends' SequentialEngine, torch_backend/sequential.py and tf_ba
 - Partitioning over pipeline stages (parallel.partition): 'uniform' (one per layer), 'params'
   (parameter count per layer) or 'time' (forward+backward seconds per layer, measured once on
   world rank 0 and broadcast, so every rank splits the same way); see strategies/partition.py.
+- Tensor parallelism (parallel.tp > 1) follows `model.tp_plan`, comma-separated `pattern=style`
+  entries, e.g. "*.fc=column, *.proj=row". Patterns are fnmatch patterns (`*` also spans dots)
+  over module paths: "{layer_index}" for a layer of the list, "{layer_index}.{attr}" for its
+  sub-modules, nested attributes joined by dots and list/Sequential members by their index
+  ("1.fc", "2.blocks.0.proj"): torch, the layer's named_modules(); Keras, its public attributes
+  that hold Keras layers (or lists of them). So one plan string serves the same model written in
+  either framework. The first entry that matches a path gives its style:
+    column     a torch nn.Linear / Keras Dense split along its output features: its input passes
+               f (identity forward, allreduce of the gradient backward over the tp group), its
+               output stays split;
+    row        split along its input features (so it takes a column module's split output): its
+               partial output is allreduced forward (g), then the bias is added once;
+    replicate  every tp rank holds it whole (the default for anything unmatched).
+  Rules, checked before training (ConfigError naming model.tp_plan): every pattern matches some
+  module; column / row name an nn.Linear / Dense (a subclass that overrides forward / call is not
+  one); tp divides their output / input features; parallel.tp > 1 needs a plan; and every layer
+  of the list must still return what it returned without the plan (checked on the probe batch),
+  so a column module's split output must reach a row module inside the same layer. Weights are
+  cut from the identically seeded whole layer, so tp = 2 computes what tp = 1 does. Split
+  parameters and their AdamW moments are stored as slices (placement.py): torch weights are
+  (out, in), so column splits axis 0 and row axis 1; Keras kernels are (in, out), so column
+  splits axis 1 and row axis 0; a column bias splits, a row bias does not. A checkpoint written
+  at one tp loads at any other (or without a plan at tp = 1).
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import importlib.util
 import random
@@ -28,9 +52,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from . import placement
+from .errors import CheckpointError, ConfigError
 
 KEY = "model.layers"
+PLAN_KEY = "model.tp_plan"
+TP_STYLES = ("column", "row", "replicate")
 
 
 def error(text: str) -> ConfigError:
@@ -42,19 +69,24 @@ def problems(cfg) -> list[str]:
     """Configuration rules for a user's layer list (called from config.validate)."""
     spec = cfg.model.layers
     if not spec:
-        return []
+        return [f"{PLAN_KEY}: applies to a user's layer list ({KEY}); the built-in GPT has its own "
+                f"tensor-parallel plan"] if cfg.model.tp_plan.strip() else []
     p = []
     mod, _, fn = spec.rpartition(":")
     if not mod or not fn:
         p.append(f"{KEY}: {spec!r} is not 'module:function' (e.g. 'mypkg.models:build' or "
                  f"'models.py:build')")
     par = cfg.parallel
-    for key, bad in (("parallel.tp", par.tp > 1), ("parallel.zero", par.zero),
+    p.extend(parse_plan(cfg.model.tp_plan)[1])
+    if par.tp > 1 and not parse_plan(cfg.model.tp_plan)[0]:
+        p.append(f"{PLAN_KEY}: parallel.tp={par.tp} with {KEY} needs a plan naming the Linear / Dense "
+                 f"modules to split, e.g. '*.fc=column, *.proj=row'")
+    for key, bad in (("parallel.zero", par.zero),
                      ("localsgd.every", cfg.localsgd.every), ("ps.servers", cfg.ps.servers),
                      ("roles.evaluators", cfg.roles.evaluators), ("roles.generators", cfg.roles.generators)):
         if bad:
-            p.append(f"{key}: not combinable with {KEY} (a user's layer list runs data and pipeline "
-                     f"parallelism only)")
+            p.append(f"{key}: not combinable with {KEY} (a user's layer list runs data, pipeline "
+                     f"and tensor parallelism only)")
     return p
 
 
@@ -149,3 +181,136 @@ def split(costs: list[float], parts: int, method: str, rt, measure) -> list[tupl
             raise error(f"{len(costs)} layers cannot fill {parts} pipeline parts (parallel.pp x "
                         f"parallel.virtual_stages); lower parallel.pp") from e
         raise
+
+
+# -- tensor parallelism by model.tp_plan ---------------------------------------------------------
+def plan_error(problems) -> ConfigError:
+    """A ConfigError naming model.tp_plan, one line per problem."""
+    problems = [problems] if isinstance(problems, str) else problems
+    return ConfigError([f"{PLAN_KEY}: " + " ".join(str(t).split()) for t in problems])
+
+
+def parse_plan(text: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """'pattern=style, ...' -> ([(pattern, style)], problems)."""
+    entries, p = [], []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        pattern, eq, style = (s.strip() for s in item.partition("="))
+        if not eq or not pattern or not style:
+            p.append(f"{PLAN_KEY}: {item.strip()!r} is not 'pattern=style' (e.g. '*.fc=column')")
+        elif style not in TP_STYLES:
+            p.append(f"{PLAN_KEY}: {item.strip()!r}: unknown style {style!r}; use column, row or replicate")
+        else:
+            entries.append((pattern, style))
+    return entries, p
+
+
+def resolve_plan(text: str, modules: dict, tp: int, kind: str) -> dict[str, str]:
+    """{module path: 'column' | 'row'} for the modules the plan splits. `modules`: every module
+    path of the whole list (in order) -> (in_features, out_features) for a splittable `kind`
+    (nn.Linear / Dense), None for anything else. Raises one ConfigError with every problem."""
+    entries, p = parse_plan(text)
+    styles = {}
+    for pattern, style in entries:
+        hits = [m for m in modules if fnmatch.fnmatchcase(m, pattern)]
+        if not hits:
+            p.append(f"{pattern!r} matches no module; the paths are e.g. "
+                     + ", ".join(list(modules)[:12]) + (" ..." if len(modules) > 12 else ""))
+        for path in hits:
+            styles.setdefault(path, style)   # the first matching entry decides
+    out = {}
+    for path, style in styles.items():
+        if style == "replicate":
+            continue
+        if modules[path] is None:
+            p.append(f"{path!r} ({style}) is not a {kind}")
+            continue
+        n = modules[path][1 if style == "column" else 0]
+        if n % tp:
+            p.append(f"{path!r} ({style}): its {n} {'output' if style == 'column' else 'input'} "
+                     f"features are not divisible by parallel.tp={tp}")
+        out[path] = style
+    if p:
+        raise plan_error([x.removeprefix(f"{PLAN_KEY}: ") for x in p])
+    return out
+
+
+def split_placement(style: str, role: str, out_axis: int, tp: int, rank: int) -> dict | None:
+    """Where tp rank `rank`'s slice of a column / row module's 'weight' or 'bias' sits;
+    `out_axis` is the weight's output-feature axis (torch Linear 0, Keras Dense kernel 1)."""
+    if role == "bias":
+        return placement.make(0, tp, rank) if style == "column" else None
+    return placement.make(out_axis if style == "column" else 1 - out_axis, tp, rank)
+
+
+def with_moments(placements: dict) -> dict:
+    """Parameter placements plus those of their AdamW moments ('optim.m.<name>', 'optim.v.<name>')."""
+    out = dict(placements)
+    for n, pl in placements.items():
+        out[f"optim.m.{n}"] = out[f"optim.v.{n}"] = pl
+    return out
+
+
+def check_output(layer_index: int, got: np.ndarray, want: np.ndarray) -> None:
+    """A layer under the plan must return what the whole layer returned on the probe batch."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise plan_error(f"layer {layer_index} returns shape {tuple(got.shape)} under the plan, "
+                         f"{tuple(want.shape)} without it: a column module's split output must reach "
+                         f"a row module inside the same layer")
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+        raise plan_error(f"layer {layer_index} computes other values under the plan (max difference "
+                         f"{float(np.max(np.abs(got - want))):.3g}): a row module must take a column "
+                         f"module's split output, and nothing between them may mix features")
+
+
+def check_state(state, shapes: dict[str, tuple], spec: str) -> None:
+    """Every name in `shapes` present in a checkpoint's state with that whole shape."""
+    have = getattr(state, "shapes", None)
+
+    def shape(n):
+        return tuple(have[n]) if have is not None else tuple(np.shape(state[n]))
+    p = [f"{n}: missing" for n in shapes if n not in state]
+    p += [f"{n}: {shape(n)} != {tuple(s)}" for n, s in shapes.items() if n in state and shape(n) != tuple(s)]
+    if p:
+        raise CheckpointError(f"checkpoint does not match {KEY}={spec}: " + "; ".join(p[:5]))
+
+
+def load_slices(state, weights: list[str], trainable: list[str], shapes: dict, placements: dict,
+                spec: str) -> dict:
+    """For an engine's load_state_dict: check the `weights` against their whole `shapes`, then
+    this rank's slices of them, of the `trainable` ones' AdamW moments and of optim.step."""
+    check_state(state, {n: shapes[n] for n in weights}, spec)
+    return local_state(state, weights + [f"optim.{k}.{n}" for k in "mv" for n in trainable] + ["optim.step"],
+                       placements)
+
+
+def local_state(state, names, placements: dict) -> dict:
+    """This rank's slices of the `names` present in `state` (a dict of whole arrays, or a
+    checkpoint.Sharded, which reads only the shard files it needs)."""
+    if hasattr(state, "slice"):
+        return {n: state.slice(n, placements.get(n)) for n in names if n in state}
+    return {n: placement.take(np.asarray(state[n]), placements.get(n)) for n in names if n in state}
+
+
+def gather_whole(local: dict, placements: dict, allgather) -> dict:
+    """{name: whole array}: tp-split arrays gathered over the tp group (`allgather(name, a)` ->
+    every tp rank's slice stacked, in rank order; every tp rank calls this), the rest as they are."""
+    out = {}
+    for n, a in local.items():
+        pl = placements.get(n)
+        if pl is None:
+            out[n] = a
+            continue
+        every = allgather(n, np.ascontiguousarray(a))
+        out[n] = placement.assemble([(s, placement.make(pl["axis"], pl["parts"], r, pl["groups"]))
+                                     for r, s in enumerate(every)])
+    return out
+
+
+def grad_norm_sq(named_sq, split: set, tp_sum) -> float:
+    """Squared gradient norm over a stage's tp group: split parameters summed over the group
+    (`tp_sum`, called on every tp rank), replicated ones counted once."""
+    named_sq = list(named_sq)
+    return (tp_sum(sum(s for n, s in named_sq if n in split))
+            + sum(s for n, s in named_sq if n not in split))

@@ -1,9 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 
 from hvdllm import checkpoint, lr
 from hvdllm.config import OptimConfig
 from hvdllm.errors import CheckpointError
+from hvdllm.strategies import tensor_parallel as tp_plan
 
 
 def test_atomic_save_load_prune(tmp_path):
@@ -15,16 +18,64 @@ def test_atomic_save_load_prune(tmp_path):
     assert meta["step"] == 3 and meta["x"] == 1
     np.testing.assert_array_equal(got["a"], state["a"])
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    checkpoint.save(tmp_path, 3, {"a": np.zeros((2, 3))}, {})   # the same step again replaces it
+    np.testing.assert_array_equal(checkpoint.load(checkpoint.latest(tmp_path))[0]["a"], 0)
 
 
-def test_half_written_file_is_ignored_and_corrupt_file_named(tmp_path):
+def test_unfinished_checkpoint_is_ignored_and_corrupt_one_named(tmp_path):
     checkpoint.save(tmp_path, 5, {"a": np.zeros(2)}, {})
-    (tmp_path / "checkpoints" / ".step_00000006.npz.tmp-1").write_bytes(b"partial")
-    assert checkpoint.latest(tmp_path).name == "step_00000005.npz"
-    bad = tmp_path / "checkpoints" / "step_00000007.npz"
-    bad.write_bytes(b"garbage")
+    # a crash after a writer's shard, before rank 0's manifest and rename: not a checkpoint
+    checkpoint.write_shard(tmp_path, 6, checkpoint.shard_name(0, 0), {"a": np.ones(2)}, {})
+    assert checkpoint.latest(tmp_path).name == "step_00000005"
+    bad = tmp_path / "checkpoints" / "step_00000007"
+    bad.mkdir()
+    (bad / checkpoint.MANIFEST).write_text("{garbage")
     with pytest.raises(CheckpointError, match="step_00000007"):
         checkpoint.load(bad)
+
+
+def test_old_single_file_checkpoints_load(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    np.savez(folder / "step_00000004.npz", a=np.arange(3), __meta__=np.array(json.dumps({"step": 4})))
+    state, meta = checkpoint.load(checkpoint.latest(tmp_path))
+    assert meta["step"] == 4 and list(state["a"]) == [0, 1, 2]
+
+
+def test_shards_reassemble_under_any_split(tmp_path):
+    """Writers at tp=2 and pp=2 (qkv-fused, column, row, vocab and replicated arrays); the
+    loader rebuilds whole arrays and cuts tp=1, 2 and 4 slices equal to slicing the whole."""
+    rng = np.random.default_rng(0)
+    C = 8
+    whole = {"h.0.attn.c_attn.weight": rng.normal(size=(C, 3 * C)), "h.0.mlp.c_fc.bias": rng.normal(size=4 * C),
+             "h.0.mlp.c_proj.weight": rng.normal(size=(4 * C, C)), "wte": rng.normal(size=(16, C)),
+             "h.1.ln_1.weight": rng.normal(size=C), "optim.step": np.array(7)}
+    stage = {"h.0.attn.c_attn.weight": 0, "h.0.mlp.c_fc.bias": 0, "h.0.mlp.c_proj.weight": 0, "wte": 0,
+             "h.1.ln_1.weight": 1, "optim.step": None}
+    names = []
+    for pp in (0, 1):
+        for t in (0, 1):
+            mine = {k: v for k, v in whole.items() if stage[k] in (pp, None) or k == "wte"}  # wte tied: both stages
+            local = {k: tp_plan.shard(k, v, 2, t) for k, v in mine.items()}
+            checkpoint.write_shard(tmp_path, 9, checkpoint.shard_name(pp, t), local, tp_plan.placements(local, 2, t))
+            names.append(checkpoint.shard_name(pp, t))
+    path = checkpoint.finalize(tmp_path, 9, names, {"layout": "dp1 x pp2 x tp2"})
+    state, meta = checkpoint.load(path)
+    assert meta["layout"] == "dp1 x pp2 x tp2" and sorted(state) == sorted(whole)
+    for k, v in whole.items():
+        assert state.shapes[k] == v.shape
+        np.testing.assert_array_equal(state[k], v)
+    for tp in (1, 2, 4):
+        for r in range(tp):
+            got = tp_plan.shard_state(state, tp, r)
+            for k, v in whole.items():
+                np.testing.assert_array_equal(got[k], tp_plan.shard(k, v, tp, r), err_msg=f"{k} tp={tp} r={r}")
+
+
+def test_missing_shard_names_the_shared_file_system(tmp_path):
+    checkpoint.write_shard(tmp_path, 1, checkpoint.shard_name(0, 0), {"a": np.zeros(2)}, {})
+    with pytest.raises(CheckpointError, match="every node sees"):
+        checkpoint.finalize(tmp_path, 1, [checkpoint.shard_name(0, 0), checkpoint.shard_name(0, 1)], {})
 
 
 def test_shape_check():

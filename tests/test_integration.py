@@ -41,7 +41,7 @@ def test_dp_equals_single_process(tmp_path, backend):
     np.testing.assert_allclose(losses(dp4), ref, rtol=2e-4)
     np.testing.assert_allclose(losses(dp2, "val_loss"), losses(single, "val_loss"), rtol=2e-4)
     assert (dp2 / "loss.png").stat().st_size > 1000 and (dp2 / "sample.txt").exists()
-    assert (dp2 / "checkpoints" / "step_00000006.npz").exists()
+    assert (dp2 / "checkpoints" / "step_00000006" / "manifest.json").exists()
 
 
 @pytest.mark.integration

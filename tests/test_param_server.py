@@ -76,9 +76,9 @@ def test_sync_ps_equals_single_process(tmp_path, single):
     for i in range(servers):
         log = server_log(out, i)
         assert len(log) == 2 * 6 and all(x["gap"] == 0 and x["staleness"] == 0 for x in log)
-    assert (out / "checkpoints" / "step_00000006.npz").exists()
+    assert (out / "checkpoints" / "step_00000006" / "manifest.json").exists()
     shutil.copytree(out, tmp_path / "resumed")
-    (tmp_path / "resumed" / "checkpoints" / "step_00000006.npz").unlink()
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
     r, res = train(tmp_path, "resumed", 3, ["backend=tensorflow", "train.batch_size=4", "ps.servers=1",
                                             "train.resume=true"])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
@@ -116,6 +116,27 @@ def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path):
     # ssp, tau = 1: no push was computed more than 1 step ahead of the slowest worker
     assert max(x["gap"] for x in logs["ssp"]) <= 1
     assert min(x["gap"] for x in logs["ssp"]) >= 0
+
+
+@pytest.mark.integration
+def test_async_ps_with_tensorflow_workers_and_an_evaluator(tmp_path):
+    """The same async run with TensorFlow workers (the servers are numpy, the protocol the
+    core's): worker 1 is 5x slower, worker 0 runs ahead, the budget of pushes is spent and the
+    model converges; an evaluator beside the TF trainers saw the final weights and its numbers
+    equal the trainers' own final evaluation."""
+    r, out = train(tmp_path, "tf-async", 4, ASYNC + ["backend=tensorflow", "ps.mode=async",
+                                                     "roles.evaluators=1", "roles.snapshot_every=4"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    val = [x for x in metrics.read(out / "metrics.jsonl") if "val_loss" in x and "role" not in x]
+    assert len(val) == 1 and val[-1]["val_loss"] < CONVERGED, val
+    log = server_log(out)
+    assert len([x for x in log if x["applied"]]) == 2 * 20
+    per_worker = {w: sum(x["worker"] == w for x in log) for w in (0, 1)}
+    assert per_worker[0] > per_worker[1] and max(x["gap"] for x in log) > 1, per_worker
+    ev = [x for x in metrics.read(out / "metrics.jsonl") if x.get("role") == "evaluator"]
+    assert ev[-1]["step"] == val[-1]["step"]
+    np.testing.assert_allclose([ev[-1]["val_loss"], ev[-1]["val_acc"]], [val[-1]["val_loss"], val[-1]["val_acc"]],
+                               rtol=1e-5)
 
 
 @pytest.mark.integration

@@ -1,9 +1,10 @@
 """Task separation (hvdllm/strategies/roles.py): evaluators and generators beside the trainers.
 
 An evaluator's numbers equal an offline evaluation of the same weights (the trainers' checkpoint
-of that step); generators answer a prompts file; records reach metrics.jsonl once; and trainers'
-step time with a busy evaluator attached is measured (it skips snapshots instead of making the
-trainers wait)."""
+of that step); generators answer a prompts file; records reach metrics.jsonl once; trainers' step time with a
+busy evaluator attached is measured (it skips snapshots instead of making the trainers wait); and
+beside pipeline (torch) and tensor (TensorFlow) parallel trainers, which gather the snapshot, the
+evaluator's numbers equal the trainers' own evaluation of the same step."""
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from hvdllm import metrics
+from hvdllm import config, metrics
+from hvdllm.errors import ConfigError
 from launch_util import ROOT, env
 from test_integration import train
 
@@ -48,6 +50,15 @@ def offline_eval(out, steps, dp) -> dict:
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("OFFLINE "))
     return {int(k): v for k, v in json.loads(line[len("OFFLINE "):]).items()}
+
+
+def test_roles_config_rules():
+    """Roles go beside any trainer grid (pp, tp, both); only snapshot_every must be >= 1."""
+    for grid, world in ((["parallel.pp=2"], 3), (["parallel.tp=2"], 3), (["parallel.pp=2", "parallel.tp=2"], 6)):
+        config.validate(config.load(None, grid + ["roles.evaluators=1", "model.vocab_size=256"] +
+                                    (["roles.generators=1"] if world == 6 else [])), world)
+    with pytest.raises(ConfigError, match="roles.snapshot_every"):
+        config.validate(config.load(None, ["roles.evaluators=1", "roles.snapshot_every=0"]), 2)
 
 
 def records(out, role):
@@ -115,3 +126,36 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
     # weights, and snapshots offered while it was busy were skipped instead of waited for.
     assert ev[-1]["step"] == 30
     assert pub["snapshots_skipped"] > 0 and pub["snapshots_sent"] >= len(ev) - 1, pub
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend,grid", [("torch", "pp2"), ("tensorflow", "tp2")])
+def test_evaluator_beside_pipeline_and_tensor_parallel(tmp_path, backend, grid):
+    """An evaluator beside trainers none of which holds the whole model: dp1 x pp2 (torch, plus
+    a generator) and dp1 x tp2 (TensorFlow). On snapshot steps the trainers share rank 0's
+    decision and gather the weights (pipeline stages to rank 0, tensor-parallel slices by
+    allgather); the evaluator's whole-model numbers equal the trainers' own sharded evaluation of
+    the same step. The trainers evaluate every step, so every snapshot taken has its reference."""
+    # the pipeline run has a generator too (rank 3); roles.nice=0: on this loaded machine a
+    # niced evaluator often starts too late for any snapshot but the final one
+    par = {"pp2": ["parallel.pp=2", "parallel.microbatches=2", "roles.generators=1"],
+           "tp2": ["parallel.tp=2"]}[grid]
+    r, out = train(tmp_path, grid, 3 + (grid == "pp2"),
+                   [f"backend={backend}", "train.batch_size=4", *par, "train.steps=10", "train.eval_every=1",
+                    "train.checkpoint_every=0", "roles.evaluators=1", "roles.snapshot_every=2", "roles.nice=0"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    if grid == "pp2":
+        assert records(out, "generator")[-1]["step"] == 10
+        assert "### prompt 0" in (out / "samples" / "step_00000010_rank3.txt").read_text()
+    ev = records(out, "evaluator")
+    trainer_val = {q["step"]: q for q in metrics.read(out / "metrics.jsonl") if "val_loss" in q and "role" not in q}
+    assert ev and ev[-1]["step"] == 10 and len({x["step"] for x in ev}) == len(ev)
+    for x in ev:
+        np.testing.assert_allclose([x["val_loss"], x["val_acc"]],
+                                   [trainer_val[x["step"]]["val_loss"], trainer_val[x["step"]]["val_acc"]],
+                                   rtol=1e-5, err_msg=f"step {x['step']}")
+    pub = records(out, "publisher")
+    n_roles = 1 + (grid == "pp2")
+    assert len(pub) == 1 and pub[0]["snapshots_sent"] == len(ev) + len(records(out, "generator")), pub
+    assert pub[0]["snapshots_sent"] + pub[0]["snapshots_skipped"] >= 5 * n_roles, pub
+    print(f"\n{grid}: evaluator steps {[x['step'] for x in ev]}, publisher {pub[0]}")

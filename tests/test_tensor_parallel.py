@@ -1,10 +1,12 @@
 """Issue 5 at the integration tier: tensor parallelism and 3-D layouts reproduce the single-process
 run, and a checkpoint saved under one layout resumes under another with the same losses."""
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
+from hvdllm import checkpoint
 from launch_util import mpirun_argv, run
 from test_integration import losses, train
 
@@ -38,14 +40,19 @@ def test_3d_layouts_equal_single_process_and_reshard(tmp_path, backend):
         assert r.returncode == 0, f"{name}\n{r.stdout[-4000:]}"
         np.testing.assert_allclose(losses(d), losses(ref), rtol=1e-5, err_msg=name)
     # Saved at (dp,pp,tp) = (2,2,2) after step 3 (the step-3 checkpoint), resumed elsewhere:
-    # each resumed trajectory equals the uninterrupted one.
+    # each resumed trajectory equals the uninterrupted one. The checkpoint is 4 shard files
+    # (pp x tp), written by the dp-rank-0 process of each position; nothing was gathered.
     saved = tmp_path / "dp2xpp2xtp2" / "checkpoints"
+    state, meta = checkpoint.load(saved / "step_00000003")
+    assert sorted(p.name for p in (saved / "step_00000003").glob("*.npz")) == \
+        ["pp0-tp0.npz", "pp0-tp1.npz", "pp1-tp0.npz", "pp1-tp1.npz"]
+    assert "dp=2 pp=2 tp=2" in meta["layout"] and state.shapes["h.0.attn.c_attn.weight"] == (32, 96)
+    assert state.arrays["h.0.attn.c_attn.weight"]["shards"][0][1]["groups"] == 3
     for name, np_, sets in [("to111", 1, ["train.batch_size=8"]),
                             ("to412", 8, ["parallel.tp=2", "train.batch_size=2"]),
                             ("to121", 2, ["parallel.pp=2", "parallel.microbatches=2", "train.batch_size=8"])]:
         out = tmp_path / name
-        (out / "checkpoints").mkdir(parents=True)
-        (out / "checkpoints" / "step_00000003.npz").write_bytes((saved / "step_00000003.npz").read_bytes())
+        shutil.copytree(saved / "step_00000003", out / "checkpoints" / "step_00000003")
         r, d = train(tmp_path, name, np_, b + sets + ["train.resume=true"], timeout=400)
         assert r.returncode == 0 and "resumed from" in r.stdout, f"{name}\n{r.stdout[-4000:]}"
         np.testing.assert_allclose(losses(d)[-3:], losses(ref)[-3:], rtol=1e-5, err_msg=name)
@@ -59,7 +66,14 @@ def test_convert_writes_one_unsharded_file(tmp_path):
     r = run([sys.executable, "-m", "hvdllm", "convert", str(d), str(out), "--hf"], timeout=120)
     assert r.returncode == 0, r.stdout
     z = np.load(out)
-    ck = np.load(d / "checkpoints" / "step_00000002.npz")
+    ck, _ = checkpoint.load(d / "checkpoints" / "step_00000002")
     np.testing.assert_array_equal(z["transformer.h.1.mlp.c_fc.weight"], ck["h.1.mlp.c_fc.weight"])
     assert z["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # whole, not a tp slice
     assert not [k for k in z.files if k.startswith("optim")]
+    # --optimizer keeps the moments: one unsharded file with everything the shards hold
+    r = run([sys.executable, "-m", "hvdllm", "convert", str(d), str(out), "--optimizer"], timeout=120)
+    assert r.returncode == 0, r.stdout
+    one, meta = checkpoint.load(out)
+    assert sorted(one) == sorted(ck) and meta["step"] == 2
+    for k in ck:
+        np.testing.assert_array_equal(one[k], ck[k], err_msg=k)

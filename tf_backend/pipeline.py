@@ -54,6 +54,7 @@ class PipelineEngine:
         self.cfg, self.layout, self.m = cfg, layout, cfg.parallel.microbatches
         par = cfg.parallel
         p, v, stage = layout.pp, par.virtual_stages, layout.pp_rank
+        # collective over COMM_WORLD: role ranks join it in strategies/roles.join_trainer_startup
         self.pp_comm = subcomms(rt.comm, layout, "pp")
         self.timeout = cfg.train.step_timeout
         self.chunks = pl.stage_chunks(pl.split_layers(cfg, rt, p * v, measure_layer_times), p, v, stage)
@@ -67,7 +68,7 @@ class PipelineEngine:
         self.opt = AdamW(self.vars, cfg.optim)
         self.pipe = pl.Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
         self.tied_peer = pl.tied_peer(p, self.model.layers, cfg.model.n_layer)
-        self.saved, self.grads, self.full_state = {}, {}, None
+        self.saved, self.grads = {}, {}
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
@@ -147,17 +148,19 @@ class PipelineEngine:
         return out
 
     def state_dict(self) -> dict:
+        """The whole model on pipeline rank 0 (gathered over tp and pp; collective)."""
         local = gather_full(self._local_state(), self.tp)
-        full = pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
-        if self.layout.pp_rank == 0:
-            self.full_state = full
-        return full
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
+
+    def shard_state(self) -> tuple[dict, dict]:
+        """This stage's (tp slice of its) parameters and moments, and their placements."""
+        local = self._local_state()
+        return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {k: v for k, v in state.items() if k.split("optim.m.")[-1].split("optim.v.")[-1] in self.names
-                or k == "optim.step"}
-        if self.tp:
-            mine = tp_plan.shard_state(mine, self.tp.size, self.tp.rank)
+        # only this stage's arrays (a sharded checkpoint reads just those)
+        keys = [*self.names, *(f"optim.{mv}.{n}" for mv in "mv" for n in self.names), "optim.step"]
+        mine = tp_plan.shard_state(state, self.tp.size if self.tp else 1, self.tp.rank if self.tp else 0, keys=keys)
         for n, v in zip(self.names, self.vars):
             v.assign(np.asarray(mine[n], np.float32))
         step = int(mine.get("optim.step", 0))
@@ -171,17 +174,24 @@ class PipelineEngine:
         return sum(int(np.prod(v.shape)) for v in self.vars)
 
     def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0):
-        """On pipeline rank 0, from the whole model gathered by the last state_dict() (the trainer
-        checkpoints at the final step, just before it samples); other stages return []."""
+        """Every stage calls it: the whole model is gathered to pipeline rank 0, which samples;
+        other stages return []."""
+        state = self.state_dict()
         if self.layout.pp_rank != 0:
             return []
-        if self.full_state is None:
-            raise RuntimeError("generate() under a pipeline needs a state_dict() first")
         full = GPT(self.cfg.model, self.cfg.train.seed)
         for n, v in full.params.items():
-            v.assign(np.asarray(self.full_state[n], np.float32))
+            v.assign(np.asarray(state[n], np.float32))
 
         def last_logits(ids):
             return full(tf.constant([ids], tf.int64))[0, -1].numpy().astype(np.float64)
         return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
                                  temperature, top_k, seed)
+
+    def full_params(self) -> dict:
+        """The whole parameters, without optimizer state, on pipeline rank 0 (other stages get
+        their own back): tp slices gathered, then every stage's arrays sent to the first.
+        Collective over this rank's tp group and pipeline. For the snapshots that trainers send
+        to evaluators and generators (hvdllm/strategies/roles.py)."""
+        local = gather_full({n: v.numpy() for n, v in zip(self.names, self.vars)}, self.tp)
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)

@@ -8,7 +8,9 @@ parallel.partition and each rank keeps its chunks. Per micro-batch one tf.Gradie
 that micro-batch's backward; after the last backward one grouped allreduce of this stage's
 gradients over its dp process set (Horovod), one allreduce of the squared gradient norm over the
 pipeline (MPI) for global clipping, and AdamW (tf_backend.engine.AdamW). With parallel.pp = 1 it
-is plain data parallelism over aggregation.accumulation micro-batches.
+is plain data parallelism over aggregation.accumulation micro-batches. With parallel.tp > 1,
+model.tp_plan swaps the Dense layers it names for column / row-parallel ones (tf_backend/user_tp.py),
+with the same gradient, norm and checkpoint rules as torch_backend/sequential.py.
 
 Keras 3 variables are keras.Variable objects wrapping tf.Variables: the engine works on their
 `.value` (the tf.Variable) and hands Horovod only plain tensors.
@@ -24,9 +26,9 @@ import tensorflow as tf
 
 from hvdllm import aggregation, sampling, user_model
 from hvdllm.engine import EvalResult, StepResult
-from hvdllm.errors import CheckpointError
 from hvdllm.strategies import pipeline as pl
 
+from . import user_tp
 from .collectives import Collectives
 from .engine import AdamW
 
@@ -125,9 +127,14 @@ class SequentialEngine:
         self.n_layers = len(layers)
         mine = sorted(i for c in self.chunks for i in c)
         self.layers = {i: layers[i] for i in mine}  # the other ranks' layers are dropped
+        self.tp, by_id = user_tp.apply(cfg, layout, rt, layers, self.layers, inputs)
         del layers, inputs
         # every weight (checkpointed) and the trainable ones (optimised), as tf.Variables
         self.state_vars = [(n, _tf(w)) for i in mine for n, w in zip(names[i], _weights(self.layers[i]))]
+        placements = {n: by_id[id(w)] for i in mine for n, w in zip(names[i], _weights(self.layers[i]))
+                      if id(w) in by_id}
+        self.split = set(placements)                     # tp-split weight names
+        self.placements = user_model.with_moments(placements)
         trainable = {id(_tf(w)) for i in mine if isinstance(self.layers[i], keras.layers.Layer)
                      for w in self.layers[i].trainable_variables}
         self.names = [n for n, v in self.state_vars if id(v) in trainable]
@@ -145,7 +152,8 @@ class SequentialEngine:
             sizes = [hi - lo for lo, hi in self.ranges]
             print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
                   f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
-                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else ""), file=sys.stderr)
+                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else "")
+                  + (f", tp={layout.tp} ({m.tp_plan})" if self.tp is not None else ""), file=sys.stderr)
 
     def _broadcast_parameters(self):
         """The dp group's first rank's weights win (one message), should a builder not be seeded."""
@@ -215,7 +223,8 @@ class SequentialEngine:
         grads = [self.grads.get(k, tf.zeros_like(v)) for k, v in enumerate(self.vars)]
         if self.comm.size > 1 and grads:
             grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
-        sq = float(sum(float(tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))) for g in grads))
+        sq = user_model.grad_norm_sq(((n, float(tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))))
+                                      for n, g in zip(self.names, grads)), self.split, user_tp.tp_sum(self.tp))
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
         norm = float(np.sqrt(sq))
@@ -247,24 +256,33 @@ class SequentialEngine:
         return self.comm.allreduce(tf.constant(np.asarray(values, np.float64)), op="sum", name="seq.metrics").numpy()
 
     # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
-    def state_dict(self) -> dict:
+    def _local_state(self) -> dict:
         local = {n: v.numpy().copy() for n, v in self.state_vars}
         step = int(self.opt.step.numpy())
         if step > 0:  # like torch: no moments before the first step
             local.update({f"optim.m.{n}": m.numpy().copy() for n, m in zip(self.names, self.opt.m)})
             local.update({f"optim.v.{n}": v.numpy().copy() for n, v in zip(self.names, self.opt.v)})
         local["optim.step"] = np.array(step, np.int64)
+        return local
+
+    def state_dict(self) -> dict:
+        """The whole model on pipeline rank 0 (collective over the tp group and the pipeline)."""
+        local = self._local_state()
+        if self.tp is not None:
+            local = user_model.gather_whole(local, self.placements, user_tp.allgather(self.tp))
         if self.pipe is None:
             return local
         return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
 
-    def load_state_dict(self, state: dict) -> None:
-        missing = [n for n, _ in self.state_vars if n not in state]
-        bad = [f"{n}: {tuple(np.shape(state[n]))} != {tuple(v.shape)}" for n, v in self.state_vars
-               if n in state and tuple(np.shape(state[n])) != tuple(v.shape)]
-        if missing or bad:
-            raise CheckpointError(f"checkpoint does not match model.layers={self.cfg.model.layers}: "
-                                  + "; ".join(([f"{n}: missing" for n in missing] + bad)[:5]))
+    def shard_state(self) -> tuple[dict, dict]:
+        """This (stage, tp rank)'s arrays and the placement of each tp slice (checkpoint.py)."""
+        return self._local_state(), self.placements
+
+    def load_state_dict(self, state) -> None:
+        """From whole arrays (a dict) or a checkpoint.Sharded: this rank's slices."""
+        names = [n for n, _ in self.state_vars]
+        state = user_model.load_slices(state, names, self.names, self.param_shapes, self.placements,
+                                       self.cfg.model.layers)
         for n, v in self.state_vars:
             v.assign(np.asarray(state[n], v.dtype.as_numpy_dtype))
         step = int(state.get("optim.step", 0))

@@ -151,6 +151,12 @@ class Engine:
         """Whole (unsharded) parameters and AdamW moments: loadable under any layout."""
         return gather_full(self._local_state(), self.tp)
 
+    def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """This rank's part of a sharded checkpoint (collective under ZeRO-1): its tp slices
+        and where each sits in the whole array (checkpoint.py, placement.py)."""
+        local = self._local_state()
+        return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
+
     def _local_state(self) -> dict[str, np.ndarray]:
         out = {n: p.detach().numpy().copy() for n, p in self.model.named()}
         if self.zero is not None:
@@ -194,6 +200,12 @@ class Engine:
             return logits[0, -1].double().numpy()
         return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
                                  temperature, top_k, seed)
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        """The whole (unsharded) parameters, without optimizer state: tensor-parallel slices are
+        gathered (collective over the tp group: each of its ranks calls this). For the snapshots
+        that trainers send to evaluators and generators (hvdllm/strategies/roles.py)."""
+        return gather_full({n: p.detach().numpy() for n, p in self.model.named()}, self.tp)
 
 
 def make_engine(cfg, layout, rt):

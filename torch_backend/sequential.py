@@ -10,7 +10,13 @@ backward); after the last backward one grouped allreduce of this stage's gradien
 process set (Horovod), one allreduce of the squared gradient norm over the pipeline (MPI) for
 global clipping, and AdamW. With parallel.pp = 1 it is plain data parallelism (accumulating over
 aggregation.accumulation micro-batches), with the same arithmetic, so np=1 is the reference.
-Checkpoints hold "{layer}.{name}" parameters and their AdamW moments, gathered over the pipeline.
+With parallel.tp > 1, model.tp_plan turns the nn.Linear modules it names into column / row-parallel
+ones (torch_backend/user_tp.py) after the split over the pipeline: split parameters' gradients
+are local, replicated ones equal on every tp rank; the dp allreduce is unchanged, and the squared
+gradient norm sums split parameters over the tp group and counts replicated ones once.
+Checkpoints hold "{layer}.{name}" parameters and their AdamW moments: each (stage, tp rank)
+writes its own, with the placement of every tp slice (checkpoint.py); state_dict() gathers the
+whole model.
 """
 from __future__ import annotations
 
@@ -24,10 +30,9 @@ from torch import nn
 
 from hvdllm import aggregation, sampling, user_model
 from hvdllm.engine import EvalResult, StepResult
-from hvdllm.errors import CheckpointError
 from hvdllm.strategies import pipeline as pl
 
-from . import adamw_state
+from . import adamw_state, user_tp
 from .collectives import Collectives
 
 
@@ -120,6 +125,9 @@ class SequentialEngine:
         self.n_layers = len(layers)
         mine = sorted(i for c in self.chunks for i in c)
         self.layers = {i: layers[i].train() for i in mine}  # the other ranks' layers are dropped
+        self.tp, placements = user_tp.apply(cfg, layout, rt, layers, self.layers, inputs)
+        self.split = set(placements)                     # tp-split parameter names
+        self.placements = user_model.with_moments(placements)
         del layers, inputs
         self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
@@ -132,7 +140,8 @@ class SequentialEngine:
             sizes = [hi - lo for lo, hi in self.ranges]
             print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
                   f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
-                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else ""), file=sys.stderr)
+                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else "")
+                  + (f", tp={layout.tp} ({m.tp_plan})" if self.tp is not None else ""), file=sys.stderr)
 
     def _broadcast_parameters(self):
         """The dp group's first rank's weights win (one message), should a builder not be seeded."""
@@ -194,7 +203,8 @@ class SequentialEngine:
             grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
         for (_, p), g in zip(self.named, grads):
             p.grad = g
-        sq = float(sum(float(g.double().pow(2).sum()) for g in grads))
+        sq = user_model.grad_norm_sq(((n, float(g.double().pow(2).sum())) for (n, _), g in zip(self.named, grads)),
+                                     self.split, user_tp.tp_sum(self.tp))
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
         norm = float(np.sqrt(sq))
@@ -231,20 +241,29 @@ class SequentialEngine:
         return self.comm.allreduce(t, op="sum", name="seq.metrics").numpy()
 
     # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
-    def state_dict(self) -> dict:
+    def _local_state(self) -> dict:
         local = {n: p.detach().numpy().copy() for n, p in self.named}
         local.update(adamw_state.export(self.opt, self.named))
+        return local
+
+    def state_dict(self) -> dict:
+        """The whole model on pipeline rank 0 (collective over the tp group and the pipeline)."""
+        local = self._local_state()
+        if self.tp is not None:
+            local = user_model.gather_whole(local, self.placements, user_tp.allgather(self.tp))
         if self.pipe is None:
             return local
         return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
 
-    def load_state_dict(self, state: dict) -> None:
-        missing = [n for n, _ in self.named if n not in state]
-        bad = [f"{n}: {tuple(np.shape(state[n]))} != {tuple(p.shape)}" for n, p in self.named
-               if n in state and tuple(np.shape(state[n])) != tuple(p.shape)]
-        if missing or bad:
-            raise CheckpointError(f"checkpoint does not match model.layers={self.cfg.model.layers}: "
-                                  + "; ".join(([f"{n}: missing" for n in missing] + bad)[:5]))
+    def shard_state(self) -> tuple[dict, dict]:
+        """This (stage, tp rank)'s arrays and the placement of each tp slice (checkpoint.py)."""
+        return self._local_state(), self.placements
+
+    def load_state_dict(self, state) -> None:
+        """From whole arrays (a dict) or a checkpoint.Sharded: this rank's slices."""
+        names = [n for n, _ in self.named]
+        state = user_model.load_slices(state, names, names, self.param_shapes, self.placements,
+                                       self.cfg.model.layers)
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))

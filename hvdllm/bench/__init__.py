@@ -1,7 +1,11 @@
 """Benchmarks (not tests): `hvdllm bench WHAT [ARGS...]` runs `hvdllm.bench.WHAT.main(ARGS)`.
 
-- dp: data-parallel step time of hvdllm against a hand-written Horovod loop (and, for torch,
-  DistributedDataParallel), plus weak-scaling efficiency; see hvdllm/bench/dp.py.
+- dp: data-parallel step time against a hand-written Horovod loop (and DDP), scaling efficiency.
+- aggregation: allreduce bus bandwidth, compression, ZeRO-1 memory and speed, local SGD traffic.
+- pipeline: GPipe / 1F1B efficiency against the ideal, activation memory, Chrome traces.
+- tensor: allreduces and bytes per tensor-parallel block against theory, tp=2 against np=1.
+- ps: parameter-server sync / async / SSP with a straggler, trainer step time with an evaluator.
 
-Shared timing, table and JSON helpers live in hvdllm/bench/common.py.
+Each driver launches its `*_worker.py` under mpirun and prints that command. Shared timing,
+table, JSON and launching helpers live in hvdllm/bench/common.py.
 """

@@ -48,15 +48,14 @@ import math
 import os
 import re
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hvdllm.bench import common
+from hvdllm.bench.common import cores as _cores, mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "[bench aggregation]"
@@ -196,23 +195,6 @@ def parse(argv):
 # ---------------------------------------------------------------------------------------------
 # launching
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def mpirun(np_: int, env: list[str]) -> list[str]:
-    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
-           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
-    if np_ > _cores():
-        cmd.append("--oversubscribe")
-    for kv in env:
-        cmd += ["-x", kv]
-    return cmd
-
-
 def worker_command(args, np_: int, backend: str, sections: list[str], out: str, sizes=None,
                    reps: int | None = None, fusion: float | None = None, cycle: float | None = None,
                    env: list[str] = ()) -> list[str]:
@@ -238,39 +220,6 @@ def train_command(args, name: str, out_dir: Path) -> list[str]:
             *TRAIN_RUNS[name][1]]
     return mpirun(args.np, args.env) + [sys.executable, "-m", "hvdllm", "train"] + \
         [a for kv in sets for a in ("--set", kv)]
-
-
-def _env() -> dict:
-    e = dict(os.environ)
-    pp = e.get("PYTHONPATH", "")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    e.setdefault("PYTHONUNBUFFERED", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return e
-
-
-def launch(cmd: list[str], timeout: float, quiet: bool = False) -> tuple[int, str]:
-    """Run one mpirun in its own process group; kill the whole group past `timeout`.
-    Returns (exit code, the output's tail when `quiet`, else '' as it went straight to ours)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True,
-                         stdout=subprocess.PIPE if quiet else None,
-                         stderr=subprocess.STDOUT if quiet else None, text=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-        return p.returncode, (out or "")[-4000:]
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        print(f"{TAG} timed out after {timeout:.0f} s; killed", file=sys.stderr, flush=True)
-        return 124, (out or "")[-4000:]
-    except KeyboardInterrupt:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,7 +541,7 @@ def main(argv=None) -> int:
             check_available(cmd)
             print(f"\n{TAG} ({i}/{len(plan)}) {label}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            rc, _ = launch(cmd, args.timeout)
+            rc, _ = common.launch(cmd, args.timeout, tag=TAG)
             if rc != 0 or not os.path.exists(part):
                 print(f"{TAG} ({i}/{len(plan)}) {label} FAILED (exit {rc})", file=sys.stderr, flush=True)
                 failed.append({"label": label, "exit": rc, "command": shlex.join(cmd)})
@@ -619,7 +568,7 @@ def main(argv=None) -> int:
                 print(f"\n{TAG} training ({j}/{len(TRAIN_RUNS)}) {name}: {TRAIN_RUNS[name][0]}:\n  "
                       f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-                rc, tail = launch(cmd, args.timeout, quiet=True)
+                rc, tail = common.launch(cmd, args.timeout, quiet=True, tag=TAG)
                 from hvdllm import metrics
                 recs = metrics.read(odir / "metrics.jsonl") if (odir / "metrics.jsonl").exists() else []
                 wall = time.perf_counter() - t0

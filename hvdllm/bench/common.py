@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -195,3 +197,59 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 
 def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
+
+
+# launching -------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def mpirun(np_: int, env: list[str]) -> list[str]:
+    """mpirun argv for a bench worker: no binding, yielding MPI, extra `-x KEY=VALUE`s."""
+    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
+           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
+    if np_ > cores():
+        cmd.append("--oversubscribe")
+    for kv in env:
+        cmd += ["-x", kv]
+    return cmd
+
+
+def launch_env() -> dict:
+    """The environment a bench's mpirun runs in (repo on PYTHONPATH, root allowed in containers)."""
+    e = dict(os.environ)
+    pp = e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
+    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
+        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return e
+
+
+def launch(cmd: list[str], timeout: float, quiet: bool = False, tag: str = "[bench]") -> tuple[int, str]:
+    """Run one mpirun in its own process group; kill the whole group past `timeout`.
+    Returns (exit code, the output's tail when `quiet`, else '' as it went straight to ours)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), start_new_session=True,
+                         stdout=subprocess.PIPE if quiet else None,
+                         stderr=subprocess.STDOUT if quiet else None, text=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, (out or "")[-4000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        print(f"{tag} timed out after {timeout:.0f} s; killed", file=sys.stderr, flush=True)
+        return 124, (out or "")[-4000:]
+    except KeyboardInterrupt:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise

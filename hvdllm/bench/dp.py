@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,34 +118,9 @@ def worker_command(np_: int, backend: str, args, out: str, port: int) -> list[st
     return cmd
 
 
-def _env() -> dict:
-    e = dict(os.environ)
-    pp = e.get("PYTHONPATH", "")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    e.setdefault("PYTHONUNBUFFERED", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return e
-
-
 def launch(cmd: list[str], timeout: float) -> int:
-    """Run one mpirun in its own process group (its output goes straight to ours); kill the whole
-    group past `timeout` so a stuck rank can never hang the benchmark."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True)
-    try:
-        return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        print(f"[bench dp] timed out after {timeout:.0f} s; killed", file=sys.stderr, flush=True)
-        return 124
-    except KeyboardInterrupt:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        raise
+    """Run one mpirun in its own process group (output straight to ours); never hangs."""
+    return common.launch(cmd, timeout, tag="[bench dp]")[0]
 
 
 def pool(runs: list[dict]) -> dict[tuple[str, int], dict]:

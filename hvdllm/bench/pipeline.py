@@ -50,9 +50,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -136,32 +134,9 @@ def worker_command(args, raw: str) -> list[str]:
     return cmd
 
 
-def _env() -> dict:
-    e = dict(os.environ)
-    pp = e.get("PYTHONPATH", "")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
-    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    e.setdefault("PYTHONUNBUFFERED", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return e
-
-
 def launch(cmd: list[str], timeout: float) -> int:
     """Run mpirun in its own process group; kill the group past `timeout` (never hang)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True)
-    try:
-        return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        print(f"{TAG} timed out after {timeout:.0f} s; killed", file=sys.stderr, flush=True)
-        return 124
-    except KeyboardInterrupt:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        raise
+    return common.launch(cmd, timeout, tag=TAG)[0]
 
 
 # ---------------------------------------------------------------------------------------------

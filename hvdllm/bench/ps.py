@@ -90,18 +90,6 @@ def model_sets(args) -> list[str]:
             "train.eval_batches=4", "train.sample_tokens=0", "optim.lr=2e-3", "optim.warmup_steps=5"]
 
 
-def _env() -> dict:
-    e = dict(os.environ)
-    pp = e.get("PYTHONPATH", "")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return e
-
-
 def mpirun(np_: int, prog: list[str]) -> list[str]:
     cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
            "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
@@ -116,7 +104,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, t0 = common.cpu_snapshot(), time.monotonic()
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(cmd, cwd=ROOT, env=common.launch_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         try:
             rc = p.wait(timeout=timeout)

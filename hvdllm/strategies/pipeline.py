@@ -176,5 +176,6 @@ def split_layers(cfg, rt, parts: int, measure) -> list[tuple[int, int]]:
     m, method = cfg.model, cfg.parallel.partition
     costs = layer_costs(m)
     if method == "time":
+        # every rank of COMM_WORLD, role ranks too (strategies/roles.join_trainer_startup)
         costs = rt.comm.bcast(measure(m, cfg.train.seed, 2) if rt.rank == 0 else None, root=0)
     return partition(costs, parts, method)

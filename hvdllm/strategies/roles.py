@@ -1,8 +1,16 @@
 """Task separation: ranks beside the trainers that evaluate and sample from weight snapshots, and
 the dispatch of every role rank (parameter servers: param_server.py).
 
-Snapshots come from trainer rank 0, which holds the whole model whenever parallel.pp = tp = 1
-(data parallel, ZeRO-1, local SGD, parameter servers). Trainers never wait for a role:
+Snapshots leave from trainer rank 0, beside any training strategy. With parallel.pp = tp = 1
+(data parallel, ZeRO-1, local SGD, parameter servers) rank 0 holds the whole model and the other
+trainers take no part. Under pipeline or tensor parallelism no rank holds it: on a snapshot step
+rank 0 broadcasts its decision (is any role idle?) to every trainer, one int32 over the trainers'
+Horovod process set, under the step deadline; when some role is idle, the ranks of data-parallel
+replica 0 gather the parameters (`engine.full_params()`: tp slices by allgather, then pipeline
+stages to pipeline rank 0 = world rank 0), and rank 0 flattens them in the canonical order of
+params.param_shapes, the order a role's own pp = tp = 1 engine loads. A role rank joins the MPI
+collectives the trainers' pipeline engines make over all ranks at start-up
+(`join_trainer_startup`). Trainers never wait for a role:
 
     role r -> rank 0   READY   a small pickled {"record": <result of the last snapshot> | None}:
                                "idle, send the next snapshot"; the record goes to metrics.jsonl
@@ -12,9 +20,11 @@ Snapshots come from trainer rank 0, which holds the whole model whenever paralle
 All on tag("eval", 0) for evaluators and tag("gen", 0) for generators. After each step divisible
 by roles.snapshot_every, rank 0 looks (Iprobe, no wait) for READY from each role; it sends a
 snapshot (non-blocking, from a copy, so training goes on while it travels) to those that are
-ready and skips the busy ones, like TF's sidecar evaluator. At the end of training rank 0 waits
-for each role once more, sends it the final weights if it has not evaluated them yet, collects
-its last record and sends SHUTDOWN: the final model is always evaluated.
+ready and skips the busy ones, like TF's sidecar evaluator (under pp / tp the trainers then
+spend one broadcast, plus one gather when a role is idle; never a wait for a role). At the end of
+training (under pp / tp after one last gather of the final weights) rank 0 waits for each role
+once more, sends it the final weights if it has not evaluated them yet, collects its last record
+and sends SHUTDOWN: the final model is always evaluated.
 
 metrics.jsonl keeps one writer: the role's records travel with READY and rank 0 writes them
 (`{"step", "role": "evaluator", "rank", "val_loss", "val_ppl", "val_acc", "eval_time_s"}`, or
@@ -54,13 +64,39 @@ def has_roles(layout: Layout) -> bool:
     return bool(layout.evaluators or layout.generators)
 
 
-class SnapshotPublisher:
-    """Trainer rank 0's side: offer snapshots, collect records (written with `write`)."""
+def publisher(cfg, layout: Layout, rt, backend, watchdog, write):
+    """This trainer rank's SnapshotPublisher, or None when it has no part in snapshots: no role
+    ranks, or a rank other than 0 while rank 0 holds the whole model (parallel.pp = tp = 1).
+    `write` (rank 0's metrics log) may be None on other ranks."""
+    if not has_roles(layout) or (layout.rank != 0 and not gathered(layout)):
+        return None
+    return SnapshotPublisher(cfg, layout, rt, write, backend, watchdog)
 
-    def __init__(self, cfg, layout: Layout, rt, write):
+
+def gathered(layout: Layout) -> bool:
+    """Whether a snapshot must be gathered from several trainer ranks (pipeline stages or
+    tensor-parallel slices) instead of read from rank 0 alone."""
+    return layout.pp > 1 or layout.tp > 1
+
+
+class SnapshotPublisher:
+    """The trainers' side: rank 0 offers snapshots and collects records (written with `write`);
+    under pipeline / tensor parallelism every trainer rank has one, to help gather the weights,
+    and `backend` (its Collectives) and `watchdog` (the deadline on that) are required."""
+
+    def __init__(self, cfg, layout: Layout, rt, write, backend=None, watchdog=None):
         rt.require_mpi("task separation (roles.evaluators / roles.generators)")
-        self.comm, self.write = rt.comm, write
+        self.comm, self.write, self.watchdog, self.layout = rt.comm, write, watchdog, layout
+        self.root = layout.rank == 0
         self.every, self.timeout = cfg.roles.snapshot_every, cfg.train.step_timeout
+        self.flat_layout = param_server.flat_layout(cfg.model)
+        # pp/tp: rank 0's decision (is any role idle?) goes to every trainer over their process set
+        self.coll = None
+        if gathered(layout):
+            if backend is None or watchdog is None:
+                raise ValueError("SnapshotPublisher under pp / tp needs the backend and the watchdog")
+            trainers = backend.Collectives(rt.process_set(layout.role_ranks("trainer")))
+            self.coll = backend.collectives.NumpyCollectives(trainers)
         self.peers = {r: TAGS[role] for role in ("evaluator", "generator") for r in layout.role_ranks(role)}
         self.ready: set[int] = set()
         self.inflight: dict[int, list] = {r: [] for r in self.peers}
@@ -70,21 +106,51 @@ class SnapshotPublisher:
         self.offer_s = []   # time each after_step took: what attaching roles costs a trainer step
 
     def after_step(self, step: int, engine) -> None:
-        """Called after every training step; never waits."""
+        """Called after every training step; never waits for a role. Under pp/tp, on a step
+        divisible by snapshot_every, every trainer joins one tiny broadcast (and, when some role
+        is idle, the gather of the weights)."""
         t0 = time.perf_counter()
         self.last_step = step
-        for r in self.peers:
-            self._poll(r)
+        if self.root:
+            for r in self.peers:
+                self._poll(r)
         if step % self.every == 0:
-            idle = [r for r in self.peers if r in self.ready and not self.inflight[r]]
-            self.skipped += len(self.peers) - len(idle)
-            if idle:
-                self._send(idle, step, engine.flat_params())
-        self.offer_s.append(time.perf_counter() - t0)
+            idle = [r for r in self.peers if r in self.ready and not self.inflight[r]] if self.root else []
+            if self.root:
+                self.skipped += len(self.peers) - len(idle)
+            if self.coll is None:    # rank 0 alone: it holds the whole model
+                if idle:
+                    self._send(idle, step, self._gather(engine))
+            else:
+                with self.watchdog.deadline(self.timeout, f"the weight snapshot of step {step}"):
+                    flag = self.coll.broadcast(np.array([len(idle)], np.int32), root=0, name="roles.idle")
+                    if int(flag[0]):
+                        flat = self._gather(engine)
+                        if idle:
+                            self._send(idle, step, flat)
+        if self.root:
+            self.offer_s.append(time.perf_counter() - t0)
+
+    def _gather(self, engine) -> np.ndarray | None:
+        """The whole parameters, flattened in the canonical order a role's pp = tp = 1 engine
+        loads (params.param_shapes), on rank 0; None elsewhere. Only the ranks of data-parallel
+        replica 0 take part (its tp groups and its pipeline hold one copy of the model)."""
+        if self.coll is None:
+            return engine.flat_params() if self.root else None
+        if self.layout.dp_rank != 0:
+            return None
+        full = engine.full_params()
+        return self.flat_layout.flatten(full) if self.root else None
 
     def close(self, engine) -> None:
-        """End of training: the final weights to every role that lacks them, then SHUTDOWN."""
+        """End of training: the final weights to every role that lacks them, then SHUTDOWN.
+        Under pp/tp every trainer rank joins one last gather first (unconditionally: no decision
+        to share); only rank 0 then waits for the roles."""
         step, flat = self.last_step, None
+        if self.coll is not None:
+            flat = self._gather(engine)
+        if not self.root:
+            return
         for r, t in self.peers.items():
             while True:
                 if r not in self.ready:
@@ -216,8 +282,23 @@ def run_role(cfg, rt, backend) -> dict:
         cfg.model.vocab_size = tokens.tokenizer.vocab_size
     if role == "server":
         return param_server.serve(cfg, layout, rt.comm)
+    join_trainer_startup(cfg, layout, rt.comm)
     loop = {"evaluator": Evaluator, "generator": Generator}[role]
     return loop(cfg, layout, rt.comm, role_engine(cfg, rt, backend), tokens).run()
+
+
+def join_trainer_startup(cfg, layout: Layout, comm) -> None:
+    """The MPI collectives over all ranks that trainers make while they build a pipeline engine
+    (parallel.pp > 1): mpi/groups.subcomms' Split into pipeline groups, then, with
+    parallel.partition = 'time', the broadcast of rank 0's measured layer times
+    (strategies/pipeline.split_layers). Every rank of COMM_WORLD must join them, so an evaluator
+    or generator joins with nothing to contribute (no colour, no value)."""
+    if layout.pp <= 1:
+        return
+    from mpi4py import MPI
+    comm.Split(MPI.UNDEFINED, layout.rank)   # MPI.COMM_NULL: this rank is in no pipeline
+    if cfg.parallel.partition == "time":
+        comm.bcast(None, root=0)
 
 
 def role_engine(cfg, rt, backend):

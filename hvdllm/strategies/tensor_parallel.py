@@ -18,6 +18,8 @@ import re
 
 import numpy as np
 
+from .. import placement as placement_mod
+
 # style per parameter name pattern: column (split output features), row (split input features),
 # vocab (split vocabulary rows), replicate (every rank holds it whole).
 STYLES = [
@@ -46,33 +48,40 @@ def _axis(name: str, ndim: int) -> int:
     return 0                     # row: (in, out) splits `in`; vocab: (V, C) splits V
 
 
-def shard(name: str, full: np.ndarray, tp: int, rank: int) -> np.ndarray:
-    """This tp rank's slice of a full parameter (the whole array for replicated ones)."""
+def placement(name: str, ndim: int, tp: int, rank: int) -> dict | None:
+    """Where tp rank `rank`'s slice of parameter `name` sits in the whole array (placement.py);
+    None for replicated parameters. Checkpoints store it beside every shard."""
     s = style(name)
-    if s == "replicate" or tp == 1:
-        return full
-    ax = _axis(name, full.ndim)
-    if s == "qkv_column":  # [q | k | v] each split by heads, so a rank keeps its heads' q, k and v
-        parts = np.split(full, 3, axis=ax)
-        return np.concatenate([np.array_split(p, tp, axis=ax)[rank] for p in parts], axis=ax)
-    return np.split(full, tp, axis=ax)[rank]
+    if s == "replicate" or tp == 1 or ndim == 0:
+        return None
+    return placement_mod.make(_axis(name, ndim), tp, rank, 3 if s == "qkv_column" else 1)
+
+
+def placements(local: dict, tp: int, rank: int) -> dict:
+    """{name: placement} for a rank's local state (parameters and AdamW moments)."""
+    return {n: placement(n, np.ndim(a), tp, rank) for n, a in local.items()}
+
+
+def shard(name: str, full: np.ndarray, tp: int, rank: int) -> np.ndarray:
+    """This tp rank's slice of a full parameter (the whole array for replicated ones).
+    A fused [q | k | v] weight is split by heads within each of q, k and v."""
+    return placement_mod.take(full, placement(name, np.ndim(full), tp, rank))
 
 
 def unshard(name: str, shards: list[np.ndarray]) -> np.ndarray:
     """Inverse of shard over all tp ranks' slices (in tp-rank order)."""
-    s, tp = style(name), len(shards)
-    if s == "replicate" or tp == 1:
-        return shards[0]
-    ax = _axis(name, shards[0].ndim)
-    if s == "qkv_column":
-        per_rank = [np.split(sh, 3, axis=ax) for sh in shards]
-        return np.concatenate([np.concatenate([pr[i] for pr in per_rank], axis=ax) for i in range(3)], axis=ax)
-    return np.concatenate(shards, axis=ax)
+    tp = len(shards)
+    return placement_mod.assemble([(a, placement(name, a.ndim, tp, r)) for r, a in enumerate(shards)])
 
 
-def shard_state(state: dict, tp: int, rank: int) -> dict:
-    """A whole checkpoint's arrays -> this tp rank's slices (parameters and AdamW moments)."""
-    return {k: shard(k, v, tp, rank) for k, v in state.items()}
+def shard_state(state, tp: int, rank: int, keys=None) -> dict:
+    """A whole checkpoint's arrays (or those named by `keys`) -> this tp rank's slices
+    (parameters and AdamW moments). A sharded checkpoint (checkpoint.Sharded) reads only the
+    shard files that overlap the slice."""
+    keys = [k for k in (state.keys() if keys is None else keys) if k in state]
+    if hasattr(state, "slice"):
+        return {k: state.slice(k, placement(k, len(state.shapes[k]), tp, rank)) for k in keys}
+    return {k: shard(k, state[k], tp, rank) for k in keys}
 
 
 def local_shapes(shapes: dict[str, tuple], tp: int) -> dict[str, tuple]:
