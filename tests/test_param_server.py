@@ -212,12 +212,15 @@ def test_bench_ps_smoke(tmp_path):
     """`hvdllm bench ps` runs end to end (tiny model, short phases) and writes its JSON. Timings on
     a shared machine mean nothing, so none is asserted."""
     out = tmp_path / "ps.json"
-    p = run([sys.executable, "-m", "hvdllm", "bench", "ps", "--model", "tiny", "--skip", "loss",
-             "--phase-steps", "4", "--rounds", "1", "--roles-steps", "6", "--snapshot-every", "2",
-             "--out", str(out)], timeout=240)
+    p = run([sys.executable, "-m", "hvdllm", "bench", "ps", "--model", "tiny", "--steps", "4",
+             "--loss-repeats", "2", "--phase-steps", "4", "--rounds", "1", "--roles-steps", "6", "--snapshot-every", "2",
+             "--out", str(out)], timeout=420)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "tokens/s" in p.stdout and "goals" in p.stdout
     d = json.loads(out.read_text())
     assert [r["mode"] for r in d["throughput"]] == ["sync, no straggler", "sync", "async", "ssp tau=2"]
     assert all(r["tokens_per_s"] > 0 for r in d["throughput"]) and d["failed"] == []
+    assert next(r for r in d["throughput"] if r["mode"] == "async")["of_bound"] > 0
+    assert [r["mode"] for r in d["losses"]] == ["sync", "async", "ssp tau=2"]
+    assert [len(r["val_loss_runs"]) for r in d["losses"]] == [1, 2, 2]
     assert d["roles"][1]["n"] > 0 and {g["goal"] for g in d["goals"]} >= {"async/sync throughput (straggler)"}

@@ -1,7 +1,7 @@
 """`hvdllm bench ps`: parameter servers with a straggler, and the cost of an attached evaluator.
 
     hvdllm bench ps [--workers 2] [--servers 1] [--model small|tiny|medium] [--factor 2]
-                    [--staleness 2] [--phase-steps 15] [--rounds 3] [--steps 60]
+                    [--staleness 2] [--phase-steps 40] [--rounds 3] [--steps 60]
                     [--backend torch] [--out runs/bench/ps.json]
 
 Three launches, each printed before it runs (one compute thread per rank):
@@ -12,7 +12,10 @@ Three launches, each printed before it runs (one compute thread per rank):
    slowed by --factor (ps.straggler_factor: it sleeps (factor - 1) x its compute time per step,
    a slower machine rather than a busier one) sync, async and ssp. Interleaving matters on a
    shared machine: other jobs' load then falls on every mode alike. tokens/s = the phase's
-   tokens / its time from a barrier to FINAL on trainer rank 0; the median over rounds.
+   tokens / its time from a barrier to FINAL on trainer rank 0; the median over rounds. "vs sync"
+   is the median over rounds of the ratio to sync's phase in the same round (paired, so drift
+   cancels), and "of bound" that ratio over the bound below. Phases are long (40 steps) because a
+   phase ends only when the straggler's last step is in: up to f compute times of tail.
 2. Loss at equal tokens, `mpirun -np W+S python -m hvdllm train` for sync, async and ssp with the
    straggler: the trainers' final val_loss after the same budget (--steps x W pushes of batch
    rows), and the servers' logged maximum gap and staleness.
@@ -65,9 +68,10 @@ def parse(argv):
     p.add_argument("--model", default="small", choices=list(MODELS))
     p.add_argument("--factor", type=float, default=2.0, help="the straggler's slowdown (default 2)")
     p.add_argument("--staleness", type=int, default=2, help="ssp's bound tau (default 2)")
-    p.add_argument("--phase-steps", type=int, default=15, help="throughput: budget per phase, x W pushes")
+    p.add_argument("--phase-steps", type=int, default=40, help="throughput: budget per phase, x W pushes")
     p.add_argument("--rounds", type=int, default=3, help="throughput and evaluator: rounds of phases")
     p.add_argument("--steps", type=int, default=60, help="loss runs: train.steps (budget steps x W pushes)")
+    p.add_argument("--loss-repeats", type=int, default=3, help="loss runs: launches of async and of ssp (mean)")
     p.add_argument("--roles-steps", type=int, default=20, help="evaluator: trainer steps per phase")
     p.add_argument("--snapshot-every", type=int, default=5, help="evaluator: roles.snapshot_every")
     p.add_argument("--backend", default="torch", choices=["torch", "tensorflow"])
@@ -142,30 +146,49 @@ def run_throughput(args, tmp: Path) -> tuple[dict, list[dict]]:
         rows.append({"mode": mode, "tokens_per_s": raw["tokens_per_phase"] / float(np.median(secs)),
                      "tokens_per_s_runs": [raw["tokens_per_phase"] / s for s in secs],
                      "steps_per_worker": [int(np.median(v)) for _, v in sorted(steps.items())]})
-    sync = next(r for r in rows if r["mode"] == "sync")
-    for r in rows:
-        r["speedup_vs_sync"] = r["tokens_per_s"] / sync["tokens_per_s"]
+    by_mode = {r["mode"]: r for r in rows}
+    sync = by_mode["sync"]
+    bound = async_bound(args.workers, args.factor)
+    for r in rows:   # paired: phase i of this mode against sync's phase i (same round)
+        r["speedup_vs_sync"] = float(np.median([a / s for a, s in zip(r["tokens_per_s_runs"],
+                                                                       sync["tokens_per_s_runs"])]))
+        if r["mode"] not in ("sync", "sync, no straggler"):
+            r["of_bound"] = r["speedup_vs_sync"] / bound
     return job, rows
 
 
+def async_bound(workers: int, factor: float) -> float:
+    """async/sync throughput when compute dominates and one of W workers is f times slower."""
+    return (workers - 1 + 1 / factor) / (workers / factor)
+
+
 def run_losses(args, tmp: Path) -> tuple[list[dict], list[dict]]:
+    """sync once (it is deterministic: it equals data parallelism); async and ssp --loss-repeats
+    times each, since which push lands when depends on timing: their mean, and each run."""
     slow = ["ps.straggler_rank=1", f"ps.straggler_factor={args.factor}"]
     jobs, rows = [], []
     for mode, extra in (("sync", []), ("async", []), (f"ssp tau={args.staleness}", [f"ps.staleness={args.staleness}"])):
-        out = tmp / f"loss_{mode.split()[0]}"
-        sets = model_sets(args) + [f"train.steps={args.steps}", f"ps.servers={args.servers}",
-                                   f"ps.mode={mode.split()[0]}", f"train.out_dir={out}"] + slow + extra
-        out.mkdir(parents=True)
-        job = launch(mpirun(args.workers + args.servers, ["hvdllm", "train"] + [a for kv in sets for a in ("--set", kv)]),
-                     out / "job.log", args.timeout)
-        jobs.append(job)
-        if job["rc"] != 0:
+        runs = []
+        for rep in range(1 if mode == "sync" else args.loss_repeats):
+            out = tmp / f"loss_{mode.split()[0]}_{rep}"
+            sets = model_sets(args) + [f"train.steps={args.steps}", f"ps.servers={args.servers}",
+                                       f"ps.mode={mode.split()[0]}", f"train.out_dir={out}"] + slow + extra
+            out.mkdir(parents=True)
+            job = launch(mpirun(args.workers + args.servers,
+                                ["hvdllm", "train"] + [a for kv in sets for a in ("--set", kv)]),
+                         out / "job.log", args.timeout)
+            jobs.append(job)
+            if job["rc"] == 0:
+                val = [r["val_loss"] for r in metrics.read(out / "metrics.jsonl")
+                       if "val_loss" in r and "role" not in r]
+                runs.append((val[-1], metrics.read(out / "ps_server0.jsonl")))
+        if not runs:
             continue
-        val = [r["val_loss"] for r in metrics.read(out / "metrics.jsonl") if "val_loss" in r and "role" not in r]
-        log = metrics.read(out / "ps_server0.jsonl")
-        rows.append({"mode": mode, "val_loss": val[-1], "max_gap": max(x["gap"] for x in log),
-                     "max_staleness": max(x["staleness"] for x in log),
-                     "pushes_per_worker": [sum(x["worker"] == w for x in log) for w in range(args.workers)]})
+        logs = [x for _, log in runs for x in log]
+        rows.append({"mode": mode, "val_loss": float(np.mean([v for v, _ in runs])),
+                     "val_loss_runs": [round(v, 4) for v, _ in runs],
+                     "max_gap": max(x["gap"] for x in logs), "max_staleness": max(x["staleness"] for x in logs),
+                     "pushes_per_worker": [sum(x["worker"] == w for x in runs[0][1]) for w in range(args.workers)]})
     sync = next((r for r in rows if r["mode"] == "sync"), None)
     for r in rows:
         if sync:
@@ -234,11 +257,14 @@ def main(argv=None) -> int:
               f"server(s); {args.rounds} rounds of {args.phase_steps} x {args.workers} pushes per mode; {slow} "
               f"except in the first row")
         common.print_table(tp, [("mode", "mode"), ("tokens_per_s", "tokens/s"), ("speedup_vs_sync", "vs sync"),
-                                ("steps_per_worker", "steps per worker")])
+                                ("of_bound", "of bound"), ("steps_per_worker", "steps per worker")])
+        print(f"bound for async/sync with {args.workers} workers, one {args.factor}x slower: "
+              f"{async_bound(args.workers, args.factor):.3f}")
     if losses:
-        print(f"\nloss at equal tokens: {args.steps} x {args.workers} pushes, {slow}")
+        print(f"\nloss at equal tokens: {args.steps} x {args.workers} pushes, {slow}; async and ssp: "
+              f"mean of {args.loss_repeats} launches (pushes per worker: the first)")
         common.print_table(losses, [("mode", "mode"), ("val_loss", "val_loss"), ("loss_vs_sync", "vs sync"),
-                                    ("max_gap", "max gap"), ("max_staleness", "max staleness"),
+                                    ("val_loss_runs", "runs"), ("max_gap", "max gap"), ("max_staleness", "max staleness"),
                                     ("pushes_per_worker", "pushes per worker")])
     if role_rows:
         print(f"\ntrainer step time, one trainer; evaluator offered a snapshot every {args.snapshot_every} steps")

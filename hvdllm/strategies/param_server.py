@@ -126,11 +126,14 @@ class ParameterServer:
         # between two pushes a worker may also evaluate and checkpoint, each under its own deadline
         self.idle_s = 3 * self.timeout
         self.inbox = {w: np.empty(n, np.float32) for w in self.workers}
+        self.mean = np.empty(n, np.float32)              # sync: the averaged gradient (reused)
         self.round: dict[int, np.ndarray] = {}          # sync: headers of this step's pushes
         self.clock = {w: 0 for w in self.workers}       # steps each worker has pushed
         self.held: set[int] = set()                     # async/ssp: replies not yet sent
         self.done: set[int] = set()
         self.outbox: list[p2p.Request] = []
+        self.lent: list[tuple[list, np.ndarray]] = []   # reply buffers still being sent
+        self.spare: list[np.ndarray] = []               # reply buffers free for reuse
         self.log: list[dict] = []
         self.t0 = None
         self.stopped = False
@@ -218,7 +221,8 @@ class ParameterServer:
         if len(self.round) < self.W:
             return
         hs = [self.round[v] for v in self.workers]
-        g = self.inbox[self.workers[0]].copy()
+        g = self.mean
+        np.copyto(g, self.inbox[self.workers[0]])
         for v in self.workers[1:]:
             g += self.inbox[v]
         g /= np.float32(self.W)
@@ -246,8 +250,8 @@ class ParameterServer:
     def _update(self, g: np.ndarray, norm: float, lr: float) -> None:
         self._maybe_fail()
         coef = clip_coef(norm, self.cfg.optim.grad_clip)
-        if coef != 1.0:
-            g = g * np.float32(coef)
+        if coef != 1.0:   # in place: g is the inbox or self.mean, used by this update only
+            g *= np.float32(coef)
         self.opt.step(self.p, g, lr)
 
     def _maybe_fail(self) -> None:
@@ -293,9 +297,26 @@ class ParameterServer:
         """Header and a copy of the shard (it changes before a send completes) to each of `to`."""
         hdr = header(op, {T: self.opt.t, NORM: norm, MEAN_LOSS: loss,
                           FLAGS: STOP if self.opt.t >= self.budget else 0})
-        shard = self.p.copy()
+        shard = self._shard_copy()
+        sends = []
         for w in to:
-            self.outbox += [p2p.isend(self.comm, hdr, w, PULL_TAG), p2p.isend(self.comm, shard, w, PULL_TAG)]
+            sends += [p2p.isend(self.comm, hdr, w, PULL_TAG), p2p.isend(self.comm, shard, w, PULL_TAG)]
+        self.outbox += sends
+        self.lent.append((sends, shard))
+
+    def _shard_copy(self) -> np.ndarray:
+        """A copy of the shard to send; buffers whose sends have completed are reused, since a
+        fresh multi-MB array per reply costs page faults (see optim.FlatAdamW.step)."""
+        busy = []
+        for sends, buf in self.lent:
+            if all(r.test() for r in sends):
+                self.spare.append(buf)
+            else:
+                busy.append((sends, buf))
+        self.lent = busy
+        buf = self.spare.pop() if self.spare else np.empty_like(self.p)
+        np.copyto(buf, self.p)
+        return buf
 
     # log ------------------------------------------------------------------------------------
     def _log(self, rec: dict) -> None:
