@@ -61,6 +61,26 @@ def test_roles_config_rules():
         config.validate(config.load(None, ["roles.evaluators=1", "roles.snapshot_every=0"]), 2)
 
 
+RENICE = r"""
+import os, threading
+from hvdllm.strategies.roles import lower_priority
+stop = threading.Event()
+t = threading.Thread(target=stop.wait)   # started before: like Horovod's or TF's threads
+t.start()
+lower_priority(7)
+print(os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, t.native_id))
+stop.set()
+"""
+
+
+def test_role_priority_reaches_threads_that_already_run():
+    """roles.nice lowers every thread of an evaluator, not just the one that calls nice(2)."""
+    p = subprocess.run([sys.executable, "-c", RENICE], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["7", "7"]
+
+
 def records(out, role):
     return [r for r in metrics.read(out / "metrics.jsonl") if r.get("role") == role]
 

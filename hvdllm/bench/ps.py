@@ -72,7 +72,7 @@ def parse(argv):
     p.add_argument("--rounds", type=int, default=3, help="throughput and evaluator: rounds of phases")
     p.add_argument("--steps", type=int, default=60, help="loss runs: train.steps (budget steps x W pushes)")
     p.add_argument("--loss-repeats", type=int, default=3, help="loss runs: launches of async and of ssp (mean)")
-    p.add_argument("--roles-steps", type=int, default=20, help="evaluator: trainer steps per phase")
+    p.add_argument("--roles-steps", type=int, default=60, help="evaluator: trainer steps per phase")
     p.add_argument("--snapshot-every", type=int, default=5, help="evaluator: roles.snapshot_every")
     p.add_argument("--backend", default="torch", choices=["torch", "tensorflow"])
     p.add_argument("--skip", default="", help="comma list of parts to skip: throughput,loss,roles")
