@@ -184,13 +184,22 @@ def _coerce(value, typ, key, problems):
     return value
 
 
+# keys users reach for in the wrong section (the issue texts and other tools spell them so)
+ELSEWHERE = {"parallel.servers": "ps.servers", "parallel.evaluators": "roles.evaluators",
+             "parallel.generators": "roles.generators", "parallel.staleness": "ps.staleness",
+             "parallel.accumulation": "aggregation.accumulation", "train.lr": "optim.lr",
+             "parallel.local_sgd": "localsgd.every", "local_sgd": "localsgd",
+             "train.grad_clip": "optim.grad_clip"}
+
+
 def _fill(obj, values: dict, prefix: str, problems: list):
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            problems.append(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+            moved = f"; did you mean {ELSEWHERE[key]}?" if key in ELSEWHERE else ""
+            problems.append(f"{key}: unknown key (known: {', '.join(sorted(names))}){moved}")
             continue
         typ = hints[name]
         if dataclasses.is_dataclass(typ):

@@ -33,6 +33,14 @@ def test_unknown_and_mistyped_keys_named():
     assert "train.stepz: unknown key" in msg and "model.n_layer: expected int" in msg and "nokey" in msg
 
 
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["parallel.servers=2", "train.lr=1e-3"])
+    msg = str(e.value)
+    assert "parallel.servers: unknown key" in msg and "did you mean ps.servers?" in msg
+    assert "did you mean optim.lr?" in msg
+
+
 def test_missing_file_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.toml")
