@@ -26,9 +26,25 @@ def batch():
 
 
 
+class Recorder:
+    """The tp group's collectives, recording (operation, elements) of every call."""
+
+    def __init__(self, coll):
+        self.coll, self.calls = coll, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.coll, name)
+
+        def recorded(t, *args, **kwargs):
+            self.calls.append((name, int(np.prod(tuple(t.shape)))))
+            return fn(t, *args, **kwargs)
+        return recorded
+
+
 def test_tp_matches_whole_model_and_counts_collectives():
 
     tp = be.tensor_parallel.TPGroup(be.Collectives())
+    tp.coll = rec = Recorder(tp.coll)
     counts = {}
     for n_layer in (2, 4):
         whole_loss, whole_grads, _ = loss_and_grads(be, model_cfg(n_layer), None, *batch())
@@ -38,6 +54,13 @@ def test_tp_matches_whole_model_and_counts_collectives():
             mine = tp_plan.shard(name, g, tp.size, tp.rank)
             np.testing.assert_allclose(grads[name], mine, rtol=1e-4, atol=1e-6, err_msg=name)
         counts[n_layer] = c
+        # vocabulary-parallel loss: no allgather, and nothing as large as the full logits
+        # (B*T*V); the largest collective is a block's activations (B*T*C)
+        x, _ = batch()
+        cfg = model_cfg(n_layer)
+        assert all(op == "allreduce" for op, _ in rec.calls), rec.calls
+        assert max(n for _, n in rec.calls) == x.size * cfg.n_embd < x.size * cfg.vocab_size
+        rec.calls.clear()
     # two more blocks: exactly four more allreduces each way (2 per block per direction)
     assert counts[4]["forward"] - counts[2]["forward"] == 4, counts
     assert counts[4]["backward"] - counts[2]["backward"] == 4, counts
