@@ -65,7 +65,10 @@ class PSWorker:
         self._hello()
         t0 = time.perf_counter()
         loss, g = self.inner.local_gradients(x, y)
-        if self.slow > 1.0:  # ps.straggler_*: a slower machine, not a busier one (sleep, no CPU)
+        # ps.straggler_*: a slower machine, not a busier one (sleep, no CPU). Not on the first
+        # step: that one traces/compiles (TF: seconds), and sleeping f-1 times it made a TF
+        # straggler's first push 40 updates stale (hvdllm bench ps)
+        if self.slow > 1.0 and self.pushes > 0:
             time.sleep((self.slow - 1.0) * (time.perf_counter() - t0))
         g = np.ascontiguousarray(g, np.float32)
         sq = float(np.dot(g, g))   # float32 like the backends' norms; used by async/ssp clipping
