@@ -6,6 +6,7 @@
         pp0-tp0.npz     one file per (pipeline stage, tensor-parallel rank), written by that
         pp0-tp1.npz     position's dp-rank-0 process: its parameters (tp slices), AdamW moments
         ...             and optim.step. Nothing is gathered to one rank to save.
+        pp0-tp0-dp1.npz under ZeRO-1, every dp rank writes the range of the moments it holds
 
 A loader reads the manifest, then for each array it needs only the files holding the slice its
 own layout wants: a run saved at (dp, pp, tp) = (2, 2, 2) resumes at (1, 1, 1), (4, 1, 2) or
@@ -46,8 +47,9 @@ def _partial(out_dir, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f".step_{step:08d}.partial"
 
 
-def shard_name(pp_rank: int, tp_rank: int) -> str:
-    return f"pp{pp_rank}-tp{tp_rank}.npz"
+def shard_name(pp_rank: int, tp_rank: int, dp_rank: int = 0) -> str:
+    """dp_rank > 0 only for ZeRO-1, whose dp ranks each hold part of the optimizer state."""
+    return f"pp{pp_rank}-tp{tp_rank}" + (f"-dp{dp_rank}" if dp_rank else "") + ".npz"
 
 
 # writing ----------------------------------------------------------------------------------------
@@ -188,10 +190,23 @@ class Sharded(Mapping):
         first_whole = next((s for s, pl in shards if pl is None), None)
         if first_whole is not None:
             return self._read(first_whole, name)
-        first = {}   # a tied weight held by two stages is saved twice: read each slice once
+        # One group per slice. A tied weight held by two stages is saved twice (read it once);
+        # ZeRO-1 moments come as ranges, one per dp rank, joined into their slice.
+        groups: dict[str, list] = {}
         for s, pl in shards:
-            first.setdefault(pl["index"], (s, pl))
-        return placement_mod.assemble([(self._read(s, name), pl) for s, pl in first.values()])
+            groups.setdefault(json.dumps(placement_mod.base(pl), sort_keys=True), []).append((s, pl))
+        slices = []
+        for key, group in groups.items():
+            s, pl = group[0]
+            if "range" in pl:
+                try:
+                    joined = placement_mod.join_ranges([(self._read(s, name), pl) for s, pl in group])
+                except ValueError as e:
+                    raise _bad(self.folder, f"{name}: {e}") from e
+                slices.append((joined, json.loads(key)))
+            else:
+                slices.append((self._read(s, name), pl))
+        return slices[0][0] if slices[0][1] is None else placement_mod.assemble(slices)
 
     def slice(self, name: str, pl: dict | None) -> np.ndarray:
         """The slice at placement `pl`: straight from its file when the saving layout had the

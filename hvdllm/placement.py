@@ -5,6 +5,11 @@ the whole array is cut into g equal blocks along `axis` (g = 3 for a fused [q | 
 else 1), each block into p equal pieces, and this slice is piece i of every block, concatenated.
 `None` means "the whole array" (replicated parameters, scalars, anything not split).
 
+A placement may also carry "range": [a, b] and "of": shape: the stored array is then the raveled
+elements [a, b) of the slice the other keys describe (of that shape). ZeRO-1 writes its AdamW
+moments this way: each dp rank owns a contiguous range of the flat optimizer state, which cuts
+across parameter boundaries, so each rank saves only the pieces it holds.
+
 Checkpoints store every shard with its placement, so a loader can rebuild the whole array
 (`assemble`) and cut the slice its own layout needs (`take`), whatever layout wrote it.
 """
@@ -19,8 +24,39 @@ def make(axis: int, parts: int, index: int, groups: int = 1) -> dict | None:
     return {"axis": int(axis), "parts": int(parts), "index": int(index), "groups": int(groups)}
 
 
+def ranged(base: dict | None, a: int, b: int, shape) -> dict:
+    """Elements [a, b) of the raveled slice at `base` (whose shape is `shape`)."""
+    return {**(base or {}), "range": [int(a), int(b)], "of": [int(d) for d in shape]}
+
+
+def base(pl: dict | None) -> dict | None:
+    """`pl` without its range: where the whole slice sits."""
+    if pl is None or "range" not in pl:
+        return pl
+    rest = {k: v for k, v in pl.items() if k not in ("range", "of")}
+    return rest or None
+
+
+def join_ranges(pieces: list[tuple[np.ndarray, dict]]) -> np.ndarray:
+    """One slice from its ranged pieces (any order; a piece saved twice counts once)."""
+    by_start = {tuple(pl["range"]): a for a, pl in pieces}
+    shape = pieces[0][1]["of"]
+    pos, out = 0, []
+    for (a, b) in sorted(by_start):
+        if a != pos:
+            raise ValueError(f"ranged pieces leave elements [{pos}, {a}) of {shape} uncovered")
+        out.append(np.asarray(by_start[(a, b)]).reshape(-1))
+        pos = b
+    if pos != int(np.prod(shape)):
+        raise ValueError(f"ranged pieces end at {pos} of {int(np.prod(shape))} elements")
+    return np.concatenate(out).reshape(shape)
+
+
 def take(full: np.ndarray, pl: dict | None) -> np.ndarray:
     """The slice of `full` at placement `pl`."""
+    if pl is not None and "range" in pl:
+        a, b = pl["range"]
+        return np.ascontiguousarray(take(full, base(pl))).reshape(-1)[a:b]
     if pl is None:
         return full
     ax = pl["axis"]
@@ -45,6 +81,8 @@ def assemble(slices: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
 
 
 def global_shape(local_shape, pl: dict | None) -> tuple:
+    if pl is not None and "range" in pl:
+        local_shape, pl = pl["of"], base(pl)
     shape = list(local_shape)
     if pl is not None:
         shape[pl["axis"]] *= pl["parts"]

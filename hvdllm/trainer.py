@@ -152,24 +152,26 @@ class Trainer:
         return rec
 
     def save(self, step: int) -> None:
-        """A sharded checkpoint (checkpoint.py): every trainer rank takes part (ZeRO-1 gathers its
-        optimizer shards), the dp-rank-0 process of each (pipeline stage, tp rank) writes its
-        slice, and after a barrier rank 0 writes the manifest and publishes the folder."""
+        """A sharded checkpoint (checkpoint.py): the dp-rank-0 process of each (pipeline stage,
+        tp rank) writes its slice (under ZeRO-1 every dp rank also writes the optimizer range it
+        holds), and after a barrier rank 0 writes the manifest and publishes the folder."""
         lay = self.layout
+        dp_files = lay.dp if self.cfg.parallel.zero else 1
+        names = [checkpoint.shard_name(p, t, d) for p in range(lay.pp) for t in range(lay.tp)
+                 for d in range(dp_files)]
         with self.watchdog.deadline(self.cfg.train.step_timeout, f"checkpoint at step {step}"):
             if hasattr(self.engine, "shard_state"):
                 local, placements = self.engine.shard_state()
             else:   # parameter-server workers: trainer rank 0 fetches the whole state
                 local, placements = self.engine.state_dict(), {}
-            if lay.dp_rank == 0:
-                checkpoint.write_shard(self.out, step, checkpoint.shard_name(lay.pp_rank, lay.tp_rank),
+            if lay.dp_rank < dp_files:
+                checkpoint.write_shard(self.out, step, checkpoint.shard_name(lay.pp_rank, lay.tp_rank, lay.dp_rank),
                                        local, placements)
-            if lay.pp * lay.tp > 1:   # every shard on disk before rank 0 publishes the folder
+            if len(names) > 1:   # every shard on disk before rank 0 publishes the folder
                 self.backend.Collectives(self.rt.process_set(lay.role_ranks("trainer"))).barrier()
             if self.is_root:
                 meta = {"config": self.cfg.to_dict(), "layout": lay.describe(),
                         "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
-                names = [checkpoint.shard_name(p, t) for p in range(lay.pp) for t in range(lay.tp)]
                 checkpoint.finalize(self.out, step, names, meta, self.cfg.train.keep_checkpoints)
 
     def finish(self, summary: dict) -> dict:

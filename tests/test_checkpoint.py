@@ -72,6 +72,51 @@ def test_shards_reassemble_under_any_split(tmp_path):
                 np.testing.assert_array_equal(got[k], tp_plan.shard(k, v, tp, r), err_msg=f"{k} tp={tp} r={r}")
 
 
+def test_ranged_pieces_join_into_whole_arrays(tmp_path):
+    """ZeRO-1 moments: each dp rank saves elements [a, b) of the raveled flat state it holds, cut
+    across parameter boundaries; the loader joins them (also ranges of tp slices), and any other
+    split is cut from the joined whole. A gap in the ranges is an error, not silent zeros."""
+    from hvdllm import placement
+    rng = np.random.default_rng(1)
+    whole = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+    flat = np.concatenate([whole["a"].ravel(), whole["b"].ravel()])   # 17 elements over 3 ranks
+    names = []
+    for d, (lo, hi) in enumerate([(0, 6), (6, 12), (12, 17)]):
+        local, where, off = {}, {}, 0
+        for n in ("a", "b"):
+            a, b = max(lo, off), min(hi, off + whole[n].size)
+            if a < b:
+                local[n], where[n] = flat[a:b], placement.ranged(None, a - off, b - off, whole[n].shape)
+            off += whole[n].size
+        names.append(checkpoint.shard_name(0, 0, d))
+        checkpoint.write_shard(tmp_path, 4, names[-1], local, where)
+    assert names == ["pp0-tp0.npz", "pp0-tp0-dp1.npz", "pp0-tp0-dp2.npz"]
+    state, _ = checkpoint.load(checkpoint.finalize(tmp_path, 4, names, {}))
+    assert state.shapes["a"] == (3, 4) and state.shapes["b"] == (5,)
+    np.testing.assert_array_equal(state["a"], whole["a"])
+    np.testing.assert_array_equal(state["b"], whole["b"])
+    np.testing.assert_array_equal(state.slice("a", placement.make(0, 3, 1)), whole["a"][1:2])
+
+    # tp slices (axis 1, 2 parts), each saved as two ranges by two writers
+    w = rng.normal(size=(4, 6))
+    for t in (0, 1):
+        pl = placement.make(1, 2, t)
+        piece = placement.take(w, pl).ravel()
+        for d, (a, b) in enumerate([(0, 5), (5, 12)]):
+            checkpoint.write_shard(tmp_path, 5, checkpoint.shard_name(0, t, d), {"w": piece[a:b]},
+                                   {"w": placement.ranged(pl, a, b, (4, 3))})
+    names = [checkpoint.shard_name(0, t, d) for t in (0, 1) for d in (0, 1)]
+    state, _ = checkpoint.load(checkpoint.finalize(tmp_path, 5, names, {}))
+    assert state.shapes["w"] == (4, 6)
+    np.testing.assert_array_equal(state["w"], w)
+
+    # a missing range is reported
+    checkpoint.write_shard(tmp_path, 6, "x.npz", {"a": flat[:6]}, {"a": placement.ranged(None, 0, 6, (3, 4))})
+    state, _ = checkpoint.load(checkpoint.finalize(tmp_path, 6, ["x.npz"], {}))
+    with pytest.raises(CheckpointError, match="a: ranged pieces end at 6 of 12"):
+        state["a"]
+
+
 def test_missing_shard_names_the_shared_file_system(tmp_path):
     checkpoint.write_shard(tmp_path, 1, checkpoint.shard_name(0, 0), {"a": np.zeros(2)}, {})
     with pytest.raises(CheckpointError, match="every node sees"):

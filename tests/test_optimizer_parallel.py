@@ -1,6 +1,7 @@
 """Issue 3 at the integration tier: ZeRO-1 and accumulation equal single-process training;
 local SGD converges; fp16 wire compression stays close. Real runs under mpirun."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -28,10 +29,32 @@ def test_zero1_equals_single_process(tmp_path, reference, backend):
     r, d = train(tmp_path, "zero", 2, [f"backend={backend}", "train.batch_size=4", "parallel.zero=1"])
     assert r.returncode == 0, r.stdout[-4000:]
     np.testing.assert_allclose(losses(d), losses(reference[backend]), rtol=2e-4)
-    # the checkpoint holds the whole (gathered) optimizer state, loadable at any dp size
-    r, d1 = train(tmp_path, "zero", 1, [f"backend={backend}", "train.batch_size=8", "parallel.zero=1",
-                                         "train.resume=true", "train.steps=7"])
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero1_checkpoint_is_sharded_and_resumes_at_other_dp_sizes(tmp_path, reference, backend):
+    """Each dp rank writes the optimizer range it holds (nothing gathered to save); a run that
+    dies after the step-3 checkpoint at ZeRO dp=2 resumes at dp=1 without ZeRO and at ZeRO dp=4
+    with the uninterrupted losses."""
+    sets = [f"backend={backend}", "parallel.zero=1"]
+    r, d = train(tmp_path, "zero", 2, sets + ["train.batch_size=4", "train.fail_at_step=4", "train.fail_rank=1"])
+    assert r.returncode != 0 and "injected failure" in r.stdout, r.stdout[-4000:]
+    folder = d / "checkpoints" / "step_00000003"
+    files = {p.name: np.load(p) for p in folder.glob("*.npz")}
+    assert sorted(files) == ["pp0-tp0-dp1.npz", "pp0-tp0.npz"]
+    moments = {n: sum(z[k].size for k in z.files if k.startswith("optim.m.")) for n, z in files.items()}
+    n_params = sum(files["pp0-tp0.npz"][k].size for k in files["pp0-tp0.npz"].files
+                   if not k.startswith(("optim.", "__")))
+    assert sum(moments.values()) == n_params and max(moments.values()) <= n_params // 2 + 1, moments
+    assert not [k for k in files["pp0-tp0-dp1.npz"].files if not k.startswith(("optim.m.", "optim.v.", "__"))]
+    ref = losses(reference[backend])
+    for name, np_, more in (("dp1", 1, ["train.batch_size=8", "parallel.zero=0"]),
+                            ("dp4", 4, ["train.batch_size=2"])):
+        shutil.copytree(d, tmp_path / name)
+        r, out = train(tmp_path, name, np_, sets + more + ["train.resume=true"])
+        assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
+        np.testing.assert_allclose(losses(out), ref, rtol=2e-4, err_msg=name)
 
 
 @pytest.mark.integration

@@ -215,7 +215,7 @@ class Engine:
     def optimizer_state_bytes(self) -> int:
         return self.zero.state_bytes() if self.zero is not None else self.opt.state_bytes()
 
-    # state (collective under ZeRO-1: every rank calls it) -------------------------------------
+    # state (state_dict is collective under ZeRO-1: every rank calls it) -----------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         """Whole parameters and AdamW moments (gathered under ZeRO-1 and tensor parallelism):
         loadable under any layout."""
@@ -223,7 +223,10 @@ class Engine:
 
     def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
         """This rank's part of a sharded checkpoint (collective under ZeRO-1): its tp slices
-        and where each sits in the whole array (checkpoint.py, placement.py)."""
+        and where each sits in the whole array (checkpoint.py, placement.py). Under ZeRO-1 each
+        dp rank returns the part of the moments it holds (nothing is gathered)."""
+        if self.zero is not None:
+            return self.zero.shard_state({n: v.numpy().copy() for n, v in zip(self.names, self.vars)})
         local = self._local_state()
         return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 

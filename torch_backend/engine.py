@@ -146,14 +146,17 @@ class Engine:
             return self.zero.state_bytes()
         return sum(t.nbytes for st in self.opt.state.values() for k, t in st.items() if k != "step")
 
-    # state (collective under ZeRO-1: every rank calls it) ------------------------------------
+    # state (state_dict is collective under ZeRO-1: every rank calls it) ----------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         """Whole (unsharded) parameters and AdamW moments: loadable under any layout."""
         return gather_full(self._local_state(), self.tp)
 
     def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
         """This rank's part of a sharded checkpoint (collective under ZeRO-1): its tp slices
-        and where each sits in the whole array (checkpoint.py, placement.py)."""
+        and where each sits in the whole array (checkpoint.py, placement.py). Under ZeRO-1 each
+        dp rank returns the part of the moments it holds (nothing is gathered)."""
+        if self.zero is not None:
+            return self.zero.shard_state({n: p.detach().numpy().copy() for n, p in self.model.named()})
         local = self._local_state()
         return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import placement
 from ..flat import FlatLayout
 from ..optim import FlatAdamW, clip_coef
 
@@ -39,8 +40,26 @@ class Zero1:
         """Optimizer-state bytes held on this rank (m and v)."""
         return self.opt.m.nbytes + self.opt.v.nbytes
 
-    # checkpoints hold the whole (unsharded) state, so they load under any dp size -------------
+    # checkpoints -----------------------------------------------------------------------------
+    def shard_state(self, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        """This rank's part of a sharded checkpoint, with no communication: dp rank 0 adds the
+        parameters and optim.step; every rank adds the moments it holds, as ranged pieces of
+        each parameter its flat range [lo, hi) touches (placement.ranged). A loader joins the
+        pieces, so the checkpoint loads under any dp size, with or without ZeRO."""
+        out = dict(params, **{"optim.step": np.array(self.opt.t, np.int64)}) if self.i == 0 else {}
+        where = {}
+        for k, n in enumerate(self.flat.names):
+            o, end = int(self.flat.offsets[k]), int(self.flat.offsets[k + 1])
+            a, b = max(self.lo, o), min(self.hi, end)
+            if a >= b:
+                continue
+            for kind, vec in (("m", self.opt.m), ("v", self.opt.v)):
+                out[f"optim.{kind}.{n}"] = vec[a - self.lo:b - self.lo].copy()
+                where[f"optim.{kind}.{n}"] = placement.ranged(None, a - o, b - o, self.flat.shapes[n])
+        return out, where
+
     def gather_state(self) -> dict[str, np.ndarray]:
+        """The whole state on every rank (collective)."""
         m = self.comm.allgather(self.opt.m, name="zero.m")[:self.flat.total]
         v = self.comm.allgather(self.opt.v, name="zero.v")[:self.flat.total]
         return {"m": m, "v": v, "t": self.opt.t}
