@@ -85,6 +85,8 @@ class PSConfig:
     mode: str = doc("'sync' (equals data parallelism), 'async' (apply each push on arrival) or "
                     "'ssp' (bounded staleness)", "sync")
     staleness: int = doc("ssp: no worker runs more than this many steps ahead of the slowest", 2)
+    stale_lr: str = doc("async/ssp: a push s updates stale gets lr/(1+s) ('inverse'), "
+                        "lr/sqrt(1+s) ('sqrt') or lr ('constant')", "inverse")
     straggler_rank: int = doc("testing/bench aid: this worker's steps are slowed (-1 = none)", -1)
     straggler_factor: float = doc("how much slower the straggler's steps are (2 = twice as long)", 2.0)
 
@@ -157,6 +159,7 @@ CHOICES = {
     "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
     "parallel.partition": ("uniform", "params", "time"),
     "ps.mode": ("sync", "async", "ssp"),
+    "ps.stale_lr": ("inverse", "sqrt", "constant"),
     "aggregation.compression": ("none", "fp16", "bf16"),
 }
 
@@ -387,6 +390,9 @@ def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
             p.append(f"ps.mode: {ps.mode!r} needs parameter servers; set ps.servers >= 1")
         if ps.straggler_rank >= 0:
             p.append("ps.straggler_rank: slows a parameter-server worker; set ps.servers >= 1")
+    if ps.stale_lr != "inverse" and ps.mode == "sync":
+        p.append(f"ps.stale_lr: only ps.mode 'async' or 'ssp' scales the lr by staleness (sync pushes "
+                 f"are never stale); remove it or set ps.mode")
     if ps.straggler_factor < 1.0:
         p.append(f"ps.straggler_factor: must be >= 1, got {ps.straggler_factor}")
     if world_size is not None and ps.straggler_rank >= max(1, world_size - extra_ranks(cfg)):

@@ -74,6 +74,11 @@ def test_predivide_and_fp16_wire(tmp_path, reference, backend):
     r, d = train(tmp_path, "fp16", 2, [f"backend={backend}", "train.batch_size=4", "aggregation.compression=fp16"])
     assert r.returncode == 0, r.stdout[-4000:]
     np.testing.assert_allclose(losses(d), losses(reference[backend]), rtol=5e-3)
+    # summed gradients: the logged loss is still the mean (it rides in the same fused message)
+    r, d = train(tmp_path, "sum", 2, [f"backend={backend}", "train.batch_size=4", "aggregation.op=sum"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    np.testing.assert_allclose(losses(d)[0], losses(reference[backend])[0], rtol=2e-4)
+    assert np.all(np.abs(losses(d) / losses(reference[backend]) - 1) < 0.1), losses(d)
 
 
 @pytest.mark.integration

@@ -46,6 +46,10 @@ def test_config_rules():
         assert key in text
     with pytest.raises(ConfigError, match="ps.mode"):
         config.validate(config.load(None, ["ps.mode=async"]), 2)
+    with pytest.raises(ConfigError, match="ps.stale_lr: only ps.mode"):
+        config.validate(config.load(None, ["ps.servers=1", "ps.stale_lr=sqrt"]), 3)
+    with pytest.raises(ConfigError, match="ps.stale_lr"):
+        config.validate(config.load(None, ["ps.servers=1", "ps.mode=async", "ps.stale_lr=half"]), 3)
     with pytest.raises(ConfigError, match="ps.straggler_rank"):
         config.validate(config.load(None, ["ps.servers=1", "ps.straggler_rank=2"]), 3)
     config.validate(config.load(None, ["ps.servers=2", "ps.mode=ssp", "ps.straggler_rank=1"]), 4)
@@ -98,21 +102,31 @@ def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path):
     spend the same budget of pushes and converge. The async run also has an evaluator (during
     async training the trainers do not evaluate: the evaluator does)."""
     logs = {}
-    for mode, extra in (("async", ["roles.evaluators=1", "roles.snapshot_every=4"]), ("ssp", [])):
-        r, out = train(tmp_path, mode, 3 + len(extra) // 2, ASYNC + [f"ps.mode={mode}"] + extra)
+    for mode, extra in (("async", ["roles.evaluators=1", "roles.snapshot_every=4"]), ("ssp", ["ps.stale_lr=sqrt"])):
+        evaluator = "roles.evaluators=1" in extra
+        r, out = train(tmp_path, mode, 3 + evaluator, ASYNC + [f"ps.mode={mode}"] + extra)
         assert r.returncode == 0, r.stdout[-4000:]
         val = [x for x in metrics.read(out / "metrics.jsonl") if "val_loss" in x and "role" not in x]
         assert len(val) == 1 and val[-1]["val_loss"] < CONVERGED, (mode, val)
         logs[mode] = server_log(out)
         applied = [x for x in logs[mode] if x["applied"]]
         assert len(applied) == 2 * 20          # the budget: train.steps x workers pushes
-        if extra:   # the evaluator saw the final weights: the trainers' final evaluation
+        if evaluator:   # the evaluator saw the final weights: the trainers' final evaluation
             ev = [x for x in metrics.read(out / "metrics.jsonl") if x.get("role") == "evaluator"]
             assert ev[-1]["step"] == val[-1]["step"]
             np.testing.assert_allclose(ev[-1]["val_loss"], val[-1]["val_loss"], rtol=1e-5)
     per_worker = {w: sum(x["worker"] == w for x in logs["async"]) for w in (0, 1)}
     # async: the fast worker is not held back, so it runs ahead of the straggler well past tau
     assert per_worker[0] > per_worker[1] and max(x["gap"] for x in logs["async"]) > 1, per_worker
+    # the lr each push got: the schedule's at global step (t-1) // W, over 1+s (async, 'inverse')
+    # or over sqrt(1+s) (ssp run, ps.stale_lr = 'sqrt')
+    from hvdllm.lr import lr_at
+    cfg = config.load(None, TINY + ASYNC)
+    for mode, scale in (("async", lambda s: 1 + s), ("ssp", lambda s: np.sqrt(1 + s))):
+        for x in (x for x in logs[mode] if x["applied"]):
+            want = lr_at((x["t"] - 1) // 2, cfg.optim, cfg.train.steps) / scale(x["staleness"])
+            assert x["lr"] == pytest.approx(want, rel=1e-12), (mode, x)
+    assert max(x["staleness"] for x in logs["async"]) > 0
     # ssp, tau = 1: no push was computed more than 1 step ahead of the slowest worker
     assert max(x["gap"] for x in logs["ssp"]) <= 1
     assert min(x["gap"] for x in logs["ssp"]) >= 0

@@ -100,20 +100,30 @@ class Engine:
             grads = self.flat.flatten([p.grad.numpy() for p in self.params])
             new, norm = self.zero.step(grads, self.flat_params(), lr)
             self.set_flat_params(new)
+            mean_loss = None
         else:
-            norm = self._aggregate_and_clip(reduce=self.local is None)
+            norm, mean_loss = self._aggregate_and_clip(loss, reduce=self.local is None)
             adamw_state.set_lr(self.opt, lr)
             self.opt.step()
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
                 self.set_flat_params(self.local.sync(self.flat_params()))
-        mean_loss = self.comm.allreduce(loss, op="average", name="loss")
+        if mean_loss is None:
+            mean_loss = self.comm.allreduce(loss, op="average", name="loss")
         return StepResult(loss=float(mean_loss), grad_norm=norm)
 
-    def _aggregate_and_clip(self, reduce: bool) -> float:
+    def _aggregate_and_clip(self, loss: torch.Tensor, reduce: bool) -> tuple[float, torch.Tensor | None]:
+        """(gradient norm, mean loss over the dp group or None if not reduced here). On the
+        in-place path the loss rides in the gradients' fused message: one Horovod op per step
+        instead of two (a second op costs a negotiation cycle: ~1 ms, 10-20% of a tiny model's step)."""
         grads = [p.grad for p in self.params]
+        mean_loss = None
         if reduce and self.comm.size > 1 and self.reduce.compression == "none" and self.reduce.op != "adasum":
             r = self.reduce
-            self.comm.grouped_allreduce_(grads, op=r.op, name="grads", prescale=r.prescale, postscale=r.postscale)
+            mean_loss = loss.detach().reshape(1).clone()
+            self.comm.grouped_allreduce_(grads + [mean_loss], op=r.op, name="grads", prescale=r.prescale,
+                                         postscale=r.postscale)
+            if self.cfg.aggregation.op == "sum":   # (predivide's "sum" is an average already)
+                mean_loss /= self.comm.size
         elif reduce and self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="grads", **self.reduce.kwargs())
             for p, g in zip(self.params, grads):
@@ -125,7 +135,7 @@ class Engine:
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
-        return float(norm)
+        return float(norm), mean_loss
 
     # evaluation and metrics -----------------------------------------------------------------
     @torch.no_grad()
