@@ -92,9 +92,25 @@ def cmd_launch(args) -> int:
         print("hvdllm launch: nothing to run; e.g. hvdllm launch -np 2 -- train configs/demo.toml",
               file=sys.stderr)
         return 2
+    if args.launcher == "sbatch":
+        return _submit(args, rest)
     cmd = launch.command(args.launcher, args.np, rest, args.hosts)
     launch.check_available(cmd)
     print("[hvdllm] running: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def _submit(args, rest: list[str]) -> int:
+    """Write the job script (printed), then sbatch it; --wait returns the job's exit code."""
+    from pathlib import Path
+
+    from . import launch
+    text = launch.job_script(args.np, rest, args.nodes, args.time, args.partition)
+    script = Path(args.script)
+    script.write_text(text)
+    cmd = ["sbatch", *(["--wait"] if args.wait else []), str(script)]
+    launch.check_available(cmd)
+    print(f"[hvdllm] job script {script}:\n{text}[hvdllm] running: {' '.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd)
 
 
@@ -126,10 +142,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="TOML file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     t.set_defaults(fn=cmd_train)
-    la = sub.add_parser("launch", help="start N ranks under mpirun, horovodrun or srun")
+    la = sub.add_parser("launch", help="start N ranks under mpirun, horovodrun or srun, or submit "
+                                       "them as a Slurm batch job (sbatch)")
     la.add_argument("-np", type=int, required=True)
-    la.add_argument("--launcher", default="mpirun", choices=["mpirun", "horovodrun", "srun"])
+    la.add_argument("--launcher", default="mpirun", choices=["mpirun", "horovodrun", "srun", "sbatch"])
     la.add_argument("--hosts", help="host list passed to the launcher (-H)")
+    la.add_argument("--script", default="hvdllm.sbatch", help="sbatch: where the job script is written")
+    la.add_argument("--nodes", type=int, help="sbatch: #SBATCH --nodes")
+    la.add_argument("--time", help="sbatch: #SBATCH --time, e.g. 01:00:00 (the job's deadline)")
+    la.add_argument("--partition", help="sbatch: #SBATCH --partition")
+    la.add_argument("--wait", action="store_true", help="sbatch: wait for the job, exit with its code")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)
     g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")

@@ -1,7 +1,9 @@
-"""Build the real launcher command for `hvdllm launch` (printed, then run)."""
+"""Build the real launcher command for `hvdllm launch` (printed, then run), or for Slurm's
+sbatch the job script that runs the ranks with srun."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -36,7 +38,28 @@ def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) 
     if launcher == "srun":
         # Debian's Open MPI works with PMIx; --mpi=pmi2 fails there.
         return ["srun", "-n", str(np_), "--mpi=pmix", *prog]
-    raise LaunchError(f"--launcher: {launcher!r} is not one of mpirun, horovodrun, srun")
+    raise LaunchError(f"--launcher: {launcher!r} is not one of mpirun, horovodrun, srun, sbatch")
+
+
+def job_script(np_: int, args: list[str], nodes: int | None = None, time_limit: str | None = None,
+               partition: str | None = None, job_name: str = "hvdllm") -> str:
+    """A batch script for `sbatch`: NP tasks started by srun with PMIx, one compute thread each
+    unless train.threads says otherwise. The submitting shell's environment (the venv's PATH,
+    module loads) travels with the job: sbatch's default --export=ALL."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={np_}",
+             "#SBATCH --output=%x-%j.out"]
+    if nodes:
+        lines.append(f"#SBATCH --nodes={nodes}")
+    if time_limit:
+        lines.append(f"#SBATCH --time={time_limit}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    run = " ".join(shlex.quote(a) for a in command("srun", np_, args))
+    return "\n".join(lines + [
+        "# Open MPI busy-polls while it waits; with a rank per core that starves compute.",
+        "export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}",
+        "set -eo pipefail",
+        f"exec {run}", ""])
 
 
 def check_available(cmd: list[str]) -> None:
@@ -44,5 +67,7 @@ def check_available(cmd: list[str]) -> None:
     if shutil.which(exe) is None:
         hint = {"mpirun": "install an MPI (make env does) or `module load openmpi`",
                 "horovodrun": "activate the environment that has Horovod (.venv/bin)",
-                "srun": "run on a Slurm cluster, or use --launcher mpirun"}[exe]
+                "srun": "run on a Slurm cluster, or use --launcher mpirun",
+                "sbatch": "run on a Slurm cluster (scripts/slurm_local.sh starts one here), or use "
+                          "--launcher mpirun"}[exe]
         raise LaunchError(f"{exe} not found on PATH: {hint}")

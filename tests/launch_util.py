@@ -29,10 +29,10 @@ def horovodrun_argv(np_: int) -> list[str]:
     return [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), "--gloo"]
 
 
-def run(argv: list[str], timeout: float, **extra_env) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float, cwd=ROOT, **extra_env) -> subprocess.CompletedProcess:
     """Run argv in its own process group; past `timeout` the whole group is killed and the
     test fails with what was printed, instead of hanging the suite."""
-    p = subprocess.Popen(argv, cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE,
+    p = subprocess.Popen(argv, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = p.communicate(timeout=timeout)

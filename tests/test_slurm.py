@@ -1,0 +1,93 @@
+"""Slurm, for real: a one-node Slurm (scripts/slurm_local.sh: Debian slurm-wlm + munge, its own
+config under /tmp/hvdllm-slurm) starts hvdllm's ranks with `srun --mpi=pmix` and through the job
+script of `hvdllm launch --launcher sbatch`. Each run reproduces the single-process losses, and a
+failing rank ends the Slurm step with the message on every rank."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from launch_util import ROOT, run
+from test_integration import TINY, losses, train
+
+SLURM_DIR = "/tmp/hvdllm-slurm"
+SLURM = {"SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Start (or find) the local Slurm; a failure here fails the tests with the script's words."""
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh")], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "HVDLLM_SLURM_DIR": SLURM_DIR})
+    assert p.returncode == 0, f"scripts/slurm_local.sh failed:\n{p.stdout}\n{p.stderr}"
+    yield SLURM
+    if "up:" in p.stdout:   # started here: stop it again (a Slurm that was already up stays)
+        subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "stop"], timeout=60,
+                       env={**os.environ, "HVDLLM_SLURM_DIR": SLURM_DIR})
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """np=1 references (mpirun), batch 8, per backend."""
+    tmp, out = tmp_path_factory.mktemp("slurm_ref"), {}
+    for backend in ("torch", "tensorflow"):
+        r, d = train(tmp, backend, 1, [f"backend={backend}", "train.batch_size=8"])
+        assert r.returncode == 0, r.stdout[-4000:]
+        out[backend] = d
+    return out
+
+
+def two_ranks(out) -> bool:
+    """The run's own record of its layout (the last checkpoint's manifest)."""
+    manifest = json.loads((out / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    return manifest["layout"].startswith("world=2 dp=2 pp=1 tp=1")
+
+
+def hvdllm_args(out, sets):
+    return [a for kv in [*TINY, f"train.out_dir={out}", *sets] for a in ("--set", kv)]
+
+
+@pytest.mark.integration
+def test_srun_equals_single_process(tmp_path, slurm, single):
+    out = tmp_path / "srun"
+    argv = ["srun", "-n", "2", "--mpi=pmix", "--time=5", sys.executable, "-m", "hvdllm", "train",
+            *hvdllm_args(out, ["train.batch_size=4"])]
+    r = run(argv, 300, **slurm)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert two_ranks(out)
+    np.testing.assert_allclose(losses(out), losses(single["torch"]), rtol=2e-4)
+
+
+@pytest.mark.integration
+def test_sbatch_job_script_trains_tensorflow(tmp_path, slurm, single):
+    """`hvdllm launch --launcher sbatch --wait`: the job script is written and printed, sbatch
+    waits for the job (its --time is the deadline) and exits with the job's code."""
+    out, script = tmp_path / "sbatch", tmp_path / "job.sbatch"
+    argv = [sys.executable, "-m", "hvdllm", "launch", "-np", "2", "--launcher", "sbatch", "--wait",
+            "--time", "00:05:00", "--script", str(script), "--",
+            "train", *hvdllm_args(out, ["backend=tensorflow", "train.batch_size=4"])]
+    r = run(argv, 400, cwd=tmp_path, **slurm)
+    assert r.returncode == 0, r.stdout[-4000:]
+    text = script.read_text()
+    assert "#SBATCH --ntasks=2" in text and "srun -n 2 --mpi=pmix" in text and "#SBATCH --time=00:05:00" in text
+    assert "Submitted batch job" in r.stdout
+    assert two_ranks(out)
+    np.testing.assert_allclose(losses(out), losses(single["tensorflow"]), rtol=2e-4)
+    job_out = list(tmp_path.glob("hvdllm-*.out"))   # --output=%x-%j.out, in the submit directory
+    assert len(job_out) == 1 and "[hvdllm] done: 6 steps" in job_out[0].read_text()
+
+
+@pytest.mark.integration
+def test_failing_rank_ends_the_srun_step(tmp_path, slurm):
+    t0 = time.monotonic()
+    argv = ["srun", "-n", "2", "--mpi=pmix", "--time=5", sys.executable, "-m", "hvdllm", "train",
+            *hvdllm_args(tmp_path / "fail", ["train.batch_size=4", "train.fail_at_step=2", "train.fail_rank=1"])]
+    r = run(argv, 200, **slurm)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "[hvdllm] rank 1 failed" in r.stdout and "train.fail_at_step" in r.stdout, r.stdout[-3000:]
+    assert elapsed < 150, f"took {elapsed:.0f}s to end the job"
