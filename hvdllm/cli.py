@@ -51,13 +51,16 @@ def cmd_train(args) -> int:
     except ConfigError as e:  # every rank prints and leaves with 2, before anything is written
         print(f"[hvdllm] rank {env_rank()}: {e}", file=sys.stderr)
         return 2
+    # caught from here on: a time-limit signal during start-up is honoured at the first check
+    from . import stop
+    stop.install(cfg.train.stop_signal, env_rank(), honoured=not cfg.ps.servers)
     backend = load_backend(cfg.backend)
     rt, summary = runtime.run_guarded(
         lambda: runtime.start(backend, cfg.aggregation, process_set_groups(cfg)),
         lambda rt: _run_rank(cfg, rt, backend))
     if rt.rank == 0:
         _print_summary(cfg, summary)
-    return 0
+    return stop.EXIT_STOPPED if summary and summary.get("stopped_at") else 0
 
 
 def _run_rank(cfg, rt, backend) -> dict:
@@ -76,6 +79,10 @@ def _run_rank(cfg, rt, backend) -> dict:
 
 
 def _print_summary(cfg, s: dict) -> None:
+    if s.get("stopped_at"):
+        print(f"\n[hvdllm] stopped by SIG{cfg.train.stop_signal} after step {s['stopped_at']} of "
+              f"{cfg.train.steps}, checkpoint written: continue with --set train.resume=true (exit 75)")
+        return
     print(f"\n[hvdllm] done: {cfg.train.steps} steps, backend={cfg.backend}, out_dir={cfg.train.out_dir}")
     if "val_loss" in s:
         print(f"[hvdllm] val_loss {s['val_loss']:.4f} nats/token (ppl {s['val_ppl']:.2f}, "
@@ -105,7 +112,8 @@ def _submit(args, rest: list[str]) -> int:
     from pathlib import Path
 
     from . import launch
-    text = launch.job_script(args.np, rest, args.nodes, args.time, args.partition)
+    text = launch.job_script(args.np, rest, args.nodes, args.time, args.partition,
+                             signal_before=args.signal_before)
     script = Path(args.script)
     script.write_text(text)
     cmd = ["sbatch", *(["--wait"] if args.wait else []), str(script)]
@@ -151,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--nodes", type=int, help="sbatch: #SBATCH --nodes")
     la.add_argument("--time", help="sbatch: #SBATCH --time, e.g. 01:00:00 (the job's deadline)")
     la.add_argument("--partition", help="sbatch: #SBATCH --partition")
+    la.add_argument("--signal-before", type=int, default=120, metavar="SECONDS",
+                    help="sbatch with --time: SIGUSR1 this long before the limit, so the trainers stop "
+                         "with a checkpoint (train.stop_signal); 0 = no signal")
     la.add_argument("--wait", action="store_true", help="sbatch: wait for the job, exit with its code")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)

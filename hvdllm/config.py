@@ -131,6 +131,9 @@ class TrainConfig:
     sample_prompt: str = doc("prompt for the final sample", "def ")
     step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
                               "ended as hung", 600.0)
+    stop_signal: str = doc("on this signal (Slurm: #SBATCH --signal=USR1@120, scancel --signal=USR1) "
+                           "stop at a step boundary with a checkpoint, exit 75; 'none' = ignore it", "USR1")
+    stop_check_s: float = doc("about this many seconds between the ranks' checks for that signal", 5.0)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
     fail_rank: int = doc("testing aid: the rank that raises at fail_at_step", 0)
 
@@ -160,6 +163,7 @@ CHOICES = {
     "parallel.partition": ("uniform", "params", "time"),
     "ps.mode": ("sync", "async", "ssp"),
     "ps.stale_lr": ("inverse", "sqrt", "constant"),
+    "train.stop_signal": ("USR1", "USR2", "none"),
     "aggregation.compression": ("none", "fp16", "bf16"),
 }
 
@@ -283,6 +287,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay"]:
         if _get(cfg, key) < 0:
             p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.train.stop_check_s <= 0:
+        p.append(f"train.stop_check_s: must be > 0, got {cfg.train.stop_check_s}")
     m = cfg.model
     if m.n_head >= 1 and m.n_embd % m.n_head:
         p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")

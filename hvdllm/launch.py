@@ -42,16 +42,19 @@ def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) 
 
 
 def job_script(np_: int, args: list[str], nodes: int | None = None, time_limit: str | None = None,
-               partition: str | None = None, job_name: str = "hvdllm") -> str:
-    """A batch script for `sbatch`: NP tasks started by srun with PMIx, one compute thread each
-    unless train.threads says otherwise. The submitting shell's environment (the venv's PATH,
-    module loads) travels with the job: sbatch's default --export=ALL."""
+               partition: str | None = None, job_name: str = "hvdllm", signal_before: int = 120) -> str:
+    """A batch script for `sbatch`: NP tasks started by srun with PMIx. The submitting shell's
+    environment (the venv's PATH, module loads) travels with the job: sbatch's default
+    --export=ALL. With a time limit, Slurm sends SIGUSR1 `signal_before` seconds before it, and
+    the trainers stop with a checkpoint (hvdllm/stop.py, train.stop_signal)."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={np_}",
              "#SBATCH --output=%x-%j.out"]
     if nodes:
         lines.append(f"#SBATCH --nodes={nodes}")
     if time_limit:
         lines.append(f"#SBATCH --time={time_limit}")
+        if signal_before > 0:
+            lines.append(f"#SBATCH --signal=USR1@{signal_before}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     run = " ".join(shlex.quote(a) for a in command("srun", np_, args))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, lr as lr_schedule, metrics
+from . import checkpoint, data, lr as lr_schedule, metrics, stop
 from . import config
 from .config import Config, to_toml
 from .layout import Layout
@@ -97,6 +97,12 @@ class Trainer:
         # and evaluation during training is left to evaluator ranks (roles.evaluators).
         last = getattr(self.engine, "max_steps", t.steps)
         lockstep = getattr(self.engine, "lockstep", True)
+        # on train.stop_signal the trainers agree on a step to stop at (stop.py); not with
+        # parameter servers, whose step budget lives on the servers
+        stopper = None
+        if t.stop_signal != "none" and not cfg.ps.servers:
+            coll = self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer")))
+            stopper = stop.Agreement(self.backend.NumpyCollectives(coll), t.stop_check_s, self.start_step)
         for step in range(self.start_step, last):
             x, y = self.sampler.batch(step)
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
@@ -113,18 +119,22 @@ class Trainer:
                                          f"or set optim.grad_clip")
             done = step + 1
             final = done == last or getattr(res, "final", False)
+            stopping = not final and stopper is not None and stopper.due(done, dt)
             rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
-            if self.is_root and (done % t.log_every == 0 or final):
+            if self.is_root and (done % t.log_every == 0 or final or stopping):
                 self.log.write(rec)
             if bar:
                 bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
                 bar.update(1)
             if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
                 summary.update(self.evaluate(done))
-            if (t.checkpoint_every and done % t.checkpoint_every == 0) or final:
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or final or stopping:
                 self.save(done)
             summary["loss"] = res.loss
+            if stopping:
+                summary["stopped_at"] = done
+                break
             if final:
                 break
         if bar:
@@ -177,7 +187,7 @@ class Trainer:
     def finish(self, summary: dict) -> dict:
         t = self.cfg.train
         summary["unigram_entropy"] = data.unigram_entropy(self.data.train)
-        if t.sample_tokens:  # every rank: under tensor parallelism sampling is collective
+        if t.sample_tokens and not summary.get("stopped_at"):  # every rank: under tp sampling is collective
             tok = self.data.tokenizer
             ids = self.engine.generate(tok.encode(t.sample_prompt), t.sample_tokens, 0.8, 40, t.seed)
             if self.is_root:

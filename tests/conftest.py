@@ -4,3 +4,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+import os
+import subprocess
+
+import pytest
+
+SLURM_DIR = "/tmp/hvdllm-slurm"
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real one-node Slurm (scripts/slurm_local.sh): {'SLURM_CONF': ...} for the clients.
+    Failing to start it fails the tests that need it, with the script's words. Stopped at the
+    end of the session if it was started here."""
+    env = {**os.environ, "HVDLLM_SLURM_DIR": SLURM_DIR}
+    script = str(ROOT / "scripts" / "slurm_local.sh")
+    p = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, f"scripts/slurm_local.sh failed:\n{p.stdout}\n{p.stderr}"
+    yield {"SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}
+    if "up:" in p.stdout:
+        subprocess.run(["bash", script, "stop"], timeout=60, env=env)

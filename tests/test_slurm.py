@@ -1,34 +1,16 @@
-"""Slurm, for real: a one-node Slurm (scripts/slurm_local.sh: Debian slurm-wlm + munge, its own
-config under /tmp/hvdllm-slurm) starts hvdllm's ranks with `srun --mpi=pmix` and through the job
-script of `hvdllm launch --launcher sbatch`. Each run reproduces the single-process losses, and a
+"""Slurm, for real: a one-node Slurm (conftest.py's `slurm` fixture runs scripts/slurm_local.sh:
+Debian slurm-wlm + munge, its own config under /tmp/hvdllm-slurm) starts hvdllm's ranks with
+`srun --mpi=pmix` and through the job script of `hvdllm launch --launcher sbatch`. Each run reproduces the single-process losses, and a
 failing rank ends the Slurm step with the message on every rank."""
 import json
-import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from launch_util import ROOT, run
+from launch_util import run
 from test_integration import TINY, losses, train
-
-SLURM_DIR = "/tmp/hvdllm-slurm"
-SLURM = {"SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """Start (or find) the local Slurm; a failure here fails the tests with the script's words."""
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh")], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "HVDLLM_SLURM_DIR": SLURM_DIR})
-    assert p.returncode == 0, f"scripts/slurm_local.sh failed:\n{p.stdout}\n{p.stderr}"
-    yield SLURM
-    if "up:" in p.stdout:   # started here: stop it again (a Slurm that was already up stays)
-        subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "stop"], timeout=60,
-                       env={**os.environ, "HVDLLM_SLURM_DIR": SLURM_DIR})
-
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
@@ -74,6 +56,7 @@ def test_sbatch_job_script_trains_tensorflow(tmp_path, slurm, single):
     assert r.returncode == 0, r.stdout[-4000:]
     text = script.read_text()
     assert "#SBATCH --ntasks=2" in text and "srun -n 2 --mpi=pmix" in text and "#SBATCH --time=00:05:00" in text
+    assert "#SBATCH --signal=USR1@120" in text   # the trainers' cue to stop with a checkpoint
     assert "Submitted batch job" in r.stdout
     assert two_ranks(out)
     np.testing.assert_allclose(losses(out), losses(single["tensorflow"]), rtol=2e-4)

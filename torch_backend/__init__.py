@@ -1,7 +1,7 @@
 """PyTorch backend: the GPT, its Engine and the Horovod collectives adapter (same names as tf_backend)."""
 from . import tensor_parallel
-from .collectives import Collectives, init_horovod
+from .collectives import Collectives, NumpyCollectives, init_horovod
 from .engine import Engine, configure, make_engine
 from .model import GPT
 
-__all__ = ["GPT", "Engine", "Collectives", "configure", "init_horovod", "make_engine"]
+__all__ = ["GPT", "Engine", "Collectives", "NumpyCollectives", "configure", "init_horovod", "make_engine"]
