@@ -35,8 +35,8 @@ def test_zero1_equals_single_process(tmp_path, reference, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero1_checkpoint_is_sharded_and_resumes_at_other_dp_sizes(tmp_path, reference, backend):
     """Each dp rank writes the optimizer range it holds (nothing gathered to save); a run that
-    dies after the step-3 checkpoint at ZeRO dp=2 resumes at dp=1 without ZeRO and at ZeRO dp=4
-    with the uninterrupted losses."""
+    dies after the step-3 checkpoint at ZeRO dp=2 resumes at dp=1 without ZeRO and at ZeRO dp=2
+    and dp=4 with the uninterrupted losses."""
     sets = [f"backend={backend}", "parallel.zero=1"]
     r, d = train(tmp_path, "zero", 2, sets + ["train.batch_size=4", "train.fail_at_step=4", "train.fail_rank=1"])
     assert r.returncode != 0 and "injected failure" in r.stdout, r.stdout[-4000:]
@@ -50,6 +50,7 @@ def test_zero1_checkpoint_is_sharded_and_resumes_at_other_dp_sizes(tmp_path, ref
     assert not [k for k in files["pp0-tp0-dp1.npz"].files if not k.startswith(("optim.m.", "optim.v.", "__"))]
     ref = losses(reference[backend])
     for name, np_, more in (("dp1", 1, ["train.batch_size=8", "parallel.zero=0"]),
+                            ("dp2", 2, ["train.batch_size=4"]),    # each range read from its own file
                             ("dp4", 4, ["train.batch_size=2"])):
         shutil.copytree(d, tmp_path / name)
         r, out = train(tmp_path, name, np_, sets + more + ["train.resume=true"])

@@ -269,15 +269,12 @@ class Engine:
         self.steps_done = step
         if step == 0 or f"optim.m.{self.names[0]}" not in state:
             return
-        m = {n: np.asarray(state[f"optim.m.{n}"], np.float32) for n in self.names}
-        v = {n: np.asarray(state[f"optim.v.{n}"], np.float32) for n in self.names}
-        if self.zero is not None:
-            self.zero.load_state(self.flat.flatten(m), self.flat.flatten(v), step)
-        else:
-            for n, mv, vv in zip(self.names, self.opt.m, self.opt.v):
-                mv.assign(m[n])
-                vv.assign(v[n])
-            self.opt.step.assign(step)
+        if self.zero is not None:   # (local SGD and ZeRO exclude each other: config.py)
+            return self.zero.load_shard(state, step)
+        for n, mv, vv in zip(self.names, self.opt.m, self.opt.v):
+            mv.assign(np.asarray(state[f"optim.m.{n}"], np.float32))
+            vv.assign(np.asarray(state[f"optim.v.{n}"], np.float32))
+        self.opt.step.assign(step)
         if self.local is not None:
             self.local.load(state)
 

@@ -193,9 +193,7 @@ class Engine:
         if step == 0 or f"optim.m.{self.flat.names[0]}" not in state:
             return
         if self.zero is not None:
-            m = self.flat.flatten({n: state[f"optim.m.{n}"] for n in self.flat.names})
-            v = self.flat.flatten({n: state[f"optim.v.{n}"] for n in self.flat.names})
-            self.zero.load_state(m, v, step)
+            self.zero.load_shard(state, step)
         else:
             adamw_state.load(self.opt, self.model.named(), state)
         if self.local is not None:

@@ -41,6 +41,15 @@ class Zero1:
         return self.opt.m.nbytes + self.opt.v.nbytes
 
     # checkpoints -----------------------------------------------------------------------------
+    def _pieces(self):
+        """(name, [a, b) within the parameter, [a, b) within this rank's shard) for every
+        parameter this rank's flat range [lo, hi) touches."""
+        for k, n in enumerate(self.flat.names):
+            o, end = int(self.flat.offsets[k]), int(self.flat.offsets[k + 1])
+            a, b = max(self.lo, o), min(self.hi, end)
+            if a < b:
+                yield n, (a - o, b - o), (a - self.lo, b - self.lo)
+
     def shard_state(self, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
         """This rank's part of a sharded checkpoint, with no communication: dp rank 0 adds the
         parameters and optim.step; every rank adds the moments it holds, as ranged pieces of
@@ -48,21 +57,27 @@ class Zero1:
         pieces, so the checkpoint loads under any dp size, with or without ZeRO."""
         out = dict(params, **{"optim.step": np.array(self.opt.t, np.int64)}) if self.i == 0 else {}
         where = {}
-        for k, n in enumerate(self.flat.names):
-            o, end = int(self.flat.offsets[k]), int(self.flat.offsets[k + 1])
-            a, b = max(self.lo, o), min(self.hi, end)
-            if a >= b:
-                continue
+        for n, (a, b), (s, e) in self._pieces():
             for kind, vec in (("m", self.opt.m), ("v", self.opt.v)):
-                out[f"optim.{kind}.{n}"] = vec[a - self.lo:b - self.lo].copy()
-                where[f"optim.{kind}.{n}"] = placement.ranged(None, a - o, b - o, self.flat.shapes[n])
+                out[f"optim.{kind}.{n}"] = vec[s:e].copy()
+                where[f"optim.{kind}.{n}"] = placement.ranged(None, a, b, self.flat.shapes[n])
         return out, where
+
+    def load_shard(self, state, t: int) -> None:
+        """The moments of this rank's range only, from a checkpoint mapping: a sharded checkpoint
+        saved at the same dp size hands each piece straight from its file (Sharded.slice); any
+        other is cut one parameter at a time, never the whole state at once."""
+        m, v = np.zeros_like(self.opt.m), np.zeros_like(self.opt.v)
+        for n, (a, b), (s, e) in self._pieces():
+            pl = placement.ranged(None, a, b, self.flat.shapes[n])
+            for kind, buf in (("m", m), ("v", v)):
+                key = f"optim.{kind}.{n}"
+                buf[s:e] = state.slice(key, pl) if hasattr(state, "slice") else \
+                    placement.take(np.asarray(state[key], np.float32), pl)
+        self.opt.load(m, v, t)
 
     def gather_state(self) -> dict[str, np.ndarray]:
         """The whole state on every rank (collective)."""
         m = self.comm.allgather(self.opt.m, name="zero.m")[:self.flat.total]
         v = self.comm.allgather(self.opt.v, name="zero.v")[:self.flat.total]
         return {"m": m, "v": v, "t": self.opt.t}
-
-    def load_state(self, m: np.ndarray, v: np.ndarray, t: int) -> None:
-        self.opt.load(self.flat.pad(m, self.k)[self.lo:self.hi], self.flat.pad(v, self.k)[self.lo:self.hi], t)
