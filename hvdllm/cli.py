@@ -113,7 +113,7 @@ def _submit(args, rest: list[str]) -> int:
 
     from . import launch
     text = launch.job_script(args.np, rest, args.nodes, args.time, args.partition,
-                             signal_before=args.signal_before)
+                             signal_before=args.signal_before, requeue=args.requeue)
     script = Path(args.script)
     script.write_text(text)
     cmd = ["sbatch", *(["--wait"] if args.wait else []), str(script)]
@@ -163,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
                     help="sbatch with --time: SIGUSR1 this long before the limit, so the trainers stop "
                          "with a checkpoint (train.stop_signal); 0 = no signal")
     la.add_argument("--wait", action="store_true", help="sbatch: wait for the job, exit with its code")
+    la.add_argument("--requeue", action="store_true",
+                    help="sbatch: when the trainers stop with a checkpoint before the time limit, requeue "
+                         "the job; the run resumes from its latest checkpoint (train.resume=true)")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)
     g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")

@@ -42,11 +42,14 @@ def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) 
 
 
 def job_script(np_: int, args: list[str], nodes: int | None = None, time_limit: str | None = None,
-               partition: str | None = None, job_name: str = "hvdllm", signal_before: int = 120) -> str:
+               partition: str | None = None, job_name: str = "hvdllm", signal_before: int = 120,
+               requeue: bool = False) -> str:
     """A batch script for `sbatch`: NP tasks started by srun with PMIx. The submitting shell's
     environment (the venv's PATH, module loads) travels with the job: sbatch's default
     --export=ALL. With a time limit, Slurm sends SIGUSR1 `signal_before` seconds before it, and
-    the trainers stop with a checkpoint (hvdllm/stop.py, train.stop_signal)."""
+    the trainers stop with a checkpoint (hvdllm/stop.py, train.stop_signal). With `requeue`
+    the script requeues the job when the trainers stopped that way (exit 75), and the run always
+    resumes from its latest checkpoint: a long training runs as a chain of time-limited jobs."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={np_}",
              "#SBATCH --output=%x-%j.out"]
     if nodes:
@@ -57,12 +60,23 @@ def job_script(np_: int, args: list[str], nodes: int | None = None, time_limit: 
             lines.append(f"#SBATCH --signal=USR1@{signal_before}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
+    if requeue:
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
+        if args[:1] == ["train"]:
+            args = [*args, "--set", "train.resume=true"]
     run = " ".join(shlex.quote(a) for a in command("srun", np_, args))
-    return "\n".join(lines + [
-        "# Open MPI busy-polls while it waits; with a rank per core that starves compute.",
-        "export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}",
-        "set -eo pipefail",
-        f"exec {run}", ""])
+    body = ["# Open MPI busy-polls while it waits; with a rank per core that starves compute.",
+            "export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}"]
+    if not requeue:
+        return "\n".join(lines + body + [f"exec {run}", ""])
+    return "\n".join(lines + body + [
+        run, "rc=$?",
+        "# 75: the trainers stopped with a checkpoint before the time limit (hvdllm/stop.py)",
+        'if [ "$rc" -eq 75 ]; then',
+        '  echo "[hvdllm] job $SLURM_JOB_ID stopped with a checkpoint: requeued, it resumes from there"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$rc"', ""])
 
 
 def check_available(cmd: list[str]) -> None:

@@ -3,6 +3,9 @@ Debian slurm-wlm + munge, its own config under /tmp/hvdllm-slurm) starts hvdllm'
 `srun --mpi=pmix` and through the job script of `hvdllm launch --launcher sbatch`. Each run reproduces the single-process losses, and a
 failing rank ends the Slurm step with the message on every rank."""
 import json
+import os
+import re
+import subprocess
 import sys
 import time
 
@@ -74,3 +77,46 @@ def test_failing_rank_ends_the_srun_step(tmp_path, slurm):
     assert r.returncode != 0
     assert "[hvdllm] rank 1 failed" in r.stdout and "train.fail_at_step" in r.stdout, r.stdout[-3000:]
     assert elapsed < 150, f"took {elapsed:.0f}s to end the job"
+
+
+def _squeue_state(job: str, slurm) -> str:
+    p = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, **slurm})
+    return p.stdout.strip()
+
+
+def _until(cond, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"no {what} within {timeout}s"
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_sbatch_requeue_chain_resumes_after_the_signal(tmp_path, slurm):
+    """`--requeue`: the trainers stop with a checkpoint on SIGUSR1 (here from scancel, as Slurm
+    sends it before --time runs out), the job script requeues the job, and the requeued job
+    resumes from that checkpoint and finishes."""
+    out, script = tmp_path / "chain", tmp_path / "job.sbatch"
+    sets = ["train.batch_size=4", "train.steps=600", "train.eval_every=0", "train.checkpoint_every=0",
+            "train.stop_check_s=0.3", "train.sample_tokens=0"]
+    argv = [sys.executable, "-m", "hvdllm", "launch", "-np", "2", "--launcher", "sbatch", "--requeue",
+            "--time", "00:10:00", "--script", str(script), "--", "train", *hvdllm_args(out, sets)]
+    r = run(argv, 60, cwd=tmp_path, **slurm)
+    assert r.returncode == 0, r.stdout[-3000:]
+    job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    log = out / "metrics.jsonl"
+    _until(lambda: log.exists() and len(log.read_text().splitlines()) >= 50, 120, "50 steps")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env={**os.environ, **slurm})
+    # a requeued job may start again after AuthInfo=cred_expire seconds (10 in slurm_local.sh)
+    _until(lambda: "resumed from" in (tmp_path / f"hvdllm-{job}.out").read_text(), 180, "resumed job")
+    _until(lambda: _squeue_state(job, slurm) == "", 300, "end of the requeued job")
+    text = (tmp_path / f"hvdllm-{job}.out").read_text()
+    stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+) of 600", text).group(1))
+    assert "requeued, it resumes from there" in text
+    assert f"(step {stopped})" in text and "[hvdllm] done: 600 steps" in text, text[-3000:]
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **slurm}).stdout
+    assert "Restarts=1" in info and "JobState=COMPLETED" in info, info
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 601)), (steps[:3], steps[-3:], len(steps))
