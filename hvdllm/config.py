@@ -361,9 +361,8 @@ def _pipeline_problems(cfg: Config) -> list[str]:
         from .strategies.tensor_parallel import problems
         if not cfg.model.layers:   # the built-in GPT's split; a user's list has model.tp_plan
             p.extend(problems(cfg.model, par.tp))
-        for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every)):
-            if bad:
-                p.append(f"{key}: not combinable with parallel.tp > 1 yet")
+        if cfg.localsgd.every:
+            p.append("localsgd.every: not combinable with parallel.tp > 1 yet")
     if par.pp > 1:
         for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every),
                          ("aggregation.accumulation", cfg.aggregation.accumulation - 1)):

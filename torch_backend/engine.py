@@ -51,7 +51,11 @@ class Engine:
                                                     self.tp.size if self.tp else 1))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.steps_done = 0
-        self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation) if cfg.parallel.zero else None
+        self.zero = None
+        if cfg.parallel.zero:   # under tp: each tp rank's slices sharded over its dp group
+            tp_args = {} if self.tp is None else {"tp": NumpyCollectives(self.tp.coll),
+                                                   "sharded": lambda n: tp_plan.style(n) != "replicate"}
+            self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation, **tp_args)
         self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params()) if cfg.localsgd.every else None
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.model.named(), cfg.optim)
@@ -166,7 +170,9 @@ class Engine:
         and where each sits in the whole array (checkpoint.py, placement.py). Under ZeRO-1 each
         dp rank returns the part of the moments it holds (nothing is gathered)."""
         if self.zero is not None:
-            return self.zero.shard_state({n: p.detach().numpy().copy() for n, p in self.model.named()})
+            params = {n: p.detach().numpy().copy() for n, p in self.model.named()}
+            return self.zero.shard_state(params, tp_plan.placements(params, self.tp.size, self.tp.rank)
+                                         if self.tp else None)
         local = self._local_state()
         return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 

@@ -17,19 +17,37 @@ from ..optim import FlatAdamW, clip_coef
 
 
 class Zero1:
-    def __init__(self, flat: FlatLayout, comm, optim_cfg, agg_cfg):
+    """`comm`: NumpyCollectives over the dp group. Under tensor parallelism `flat` holds this tp
+    rank's slices, each tp rank shards its own slices over its dp group, and `tp` (a
+    NumpyCollectives over the tp group) with `sharded(name)` (False for parameters every tp rank
+    holds whole) makes the clipping norm the whole model's: sharded squares summed over tp,
+    replicated ones (identical on every tp rank) counted once."""
+
+    def __init__(self, flat: FlatLayout, comm, optim_cfg, agg_cfg, tp=None, sharded=None):
         self.flat, self.comm, self.optim_cfg, self.agg = flat, comm, optim_cfg, agg_cfg
         self.k, self.i = comm.size, comm.rank
         self.lo, self.hi = flat.shard_range(self.k, self.i)
         mask = flat.pad(flat.decay_mask(), self.k)[self.lo:self.hi]
         self.opt = FlatAdamW(self.hi - self.lo, mask, optim_cfg)
+        self.tp = tp
+        # [start, end) of this shard's elements per kind, for the norm without temporaries
+        self.spans = {True: [], False: []}
+        for n, _, (s, e) in self._pieces():
+            self.spans[bool(sharded(n)) if sharded else True].append((s, e))
 
     def step(self, flat_grad: np.ndarray, flat_params: np.ndarray, lr: float) -> tuple[np.ndarray, float]:
         """Returns (new flat parameters, global grad norm before clipping)."""
         g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k), op="average", name="zero.grads",
                                     compression=self.agg.compression)
-        sq = self.comm.allreduce(np.array([np.dot(g, g)], np.float64), op="sum", name="zero.norm")
-        norm = float(np.sqrt(sq[0]))
+        if self.tp is None:
+            sq = self.comm.allreduce(np.array([np.dot(g, g)], np.float64), op="sum", name="zero.norm")
+            norm = float(np.sqrt(sq[0]))
+        else:
+            part = np.array([sum(float(np.dot(g[s:e], g[s:e])) for s, e in self.spans[kind])
+                             for kind in (True, False)], np.float64)
+            sq = self.comm.allreduce(part, op="sum", name="zero.norm")            # over dp
+            sharded = self.tp.allreduce(sq[:1].copy(), op="sum", name="zero.norm.tp")[0]
+            norm = float(np.sqrt(sharded + sq[1]))
         g = g * np.float32(clip_coef(norm, self.optim_cfg.grad_clip))
         shard = self.flat.pad(flat_params, self.k)[self.lo:self.hi].copy()
         self.opt.step(shard, g, lr)
@@ -50,17 +68,19 @@ class Zero1:
             if a < b:
                 yield n, (a - o, b - o), (a - self.lo, b - self.lo)
 
-    def shard_state(self, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    def shard_state(self, params: dict[str, np.ndarray], bases: dict | None = None) -> tuple[dict, dict]:
         """This rank's part of a sharded checkpoint, with no communication: dp rank 0 adds the
         parameters and optim.step; every rank adds the moments it holds, as ranged pieces of
-        each parameter its flat range [lo, hi) touches (placement.ranged). A loader joins the
-        pieces, so the checkpoint loads under any dp size, with or without ZeRO."""
+        each parameter its flat range [lo, hi) touches (placement.ranged), of the tp slice at
+        bases[name] (None: the whole array). A loader joins the pieces, so the checkpoint loads
+        under any layout, with or without ZeRO."""
+        bases = bases or {}
         out = dict(params, **{"optim.step": np.array(self.opt.t, np.int64)}) if self.i == 0 else {}
-        where = {}
+        where = {n: bases.get(n) for n in params} if self.i == 0 else {}
         for n, (a, b), (s, e) in self._pieces():
             for kind, vec in (("m", self.opt.m), ("v", self.opt.v)):
                 out[f"optim.{kind}.{n}"] = vec[s:e].copy()
-                where[f"optim.{kind}.{n}"] = placement.ranged(None, a, b, self.flat.shapes[n])
+                where[f"optim.{kind}.{n}"] = placement.ranged(bases.get(n), a, b, self.flat.shapes[n])
         return out, where
 
     def load_shard(self, state, t: int) -> None:
