@@ -364,7 +364,7 @@ def _pipeline_problems(cfg: Config) -> list[str]:
         if cfg.localsgd.every:
             p.append("localsgd.every: not combinable with parallel.tp > 1 yet")
     if par.pp > 1:
-        for key, bad in (("parallel.zero", par.zero), ("localsgd.every", cfg.localsgd.every),
+        for key, bad in (("localsgd.every", cfg.localsgd.every),
                          ("aggregation.accumulation", cfg.aggregation.accumulation - 1)):
             if bad:
                 p.append(f"{key}: not combinable with parallel.pp > 1 yet (pipelines accumulate "

@@ -38,15 +38,18 @@ def base(pl: dict | None) -> dict | None:
 
 
 def join_ranges(pieces: list[tuple[np.ndarray, dict]]) -> np.ndarray:
-    """One slice from its ranged pieces (any order; a piece saved twice counts once)."""
-    by_start = {tuple(pl["range"]): a for a, pl in pieces}
+    """One slice from its ranged pieces, in any order. The same slice may come in more than one
+    complete set of ranges (a tied weight held by two pipeline stages, each cutting it where its
+    own flat shard ends): copies are identical, so any piece that starts where the joined part
+    ends will do; pieces starting before that are covered already."""
     shape = pieces[0][1]["of"]
     pos, out = 0, []
-    for (a, b) in sorted(by_start):
-        if a != pos:
+    for (a, b), arr in sorted(((tuple(pl["range"]), arr) for arr, pl in pieces), key=lambda t: t[0]):
+        if a > pos:
             raise ValueError(f"ranged pieces leave elements [{pos}, {a}) of {shape} uncovered")
-        out.append(np.asarray(by_start[(a, b)]).reshape(-1))
-        pos = b
+        if a == pos and b > pos:
+            out.append(np.asarray(arr).reshape(-1))
+            pos = b
     if pos != int(np.prod(shape)):
         raise ValueError(f"ranged pieces end at {pos} of {int(np.prod(shape))} elements")
     return np.concatenate(out).reshape(shape)

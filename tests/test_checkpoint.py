@@ -110,6 +110,16 @@ def test_ranged_pieces_join_into_whole_arrays(tmp_path):
     assert state.shapes["w"] == (4, 6)
     np.testing.assert_array_equal(state["w"], w)
 
+    # a tied weight held by two pipeline stages: two complete sets of ranges, cut differently
+    wte = rng.normal(size=(5, 4))
+    for stage, cuts in ((0, [(0, 7), (7, 20)]), (1, [(0, 13), (13, 20)])):
+        for d, (a, b) in enumerate(cuts):
+            checkpoint.write_shard(tmp_path, 7, checkpoint.shard_name(stage, 0, d), {"wte": wte.ravel()[a:b]},
+                                   {"wte": placement.ranged(None, a, b, (5, 4))})
+    names = [checkpoint.shard_name(p, 0, d) for p in (0, 1) for d in (0, 1)]
+    state, _ = checkpoint.load(checkpoint.finalize(tmp_path, 7, names, {}))
+    np.testing.assert_array_equal(state["wte"], wte)
+
     # a missing range is reported
     checkpoint.write_shard(tmp_path, 6, "x.npz", {"a": flat[:6]}, {"a": placement.ranged(None, 0, 6, (3, 4))})
     state, _ = checkpoint.load(checkpoint.finalize(tmp_path, 6, ["x.npz"], {}))

@@ -79,27 +79,41 @@ def test_convert_writes_one_unsharded_file(tmp_path):
         np.testing.assert_array_equal(one[k], ck[k], err_msg=k)
 
 
+PP2 = ["parallel.pp=2", "parallel.microbatches=2"]
+ZERO_GRIDS = {  # name: (np, settings, shard files at step 3, resumed layouts (name, np, settings))
+    "dp2xtp2": (4, ["parallel.tp=2", "train.batch_size=4"],
+                ["pp0-tp0-dp1.npz", "pp0-tp0.npz", "pp0-tp1-dp1.npz", "pp0-tp1.npz"],
+                [("to111", 1, ["parallel.zero=0", "train.batch_size=8"]),
+                 ("to_dp1xtp2", 2, ["parallel.tp=2", "train.batch_size=8"])]),
+    "dp2xpp2": (4, PP2 + ["train.batch_size=4"],
+                ["pp0-tp0-dp1.npz", "pp0-tp0.npz", "pp1-tp0-dp1.npz", "pp1-tp0.npz"],
+                [("to111", 1, ["parallel.zero=0", "train.batch_size=8"]),
+                 ("to_dp1xpp2", 2, PP2 + ["train.batch_size=8"])]),
+}
+
+
 @pytest.mark.integration
+@pytest.mark.parametrize("grid", list(ZERO_GRIDS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero1_beside_tensor_parallel(tmp_path, backend):
-    """ZeRO-1 over dp beside tp (Megatron's distributed optimizer): dp2 x tp2 equals np=1; each
-    of the 4 ranks writes its own range of its tp slices' moments; resumed at (1,1,1) without
-    ZeRO and at dp1 x tp2 with it, the losses are the uninterrupted ones."""
-    b = [f"backend={backend}"]
-    r, ref = train(tmp_path, "ref", 1, b + ["train.batch_size=8"])
+def test_zero1_beside_tensor_and_pipeline_parallelism(tmp_path, backend, grid):
+    """ZeRO-1 over dp beside tp (Megatron's distributed optimizer) and beside pipeline stages:
+    equals np=1; every rank writes its own range of its slice's or stage's moments (the tied
+    wte's come from two stages, cut at different places); resumed at (1,1,1) without ZeRO and
+    at dp=1 with it, the losses are the uninterrupted ones."""
+    np_, sets, files, resumes = ZERO_GRIDS[grid]
+    b = [f"backend={backend}", "parallel.zero=1"]
+    r, ref = train(tmp_path, "ref", 1, [f"backend={backend}", "train.batch_size=8"])
     assert r.returncode == 0, r.stdout[-4000:]
-    r, d = train(tmp_path, "zero", 4, b + ["parallel.tp=2", "parallel.zero=1", "train.batch_size=4"], timeout=400)
+    r, d = train(tmp_path, "zero", np_, b + sets, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:]
     np.testing.assert_allclose(losses(d), losses(ref), rtol=2e-4)
     saved = d / "checkpoints" / "step_00000003"
-    assert sorted(p.name for p in saved.glob("*.npz")) == \
-        ["pp0-tp0-dp1.npz", "pp0-tp0.npz", "pp0-tp1-dp1.npz", "pp0-tp1.npz"]
+    assert sorted(p.name for p in saved.glob("*.npz")) == files
     state, _ = checkpoint.load(saved)
     assert state.shapes["optim.m.h.0.attn.c_attn.weight"] == (32, 96)
-    for name, np_, sets in [("to111", 1, ["train.batch_size=8"]),
-                            ("to_tp2", 2, ["parallel.tp=2", "parallel.zero=1", "train.batch_size=8"])]:
+    for name, n, more in resumes:
         out = tmp_path / name
         shutil.copytree(saved, out / "checkpoints" / "step_00000003")
-        r, dd = train(tmp_path, name, np_, b + sets + ["train.resume=true"], timeout=400)
+        r, dd = train(tmp_path, name, n, b + more + ["train.resume=true"], timeout=400)
         assert r.returncode == 0 and "resumed from" in r.stdout, f"{name}\n{r.stdout[-4000:]}"
         np.testing.assert_allclose(losses(dd)[-3:], losses(ref)[-3:], rtol=2e-4, err_msg=name)

@@ -118,8 +118,7 @@ class Engine:
         self.steps_done = 0
         self.zero = None
         if cfg.parallel.zero:   # under tp: each tp rank's slices sharded over its dp group
-            tp_args = {} if self.tp is None else {"tp": NumpyCollectives(self.tp.coll),
-                                                   "sharded": lambda n: tp_plan.style(n) != "replicate"}
+            tp_args = {} if self.tp is None else {"tp": NumpyCollectives(self.tp.coll), "kind": tp_plan.norm_kind}
             self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation, **tp_args)
         self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params()) if cfg.localsgd.every else None
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None

@@ -21,7 +21,7 @@ from hvdllm.strategies import pipeline as pl
 from hvdllm.strategies import tensor_parallel as tp_plan
 from mpi.groups import subcomms
 
-from .collectives import Collectives
+from .collectives import Collectives, NumpyCollectives
 from .engine import AdamW
 from .model import GPT
 from .tensor_parallel import gather_full, norm_sq
@@ -65,10 +65,11 @@ class PipelineEngine:
         self.chunk_names = [names_for_layers(cfg.model, c) for c in self.chunks]
         self.comm = Collectives(rt.process_set(layout.group("dp")))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
-        self.opt = AdamW(self.vars, cfg.optim)
         self.pipe = pl.Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
         self.tied_peer = pl.tied_peer(p, self.model.layers, cfg.model.n_layer)
         self.saved, self.grads = {}, {}
+        self.zero = pl.make_zero(cfg, self, NumpyCollectives) if par.zero else None
+        self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
@@ -110,6 +111,12 @@ class PipelineEngine:
             grads["wte"] = tf.constant(pl.sum_with_peer(self.pp_comm, self.tied_peer, grads["wte"].numpy(),
                                                         self.timeout))
         glist = [grads[n] for n in self.names]
+        if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
+            new, norm = self.zero.step(self.flat.flatten([g.numpy() for g in glist]),
+                                       self.flat.flatten([v.numpy() for v in self.vars]), lr)
+            for v, a in zip(self.vars, self.flat.unflatten(new).values()):
+                v.assign(a)
+            return norm
         if self.comm.size > 1:
             glist = self.comm.grouped_allreduce(glist, name="pp.grads", **self.reduce.kwargs())
         # wte is held twice (first and last stage); count it once in the global norm.
@@ -140,6 +147,8 @@ class PipelineEngine:
     # state: gathered over tp and the pipeline so a checkpoint is the whole model --------------
     def _local_state(self) -> dict:
         out = {n: v.numpy().copy() for n, v in zip(self.names, self.vars)}
+        if self.zero is not None:   # collective over the dp group
+            return {**out, **pl.zero_moments(self.zero, self.flat)}
         step = int(self.opt.step.numpy())
         if step > 0:
             out.update({f"optim.m.{n}": m.numpy().copy() for n, m in zip(self.names, self.opt.m)})
@@ -153,7 +162,12 @@ class PipelineEngine:
         return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
 
     def shard_state(self) -> tuple[dict, dict]:
-        """This stage's (tp slice of its) parameters and moments, and their placements."""
+        """This stage's (tp slice of its) parameters and moments, and their placements; under
+        ZeRO-1 each dp rank's range of the moments (nothing gathered)."""
+        if self.zero is not None:
+            params = {n: v.numpy().copy() for n, v in zip(self.names, self.vars)}
+            return self.zero.shard_state(params, tp_plan.placements(params, self.tp.size, self.tp.rank)
+                                         if self.tp else None)
         local = self._local_state()
         return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 
@@ -164,7 +178,9 @@ class PipelineEngine:
         for n, v in zip(self.names, self.vars):
             v.assign(np.asarray(mine[n], np.float32))
         step = int(mine.get("optim.step", 0))
-        if step and f"optim.m.{self.names[0]}" in mine:
+        if step and f"optim.m.{self.names[0]}" in mine and self.zero is not None:
+            self.zero.load_shard(mine, step)
+        elif step and f"optim.m.{self.names[0]}" in mine:
             for n, m, v in zip(self.names, self.opt.m, self.opt.v):
                 m.assign(mine[f"optim.m.{n}"])
                 v.assign(mine[f"optim.v.{n}"])

@@ -22,7 +22,7 @@ from hvdllm.strategies import pipeline as pl
 from mpi.groups import subcomms
 
 from . import adamw_state
-from .collectives import Collectives
+from .collectives import Collectives, NumpyCollectives
 from .model import GPT
 from .tensor_parallel import gather_full, norm_sq
 
@@ -60,10 +60,11 @@ class PipelineEngine:
         self.named = self.model.named()
         self.comm = Collectives(rt.process_set(layout.group("dp")))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
-        self.opt = adamw_state.make_adamw(self.named, cfg.optim)
         self.pipe = pl.Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
         self.tied_peer = pl.tied_peer(p, self.model.layers, cfg.model.n_layer)
         self.saved = {}
+        self.zero = pl.make_zero(cfg, self, NumpyCollectives) if par.zero else None
+        self.opt = adamw_state.make_adamw(self.named, cfg.optim) if self.zero is None else None
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
@@ -97,6 +98,13 @@ class PipelineEngine:
     def _reduce_and_step(self, lr) -> float:
         self._sum_tied_embedding()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
+            new, norm = self.zero.step(self.flat.flatten([g.numpy() for g in grads]),
+                                       self.flat.flatten([p.detach().numpy() for _, p in self.named]), lr)
+            with torch.no_grad():
+                for (_, p), a in zip(self.named, self.flat.unflatten(new).values()):
+                    p.copy_(torch.from_numpy(a))
+            return norm
         if self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="pp.grads", **self.reduce.kwargs())
         for (_, p), g in zip(self.named, grads):
@@ -142,7 +150,10 @@ class PipelineEngine:
     # state: gathered over the pipeline so a checkpoint is the whole, unsharded model ---------
     def _local_state(self) -> dict:
         out = {n: p.detach().numpy().copy() for n, p in self.named}
-        out.update(adamw_state.export(self.opt, self.named))
+        if self.zero is not None:   # collective over the dp group
+            out.update(pl.zero_moments(self.zero, self.flat))
+        else:
+            out.update(adamw_state.export(self.opt, self.named))
         return out
 
     def state_dict(self) -> dict:
@@ -151,7 +162,12 @@ class PipelineEngine:
         return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
 
     def shard_state(self) -> tuple[dict, dict]:
-        """This stage's (tp slice of its) parameters and moments, and their placements."""
+        """This stage's (tp slice of its) parameters and moments, and their placements; under
+        ZeRO-1 each dp rank's range of the moments (nothing gathered)."""
+        if self.zero is not None:
+            params = {n: p.detach().numpy().copy() for n, p in self.named}
+            return self.zero.shard_state(params, tp_plan.placements(params, self.tp.size, self.tp.rank)
+                                         if self.tp else None)
         local = self._local_state()
         return local, (tp_plan.placements(local, self.tp.size, self.tp.rank) if self.tp else {})
 
@@ -163,7 +179,10 @@ class PipelineEngine:
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))
-        adamw_state.load(self.opt, self.named, state)
+        if self.zero is None:
+            adamw_state.load(self.opt, self.named, state)
+        elif int(state.get("optim.step", 0)) and f"optim.m.{self.named[0][0]}" in state:
+            self.zero.load_shard(state, int(state["optim.step"]))
 
     def num_params(self) -> int:
         return sum(p.numel() for _, p in self.named)

@@ -146,6 +146,36 @@ def allreduce_sum(comm, value: float, timeout_s: float, what: str) -> float:
     return float(recv[0])
 
 
+def make_zero(cfg, engine, numpy_collectives):
+    """ZeRO-1 for a pipeline stage (both backends): the stage's (tp slices of its) parameters
+    sharded over its dp group. Sets engine.flat. The clipping norm counts the tied `wte` once
+    (on the first stage), sums tp slices over the tp group and the stages over the pipeline,
+    as the unsharded step does."""
+    from ..flat import FlatLayout
+    from . import tensor_parallel as tp_plan
+    from .zero import Zero1
+    named = engine.named if hasattr(engine, "named") else list(zip(engine.names, engine.vars))
+    engine.flat = FlatLayout({n: tuple(p.shape) for n, p in named})
+
+    def kind(n):
+        if n == "wte" and engine.tied_peer == 0:
+            return "skip"
+        return tp_plan.norm_kind(n) if engine.tp else "sharded"
+    return Zero1(engine.flat, numpy_collectives(engine.comm), cfg.optim, cfg.aggregation,
+                 tp=numpy_collectives(engine.tp.coll) if engine.tp else None, kind=kind,
+                 pp_sum=lambda x: allreduce_sum(engine.pp_comm, x, engine.timeout, "pipeline grad-norm allreduce"))
+
+
+def zero_moments(zero, flat) -> dict:
+    """The whole stage's AdamW state from a ZeRO-1 dp group (collective over it), as named arrays."""
+    st = zero.gather_state()
+    m, v = flat.unflatten(st["m"]), flat.unflatten(st["v"])
+    out = {f"optim.m.{n}": a.copy() for n, a in m.items()}
+    out.update({f"optim.v.{n}": a.copy() for n, a in v.items()})
+    out["optim.step"] = np.array(st["t"], np.int64)
+    return out
+
+
 def gather_to_first(comm, stage: int, p: int, local: dict, timeout_s: float) -> dict:
     """Every stage's arrays to pipeline rank 0 (a checkpoint is the whole model); other ranks
     get their own back."""

@@ -41,6 +41,12 @@ def style(name: str) -> str:
     raise AssertionError(name)
 
 
+def norm_kind(name: str) -> str:
+    """How a parameter's gradient counts in the global norm under tp (strategies/zero.py):
+    slices are summed over the group, replicated parameters counted once."""
+    return "replicated" if style(name) == "replicate" else "sharded"
+
+
 def _axis(name: str, ndim: int) -> int:
     s = style(name)
     if s in ("column", "qkv_column"):

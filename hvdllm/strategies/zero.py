@@ -17,37 +17,41 @@ from ..optim import FlatAdamW, clip_coef
 
 
 class Zero1:
-    """`comm`: NumpyCollectives over the dp group. Under tensor parallelism `flat` holds this tp
-    rank's slices, each tp rank shards its own slices over its dp group, and `tp` (a
-    NumpyCollectives over the tp group) with `sharded(name)` (False for parameters every tp rank
-    holds whole) makes the clipping norm the whole model's: sharded squares summed over tp,
-    replicated ones (identical on every tp rank) counted once."""
+    """`comm`: NumpyCollectives over the dp group. `flat` holds what this rank trains: under
+    tensor parallelism its tp slices, in a pipeline its stage's parameters; each such part is
+    sharded over its own dp group. The clipping norm stays the whole model's: `kind(name)` says
+    how a parameter counts: 'sharded' (squares summed over the tp group `tp`, a
+    NumpyCollectives), 'replicated' (identical on every tp rank: counted once) or 'skip' (a
+    tied copy counted on another stage); `pp_sum(x)` then sums over the pipeline."""
 
-    def __init__(self, flat: FlatLayout, comm, optim_cfg, agg_cfg, tp=None, sharded=None):
+    def __init__(self, flat: FlatLayout, comm, optim_cfg, agg_cfg, tp=None, kind=None, pp_sum=None):
         self.flat, self.comm, self.optim_cfg, self.agg = flat, comm, optim_cfg, agg_cfg
         self.k, self.i = comm.size, comm.rank
         self.lo, self.hi = flat.shard_range(self.k, self.i)
         mask = flat.pad(flat.decay_mask(), self.k)[self.lo:self.hi]
         self.opt = FlatAdamW(self.hi - self.lo, mask, optim_cfg)
-        self.tp = tp
+        self.tp, self.pp_sum = tp, pp_sum
         # [start, end) of this shard's elements per kind, for the norm without temporaries
-        self.spans = {True: [], False: []}
+        self.spans = {"sharded": [], "replicated": [], "skip": []}
         for n, _, (s, e) in self._pieces():
-            self.spans[bool(sharded(n)) if sharded else True].append((s, e))
+            self.spans[kind(n) if kind else "sharded"].append((s, e))
+        self.plain = tp is None and pp_sum is None and not self.spans["skip"]
 
     def step(self, flat_grad: np.ndarray, flat_params: np.ndarray, lr: float) -> tuple[np.ndarray, float]:
         """Returns (new flat parameters, global grad norm before clipping)."""
         g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k), op="average", name="zero.grads",
                                     compression=self.agg.compression)
-        if self.tp is None:
+        if self.plain:
             sq = self.comm.allreduce(np.array([np.dot(g, g)], np.float64), op="sum", name="zero.norm")
             norm = float(np.sqrt(sq[0]))
         else:
             part = np.array([sum(float(np.dot(g[s:e], g[s:e])) for s, e in self.spans[kind])
-                             for kind in (True, False)], np.float64)
+                             for kind in ("sharded", "replicated")], np.float64)
             sq = self.comm.allreduce(part, op="sum", name="zero.norm")            # over dp
-            sharded = self.tp.allreduce(sq[:1].copy(), op="sum", name="zero.norm.tp")[0]
-            norm = float(np.sqrt(sharded + sq[1]))
+            sharded = sq[0] if self.tp is None else \
+                self.tp.allreduce(sq[:1].copy(), op="sum", name="zero.norm.tp")[0]
+            total = sharded + sq[1]
+            norm = float(np.sqrt(self.pp_sum(total) if self.pp_sum else total))
         g = g * np.float32(clip_coef(norm, self.optim_cfg.grad_clip))
         shard = self.flat.pad(flat_params, self.k)[self.lo:self.hi].copy()
         self.opt.step(shard, g, lr)
