@@ -2,10 +2,12 @@
 
 Messages per optimizer step, in this order, all over the dp group:
   1. reducescatter of the zero-padded flat gradient (average): rank i receives shard i;
-  2. allreduce (sum) of one float, the shard's squared gradient norm, for global clipping;
-  3. allgather of the updated parameter shards: every rank gets the whole new model.
+  2. allreduce (sum) of the shard's squared gradient norm, for global clipping (under tp / pp
+     then one float over the tp group and one over the pipeline: the whole model's norm);
+  3. allgather of the updated parameter shards: every rank gets the whole new model (its part).
 The gradient bytes moved equal one allreduce (reduce-scatter + all-gather is how a ring allreduce
 works anyway); the saving is memory: each rank keeps m and v for 1/dp of the parameters only.
+Checkpoints stay sharded the same way: each rank writes the ranges it holds (shard_state).
 """
 from __future__ import annotations
 
