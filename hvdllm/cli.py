@@ -7,15 +7,8 @@ import os
 import subprocess
 import sys
 
-from . import config as config_mod
-from .errors import ConfigError, HvdllmError
-
-BACKENDS = {"torch": "torch_backend", "tensorflow": "tf_backend"}
-
-
-def load_backend(name: str):
-    return importlib.import_module(BACKENDS[name])
-
+from . import backends, config as config_mod
+from .errors import USER_ERRORS, ConfigError
 
 def env_world_size() -> int | None:
     """World size from the launcher's environment, known before any initialisation."""
@@ -54,7 +47,7 @@ def cmd_train(args) -> int:
     # caught from here on: a time-limit signal during start-up is honoured at the first check
     from . import stop
     stop.install(cfg.train.stop_signal, env_rank(), honoured=not cfg.ps.servers)
-    backend = load_backend(cfg.backend)
+    backend = backends.load(cfg.backend)
     rt, summary = runtime.run_guarded(
         lambda: runtime.start(backend, cfg.aggregation, process_set_groups(cfg)),
         lambda rt: _run_rank(cfg, rt, backend))
@@ -175,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--backend", choices=list(BACKENDS), help="load with the other framework")
+    g.add_argument("--backend", choices=list(backends.MODULES), help="load with the other framework")
     g.set_defaults(fn=cmd_generate)
     cv = sub.add_parser("convert", help="write one unsharded parameters file from a run/checkpoint")
     cv.add_argument("src", help="a run's out_dir (its latest checkpoint) or a checkpoints/step_* folder")
@@ -197,6 +190,6 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except HvdllmError as e:
+    except USER_ERRORS as e:
         print(f"[hvdllm] error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,5 +1,9 @@
 """Typed errors. Each says what to do; the CLI maps them to exit codes and ends every rank."""
 
+# mpi/ raises it and imports nothing of hvdllm; a user-facing error like the ones below
+# (USER_ERRORS), not a bug.
+from mpi.errors import PeerTimeout
+
 
 class HvdllmError(Exception):
     """Base class: an error a user can act on."""
@@ -22,9 +26,8 @@ class LaunchError(HvdllmError):
     """The process was started in a way this strategy cannot run under (e.g. no MPI)."""
 
 
-class PeerTimeout(HvdllmError):
-    """A wait on another rank passed its deadline: that rank is lost or stuck."""
-
-
 class CheckpointError(HvdllmError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+USER_ERRORS = (HvdllmError, PeerTimeout)

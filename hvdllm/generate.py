@@ -6,26 +6,26 @@ from pathlib import Path
 
 from . import checkpoint, config as config_mod, data
 from .errors import CheckpointError
-from .layout import Layout
 
 
 def run(args) -> int:
-    from . import runtime
-    from .cli import load_backend
+    from . import backends, runtime
+    from .parallelize import build_solo_engine
     out = Path(args.out_dir)
     cfg_path = out / "config.toml"
     if not cfg_path.exists():
         raise CheckpointError(f"{cfg_path} not found: pass the train.out_dir of a finished run")
-    cfg = config_mod.load(cfg_path, [f'backend="{args.backend}"'] if args.backend else [])
-    cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp = 1, 1, 1
+    # one process holds the whole model, whatever layout trained it
+    sets = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=1"] + ([f'backend="{args.backend}"'] if args.backend else [])
+    cfg = config_mod.load(cfg_path, sets)
     path = checkpoint.latest(out)
     if path is None:
         raise CheckpointError(f"no checkpoint in {out / 'checkpoints'}: train first")
     state, meta = checkpoint.load(path)
-    backend = load_backend(cfg.backend)
+    backend = backends.load(cfg.backend)
     rt = runtime.start(backend)
     tok = data.prepare(cfg.data, 0).tokenizer
-    engine = backend.Engine(cfg, Layout.build(cfg.parallel, 1, 0))
+    engine = build_solo_engine(cfg, rt, backend)
     engine.load_state_dict(state)
     ids = engine.generate(tok.encode(args.prompt), args.tokens, args.temperature, args.top_k, args.seed)
     if rt.rank == 0:

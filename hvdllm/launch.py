@@ -8,13 +8,7 @@ import shutil
 import sys
 
 from .errors import LaunchError
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from .runtime import cores
 
 
 def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) -> list[str]:
@@ -26,7 +20,7 @@ def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) 
             cmd.append("--allow-run-as-root")
         if hosts:
             cmd += ["-H", hosts]
-        elif np_ > _cores():
+        elif np_ > cores():
             cmd.append("--oversubscribe")
         return cmd + prog
     if launcher == "horovodrun":

@@ -18,7 +18,7 @@ from . import config
 from .config import Config, to_toml
 from .layout import Layout
 from .params import param_shapes
-from .runtime import Runtime, Watchdog
+from .runtime import Runtime, Watchdog, cores
 from .strategies import ps_worker, roles
 
 
@@ -51,7 +51,7 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
             config.validate(cfg, rt.size)  # rules that depend on the vocabulary (tp must divide it)
-        backend.configure(cfg.train.threads or max(1, _cores() // max(1, rt.local_size)), cfg.train.seed)
+        backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         # ps.servers > 0: the engine computes gradients, the parameter servers update (ps_worker.py)
         self.engine = ps_worker.wrap(backend.make_engine(cfg, self.layout, rt), cfg, self.layout, rt)
         t = cfg.train
@@ -204,10 +204,3 @@ class Trainer:
             metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")
         return summary
 
-
-def _cores() -> int:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hvdllm.errors import PeerTimeout
+from .errors import PeerTimeout
 
 KINDS = ("ctl", "act", "grad", "shape", "params", "push", "pull", "eval", "gen", "ckpt", "user")
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}

@@ -51,7 +51,7 @@ import numpy as np
 
 from mpi import p2p
 
-from .. import data
+from .. import data, runtime
 from ..errors import PeerTimeout
 from ..layout import Layout
 from . import param_server
@@ -307,7 +307,7 @@ def role_engine(cfg, rt, backend):
     It is built on a one-rank Horovod process set (cli.process_set_groups), so building it never
     touches the trainers' collectives."""
     lower_priority(cfg.roles.nice)
-    threads = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, rt.local_size))
+    threads = cfg.train.threads or max(1, runtime.cores() // max(1, rt.local_size))
     backend.configure(threads, cfg.train.seed)
     solo = Layout(world_size=1, rank=0, dp=1)
     return backend.Engine(cfg, solo, backend.Collectives(rt.process_set((rt.rank,))))
