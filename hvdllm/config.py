@@ -468,3 +468,33 @@ def to_toml(cfg: Config) -> str:
         lines.append(f"\n[{section}]")
         lines.extend(f"{k} = {lit(v)}" for k, v in values.items())
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: derived values filled in once, then the settings are frozen.
+
+def resolve(cfg: Config, world_size: int | None, vocab_size: int) -> Config:
+    """The run's final settings: model.vocab_size = 0 becomes the tokenizer's `vocab_size`
+    (then validated again: tp must divide it), and the result is frozen, so no component can
+    change a setting after the engine exists. Returns a copy; `cfg` itself is unchanged."""
+    if cfg.model.vocab_size == 0:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+        validate(cfg, world_size)
+    sections = {f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    cfg = dataclasses.replace(cfg, **sections)
+    for obj in (cfg, *sections.values()):
+        object.__setattr__(obj, "_frozen", True)
+    return cfg
+
+
+def _frozen_setattr(self, name, value):
+    if getattr(self, "_frozen", False):
+        raise AttributeError(f"the resolved configuration is frozen: {type(self).__name__}.{name} cannot "
+                             f"change during a run (set it in the config file or with --set)")
+    object.__setattr__(self, name, value)
+
+
+for _cls in (ModelConfig, DataConfig, ParallelConfig, AggregationConfig, LocalSGDConfig, PSConfig,
+             RolesConfig, OptimConfig, TrainConfig, Config):
+    _cls.__setattr__ = _frozen_setattr

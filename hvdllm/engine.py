@@ -35,26 +35,47 @@ class EvalResult:
 
 
 class Engine(Protocol):
-    """What trainer.py needs from a backend. Constructed as Engine(cfg, layout, seed)."""
+    """Everything the core (trainer.py, strategies/roles.py, strategies/ps_worker.py, generate.py,
+    the benchmarks) calls on an engine. Engines are built only by hvdllm/parallelize.py:
+    `backend.Engine(cfg, layout, collectives, tp)`, `backend.PipelineEngine(cfg, layout, rt, tp)`,
+    `backend.SequentialEngine(cfg, layout, rt)`, and `PSWorker(engine, cfg, layout, rt)` around any
+    of them. What they share is written once in hvdllm/engines.py; each backend supplies the
+    primitives listed there."""
+
+    # traits: declared by every engine (hvdllm.engines.EngineBase has the defaults)
+    lockstep: bool          # every trainer steps together (False: async parameter-server workers)
+    max_steps: int | None   # None: train.steps; async workers: the servers' shared budget
+    param_shapes: dict      # {name: whole shape}: what a checkpoint must match
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         """One optimizer step on int arrays (batch, block); reduces gradients over the dp group."""
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
-        """Forward only, no state change."""
+        """Forward only, no state change (every stage of a pipeline reports the same numbers)."""
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum a small float64 vector over the data-parallel group (metrics)."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Parameters under their names, AdamW moments as 'optim.m.<name>' / 'optim.v.<name>',
-        and 'optim.step' (0-d int64). float32 numpy arrays, the same in both backends."""
+        """The whole state: parameters under their names, AdamW moments as 'optim.m.<name>' /
+        'optim.v.<name>', and 'optim.step' (0-d int64); float32 numpy arrays, the same in both
+        backends. Collective over the tp group, the pipeline and (ZeRO-1) the dp group; in a
+        pipeline the whole model arrives on the first stage."""
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Inverse of state_dict; a state without optim.* keys loads parameters only."""
+    def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(this rank's arrays, {name: placement}) for a sharded checkpoint (checkpoint.py)."""
+
+    def load_state_dict(self, state) -> None:
+        """Inverse of state_dict, from whole arrays or a checkpoint.Sharded (only this rank's
+        slices are read); a state without optim.* keys loads parameters only."""
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        """The whole parameters without optimizer state (snapshots for role ranks; collective
+        like state_dict)."""
 
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """(this rank's mean loss, flat gradient) with no communication (parameter servers)."""
+        """(this rank's mean loss, flat gradient) with no communication (parameter servers;
+        built-in GPT only)."""
 
     def flat_params(self) -> np.ndarray:
         """All parameters as one float32 vector in hvdllm.params order (hvdllm.flat)."""
@@ -62,6 +83,15 @@ class Engine(Protocol):
     def set_flat_params(self, flat: np.ndarray) -> None:
         """Inverse of flat_params."""
 
+    def num_params(self) -> int:
+        """Parameters this rank holds."""
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (ZeRO-1: its shard)."""
+
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int,
                  seed: int) -> list[int]:
-        """Sample continuation tokens (deterministic given seed)."""
+        """Sample continuation tokens (deterministic given seed; collective under tp and pp)."""
+
+    def close(self) -> None:
+        """End of training (parameter-server workers end the servers)."""

@@ -30,4 +30,9 @@ class CheckpointError(HvdllmError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class InjectedFailure(RuntimeError):
+    """Raised by train.fail_at_step / a server's fail_at_update: proves that one failing rank
+    ends the whole job (a bug-shaped error on purpose: it prints its traceback)."""
+
+
 USER_ERRORS = (HvdllmError, PeerTimeout)

@@ -11,9 +11,12 @@ from .errors import LaunchError
 from .runtime import cores
 
 
-def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) -> list[str]:
-    """The argv that starts `np_` ranks of `python -m hvdllm <args>` under `launcher`."""
-    prog = [sys.executable, "-m", "hvdllm", *args]
+def command(launcher: str, np_: int, args: list[str], hosts: str | None = None, *,
+            module: str = "hvdllm", env: list[str] | tuple = ()) -> list[str]:
+    """The argv that starts `np_` ranks of `python -m <module> <args>` under `launcher` (the
+    benchmarks start their workers through it too). `env`: variables every rank gets, `KEY`
+    (this process's value) or `KEY=VALUE`."""
+    prog = [sys.executable, "-m", module, *args]
     if launcher == "mpirun":
         cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1"]
         if os.geteuid() == 0:
@@ -22,16 +25,24 @@ def command(launcher: str, np_: int, args: list[str], hosts: str | None = None) 
             cmd += ["-H", hosts]
         elif np_ > cores():
             cmd.append("--oversubscribe")
+        for kv in env:  # mpirun forwards only what -x names to ranks on other hosts
+            cmd += ["-x", kv]
         return cmd + prog
     if launcher == "horovodrun":
         # horovodrun's own MPI mode is mpirun underneath; --gloo is what it adds.
+        if any("=" in kv for kv in env):
+            raise LaunchError(f"horovodrun passes this shell's environment only: export {', '.join(env)} "
+                              f"before the launch")
         cmd = ["horovodrun", "-np", str(np_), "--gloo"]
         if hosts:
             cmd += ["-H", hosts]
         return cmd + prog
     if launcher == "srun":
-        # Debian's Open MPI works with PMIx; --mpi=pmi2 fails there.
-        return ["srun", "-n", str(np_), "--mpi=pmix", *prog]
+        # Debian's Open MPI works with PMIx; --mpi=pmi2 fails there. Without --kill-on-bad-exit
+        # a rank that dies at start-up leaves the others waiting in MPI_Init until the time limit.
+        sets = [kv for kv in env if "=" in kv]
+        export = [f"--export=ALL,{','.join(sets)}"] if sets else []
+        return ["srun", "-n", str(np_), "--mpi=pmix", "--kill-on-bad-exit=1", *export, *prog]
     raise LaunchError(f"--launcher: {launcher!r} is not one of mpirun, horovodrun, srun, sbatch")
 
 

@@ -63,8 +63,11 @@ class FlatAdamW:
         self.t = int(t)
 
 
-def clip_coef(norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)); 0 disables."""
+def clip_coef(norm, max_norm: float, minimum=min):
+    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)); 0 disables.
+    The one place the formula lives: `norm` is a float, or a framework's scalar tensor with that
+    framework's `minimum(tensor, 1.0)`, so a backend clips on the device without reading the
+    norm back (torch: `lambda t, c: t.clamp(max=c)`, TensorFlow: `tf.minimum`)."""
     if max_norm <= 0:
         return 1.0
-    return min(1.0, max_norm / (norm + 1e-6))
+    return minimum(max_norm / (norm + 1e-6), 1.0)

@@ -16,14 +16,12 @@ import numpy as np
 from . import checkpoint, data, lr as lr_schedule, metrics, stop
 from . import config
 from .config import Config, to_toml
+from .errors import InjectedFailure
 from .layout import Layout
 from .params import param_shapes
 from .runtime import Runtime, Watchdog, cores
-from .strategies import ps_worker, roles
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by train.fail_at_step: proves that one failing rank ends the whole job."""
+from .parallelize import build_engine
+from .strategies import roles
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -48,12 +46,11 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
             self.data = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.data.tokenizer.vocab_size
-            config.validate(cfg, rt.size)  # rules that depend on the vocabulary (tp must divide it)
+        # derived settings filled in once, then frozen (rules that need the vocabulary run here)
+        self.cfg = cfg = config.resolve(cfg, rt.size, self.data.tokenizer.vocab_size)
         backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
-        # ps.servers > 0: the engine computes gradients, the parameter servers update (ps_worker.py)
-        self.engine = ps_worker.wrap(backend.make_engine(cfg, self.layout, rt), cfg, self.layout, rt)
+        # every strategy is composed in one place (parallelize.py), parameter-server workers too
+        self.engine = build_engine(cfg, self.layout, rt, backend)
         t = cfg.train
         # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
         self.sampler = data.Sampler(self.data.train, cfg.model.block_size,
@@ -95,8 +92,8 @@ class Trainer:
         # Async/SSP parameter-server workers share the servers' step budget (a fast worker runs
         # more steps than a slow one): their engine bounds the loop and ends it with res.final,
         # and evaluation during training is left to evaluator ranks (roles.evaluators).
-        last = getattr(self.engine, "max_steps", t.steps)
-        lockstep = getattr(self.engine, "lockstep", True)
+        last = self.engine.max_steps or t.steps
+        lockstep = self.engine.lockstep
         # on train.stop_signal the trainers agree on a step to stop at (stop.py); not with
         # parameter servers, whose step budget lives on the servers
         stopper = None
@@ -170,10 +167,7 @@ class Trainer:
         names = [checkpoint.shard_name(p, t, d) for p in range(lay.pp) for t in range(lay.tp)
                  for d in range(dp_files)]
         with self.watchdog.deadline(self.cfg.train.step_timeout, f"checkpoint at step {step}"):
-            if hasattr(self.engine, "shard_state"):
-                local, placements = self.engine.shard_state()
-            else:   # parameter-server workers: trainer rank 0 fetches the whole state
-                local, placements = self.engine.state_dict(), {}
+            local, placements = self.engine.shard_state()
             if lay.dp_rank < dp_files:
                 checkpoint.write_shard(self.out, step, checkpoint.shard_name(lay.pp_rank, lay.tp_rank, lay.dp_rank),
                                        local, placements)
@@ -197,8 +191,7 @@ class Trainer:
         if self.publisher is not None:  # the final weights to each role, its last record, SHUTDOWN
             with self.watchdog.deadline(3 * t.step_timeout, "the role ranks' last snapshot"):
                 self.publisher.close(self.engine)
-        if hasattr(self.engine, "close"):  # parameter servers: SHUTDOWN from trainer rank 0
-            self.engine.close()
+        self.engine.close()  # parameter servers: SHUTDOWN from trainer rank 0
         if self.is_root:
             self.log.close()
             metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")

@@ -1,14 +1,29 @@
 """The launcher commands and the sbatch job script hvdllm writes (the Slurm runs themselves are
 in test_slurm.py)."""
+import pytest
+
 from hvdllm import launch
+from hvdllm.errors import LaunchError
 
 
 def test_mpirun_and_srun_commands():
     cmd = launch.command("mpirun", 4, ["train", "cfg.toml"])
     assert cmd[:3] == ["mpirun", "-np", "4"] and "OMPI_MCA_mpi_yield_when_idle=1" in cmd
     assert cmd[-4:-2] == ["-m", "hvdllm"] and cmd[-2:] == ["train", "cfg.toml"]
-    assert launch.command("srun", 2, ["train"])[:3] == ["srun", "-n", "2"]
-    assert "--mpi=pmix" in launch.command("srun", 2, ["train"])
+    srun = launch.command("srun", 2, ["train"])
+    assert srun[:3] == ["srun", "-n", "2"] and "--mpi=pmix" in srun
+    assert "--kill-on-bad-exit=1" in srun  # a rank failing at start-up ends the step
+
+
+def test_worker_commands_for_the_benchmarks():
+    cmd = launch.command("mpirun", 2, ["--steps", "3"], module="hvdllm.bench.dp_worker",
+                         env=["PYTHONPATH", "HOROVOD_CYCLE_TIME=1"])
+    assert cmd[-5:-2] == ["-m", "hvdllm.bench.dp_worker", "--steps"]
+    assert cmd[-10:-6] == ["-x", "PYTHONPATH", "-x", "HOROVOD_CYCLE_TIME=1"]  # before the program
+    srun = launch.command("srun", 2, ["x"], module="m", env=["PYTHONPATH", "A=1", "B=2"])
+    assert "--export=ALL,A=1,B=2" in srun and srun[-3:] == ["-m", "m", "x"]
+    with pytest.raises(LaunchError):
+        launch.command("horovodrun", 2, ["x"], env=["A=1"])
 
 
 def test_job_script_signal_and_requeue():

@@ -7,7 +7,10 @@ method works eagerly and inside tf.function (Horovod's TF ops are graph ops).
 from __future__ import annotations
 
 import horovod.tensorflow as hvd
+import numpy as np
 import tensorflow as tf
+
+from hvdllm.engines import HostCollectives
 
 _OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
 _WIRE = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
@@ -150,32 +153,28 @@ def init_horovod(comm=None, process_sets=()):
     return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), sets
 
 
-class NumpyCollectives:
-    """The same collectives on numpy arrays, for the core's framework-free strategies
-    (ZeRO-1, local SGD)."""
+class NumpyCollectives(HostCollectives):
+    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for the core's
+    numpy strategies (ZeRO-1, local SGD, metrics)."""
 
     def __init__(self, coll: Collectives):
-        self.coll = coll
-
-    @property
-    def rank(self) -> int:
-        return self.coll.rank
-
-    @property
-    def size(self) -> int:
-        return self.coll.size
-
-    def allreduce(self, a, op="average", name=None, compression="none"):
-        return self.coll.allreduce(tf.constant(a), op=op, name=name, compression=compression).numpy()
-
-    def reducescatter(self, a, op="average", name=None, compression="none"):
-        return self.coll.reducescatter(tf.constant(a), op=op, name=name, compression=compression).numpy()
-
-    def allgather(self, a, name=None):
-        return self.coll.allgather(tf.constant(a), name=name).numpy()
-
-    def broadcast(self, a, root=0, name=None):
-        return self.coll.broadcast(tf.constant(a), root=root, name=name).numpy()
+        super().__init__(coll, from_host, to_host)
 
 
-__all__ = ["Collectives", "NumpyCollectives", "init_horovod"]
+# The host boundary: every host <-> tensor conversion of the engines goes through these two,
+# so a test can count them per step (tests: host transfers per step).
+TRANSFERS = {"to_host": 0, "from_host": 0}
+
+
+def to_host(t) -> np.ndarray:
+    """A tensor or variable as a numpy array (a copy)."""
+    TRANSFERS["to_host"] += 1
+    return t.numpy()
+
+
+def from_host(a, dtype=None) -> tf.Tensor:
+    TRANSFERS["from_host"] += 1
+    return tf.constant(a, dtype=dtype)
+
+
+__all__ = ["Collectives", "NumpyCollectives", "from_host", "init_horovod", "to_host"]

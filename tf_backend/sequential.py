@@ -24,13 +24,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvdllm import aggregation, sampling, user_model
-from hvdllm.engine import EvalResult, StepResult
+from hvdllm import aggregation, user_model
+from hvdllm.engine import StepResult
+from hvdllm.engines import SequentialBase
+from hvdllm.optim import clip_coef
 from hvdllm.strategies import pipeline as pl
 
 from . import user_tp
-from .collectives import Collectives
-from .engine import AdamW
+from .collectives import Collectives, NumpyCollectives, from_host, to_host
+from .optim import AdamW
 
 
 def _seed(seed: int) -> None:
@@ -86,7 +88,9 @@ def measure_layer_times(layers, inputs) -> list[float]:
     return times
 
 
-class SequentialEngine:
+class SequentialEngine(SequentialBase):
+    """A user's layer list under dp, pp and tp (see the module docstring)."""
+
     def __init__(self, cfg, layout, rt):
         self.cfg, self.layout = cfg, layout
         m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
@@ -96,7 +100,7 @@ class SequentialEngine:
         self.timeout = cfg.train.step_timeout
         layers = build_layers(m, cfg.train.seed)
         # probe: creates every Keras weight (in list order, identically on every rank)
-        probe = tf.constant(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), tf.int64)
+        probe = from_host(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), tf.int64)
         inputs = [probe]
         for i, layer in enumerate(layers):
             out = _call(layer, inputs[-1], False)
@@ -139,11 +143,13 @@ class SequentialEngine:
                      for w in self.layers[i].trainable_variables}
         self.names = [n for n, v in self.state_vars if id(v) in trainable]
         self.vars = [v for n, v in self.state_vars if id(v) in trainable]
+        self.named = list(zip(self.names, self.vars))
         self.chunk_vars = []
         for c in self.chunks:
             ids = {id(_tf(w)) for i in c for w in _weights(self.layers[i])}
             self.chunk_vars.append([k for k, v in enumerate(self.vars) if id(v) in ids])
         self.comm = Collectives(rt.process_set(layout.group("dp")))
+        self.ncomm = NumpyCollectives(self.comm)
         self._broadcast_parameters()
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = AdamW(self.vars, cfg.optim)
@@ -172,7 +178,7 @@ class SequentialEngine:
 
     # StageRunner (pipeline) -------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
-        x = tf.constant(inp)
+        x = from_host(inp)
         first = self.chunks[chunk][0] == 0
         tape = tf.GradientTape()
         with tape:
@@ -180,19 +186,19 @@ class SequentialEngine:
                 tape.watch(x)
             out = self._run_chunk(chunk, x, True)
             if target is not None:
-                loss = _loss(out, tf.constant(target))
+                loss = _loss(out, from_host(target))
                 out = loss / self.m
         self.saved[(mb, chunk)] = (tape, x, out)
-        return float(loss) if target is not None else out.numpy()
+        return float(loss) if target is not None else to_host(out)
 
     def backward(self, chunk, mb, grad):
         tape, x, out = self.saved.pop((mb, chunk))
         idx = self.chunk_vars[chunk]
         first = self.chunks[chunk][0] == 0
         sources = [self.vars[k] for k in idx] + ([] if first else [x])
-        grads = tape.gradient(out, sources, output_gradients=None if grad is None else tf.constant(grad))
+        grads = tape.gradient(out, sources, output_gradients=None if grad is None else from_host(grad))
         self._accumulate(idx, grads)
-        return None if first else grads[-1].numpy()
+        return None if first else to_host(grads[-1])
 
     def _accumulate(self, idx, grads):
         for k, g in zip(idx, grads):
@@ -212,11 +218,11 @@ class SequentialEngine:
             loss = 0.0
             for xm, ym in aggregation.split_microbatches(x, y, self.m):
                 with tf.GradientTape() as tape:
-                    part = _loss(self._run_chunk(0, tf.constant(xm), True), tf.constant(ym)) / self.m
+                    part = _loss(self._run_chunk(0, from_host(xm), True), from_host(ym)) / self.m
                 self._accumulate(range(len(self.vars)), tape.gradient(part, self.vars))
                 loss += float(part)
             norm.append(self._reduce_and_step(lr))
-        mean = self.comm.allreduce(tf.constant([loss], tf.float64), op="average", name="seq.loss")
+        mean = self.comm.allreduce(from_host([loss], tf.float64), op="average", name="seq.loss")
         return StepResult(loss=float(mean[0]), grad_norm=norm[0])
 
     def _reduce_and_step(self, lr) -> float:
@@ -228,55 +234,26 @@ class SequentialEngine:
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
         norm = float(np.sqrt(sq))
-        clip = self.cfg.optim.grad_clip
-        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        coef = clip_coef(norm, self.cfg.optim.grad_clip)
         if grads:
-            self.opt.apply([g * coef for g in grads], tf.constant(lr, tf.float64))
+            self.opt.apply([g * coef for g in grads], from_host(lr, tf.float64))
         return norm
 
     # evaluation ---------------------------------------------------------------------------------
     def _forward_all(self, x: np.ndarray):
         """Logits (numpy) of the whole list on the last stage's owner, None elsewhere."""
         if self.pipe is None:
-            return self._run_chunk(0, tf.constant(x), False).numpy()
-        return self.pipe.forward_only(lambda c, a: self._run_chunk(c, tf.constant(a), False).numpy(), x)
+            return to_host(self._run_chunk(0, from_host(x), False))
+        return self.pipe.forward_only(lambda c, a: to_host(self._run_chunk(c, from_host(a), False)), x)
 
-    def evaluate(self, x, y) -> EvalResult:
-        out = self._forward_all(np.asarray(x, np.int64))
-        res = np.zeros(3)
-        if out is not None:
-            t = np.asarray(y, np.int64)
-            res[:] = (float(_loss(tf.constant(out), tf.constant(t))) * t.size,
-                      int((out.argmax(-1) == t).sum()), t.size)
-        if self.pipe is not None:
-            res = pl.bcast_from_last(self.pipe, res)
-        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
-
-    def allreduce_sum(self, values):
-        return self.comm.allreduce(tf.constant(np.asarray(values, np.float64)), op="sum", name="seq.metrics").numpy()
+    def score(self, out, y) -> tuple[float, int, int]:
+        return float(_loss(from_host(out), from_host(y))) * y.size, int((out.argmax(-1) == y).sum()), y.size
 
     # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
     def _local_state(self) -> dict:
-        local = {n: v.numpy().copy() for n, v in self.state_vars}
-        step = int(self.opt.step.numpy())
-        if step > 0:  # like torch: no moments before the first step
-            local.update({f"optim.m.{n}": m.numpy().copy() for n, m in zip(self.names, self.opt.m)})
-            local.update({f"optim.v.{n}": v.numpy().copy() for n, v in zip(self.names, self.opt.v)})
-        local["optim.step"] = np.array(step, np.int64)
+        local = {n: to_host(v) for n, v in self.state_vars}   # every weight, trainable or not
+        local.update(self.optimizer_state())
         return local
-
-    def state_dict(self) -> dict:
-        """The whole model on pipeline rank 0 (collective over the tp group and the pipeline)."""
-        local = self._local_state()
-        if self.tp is not None:
-            local = user_model.gather_whole(local, self.placements, user_tp.allgather(self.tp))
-        if self.pipe is None:
-            return local
-        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
-
-    def shard_state(self) -> tuple[dict, dict]:
-        """This (stage, tp rank)'s arrays and the placement of each tp slice (checkpoint.py)."""
-        return self._local_state(), self.placements
 
     def load_state_dict(self, state) -> None:
         """From whole arrays (a dict) or a checkpoint.Sharded: this rank's slices."""
@@ -287,25 +264,11 @@ class SequentialEngine:
             v.assign(np.asarray(state[n], v.dtype.as_numpy_dtype))
         step = int(state.get("optim.step", 0))
         if step and all(f"optim.m.{n}" in state for n in self.names):
-            for n, m, v in zip(self.names, self.opt.m, self.opt.v):
-                m.assign(np.asarray(state[f"optim.m.{n}"], np.float32))
-                v.assign(np.asarray(state[f"optim.v.{n}"], np.float32))
-            self.opt.step.assign(step)
+            self.opt.load(self.names, state, step)
 
-    def num_params(self) -> int:
-        return sum(int(np.prod(v.shape)) for v in self.vars)
+    # backend primitives (hvdllm/engines.py) --------------------------------------------------
+    to_host = staticmethod(to_host)
+    tp_allgather = staticmethod(user_tp.allgather)
 
-    def optimizer_state_bytes(self) -> int:
-        return self.opt.state_bytes()
-
-    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
-        """hvdllm.sampling on the last position's logits; under a pipeline every stage takes part
-        (as torch_backend/sequential.py) and draws the same tokens."""
-        V = self.cfg.model.vocab_size
-
-        def last_logits(ids):
-            out = self._forward_all(np.array([ids], dtype=np.int64))
-            vec = np.zeros(V) if out is None else np.asarray(out[0, -1], np.float64)
-            return pl.bcast_from_last(self.pipe, vec) if self.pipe is not None else vec
-        return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
-                                 temperature, top_k, seed)
+    def optimizer_state(self) -> dict:
+        return self.opt.state(self.names)

@@ -1,7 +1,12 @@
-"""PyTorch backend: the GPT, its Engine and the Horovod collectives adapter (same names as tf_backend)."""
+"""PyTorch backend: the engine classes that hvdllm/parallelize.py composes, the model and the
+Horovod collectives adapter (the same names in torch_backend and tf_backend)."""
 from . import tensor_parallel
-from .collectives import Collectives, NumpyCollectives, init_horovod
-from .engine import Engine, configure, make_engine
+from .collectives import Collectives, NumpyCollectives, from_host, init_horovod, to_host
+from .engine import Engine, configure
 from .model import GPT
+from .pipeline import PipelineEngine
+from .sequential import SequentialEngine
+from .tensor_parallel import TPGroup
 
-__all__ = ["GPT", "Engine", "Collectives", "NumpyCollectives", "configure", "init_horovod", "make_engine"]
+__all__ = ["GPT", "Collectives", "Engine", "NumpyCollectives", "PipelineEngine", "SequentialEngine", "TPGroup",
+           "configure", "from_host", "init_horovod", "tensor_parallel", "to_host"]

@@ -9,6 +9,8 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
+from hvdllm.engines import HostCollectives
+
 _OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
 _WIRE = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Horovod 0.28's CPU ops reject bfloat16 tensors. bf16 on the wire therefore travels as its raw
@@ -81,6 +83,17 @@ class Collectives:
                                postscale_factor=postscale, process_set=self.process_set)
         return tensors
 
+    def reducescatter(self, tensor, op="average", name=None, compression="none"):
+        """This rank's slice (first axis) of the reduction; bf16 reduces whole, then slices
+        (see _bf16_allreduce)."""
+        if compression == "bf16":
+            full = self.allreduce(tensor, op=op, name=name, compression=compression)
+            n = tensor.shape[0] // self.size
+            return full[self.rank * n:(self.rank + 1) * n].clone()
+        out = hvd.reducescatter(self._to_wire(tensor, compression), op=_op(op), name=name,
+                                process_set=self.process_set)
+        return out.to(tensor.dtype)
+
     def broadcast(self, tensor, root=0, name=None):
         """`root` is a rank within this group; Horovod wants the global rank, so translate."""
         ranks = self.process_set.ranks
@@ -104,35 +117,26 @@ def init_horovod(comm=None, process_sets=()):
     return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), sets
 
 
-class NumpyCollectives:
-    """The same collectives on numpy arrays, for the core's framework-free strategies
-    (ZeRO-1, local SGD). torch.from_numpy shares memory, so the casts cost nothing."""
+class NumpyCollectives(HostCollectives):
+    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for the core's
+    numpy strategies (ZeRO-1, local SGD, metrics). On CPU torch.from_numpy shares memory."""
 
     def __init__(self, coll: Collectives):
-        self.coll = coll
+        super().__init__(coll, from_host, to_host)
 
-    @property
-    def rank(self) -> int:
-        return self.coll.rank
 
-    @property
-    def size(self) -> int:
-        return self.coll.size
+# The host boundary: every host <-> tensor conversion of the engines goes through these two,
+# so a test can count them per step (tests: host transfers per step).
+TRANSFERS = {"to_host": 0, "from_host": 0}
 
-    def allreduce(self, a, op="average", name=None, compression="none"):
-        return self.coll.allreduce(torch.from_numpy(a), op=op, name=name, compression=compression).numpy()
 
-    def reducescatter(self, a, op="average", name=None, compression="none"):
-        if compression == "bf16":  # see _bf16_allreduce: reduce whole, keep this rank's shard
-            full = self.allreduce(a, op=op, name=name, compression=compression)
-            n = a.shape[0] // self.size
-            return full[self.rank * n:(self.rank + 1) * n].copy()
-        t = self.coll._to_wire(torch.from_numpy(a), compression)
-        out = hvd.reducescatter(t, op=_op(op), name=name, process_set=self.coll.process_set)
-        return out.to(torch.float32 if a.dtype == np.float32 else out.dtype).numpy()
+def to_host(t) -> np.ndarray:
+    """A tensor as a numpy array (shares memory on CPU; copy it if it must outlive the tensor)."""
+    TRANSFERS["to_host"] += 1
+    return t.detach().cpu().numpy()
 
-    def allgather(self, a, name=None):
-        return self.coll.allgather(torch.from_numpy(a), name=name).numpy()
 
-    def broadcast(self, a, root=0, name=None):
-        return self.coll.broadcast(torch.from_numpy(a), root=root, name=name).numpy()
+def from_host(a, device=None) -> torch.Tensor:
+    TRANSFERS["from_host"] += 1
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device is None else t.to(device, non_blocking=True)

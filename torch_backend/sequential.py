@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvdllm import aggregation, sampling, user_model
-from hvdllm.engine import EvalResult, StepResult
+from hvdllm import aggregation, user_model
+from hvdllm.engine import StepResult
+from hvdllm.engines import SequentialBase
+from hvdllm.optim import clip_coef
 from hvdllm.strategies import pipeline as pl
 
 from . import adamw_state, user_tp
-from .collectives import Collectives
+from .collectives import Collectives, NumpyCollectives, from_host, to_host
 
 
 class _Call(nn.Module):
@@ -89,7 +91,9 @@ def measure_layer_times(layers, inputs) -> list[float]:
     return times
 
 
-class SequentialEngine:
+class SequentialEngine(SequentialBase):
+    """A user's layer list under dp, pp and tp (see the module docstring)."""
+
     def __init__(self, cfg, layout, rt):
         self.cfg, self.layout = cfg, layout
         m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
@@ -132,6 +136,7 @@ class SequentialEngine:
         self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.comm = Collectives(rt.process_set(layout.group("dp")))
+        self.ncomm = NumpyCollectives(self.comm)
         self._broadcast_parameters()
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = adamw_state.make_adamw(self.named, cfg.optim)
@@ -161,21 +166,21 @@ class SequentialEngine:
 
     # StageRunner (pipeline) -------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
-        x = torch.from_numpy(inp)
+        x = from_host(inp)
         if self.chunks[chunk][0] != 0:
             x.requires_grad_(True)
         out = self._run_chunk(chunk, x)
         if target is None:
             self.saved[(mb, chunk)] = (x, out)
-            return out.detach().numpy()
-        loss = self._loss(out, torch.from_numpy(target))
+            return to_host(out)
+        loss = self._loss(out, from_host(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
         return float(loss.detach())
 
     def backward(self, chunk, mb, grad):
         x, out = self.saved.pop((mb, chunk))
-        out.backward(None if grad is None else torch.from_numpy(grad))
-        return x.grad.numpy() if x.requires_grad else None
+        out.backward(None if grad is None else from_host(grad))
+        return to_host(x.grad) if x.requires_grad else None
 
     # one optimizer step -------------------------------------------------------------------------
     def train_step(self, x, y, lr) -> StepResult:
@@ -190,7 +195,7 @@ class SequentialEngine:
         else:
             loss = 0.0
             for xm, ym in aggregation.split_microbatches(x, y, self.m):
-                part = self._loss(self._run_chunk(0, torch.from_numpy(xm)), torch.from_numpy(ym)) / self.m
+                part = self._loss(self._run_chunk(0, from_host(xm)), from_host(ym)) / self.m
                 part.backward()
                 loss += float(part.detach())
             norm.append(self._reduce_and_step(lr))
@@ -208,9 +213,8 @@ class SequentialEngine:
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
         norm = float(np.sqrt(sq))
-        clip = self.cfg.optim.grad_clip
-        if clip > 0 and grads:
-            torch._foreach_mul_(grads, min(1.0, clip / (norm + 1e-6)))
+        if grads:
+            torch._foreach_mul_(grads, clip_coef(norm, self.cfg.optim.grad_clip))
         adamw_state.set_lr(self.opt, lr)
         self.opt.step()
         return norm
@@ -222,42 +226,19 @@ class SequentialEngine:
             layer.eval()
         with torch.no_grad():
             if self.pipe is None:
-                return self._run_chunk(0, torch.from_numpy(x)).numpy()
-            return self.pipe.forward_only(lambda c, a: self._run_chunk(c, torch.from_numpy(a)).numpy(), x)
+                return to_host(self._run_chunk(0, from_host(x)))
+            return self.pipe.forward_only(lambda c, a: to_host(self._run_chunk(c, from_host(a))), x)
 
-    def evaluate(self, x, y) -> EvalResult:
-        out = self._forward_all(np.asarray(x, np.int64))
-        res = np.zeros(3)
-        if out is not None:
-            logits, t = torch.from_numpy(out), torch.from_numpy(np.asarray(y, np.int64))
-            res[:] = (float(self._loss(logits, t)) * t.numel(),
-                      int((logits.argmax(-1) == t).sum()), t.numel())
-        if self.pipe is not None:
-            res = pl.bcast_from_last(self.pipe, res)
-        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
-
-    def allreduce_sum(self, values):
-        t = torch.from_numpy(np.asarray(values, dtype=np.float64))
-        return self.comm.allreduce(t, op="sum", name="seq.metrics").numpy()
+    @torch.no_grad()
+    def score(self, out, y) -> tuple[float, int, int]:
+        logits, t = from_host(out), from_host(y)
+        return float(self._loss(logits, t)) * t.numel(), int((logits.argmax(-1) == t).sum()), t.numel()
 
     # state: "{layer}.{name}", gathered over the pipeline so a checkpoint is the whole model ---
     def _local_state(self) -> dict:
-        local = {n: p.detach().numpy().copy() for n, p in self.named}
-        local.update(adamw_state.export(self.opt, self.named))
+        local = self.host_params()
+        local.update(self.optimizer_state())
         return local
-
-    def state_dict(self) -> dict:
-        """The whole model on pipeline rank 0 (collective over the tp group and the pipeline)."""
-        local = self._local_state()
-        if self.tp is not None:
-            local = user_model.gather_whole(local, self.placements, user_tp.allgather(self.tp))
-        if self.pipe is None:
-            return local
-        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
-
-    def shard_state(self) -> tuple[dict, dict]:
-        """This (stage, tp rank)'s arrays and the placement of each tp slice (checkpoint.py)."""
-        return self._local_state(), self.placements
 
     def load_state_dict(self, state) -> None:
         """From whole arrays (a dict) or a checkpoint.Sharded: this rank's slices."""
@@ -266,24 +247,12 @@ class SequentialEngine:
                                        self.cfg.model.layers)
         with torch.no_grad():
             for n, p in self.named:
-                p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)))
+                p.copy_(from_host(np.asarray(state[n], np.float32)))
         adamw_state.load(self.opt, self.named, state)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for _, p in self.named)
+    # backend primitives (hvdllm/engines.py) --------------------------------------------------
+    to_host = staticmethod(to_host)
+    tp_allgather = staticmethod(user_tp.allgather)
 
-    def optimizer_state_bytes(self) -> int:
-        return sum(t.nbytes for st in self.opt.state.values() for k, t in st.items() if k != "step")
-
-    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
-        """hvdllm.sampling on the last position's logits. Under a pipeline every stage takes part
-        (one forward through the pipeline per token, logits broadcast from the last stage), and
-        every stage draws the same tokens from the same seed."""
-        V = self.cfg.model.vocab_size
-
-        def last_logits(ids):
-            out = self._forward_all(np.array([ids], dtype=np.int64))
-            vec = np.zeros(V) if out is None else np.asarray(out[0, -1], np.float64)
-            return pl.bcast_from_last(self.pipe, vec) if self.pipe is not None else vec
-        return sampling.generate(last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
-                                 temperature, top_k, seed)
+    def optimizer_state(self) -> dict:
+        return adamw_state.export(self.opt, self.named)

@@ -38,36 +38,28 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from hvdllm import backends
 from hvdllm.bench import common
+from hvdllm.bench.common import MB, med
 
-BACKEND_MODULES = {"torch": "torch_backend", "tensorflow": "tf_backend"}
 SECTIONS = ("bandwidth", "compression", "zero", "profile")
-# name: (n_layer, n_embd, n_head, block_size, vocab_size, micro-batch per rank)
-ZERO_MODELS = {
-    "tiny": (2, 32, 2, 32, 256, 4),      # smoke tests only
-    "small": (4, 256, 4, 128, 256, 8),   # 4x256: AdamW state 2 x 4 B x 3.3 M parameters
-    "medium": (6, 384, 6, 128, 256, 8),
-}
+ZERO_MODELS = common.GPT_MODELS
 LR = 1e-3
-MB = 1 << 20
 GROUP_PIECES = 16  # profile: the same bytes as one grouped allreduce of this many tensors
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m hvdllm.bench.aggregation_worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", required=True, choices=list(BACKEND_MODULES))
+    p.add_argument("--backend", required=True, choices=list(backends.MODULES))
     p.add_argument("--sections", default="bandwidth,compression,zero",
                    help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--sizes", default="1024,1048576", help="bandwidth: message sizes in bytes, comma list")
@@ -115,11 +107,10 @@ def human(n: float) -> str:
 # framework adapters: a tensor from a numpy buffer, and the result back as numpy
 
 class Framework:
-    def __init__(self, backend_name: str, backend):
-        self.name = backend_name
-        self.backend = backend
+    def __init__(self, backend_name: str, backend, rt):
+        self.name, self.backend, self.rt = backend_name, backend, rt
         self.coll = backend.Collectives()
-        self.ncoll = backend.collectives.NumpyCollectives(self.coll)
+        self.ncoll = backend.NumpyCollectives(self.coll)
         if backend_name == "torch":
             import torch
             self.tensor = torch.from_numpy  # shares memory: no copy
@@ -140,34 +131,11 @@ class Framework:
             self.inplace = None  # horovod.tensorflow has no in-place allreduce
 
 
-class Group:
-    """mpi4py helpers over COMM_WORLD: barrier, slowest-rank times, gather to rank 0."""
-
+class Group(common.Ranks):
     def __init__(self, comm):
         from mpi4py import MPI
-        self.MPI, self.comm = MPI, comm
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-
-    def barrier(self):
-        self.comm.Barrier()
-
-    def gather(self, obj):
-        return self.comm.gather(obj, root=0)
-
-    def total(self, x: float) -> float:
-        """Sum over ranks, on every rank."""
-        return self.comm.allreduce(x)
-
-    def slowest(self, times: dict[str, list[float]]) -> dict[str, list[float]] | None:
-        """Per call, the slowest rank's time (a collective ends when its last rank is done)."""
-        every = self.gather(times)
-        if self.rank != 0:
-            return None
-        return {k: [max(ts) for ts in zip(*(t[k] for t in every))] for k in times}
-
-
-def med(ts):
-    return statistics.median(ts) if ts else float("nan")
+        super().__init__(comm)
+        self.MPI = MPI
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +166,7 @@ def bandwidth(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         del ref_h
         reps = reps_for(size, args.reps)
         t0 = time.perf_counter()
-        times = common.interleaved(fns, reps, args.warmup, 1, None, g.barrier)
+        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
         slow = g.slowest(times)
         diffs = g.gather(diff)
         del fns, t, a, r
@@ -234,7 +202,7 @@ def compression(args, fw: Framework, g: Group, tag: str) -> list[dict]:
             errs[c] = float(np.max(np.abs(fw.numpy(fn()) - exact))) / scale
         del exact
         reps = reps_for(size, args.reps)
-        times = common.interleaved(fns, reps, args.warmup, 1, None, g.barrier)
+        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
         slow = g.slowest(times)
         del fns, t, a
         gc.collect()
@@ -251,12 +219,7 @@ def compression(args, fw: Framework, g: Group, tag: str) -> list[dict]:
 # ZeRO-1 vs plain data parallelism
 
 def zero_config(model: str, zero: int, seed: int):
-    from hvdllm import config as config_mod
-    L, C, H, T, V, B = ZERO_MODELS[model]
-    cfg = config_mod.Config()
-    m = cfg.model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = L, C, H, T, V, 0.0
-    cfg.train.batch_size, cfg.train.seed, cfg.train.threads = B, seed, 1
+    cfg = common.gpt_config(ZERO_MODELS[model], seed)
     cfg.parallel.zero = zero
     return cfg
 
@@ -264,49 +227,35 @@ def zero_config(model: str, zero: int, seed: int):
 def zero(args, fw: Framework, g: Group, tag: str) -> dict | None:
     from hvdllm import config as config_mod
     from hvdllm.layout import Layout
+    from hvdllm.parallelize import build_engine
     from hvdllm.params import count
     cfgs = {name: config_mod.validate(zero_config(args.zero_model, z, args.seed), g.size)
             for name, z in (("dp", 0), ("zero1", 1))}
-    engines = {name: fw.backend.Engine(cfg, Layout.build(cfg.parallel, g.size, g.rank))
+    engines = {name: build_engine(cfg, Layout.from_config(cfg, g.size, g.rank), fw.rt, fw.backend)
                for name, cfg in cfgs.items()}
     cfg = cfgs["dp"]
-    rng = np.random.default_rng([args.seed, g.rank, 3])
-    B, T, V = cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size
-    batches = []
-    for _ in range(4):
-        toks = rng.integers(0, V, size=(B, T + 1), dtype=np.int64)
-        batches.append((np.ascontiguousarray(toks[:, :-1]), np.ascontiguousarray(toks[:, 1:])))
+    batches = common.random_batches(cfg, np.random.default_rng([args.seed, g.rank, 3]))
     fns = {}
     for name, eng in engines.items():
-        state = {"i": 0}
-
-        def step(eng=eng, state=state):
-            x, y = batches[state["i"] % len(batches)]
-            state["i"] += 1
-            eng.train_step(x, y, LR)
-        fns[name] = step
+        nxt = common.cycle(batches)
+        fns[name] = lambda eng=eng, nxt=nxt: eng.train_step(*nxt(), LR)
     if g.rank == 0:
-        print(f"{tag} zero: model {args.zero_model} {count(cfg.model):,} params, {args.zero_warmup} warm-up + "
-              f"{args.zero_steps} timed steps per variant, interleaved", file=sys.stderr, flush=True)
-    g.barrier()
-    cpu0 = common.cpu_snapshot()
-    times = common.interleaved(fns, args.zero_steps, args.zero_warmup, 1, None, g.barrier)
-    cpu1 = common.cpu_snapshot()
+        common.say(tag, f"zero: model {args.zero_model} {count(cfg.model):,} params, {args.zero_warmup} "
+                        f"warm-up + {args.zero_steps} timed steps per variant, interleaved")
+    times, foreign = g.measured(lambda: common.interleaved(fns, args.zero_steps, args.zero_warmup, 1,
+                                                           barrier=g.barrier))
     slow = g.slowest(times)
     state_bytes = g.gather({k: int(e.optimizer_state_bytes()) for k, e in engines.items()})
-    own = g.total(cpu1["self_s"] - cpu0["self_s"])
     w = {k: e.flat_params() for k, e in engines.items()}
     wdiff = float(np.max(np.abs(w["dp"] - w["zero1"])))
     if g.rank != 0:
         return None
-    L, C, H, T, V, B = ZERO_MODELS[args.zero_model]
     P = count(cfg.model)
-    return {"np": g.size, "model": args.zero_model,
-            "model_config": {"n_layer": L, "n_embd": C, "n_head": H, "block_size": T, "vocab_size": V},
-            "params": P, "param_bytes": 4 * P, "batch_per_rank": B, "steps": args.zero_steps,
-            "warmup": args.zero_warmup, "times_s": slow,
+    return {"np": g.size, "model": args.zero_model, "model_config": common.model_shape(cfg.model),
+            "params": P, "param_bytes": 4 * P, "batch_per_rank": cfg.train.batch_size,
+            "steps": args.zero_steps, "warmup": args.zero_warmup, "times_s": slow,
             "optimizer_state_bytes": {k: [sb[k] for sb in state_bytes] for k in engines},
-            "weights_max_abs_diff": wdiff, "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own)}
+            "weights_max_abs_diff": wdiff, "foreign_cpu_cores": foreign}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +317,7 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         fns.update({"mpi4py": lambda: comm.Allreduce(a, r, op=MPI.SUM),
                     "mpi4py_fresh_out": fresh_mpi, "first_touch": touch})
         reps = reps_for(size, args.reps)
-        times = common.interleaved(fns, reps, args.warmup, 1, None, g.barrier)
+        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
         slow = g.slowest(times)
         # Horovod's own timeline of a few more calls, single and grouped (rank 0 writes it)
         tl = os.path.join(tl_dir, f"tl_{size}.json")
@@ -404,22 +353,22 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 
-def run(args, rt) -> dict | None:
+def run(args, rt, backend) -> dict | None:
     from hvdllm import config as config_mod
-    backend = importlib.import_module(BACKEND_MODULES[args.backend])
-    fw = Framework(args.backend, backend)
+    fw = Framework(args.backend, backend, rt)
     g = Group(rt.comm)
     tag = f"[bench aggregation] {args.backend} np={g.size}"
-    load0, cpu0, t0 = os.getloadavg(), common.cpu_snapshot(), time.perf_counter()
+    load0, t0 = os.getloadavg(), time.perf_counter()
     out = {"backend": args.backend, "np": g.size, "launcher": rt.launcher, "sections": args.sections}
-    for section in args.sections:
-        fn = {"bandwidth": bandwidth, "compression": compression, "zero": zero, "profile": profile}[section]
-        if g.rank == 0:
-            print(f"{tag}: {section} ...", file=sys.stderr, flush=True)
-        out[section] = fn(args, fw, g, tag)
-        g.barrier()
-    cpu1 = common.cpu_snapshot()
-    own = g.total(cpu1["self_s"] - cpu0["self_s"])
+
+    def sections():
+        for section in args.sections:
+            fn = {"bandwidth": bandwidth, "compression": compression, "zero": zero, "profile": profile}[section]
+            if g.rank == 0:
+                common.say(tag + ":", f"{section} ...")
+            out[section] = fn(args, fw, g, tag)
+            g.barrier()
+    _, foreign = g.measured(sections)
     if g.rank != 0:
         return None
     agg = config_mod.AggregationConfig()
@@ -431,33 +380,21 @@ def run(args, rt) -> dict | None:
                          f"aggregation defaults: fusion_threshold_mb={agg.fusion_threshold_mb}, "
                          f"cycle_time_ms={agg.cycle_time_ms}",
         "threads_per_rank": args.threads, "reps": args.reps, "warmup": args.warmup,
-        "wall_s": time.perf_counter() - t0, "host": platform.node(), "cores": os.cpu_count(),
-        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-        "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own),
-        "env": {k: os.environ[k] for k in sorted(os.environ)
-                if k.startswith(("HOROVOD_", "OMPI_MCA_")) or k in ("OMP_NUM_THREADS",)},
+        "wall_s": time.perf_counter() - t0, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "foreign_cpu_cores": foreign, **common.run_info(),
     })
     return out
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from hvdllm import config as config_mod
-    from hvdllm import runtime
-    backend = importlib.import_module(BACKEND_MODULES[args.backend])
-    backend.configure(args.threads, args.seed)
-    agg = config_mod.AggregationConfig(fusion_threshold_mb=args.fusion_threshold_mb,
-                                       cycle_time_ms=args.cycle_time_ms)
     if "profile" in args.sections:  # Horovod reads it at init; a job with it is for profiling only
         os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
-    def body(rt):
-        rt.require_mpi("bench aggregation (the mpi4py baseline)")
-        return run(args, rt)
-    _, result = runtime.run_guarded(lambda: runtime.start(backend, agg), body)
-    if result is not None and args.out:
-        common.write_json(args.out, result)
-    return 0
+    agg = config_mod.AggregationConfig(fusion_threshold_mb=args.fusion_threshold_mb,
+                                       cycle_time_ms=args.cycle_time_ms)
+    return common.worker_main(args, lambda rt, backend: run(args, rt, backend), agg_cfg=agg,
+                              what="bench aggregation (the mpi4py baseline)")
 
 
 if __name__ == "__main__":

@@ -28,24 +28,20 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hvdllm.bench import common
-from hvdllm.launch import check_available
-from hvdllm.bench.dp_worker import MODELS, VARIANTS, param_count
+from hvdllm.bench.dp_worker import MODELS, VARIANTS, free_port, param_count
 
-ROOT = Path(__file__).resolve().parents[2]
+TAG = "[bench dp]"
 GOALS = {"hvdllm/hand": 1.03, "hvdllm/ddp": 1.0, "scaling_efficiency": 0.85}
-# The default model. Measured in-group scaling efficiency, torch np=2 on the 2-core test machine
-# (1 thread/rank, 8x128 tokens/rank): tiny (35K params) 0.58-0.71, latency-bound; small (3.3M)
-# 0.92-0.94; medium (10.8M) 0.91-0.94; large (25.4M) 0.89-0.93. Gradient bytes and compute both
-# grow with width^2 at a fixed per-rank batch, so from `small` up the allreduce is amortised to
-# the same degree; `medium` is the default because its 43 MB gradient message is bandwidth-bound
-# (an honest test of the communication path) and a full run still takes ~7 minutes.
+# The default model: `tiny` is latency-bound (its scaling says little about the communication
+# path); from `small` up gradient bytes and compute both grow with width^2 at a fixed per-rank
+# batch, so the allreduce is amortised alike, and `medium`'s gradient message is large enough to
+# be bandwidth-bound while a full run stays short.
 DEFAULT_MODEL = "medium"
 
 
@@ -67,8 +63,7 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=1,
                    help="launch the np=NP / np=1 pair this many times, alternating, and pool the "
                         "step times (evens out drift between launches on a shared machine)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the ranks, forwarded with mpirun -x (e.g. HOROVOD_CYCLE_TIME=1)")
+    common.add_env_option(p)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each launch wait up to this long for other processes to leave "
                         "the cores idle (shared machines); 0 = start at once")
@@ -76,51 +71,18 @@ def parse(argv):
     p.add_argument("--out", default="runs/bench/dp.json", help="JSON output; the PNG goes next to it")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = [b for b in a.backends if b not in VARIANTS]
-    if bad or not a.backends:
-        p.error(f"--backends: {bad or a.backends} not among {', '.join(VARIANTS)}")
+    a.backends = common.backend_list(p, a.backends)
     if a.np < 1 or a.steps < 1 or a.warmup < 0 or a.repeats < 1:
         p.error("--np, --steps and --repeats must be >= 1, --warmup >= 0")
-    for kv in a.env:
-        if "=" not in kv:
-            p.error(f"--env {kv!r}: expected KEY=VALUE")
     return a
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def worker_command(np_: int, backend: str, args, out: str, port: int) -> list[str]:
+def worker_command(np_: int, backend: str, args, out: str) -> list[str]:
     """The exact mpirun argv of one worker launch."""
-    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
-           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
-    if np_ > _cores():
-        cmd.append("--oversubscribe")
-    for kv in args.env:
-        cmd += ["-x", kv]
-    cmd += [sys.executable, "-m", "hvdllm.bench.dp_worker", "--backend", backend,
-            "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--per-round", str(args.per_round), "--grad-clip", str(args.grad_clip),
-            "--threads", "1", "--out", out]
-    if backend == "torch":
-        cmd += ["--ddp-port", str(port)]
-    return cmd
-
-
-def launch(cmd: list[str], timeout: float) -> int:
-    """Run one mpirun in its own process group (output straight to ours); never hangs."""
-    return common.launch(cmd, timeout, tag="[bench dp]")[0]
+    return common.worker_command("hvdllm.bench.dp_worker", np_, [
+        "--backend", backend, "--model", args.model, "--steps", args.steps, "--warmup", args.warmup,
+        "--per-round", args.per_round, "--grad-clip", args.grad_clip, "--threads", 1, "--out", out,
+        *(["--ddp-port", free_port()] if backend == "torch" else [])], args.env)
 
 
 def pool(runs: list[dict]) -> dict[tuple[str, int], dict]:
@@ -229,18 +191,16 @@ TABLE = [("backend", "backend"), ("variant", "variant"), ("np", "np"), ("median_
          ("p25_s", "p25 s"), ("p75_s", "p75 s"), ("tokens_per_s", "tokens/s"),
          ("ratio", "ratio vs baseline"), ("baseline", "baseline"), ("scaling_eff", "scaling eff"),
          ("scaling_eff_group", "scaling eff (in-group)")]
+# scaling efficiency cannot exceed 1: a value above it is flagged in the table
+EFFICIENCY_LIMITS = {"scaling_eff": 1.0, "scaling_eff_group": 1.0}
 GOAL_TABLE = [("backend", "backend"), ("goal", "goal"), ("value", "ratio of medians"),
               ("paired", "per-step paired"), ("paired_iqr", "paired p25-p75"), ("target", "target"),
               ("met", "met")]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench dp] matplotlib not installed: no plot", file=sys.stderr)
+    plt = common.pyplot(TAG)
+    if plt is None:
         return None
     labels = [f"{r['backend']}\n{r['variant']} np={r['np']}" for r in rows]
     values = [r["median_s"] for r in rows]
@@ -271,60 +231,42 @@ def main(argv=None) -> int:
     plan = [(b, n) for b in args.backends for _ in range(args.repeats) for n in sizes]
     n_params = param_count(args.model)
     L, C, H, T, V, B = MODELS[args.model]
-    print(f"[bench dp] model {args.model}: {L} layers x {C} wide, {H} heads, T={T}, vocab {V}, "
-          f"{n_params:,} parameters; batch {B} sequences/rank; {args.warmup} warm-up + "
-          f"{args.steps} timed steps per variant; {len(plan)} launches", file=sys.stderr, flush=True)
+    common.say(TAG, f"model {args.model}: {L} layers x {C} wide, {H} heads, T={T}, vocab {V}, "
+                    f"{n_params:,} parameters; batch {B} sequences/rank; {args.warmup} warm-up + "
+                    f"{args.steps} timed steps per variant; {len(plan)} launches")
     runs, commands, failed = [], [], []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hvdllm-bench-") as tmp:
         for i, (backend, n) in enumerate(plan, 1):
             part = os.path.join(tmp, f"{i:02d}-{backend}-np{n}.json")
-            cmd = worker_command(n, backend, args, part, _free_port())
+            cmd = worker_command(n, backend, args, part)
             commands.append(cmd)
-            check_available(cmd)  # a clear error when mpirun is missing
-            print(f"\n[bench dp] ({i}/{len(plan)}) {backend} np={n}, variants "
-                  f"{', '.join(VARIANTS[backend])}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            if args.wait_quiet > 0:
-                busy = common.wait_for_quiet(args.wait_quiet, say=lambda m: print(
-                    f"[bench dp] {m}", file=sys.stderr, flush=True))
-                if busy is not None:
-                    print(f"[bench dp] other processes keep {busy:.1f} cores busy at the start",
-                          file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            rc = launch(cmd, args.timeout)
-            if rc != 0 or not os.path.exists(part):
-                print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} FAILED (exit {rc})",
-                      file=sys.stderr, flush=True)
+            label = f"({i}/{len(plan)}) {backend} np={n}"
+            run, rc, wall = common.run_worker(cmd, part, args.timeout, TAG,
+                                              f"{label}, variants {', '.join(VARIANTS[backend])}", args.wait_quiet)
+            if run is None:
                 failed.append({"backend": backend, "np": n, "exit": rc, "command": cmd})
                 continue
-            run = common.read_json(part)
-            run["command"] = cmd
-            run["wall_s"] = time.perf_counter() - t0
+            run["command"], run["wall_s"] = cmd, wall
             runs.append(run)
             med = ", ".join(f"{k} {v['median_s']:.4f} s" for k, v in run["variants"].items())
-            print(f"[bench dp] ({i}/{len(plan)}) {backend} np={n} done in {run['wall_s']:.0f} s: "
-                  f"median step {med}", file=sys.stderr, flush=True)
+            common.say(TAG, f"{label} done in {wall:.0f} s: median step {med}")
             early = run.get("weights_rel_diff_after_warmup") or {}
             late = run.get("weights_rel_diff_vs_first") or {}
             if early:
-                print("[bench dp] same arithmetic: relative weight difference from hvdllm after the "
-                      "warm-up / after the run: " + ", ".join(
-                          f"{k} {v:.1e} / {late.get(k, float('nan')):.1e}" for k, v in early.items()),
-                      file=sys.stderr, flush=True)
-            other = run.get("foreign_cpu_cores")
-            if other is not None and other > 0.2:
-                print(f"[bench dp] warning: other processes kept {other:.1f} of {_cores()} cores "
-                      f"busy during this run: times are inflated and noisier", file=sys.stderr,
-                      flush=True)
+                common.say(TAG, "same arithmetic: relative weight difference from hvdllm after the "
+                                "warm-up / after the run: " + ", ".join(
+                                    f"{k} {v:.1e} / {late.get(k, float('nan')):.1e}" for k, v in early.items()))
+            common.warn_if_busy(TAG, run.get("foreign_cpu_cores"))
     rows, ratios, goals = analyse(runs, args.np)
     title = (f"hvdllm bench dp: {args.model} GPT ({L}x{C}, {n_params:,} params), batch {B}x{T} "
              f"tokens/rank, 1 thread/rank, clip {args.grad_clip:g} in every variant")
     print(f"\n{title}")
     if rows:
-        common.print_table(rows, TABLE)
+        common.print_table(rows, TABLE, EFFICIENCY_LIMITS)
     if goals:
         print()
-        common.print_table(goals, GOAL_TABLE)
+        common.print_table(goals, GOAL_TABLE, {"value": lambda g: 1.0 if "scaling eff" in g["goal"] else None})
     result = {
         "benchmark": "dp", "argv": ["hvdllm", "bench", "dp", *list(argv or [])],
         "model": args.model, "model_config": {"n_layer": L, "n_embd": C, "n_head": H, "block_size": T,
@@ -337,11 +279,11 @@ def main(argv=None) -> int:
         "rows": rows, "ratios": ratios, "goals": goals, "wall_s": time.perf_counter() - t_all,
     }
     path = common.write_json(out, result)
-    print(f"\n[bench dp] wrote {path}", file=sys.stderr)
+    common.say(TAG, f"wrote {path}")
     if rows and not args.no_plot:
         png = plot(rows, out.with_suffix(".png"), title)
         if png:
-            print(f"[bench dp] wrote {png}", file=sys.stderr)
+            common.say(TAG, f"wrote {png}")
     return 1 if failed else 0
 
 

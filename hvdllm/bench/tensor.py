@@ -11,8 +11,9 @@ which, for every width, times forward + backward of a stack of --layers GPT bloc
 backend's own model code, as `parallel.tp` trains it) in three variants, interleaved in rounds:
     tp<N>          split over all N ranks (the tp group), every allreduce counted, sized, timed
     tp<N>-compute  the same split with the collectives skipped: its arithmetic alone
-    solo           rank 0 alone runs the unsplit blocks while the others wait: np=1, measured in
-                   the same job, so drift between launches cannot bias the speed-up
+    solo           rank 0 alone runs the unsplit blocks while the others sleep in a non-blocking
+                   barrier: np=1, measured in the same job, so drift between launches cannot bias
+                   the speed-up
 It prints the command, two tables and the goals, and writes JSON (+ a PNG) to --out.
 
 Theory, per block and per step (Megatron-LM; B batch, T sequence, C width, fp32):
@@ -46,9 +47,8 @@ import time
 from pathlib import Path
 
 from hvdllm.bench import common
-from hvdllm.bench.common import cores as _cores, mpirun
-from hvdllm.bench.tensor_worker import BACKEND_MODULES, MODELS
-from hvdllm.launch import check_available
+from hvdllm.bench.tensor_worker import MODELS
+from hvdllm.runtime import cores
 
 TAG = "[bench tensor]"
 DEFAULT_MODEL = "wide"
@@ -81,8 +81,7 @@ def parse(argv):
     p.add_argument("--backends", default="torch", help="comma list: torch,tensorflow")
     p.add_argument("--repeats", type=int, default=1,
                    help="launch each backend this many times and pool the step times")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the ranks, forwarded with mpirun -x")
+    common.add_env_option(p)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each launch wait up to this long for the machine to be idle")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
@@ -93,10 +92,7 @@ def parse(argv):
     a.widths = _ints(a.width) or [C]
     a.seq, a.batch = a.seq or T, a.batch or B
     a.heads = _ints(a.heads) or [max(a.np, w // (C // H)) for w in a.widths]
-    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = [b for b in a.backends if b not in BACKEND_MODULES]
-    if bad or not a.backends:
-        p.error(f"--backends: {bad or a.backends} not among {', '.join(BACKEND_MODULES)}")
+    a.backends = common.backend_list(p, a.backends)
     if a.np < 2:
         p.error("--np: tensor parallelism needs at least 2 ranks (np=1 is measured inside the job)")
     if len(a.heads) != len(a.widths):
@@ -106,20 +102,16 @@ def parse(argv):
             p.error(f"width {w} with {h} heads: --np {a.np} must divide the heads, the heads the width")
     if min(a.steps, a.repeats, a.seq, a.batch, a.layers) < 1 or a.warmup < 0:
         p.error("--steps, --repeats, --seq, --batch and --layers must be >= 1, --warmup >= 0")
-    for kv in a.env:
-        if "=" not in kv:
-            p.error(f"--env {kv!r}: expected KEY=VALUE")
     return a
 
 
 def worker_command(args, backend: str, out: str) -> list[str]:
     """The exact mpirun argv of one worker launch."""
-    return mpirun(args.np, args.env) + [
-        sys.executable, "-m", "hvdllm.bench.tensor_worker", "--backend", backend,
-        "--widths", ",".join(map(str, args.widths)), "--heads", ",".join(map(str, args.heads)),
-        "--seq", str(args.seq), "--batch", str(args.batch), "--layers", str(args.layers),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--per-round", str(args.per_round),
-        "--threads", "1", "--out", out]
+    return common.worker_command("hvdllm.bench.tensor_worker", args.np, [
+        "--backend", backend, "--widths", ",".join(map(str, args.widths)),
+        "--heads", ",".join(map(str, args.heads)), "--seq", args.seq, "--batch", args.batch,
+        "--layers", args.layers, "--steps", args.steps, "--warmup", args.warmup,
+        "--per-round", args.per_round, "--threads", 1, "--out", out], args.env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +216,8 @@ TABLE_SPEED = [("backend", "backend"), ("width", "C"), ("solo_ms", "np=1 ms/bloc
                ("param_mb_rank", "param MB/rank"), ("param_mb_solo", "np=1 param MB"),
                ("param_frac", "frac"), ("check", "check")]
 GOAL_TABLE = [("backend", "backend"), ("goal", "goal"), ("value", "value"), ("target", "target"), ("met", "met")]
+# a speed-up over one rank cannot exceed the rank count, nor the efficiency 1
+SPEED_LIMITS = {"speedup": lambda r: r["np"], "compute_speedup": lambda r: r["np"], "efficiency": 1.0}
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -264,12 +258,8 @@ def _yes(ok: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{TAG} matplotlib not installed: no plot", file=sys.stderr)
+    plt = common.pyplot(TAG)
+    if plt is None:
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     labels = [f"{r['backend']}\nC={r['width']}" for r in rows]
@@ -307,7 +297,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def _say(msg: str) -> None:
-    print(f"{TAG} {msg}", file=sys.stderr, flush=True)
+    common.say(TAG, msg)
 
 
 def run_launches(args, tmp: str) -> tuple[list[dict], list[list[str]], list[dict]]:
@@ -318,24 +308,15 @@ def run_launches(args, tmp: str) -> tuple[list[dict], list[list[str]], list[dict
         part = str(Path(tmp) / f"{i:02d}-{backend}.json")
         cmd = worker_command(args, backend, part)
         commands.append(cmd)
-        check_available(cmd)  # a clear error when mpirun is missing
-        print(f"\n{TAG} ({i}/{len(plan)}) {backend} np={args.np}, widths {args.widths}:\n  {shlex.join(cmd)}",
-              flush=True)
-        if args.wait_quiet > 0:
-            common.wait_for_quiet(args.wait_quiet, say=_say)
-        t0 = time.perf_counter()
-        rc, _ = common.launch(cmd, args.timeout, tag="[bench tensor]")
-        if rc != 0 or not Path(part).exists():
-            _say(f"({i}/{len(plan)}) {backend} FAILED (exit {rc})")
+        run, rc, wall = common.run_worker(cmd, part, args.timeout, TAG,
+                                          f"({i}/{len(plan)}) {backend} np={args.np}, widths {args.widths}",
+                                          args.wait_quiet)
+        if run is None:
             failed.append({"backend": backend, "exit": rc, "command": shlex.join(cmd)})
             continue
-        run = common.read_json(part)
-        run["command"], run["wall_s"] = shlex.join(cmd), time.perf_counter() - t0
+        run["command"], run["wall_s"] = shlex.join(cmd), wall
         runs.append(run)
-        other = run.get("foreign_cpu_cores")
-        if other is not None and other > 0.2:
-            _say(f"warning: other processes kept {other:.1f} of {_cores()} cores busy during this run: "
-                 f"times are inflated and noisier")
+        common.warn_if_busy(TAG, run.get("foreign_cpu_cores"))
     return runs, commands, failed
 
 
@@ -344,8 +325,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     t_all = time.perf_counter()
-    if args.np > _cores():
-        _say(f"note: {args.np} ranks on {_cores()} cores oversubscribes the machine; the speed-up then "
+    if args.np > cores():
+        _say(f"note: {args.np} ranks on {cores()} cores oversubscribes the machine; the speed-up then "
              f"measures time-sharing")
     with tempfile.TemporaryDirectory(prefix="hvdllm-bench-tensor-") as tmp:
         runs, commands, failed = run_launches(args, tmp)
@@ -358,9 +339,10 @@ def main(argv=None) -> int:
         print("\ncommunication per block (forward + backward) against theory:")
         common.print_table(rows, TABLE_COMM)
         print(f"\ntp={args.np} against the unsplit block (np=1, rank 0 alone inside the same job):")
-        common.print_table(rows, TABLE_SPEED)
+        common.print_table(rows, TABLE_SPEED, SPEED_LIMITS)
         print()
-        common.print_table([{**g, "value": _show(g["value"])} for g in gl], GOAL_TABLE)
+        common.print_table([{**g, "value": _show(g["value"])} for g in gl], GOAL_TABLE,
+                           {"value": lambda g: args.np if g["goal"].startswith("speed-up") else None})
     files = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     if rows and not args.no_plot:
@@ -393,7 +375,7 @@ def main(argv=None) -> int:
             "MB": "1e6 bytes",
         },
         "rows": rows, "goals": gl, "runs": runs, "failed": failed, "files": files,
-        "cores": _cores(), "oversubscribed": args.np > _cores(),
+        "cores": cores(), "oversubscribed": args.np > cores(),
         "foreign_cpu_cores": [r.get("foreign_cpu_cores") for r in runs],
         "wall_s": time.perf_counter() - t_all,
     }

@@ -13,8 +13,8 @@ What one rank does, for each --width:
     tp<N>-compute  split the same way, but the metered group skips the collectives (it copies the
                    tensor instead): the split arithmetic alone, for the communication share;
     solo           (rank 0 only) the unsplit blocks: the np=1 step time, measured inside this job
-                   while the other ranks wait, interleaved with the others (as bench dp's 'solo'),
-                   so drift between launches cannot bias the speed-up;
+                   while the other ranks sleep in a non-blocking barrier, interleaved with the
+                   others (as bench dp's 'solo'), so drift between launches cannot bias the speed-up;
 - one step of each as the count pass: the collectives it issues are recorded (direction,
   elements, bytes), and its output and input gradient are compared with the unsplit blocks'
   (evidence that the timed thing computes the same function);
@@ -31,15 +31,13 @@ computes the input gradient. No optimizer step: the block itself is what is meas
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 
 import numpy as np
 
+from hvdllm import backends
 from hvdllm.bench import common
-from hvdllm.bench.dp_worker import BACKEND_MODULES
 
 # name: (width C, heads, sequence T, batch B)
 MODELS = {
@@ -53,7 +51,7 @@ MODELS = {
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m hvdllm.bench.tensor_worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="torch", choices=list(BACKEND_MODULES))
+    p.add_argument("--backend", default="torch", choices=list(backends.MODULES))
     p.add_argument("--widths", required=True, help="comma list of widths C")
     p.add_argument("--heads", default="", help="comma list, one per width")
     p.add_argument("--seq", type=int, required=True)
@@ -234,8 +232,8 @@ def timed_fns(variants, tp_name: str, comm_s: list, backend: str) -> dict:
     appends the seconds its allreduces took to comm_s."""
     fns = {}
     for name, (blocks, group) in variants.items():
-        if blocks is None:  # solo on the other ranks: nothing to do while rank 0 runs it
-            fns[name] = lambda: None
+        if blocks is None:  # solo on the other ranks: they wait while rank 0 runs it
+            fns[name] = None
         elif name == tp_name and backend == "torch":
             def step(blocks=blocks, group=group):
                 group.calls = []
@@ -247,13 +245,8 @@ def timed_fns(variants, tp_name: str, comm_s: list, backend: str) -> dict:
     return fns
 
 
-def run(args, rt) -> dict | None:
-    import importlib
-
-    rt.require_mpi("bench tensor's barriers and gathers")
-    comm, n = rt.comm, rt.size
-    backend = importlib.import_module(BACKEND_MODULES[args.backend])
-    backend.configure(args.threads, args.seed)
+def run(args, rt, backend) -> dict | None:
+    n, ranks = rt.size, common.Ranks(rt.comm)
     tp_name = f"tp{n}"
     Blocks = _backend_parts(args.backend)[0]
     t_setup = time.perf_counter()
@@ -268,32 +261,25 @@ def run(args, rt) -> dict | None:
                        "param_bytes": {name: b.param_bytes() if b is not None else None
                                        for name, (b, _) in variants.items()}})
     setup_s = time.perf_counter() - t_setup
-    tag = f"[bench tensor] {args.backend} np={n}"
+    tag = f"[bench tensor] {args.backend} np={n}:"
     if rt.rank == 0:
-        print(f"{tag}: variants {', '.join(fns)}; {args.warmup} warm-up + {args.steps} timed steps "
-              f"each, interleaved {args.per_round} at a time", file=sys.stderr, flush=True)
-
-    def progress(r, total):
-        if rt.rank == 0:
-            print(f"{tag}: round {r}/{total} done ({time.perf_counter() - t_run:.1f} s)",
-                  file=sys.stderr, flush=True)
-    comm.Barrier()
-    cpu0, t_run = common.cpu_snapshot(), time.perf_counter()
-    times = common.interleaved(fns, args.steps, args.warmup, args.per_round, progress, comm.Barrier)
-    comm.Barrier()
-    cpu1 = common.cpu_snapshot()
+        common.say(tag, f"variants {', '.join(fns)}; {args.warmup} warm-up + {args.steps} timed steps "
+                        f"each, interleaved {args.per_round} at a time")
+    t_run = time.perf_counter()
+    times, foreign = ranks.measured(lambda: common.interleaved(
+        fns, args.steps, args.warmup, args.per_round, barrier=ranks.barrier,
+        solo=[k for k in fns if k.endswith("/solo")], idle=ranks.idle,
+        progress=tag if rt.rank == 0 else None))
     timed_wall_s = time.perf_counter() - t_run
-    own_cpu = sum(comm.allgather(cpu1["self_s"] - cpu0["self_s"]))
     # the warm-up steps ran first: keep the timed steps' allreduce seconds only
     mine = {"times": times, "comm_s": {w: c[args.warmup:] for w, c in comm_s.items()},
             "param_bytes": {w["width"]: w["param_bytes"] for w in widths},
             "calls": {w["width"]: w["counted"]["calls"] for w in widths}}
-    every = comm.gather(mine, root=0)
+    every = ranks.gather(mine)
     if rt.rank != 0:
         return None
     return result(args, rt, widths, every, {
-        "setup_s": setup_s, "timed_wall_s": timed_wall_s,
-        "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own_cpu)})
+        "setup_s": setup_s, "timed_wall_s": timed_wall_s, "foreign_cpu_cores": foreign})
 
 
 def result(args, rt, widths, every, extra) -> dict:
@@ -305,17 +291,12 @@ def result(args, rt, widths, every, extra) -> dict:
         width, cfg = w["width"], w["cfg"]
         variants = {}
         for name in w["param_bytes"]:
-            key = f"{width}/{name}"
-            per_rank = [e["times"][key] for e in every] if name != "solo" else [every[0]["times"][key]]
-            slowest = [max(ts) for ts in zip(*per_rank)]
-            variants[name] = {**common.summarize(slowest), "step_times_s": slowest,
-                              "rank_medians_s": [common.summarize(ts)["median_s"] for ts in per_rank],
-                              "param_bytes_per_rank": [e["param_bytes"][width][name] for e in every]
-                              if name != "solo" else [every[0]["param_bytes"][width][name]]}
+            key, who = f"{width}/{name}", every if name != "solo" else every[:1]
+            variants[name] = {**common.step_stats([e["times"][key] for e in who]),
+                              "param_bytes_per_rank": [e["param_bytes"][width][name] for e in who]}
         out_widths.append({
             "width": width, "heads": w["heads"],
-            "model_config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-                             "block_size": cfg.block_size},
+            "model_config": {k: v for k, v in common.model_shape(cfg).items() if k != "vocab_size"},
             "variants": variants,
             "comm_s_per_rank": [e["comm_s"][width] for e in every] if args.backend == "torch" else None,
             "calls_per_rank": [e["calls"][width] for e in every],
@@ -330,29 +311,14 @@ def result(args, rt, widths, every, extra) -> dict:
         "seq": args.seq, "batch": args.batch, "layers": args.layers, "widths": out_widths,
         "steps": args.steps, "warmup": args.warmup, "per_round": args.per_round,
         "rounds": len(common.rounds_for(args.steps, args.per_round)), "threads_per_rank": args.threads,
-        "torch_threads": threads,
-        "host": platform.node(), "cores": os.cpu_count(), **extra,
-        "env": {k: os.environ[k] for k in sorted(os.environ)
-                if k.startswith(("HOROVOD_", "OMPI_MCA_")) or k in ("OMP_NUM_THREADS",)},
+        "torch_threads": threads, **extra, **common.run_info(),
     }
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import importlib
-
-    from hvdllm import runtime
-    backend = importlib.import_module(BACKEND_MODULES[args.backend])
-
-    def body(rt):
-        if rt.size < 2:
-            raise ValueError("the tensor-parallel benchmark needs at least 2 ranks (mpirun -np N, N >= 2)")
-        return run(args, rt)
-    _, res = runtime.run_guarded(lambda: runtime.start(backend), body)
-    if res is not None and args.out:
-        common.write_json(args.out, res)
-    return 0
+    return common.worker_main(args, lambda rt, backend: run(args, rt, backend), min_ranks=2,
+                              what="the tensor-parallel benchmark (its barriers and gathers)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import numpy as np
 
 from mpi import p2p
 
-from ..errors import HvdllmError, PeerTimeout
+from ..errors import HvdllmError, InjectedFailure, PeerTimeout
 from ..flat import FlatLayout
 from ..lr import lr_at
 from ..optim import FlatAdamW, clip_coef
@@ -270,7 +270,6 @@ class ParameterServer:
     def _maybe_fail(self) -> None:
         t = self.cfg.train
         if self.rank == t.fail_rank and self.opt.t == t.fail_at_step:
-            from ..trainer import InjectedFailure  # late: trainer imports the strategies
             raise InjectedFailure(f"injected failure on parameter server {self.index} at update "
                                   f"{self.opt.t} (train.fail_at_step)")
 

@@ -154,8 +154,7 @@ def make_zero(cfg, engine, numpy_collectives):
     from ..flat import FlatLayout
     from . import tensor_parallel as tp_plan
     from .zero import Zero1
-    named = engine.named if hasattr(engine, "named") else list(zip(engine.names, engine.vars))
-    engine.flat = FlatLayout({n: tuple(p.shape) for n, p in named})
+    engine.flat = FlatLayout({n: tuple(p.shape) for n, p in engine.named})
 
     def kind(n):
         if n == "wte" and engine.tied_peer == 0:
@@ -164,16 +163,6 @@ def make_zero(cfg, engine, numpy_collectives):
     return Zero1(engine.flat, numpy_collectives(engine.comm), cfg.optim, cfg.aggregation,
                  tp=numpy_collectives(engine.tp.coll) if engine.tp else None, kind=kind,
                  pp_sum=lambda x: allreduce_sum(engine.pp_comm, x, engine.timeout, "pipeline grad-norm allreduce"))
-
-
-def zero_moments(zero, flat) -> dict:
-    """The whole stage's AdamW state from a ZeRO-1 dp group (collective over it), as named arrays."""
-    st = zero.gather_state()
-    m, v = flat.unflatten(st["m"]), flat.unflatten(st["v"])
-    out = {f"optim.m.{n}": a.copy() for n, a in m.items()}
-    out.update({f"optim.v.{n}": a.copy() for n, a in v.items()})
-    out["optim.step"] = np.array(st["t"], np.int64)
-    return out
 
 
 def gather_to_first(comm, stage: int, p: int, local: dict, timeout_s: float) -> dict:

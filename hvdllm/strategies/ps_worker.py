@@ -27,6 +27,7 @@ import numpy as np
 from mpi import p2p
 
 from ..engine import StepResult
+from ..engines import EngineBase
 from . import param_server as ps
 from .param_server import HDR, PULL_TAG, PUSH_TAG, ProtocolError
 
@@ -36,12 +37,7 @@ class PSStepResult(StepResult):
     final: bool = False   # the servers' step budget is spent: this worker's training is over
 
 
-def wrap(engine, cfg, layout, rt):
-    """`engine` itself, or a PSWorker over it when ps.servers > 0."""
-    return PSWorker(engine, cfg, layout, rt) if cfg.ps.servers else engine
-
-
-class PSWorker:
+class PSWorker(EngineBase):
     def __init__(self, engine, cfg, layout, rt):
         rt.require_mpi("parameter servers (ps.servers > 0)")
         self.inner, self.cfg, self.layout, self.comm = engine, cfg, layout, rt.comm
@@ -140,6 +136,17 @@ class PSWorker:
             m = self.flat.flatten({n: state[f"optim.m.{n}"] for n in self.flat.names})
             v = self.flat.flatten({n: state[f"optim.v.{n}"] for n in self.flat.names})
             self.resume = (m, v, int(state["optim.step"]))
+
+    def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Trainer rank 0 writes the whole state it fetched from the servers (one file)."""
+        return self.state_dict(), {}
+
+    @property
+    def param_shapes(self) -> dict[str, tuple]:
+        return self.inner.param_shapes
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        return {n: a.copy() for n, a in self.flat.unflatten(self.params).items()}
 
     def close(self) -> None:
         """End of training: trainer rank 0 (after its last checkpoint) ends the servers."""

@@ -51,7 +51,7 @@ import numpy as np
 
 from mpi import p2p
 
-from .. import data, runtime
+from .. import config, data, runtime
 from ..errors import PeerTimeout
 from ..layout import Layout
 from . import param_server
@@ -278,8 +278,7 @@ def run_role(cfg, rt, backend) -> dict:
     rt.require_mpi("parameter servers (ps.servers > 0)" if role == "server"
                    else "task separation (roles.evaluators / roles.generators)")
     tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokens.tokenizer.vocab_size
+    cfg = config.resolve(cfg, rt.size, tokens.tokenizer.vocab_size)
     if role == "server":
         return param_server.serve(cfg, layout, rt.comm)
     join_trainer_startup(cfg, layout, rt.comm)
@@ -309,8 +308,8 @@ def role_engine(cfg, rt, backend):
     lower_priority(cfg.roles.nice)
     threads = cfg.train.threads or max(1, runtime.cores() // max(1, rt.local_size))
     backend.configure(threads, cfg.train.seed)
-    solo = Layout(world_size=1, rank=0, dp=1)
-    return backend.Engine(cfg, solo, backend.Collectives(rt.process_set((rt.rank,))))
+    from ..parallelize import build_solo_engine
+    return build_solo_engine(cfg, rt, backend, (rt.rank,))
 
 
 def lower_priority(by: int) -> None:

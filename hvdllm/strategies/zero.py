@@ -102,6 +102,16 @@ class Zero1:
                     placement.take(np.asarray(state[key], np.float32), pl)
         self.opt.load(m, v, t)
 
+    def moments(self) -> dict[str, np.ndarray]:
+        """The whole moments as named arrays ('optim.m.<name>', 'optim.v.<name>', 'optim.step'),
+        gathered over the dp group (collective): for state_dict, which is unsharded."""
+        st = self.gather_state()
+        m, v = self.flat.unflatten(st["m"]), self.flat.unflatten(st["v"])
+        out = {f"optim.m.{n}": a.copy() for n, a in m.items()}
+        out.update({f"optim.v.{n}": a.copy() for n, a in v.items()})
+        out["optim.step"] = np.array(st["t"], np.int64)
+        return out
+
     def gather_state(self) -> dict[str, np.ndarray]:
         """The whole state on every rank (collective)."""
         m = self.comm.allgather(self.opt.m, name="zero.m")[:self.flat.total]

@@ -67,12 +67,33 @@ def test_simulation_respects_dependencies(case):
         assert all(a.end <= b.start + 1e-12 for a, b in zip(tl, tl[1:]))
 
 
+def expected_makespan(name, p, m, v, comm):
+    """Buffered sends, forward 1 and backward 2 per micro-batch per stage (1/v per chunk).
+    Without communication cost every schedule reaches its ideal bubble: makespan
+    3 * (m + (p - 1) / v). Each message then costs `comm` on the critical path once per hop it
+    crosses: GPipe's first forward and last backward cross the p - 1 links each way; the
+    interleaved schedule's cross its p*v - 1 virtual-stage links each way; 1F1B's steady state
+    also waits for each micro-batch's gradient round trip on the last link, so its path takes
+    max(m + p - 3, p - 1) round trips. One stage (p == 1) sends nothing."""
+    ideal = 3.0 * (m + (p - 1) / v)
+    if p == 1 or comm == 0:
+        return ideal
+    round_trips = {"gpipe": p - 1, "1f1b": max(m + p - 3, p - 1), "interleaved": p * v - 1}[name]
+    return ideal + 2 * comm * round_trips
+
+
 @pytest.mark.parametrize("comm", [0.0, 0.25])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_no_deadlock_with_buffered_sends(case, comm):
+    """Runs to the end, in exactly the expected time, each stage busy 3m of it."""
     name, p, m, v = case
     res = simulate(stages(name, p, m, v), p, v, comm_time=comm, buffered=True)
-    assert res.makespan > 0
+    assert res.makespan == pytest.approx(expected_makespan(name, p, m, v, comm), abs=1e-9)
+    assert res.bubble == pytest.approx(1 - 3.0 * m / res.makespan, abs=1e-9)
+    for tl in res.timelines:
+        assert sum(e.end - e.start for e in tl if e.op in COMPUTE) == pytest.approx(3.0 * m)
+    if comm == 0:
+        assert res.bubble == pytest.approx(ideal_bubble(p, m, v), abs=1e-9)
 
 
 @pytest.mark.parametrize("comm", [0.0, 0.25])
@@ -84,6 +105,11 @@ def test_gpipe_and_1f1b_survive_rendezvous_sends(case, comm):
     rendezvous = simulate(stages(name, p, m), p, comm_time=comm, buffered=False)
     if comm == 0.0:
         assert rendezvous.makespan == pytest.approx(buffered.makespan)
+    else:   # a sender now waits for its receiver too: never faster, and slower once messages cost
+        assert rendezvous.makespan >= buffered.makespan - 1e-9
+        assert (rendezvous.makespan > buffered.makespan + 1e-9) == (p > 1 and m > 1)
+    for tl in rendezvous.timelines:
+        assert sum(e.end - e.start for e in tl if e.op in COMPUTE) == pytest.approx(3.0 * m)
 
 
 def test_interleaved_needs_non_blocking_sends():

@@ -1,0 +1,294 @@
+"""What every engine does alike, written once against a few backend primitives.
+
+A backend's engine classes (torch_backend/, tf_backend/: Engine, PipelineEngine,
+SequentialEngine) inherit from these and keep only what truly differs: the model, autograd and
+the framework's calls. The primitives each backend supplies:
+
+    named                     [(name, tensor)] this rank's parameters (hvdllm.params order)
+    to_host(t) -> ndarray     a host copy: the named boundary (checkpoints, parameter servers,
+                              metrics and the strategies that still run in numpy)
+    assign(t, ndarray)        write a host array into a parameter
+    optimizer_state() / load_optimizer_state(state, step)
+                              the framework optimizer's moments as 'optim.m.<name>' /
+                              'optim.v.<name>' / 'optim.step' (unsharded engines only)
+    last_logits(ids)          float64 logits of the last position (generation)
+    comm, ncomm               Collectives over the dp group, and HostCollectives over it
+
+State layout (checkpoint.py, placement.py): parameters under their names plus their AdamW moments;
+under tensor parallelism each rank holds slices (tp_plan.placements say where); under ZeRO-1 each
+dp rank holds a range of the moments (zero.py); in a pipeline each stage holds its layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import sampling
+from .strategies import pipeline as pl
+from .strategies import tensor_parallel as tp_plan
+
+
+class HostCollectives:
+    """A backend's Collectives on host numpy arrays (the strategies written in numpy: ZeRO-1,
+    local SGD, metrics). Every call is one host -> device -> host round trip, counted by the
+    backend's to_host / from_host."""
+
+    def __init__(self, coll, from_host, to_host):
+        self.coll, self._in, self._out = coll, from_host, to_host
+
+    @property
+    def rank(self) -> int:
+        return self.coll.rank
+
+    @property
+    def size(self) -> int:
+        return self.coll.size
+
+    def allreduce(self, a, op="average", name=None, compression="none"):
+        return self._out(self.coll.allreduce(self._in(a), op=op, name=name, compression=compression))
+
+    def reducescatter(self, a, op="average", name=None, compression="none"):
+        return self._out(self.coll.reducescatter(self._in(a), op=op, name=name, compression=compression))
+
+    def allgather(self, a, name=None):
+        return self._out(self.coll.allgather(self._in(a), name=name))
+
+    def broadcast(self, a, root=0, name=None):
+        return self._out(self.coll.broadcast(self._in(a), root=root, name=name))
+
+
+def gather_full(named_arrays: dict, tp_ncomm) -> dict:
+    """{name: this tp rank's slice} -> {name: whole array} (numpy; collective over the tp group,
+    whose HostCollectives is `tp_ncomm`; None: no tensor parallelism)."""
+    if tp_ncomm is None:
+        return {n: np.asarray(a) for n, a in named_arrays.items()}
+    out = {}
+    for n, a in named_arrays.items():
+        if tp_plan.style(n) == "replicate":
+            out[n] = np.asarray(a)
+            continue
+        stacked = tp_ncomm.allgather(np.ascontiguousarray(a)[None], name=f"tp.gather.{n}")
+        out[n] = tp_plan.unshard(n, list(stacked))
+    return out
+
+
+class EngineBase:
+    """Traits (declared; the trainer reads them, never probes) and the members every engine
+    implements the same way."""
+
+    lockstep = True       # every trainer steps together (False: async parameter-server workers)
+    max_steps = None      # None: train.steps; async workers: the servers' shared budget
+    zero = None           # hvdllm.strategies.zero.Zero1 when parallel.zero = 1
+    local = None          # hvdllm.strategies.local_sgd.LocalSGD when localsgd.every > 0
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        """This rank's parameters as host copies (they outlive the next update)."""
+        return {n: np.array(self.to_host(p)) for n, p in self.named}
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(tuple(p.shape))) for _, p in self.named)
+
+    def allreduce_sum(self, values) -> np.ndarray:
+        """A small float64 vector summed over the dp group (evaluation metrics)."""
+        return self.ncomm.allreduce(np.asarray(values, dtype=np.float64), op="sum", name="metrics")
+
+    def optimizer_state_bytes(self) -> int:
+        if self.zero is not None:
+            return self.zero.state_bytes()
+        return sum(a.nbytes for k, a in self.optimizer_state().items() if k != "optim.step")
+
+    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0) -> list[int]:
+        """hvdllm.sampling on `last_logits` (shared with every engine and both backends: equal
+        logits give equal tokens)."""
+        return sampling.generate(self.last_logits, prompt, max_new_tokens, self.cfg.model.block_size,
+                                 temperature, top_k, seed)
+
+    def close(self) -> None:
+        """End of training (parameter-server workers end the servers here)."""
+
+
+class GPTEngineBase(EngineBase):
+    """State of the built-in GPT under dp / tp / pp / ZeRO-1 / local SGD, for Engine and
+    PipelineEngine alike. Extra attributes: `tp` (TPGroup or None), `tp_ncomm`, `flat`
+    (FlatLayout of this rank's parameters), `pp_comm` (None outside a pipeline)."""
+
+    pp_comm = None
+    tp = None
+    tp_ncomm = None
+
+    @property
+    def param_shapes(self) -> dict[str, tuple]:
+        """The whole model's parameter shapes (what a checkpoint must match)."""
+        from .params import param_shapes
+        m = self.cfg.model
+        return param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+
+    # flat views for the core's numpy strategies ----------------------------------------------
+    def flat_params(self) -> np.ndarray:
+        return self.flat.flatten([self.to_host(p) for _, p in self.named])
+
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        for (_, p), a in zip(self.named, self.flat.unflatten(flat).values()):
+            self.assign(p, a)
+
+    # state (collective under ZeRO-1, tp and pp: every rank of the group calls it) -----------
+    def _to_first_stage(self, local: dict) -> dict:
+        if self.pp_comm is None:
+            return local
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.layout.pp, local, self.timeout)
+
+    def _local_state(self) -> dict[str, np.ndarray]:
+        out = self.host_params()
+        if self.zero is not None:   # the whole moments: gathered over the dp group
+            out.update(self.zero.moments())
+        else:
+            out.update(self.optimizer_state())
+        if self.local is not None:
+            out.update(self.local.state())
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The whole (unsharded) parameters and AdamW moments, loadable under any layout; in a
+        pipeline on its first stage (the others get their own part back)."""
+        return self._to_first_stage(gather_full(self._local_state(), self.tp_ncomm))
+
+    def full_params(self) -> dict[str, np.ndarray]:
+        """The whole parameters without optimizer state (tp slices gathered, stages sent to the
+        first): the snapshots trainers offer evaluators and generators (strategies/roles.py)."""
+        return self._to_first_stage(gather_full(self.host_params(), self.tp_ncomm))
+
+    def shard_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """This rank's part of a sharded checkpoint and where each array sits in the whole
+        (checkpoint.py, placement.py): its tp slices; under ZeRO-1 the range of the moments it
+        holds (nothing gathered)."""
+        where = (lambda arrays: tp_plan.placements(arrays, self.tp.size, self.tp.rank)) if self.tp else None
+        if self.zero is not None:
+            params = self.host_params()
+            return self.zero.shard_state(params, where(params) if where else None)
+        local = self._local_state()
+        return local, (where(local) if where else {})
+
+    def load_state_dict(self, state) -> None:
+        """From whole arrays (a dict) or a checkpoint.Sharded; a state without optim.* keys
+        loads parameters only."""
+        names = [n for n, _ in self.named]
+        if self.tp is not None or self.pp_comm is not None:   # only this rank's slices
+            keys = [*names, *(f"optim.{mv}.{n}" for mv in "mv" for n in names), "optim.step",
+                    "localsgd.anchor", "localsgd.buf"]
+            state = tp_plan.shard_state(state, self.tp.size if self.tp else 1, self.tp.rank if self.tp else 0,
+                                        keys=keys)
+        for n, p in self.named:
+            self.assign(p, np.asarray(state[n], np.float32))
+        step = int(state.get("optim.step", 0))
+        self.steps_done = step
+        if step == 0 or f"optim.m.{names[0]}" not in state:
+            return
+        if self.zero is not None:   # only this dp rank's range (straight from its file when it can)
+            self.zero.load_shard(state, step)
+        else:
+            self.load_optimizer_state(state, step)
+        if self.local is not None:
+            self.local.load(state)
+
+
+class PipelineStageBase(GPTEngineBase):
+    """The built-in GPT as a pipeline stage: the step after the schedule's last backward, written
+    once. Backend primitives beyond the base's: `stage_grads()` (gradients aligned with `named`,
+    zeros where a parameter got none), `from_host(ndarray)`, `norm_sq(named_grads)` (float64
+    squared norm, tp slices summed over the tp group), `apply_update(grads, coef, lr)` (scale by
+    the clip factor, then AdamW)."""
+
+    def reduce_and_step(self, lr: float) -> float:
+        """In this order: the tied-embedding gradient exchange between the first and last stage
+        (p2p), then ZeRO-1's step (zero.py) or one grouped allreduce of the stage's gradients
+        over its dp group; the squared norm summed over the pipeline (wte counted once); AdamW."""
+        from .optim import clip_coef
+        grads = self.stage_grads()
+        names = [n for n, _ in self.named]
+        if self.tied_peer is not None:
+            i = names.index("wte")
+            grads[i] = self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(grads[i]),
+                                                       self.timeout))
+        if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
+            new, norm = self.zero.step(self.flat.flatten([self.to_host(g) for g in grads]), self.flat_params(), lr)
+            self.set_flat_params(new)
+            return norm
+        if self.comm.size > 1:
+            grads = self.comm.grouped_allreduce(grads, name="pp.grads", **self.reduce.kwargs())
+        # wte is held twice (first and last stage); count it once in the global norm.
+        mine = [(n, g) for n, g in zip(names, grads) if not (n == "wte" and self.tied_peer == 0)]
+        norm = float(np.sqrt(pl.allreduce_sum(self.pp_comm, float(self.norm_sq(mine)), self.timeout,
+                                              "pipeline grad-norm allreduce")))
+        self.apply_update(grads, clip_coef(norm, self.cfg.optim.grad_clip), lr)
+        return norm
+
+    def train_step(self, x, y, lr):
+        from .engine import StepResult
+        self.start_step()
+        norm = []
+        loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
+                             lambda: norm.append(self.reduce_and_step(lr)))
+        mean = self.ncomm.allreduce(np.array([loss], np.float64), op="average", name="pp.loss")
+        return StepResult(loss=float(mean[0]), grad_norm=norm[0])
+
+    def evaluate(self, x, y):
+        """Forward through the pipeline; the last stage scores, every stage reports its numbers."""
+        from .engine import EvalResult
+        out = self.pipe.forward_only(self.forward_chunk, x)
+        res = np.zeros(3)
+        if out is not None:
+            res[:] = self.score(out, np.asarray(y))
+        res = pl.bcast_from_last(self.pipe, res)
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+
+    def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0):
+        """Every stage calls it: the whole model is gathered to pipeline rank 0, which samples
+        with a whole-model copy (`whole_model_logits(state)`); other stages return []."""
+        state = self.state_dict()
+        if self.layout.pp_rank != 0:
+            return []
+        return sampling.generate(self.whole_model_logits(state), prompt, max_new_tokens,
+                                 self.cfg.model.block_size, temperature, top_k, seed)
+
+
+class SequentialBase(EngineBase):
+    """A user's layer list (hvdllm/user_model.py) under dp / pp / tp, for both backends' Sequential
+    engines. Backend primitives beyond the base's: `_forward_all(x)` (logits on the last stage's
+    owner, None elsewhere), `score(logits, y)`, `_local_state()`, `tp_allgather` (user_tp's
+    allgather over the tp group); attributes `pipe`, `pp_comm`, `p`, `placements`, `param_shapes`."""
+
+    pipe = None
+    tp = None
+
+    def last_logits(self, ids) -> np.ndarray:
+        """Under a pipeline every stage takes part (one forward through the pipeline per token,
+        logits broadcast from the last stage), so every stage draws the same tokens."""
+        out = self._forward_all(np.array([ids], dtype=np.int64))
+        vec = np.zeros(self.cfg.model.vocab_size) if out is None else np.asarray(out[0, -1], np.float64)
+        return pl.bcast_from_last(self.pipe, vec) if self.pipe is not None else vec
+
+    def evaluate(self, x, y):
+        from .engine import EvalResult
+        out = self._forward_all(np.asarray(x, np.int64))
+        res = np.zeros(3)
+        if out is not None:
+            res[:] = self.score(out, np.asarray(y, np.int64))
+        if self.pipe is not None:
+            res = pl.bcast_from_last(self.pipe, res)
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+
+    def state_dict(self) -> dict:
+        """The whole model on pipeline rank 0 (collective over the tp group and the pipeline)."""
+        from . import user_model
+        local = self._local_state()
+        if self.tp is not None:
+            local = user_model.gather_whole(local, self.placements, self.tp_allgather(self.tp))
+        if self.pipe is None:
+            return local
+        return pl.gather_to_first(self.pp_comm, self.layout.pp_rank, self.p, local, self.timeout)
+
+    def full_params(self) -> dict:
+        return {k: a for k, a in self.state_dict().items() if not k.startswith("optim.")}
+
+    def shard_state(self) -> tuple[dict, dict]:
+        """This (stage, tp rank)'s arrays and the placement of each tp slice (checkpoint.py)."""
+        return self._local_state(), self.placements
