@@ -47,3 +47,23 @@ def apply_horovod_env(agg_cfg) -> None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(agg_cfg.fusion_threshold_mb * 1024 * 1024))
     if agg_cfg.cycle_time_ms > 0:
         os.environ["HOROVOD_CYCLE_TIME"] = str(agg_cfg.cycle_time_ms)
+
+
+# Horovod's reduction op per aggregation.op name, and the wire dtype per compression name: the
+# names are the core's, each backend passes its own horovod module and dtypes.
+HOROVOD_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
+COMPRESSIONS = ("none", "fp16", "bf16")
+
+
+def horovod_op(hvd, name: str):
+    """`hvd.Average` etc. for an op name of the config (horovod.torch or horovod.tensorflow)."""
+    if name not in HOROVOD_OPS:
+        raise ValueError(f"aggregation.op: {name!r} is not one of {', '.join(HOROVOD_OPS)}")
+    return getattr(hvd, HOROVOD_OPS[name])
+
+
+def wire_dtype(compression: str, fp16, bf16):
+    """The framework dtype a tensor travels in (None: as it is)."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"aggregation.compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    return {"none": None, "fp16": fp16, "bf16": bf16}[compression]

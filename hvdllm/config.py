@@ -6,6 +6,7 @@ Precedence: `--set` > TOML file > defaults. Each component receives only its own
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,16 @@ class TrainConfig:
     eval_batches: int = doc("validation batches per rank per evaluation", 4)
     checkpoint_every: int = doc("steps between checkpoints (0 = only at the end)", 100)
     keep_checkpoints: int = doc("checkpoints kept on disk", 2)
-    resume: bool = doc("resume from the latest checkpoint in out_dir", False)
+    resume: bool = doc("resume from the latest intact checkpoint in out_dir (a damaged one is skipped, "
+                       "with a message)", False)
+    resume_allow: list = doc(
+        "settings a resume may find changed since the checkpoint; any other change makes the resume "
+        "refuse, naming it. Checked: model.* (not tp_plan), optim.*, train.seed, train.batch_size (the "
+        "global batch dp x train.batch_size x aggregation.accumulation, which fixes the sample order), "
+        "data.tokenizer (the tokenizer stored with the checkpoint) and data.corpus (the prepared tokens: "
+        "corpus files, data.max_bytes, data.val_fraction). The layout (parallel.*, backend) and "
+        "train.steps may change freely. List keys or whole sections, e.g. [\"optim.lr\", "
+        "\"train.batch_size\"] or [\"optim\"]; the run prints each change it allows", [])
     progress: bool = doc("show a progress bar on rank 0", True)
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
     sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
@@ -229,9 +239,19 @@ def _nest(overrides: list[str], problems: list) -> dict:
         key, text = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(text.strip())
+            if not isinstance(node, dict):   # e.g. --set model=3 --set model.n_layer=2
+                table = ".".join(parts[:i + 1])
+                problems.append(f"--set {item!r}: {table} is a table of settings, but another --set "
+                                f"gives it the value {node!r}; drop that --set {table}=...")
+                break
+        else:
+            if isinstance(node.get(parts[-1]), dict):   # --set model.n_layer=2 --set model=3
+                problems.append(f"--set {item!r}: {key.strip()} is a table of settings; set its keys, "
+                                f"e.g. --set {key.strip()}.<key>=value")
+                continue
+            node[parts[-1]] = _parse_value(text.strip())
     return tree
 
 
@@ -248,11 +268,31 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     values: dict = {}
     if path is not None:
         try:
-            values = tomllib.loads(Path(path).read_text())
+            values = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
         except FileNotFoundError:
             problems.append(f"config file {path}: not found")
+        except IsADirectoryError:
+            problems.append(f"config file {path}: is a folder; pass the TOML file inside it")
+        except PermissionError as e:
+            problems.append(f"config file {path}: cannot be read ({e.strerror}); check its permissions")
+        except OSError as e:
+            problems.append(f"config file {path}: cannot be read ({e.strerror or e})")
+        except UnicodeDecodeError as e:
+            problems.append(f"config file {path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                            f"save it as UTF-8")
         except tomllib.TOMLDecodeError as e:
             problems.append(f"config file {path}: not valid TOML ({e})")
+    values = _merge(values, _nest(list(overrides), problems))
+    cfg = Config()
+    _fill(cfg, values, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """A Config from a `to_dict()` tree (a checkpoint's stored config) and `key=value` overrides."""
+    problems: list[str] = []
     values = _merge(values, _nest(list(overrides), problems))
     cfg = Config()
     _fill(cfg, values, "", problems)
@@ -278,17 +318,21 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if _get(cfg, key) not in allowed:
             p.append(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}")
     positive = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "parallel.pp",
-                "parallel.tp", "train.batch_size", "train.log_every", "train.keep_checkpoints"]
+                "parallel.tp", "train.batch_size", "train.log_every", "train.keep_checkpoints",
+                "train.steps"]
     for key in positive:
         if _get(cfg, key) < 1:
             p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
-    for key in ["ps.servers", "ps.staleness", "roles.evaluators", "roles.generators", "train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    for key in ["ps.servers", "ps.staleness", "roles.evaluators", "roles.generators", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                 "train.threads", "train.sample_tokens", "parallel.dp", "model.vocab_size",
-                "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay"]:
-        if _get(cfg, key) < 0:
+                "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
+                "aggregation.fusion_threshold_mb", "aggregation.cycle_time_ms"]:
+        if not _get(cfg, key) >= 0:   # `not >=`: a nan fails too
             p.append(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    if cfg.train.stop_check_s <= 0:
-        p.append(f"train.stop_check_s: must be > 0, got {cfg.train.stop_check_s}")
+    for key in ("train.stop_check_s", "train.step_timeout", "optim.eps"):
+        if not 0 < _get(cfg, key) < math.inf:
+            p.append(f"{key}: must be a finite number > 0, got {_get(cfg, key)}")
+    p.extend(_input_problems(cfg, world_size))
     m = cfg.model
     if m.n_head >= 1 and m.n_embd % m.n_head:
         p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
@@ -315,6 +359,59 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if p:
         raise ConfigError(p)
     return cfg
+
+
+# What a resume compares between the checkpoint and this run (checkpoint.check_resume); each may be
+# listed in train.resume_allow (or its section). train.batch_size stands for the global batch,
+# data.tokenizer for the stored tokenizer and data.corpus for the prepared tokens.
+RESUME_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
+                  "model.dropout", "model.layers", "optim.lr", "optim.min_lr", "optim.warmup_steps",
+                  "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
+                  "train.seed", "train.batch_size", "data.tokenizer", "data.corpus")
+
+
+def resume_allowed(cfg: Config, key: str) -> bool:
+    allow = cfg.train.resume_allow
+    return key in allow or key.split(".")[0] in allow
+
+
+def vocab_problems(cfg: Config, tokenizer_vocab: int) -> list[str]:
+    """model.vocab_size must hold every id the tokenizer emits (0 = take the tokenizer's): validate
+    checks the byte tokenizer's 256, the trainer a trained BPE's size once the corpus is prepared."""
+    v = cfg.model.vocab_size
+    if 0 < v < tokenizer_vocab:
+        return [f"model.vocab_size: {v} is smaller than the {cfg.data.tokenizer} tokenizer's vocabulary "
+                f"of {tokenizer_vocab}; token ids up to {tokenizer_vocab - 1} must fit: set "
+                f"model.vocab_size=0 (the tokenizer's) or >= {tokenizer_vocab}"]
+    return []
+
+
+def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
+    """Values that would otherwise crash deep inside a run, or pass silently."""
+    p, t = [], cfg.train
+    bad = [c for c in cfg.data.corpus if not isinstance(c, str) or not c]
+    if bad:
+        p.append(f"data.corpus: entries must be paths as non-empty strings, got {bad[0]!r}; e.g. "
+                 f"data.corpus = [\"texts/\", \"more.txt\"]")
+    for entry in t.resume_allow:
+        if not isinstance(entry, str) or not (entry in RESUME_CHECKED or
+                                              entry in {k.split(".")[0] for k in RESUME_CHECKED}):
+            p.append(f"train.resume_allow: {entry!r} is not a setting a resume checks; those are "
+                     f"{', '.join(RESUME_CHECKED)} (or a whole section: model, optim, train, data)")
+    if cfg.data.tokenizer == "byte":   # BPE's size is known once trained (the trainer checks it then)
+        p.extend(vocab_problems(cfg, 256))
+    if t.fail_rank < 0 or (world_size is not None and t.fail_rank >= world_size):
+        upto = f"0..{world_size - 1}" if world_size is not None else ">= 0"
+        p.append(f"train.fail_rank: {t.fail_rank} is not a rank of this job (ranks {upto})")
+    if t.out_dir:
+        out = Path(t.out_dir)
+        for q in (out, *out.parents):
+            if q.exists():
+                if not q.is_dir():
+                    p.append(f"train.out_dir: {q} is a file, not a folder; choose another "
+                             f"train.out_dir (or move that file)")
+                break
+    return p
 
 
 def _strategy_problems(cfg: Config) -> list[str]:

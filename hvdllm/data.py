@@ -2,6 +2,12 @@
 
 `prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/` (rank 0 writes,
 the others wait); `Sampler` and `eval_batches` cut per-rank batches from the memory-mapped tokens.
+
+Under MPI every rank first compares its corpus with rank 0's (names, sizes and a digest of the
+bytes each file contributes): nodes that see different files fail at once, each rank naming the
+differing files, instead of waiting for a cache folder rank 0 never writes. A cached folder whose
+token files do not have the sizes its meta.json records (a truncated copy, a full disk) is rebuilt
+by rank 0, with a message.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from .tokenizer import get_tokenizer
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 SEPARATOR = "\n\n"          # between documents, so the model sees where one file ends
-FORMAT_VERSION = 1          # bump when the cache layout or tokenisation changes
+FORMAT_VERSION = 2          # bump when the cache layout or tokenisation changes (2: tokens_sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +169,8 @@ def _build(data_cfg, files, folder: Path, rank: int) -> None:
     tokens[-n_val:].tofile(folder / "val.bin")
     meta = {"n_train": len(tokens) - n_val, "n_val": n_val, "vocab_size": tok.vocab_size,
             "tokenizer": tok.name, "dtype": np.dtype(dtype).name, "n_files": len(docs),
+            # what a checkpoint records of its data: a resume compares it (checkpoint.check_resume)
+            "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
             "n_bytes": sum(len(t.encode("utf-8", errors="replace")) for _, t in docs),
             "source": ", ".join(map(str, data_cfg.corpus)) or
             f"Python standard library ({sysconfig.get_paths()['stdlib']})"}
@@ -170,10 +178,31 @@ def _build(data_cfg, files, folder: Path, rank: int) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def _damage(folder: Path) -> str | None:
+    """None if `folder` is a complete, intact cache entry, else what is wrong ('missing' if absent)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable ({e})"
+    try:
+        item = np.dtype(meta["dtype"]).itemsize
+        for name, n in (("train.bin", meta["n_train"]), ("val.bin", meta["n_val"])):
+            size = (folder / name).stat().st_size
+            if size != n * item:
+                return f"{name} has {size} bytes, meta.json says {n * item}"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, KeyError, TypeError) as e:
+        return f"meta.json does not describe the token files ({e!r})"
+    return None
+
+
 def _publish(data_cfg, files, final: Path, rank: int) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not (final / "meta.json").exists():
-        # Incomplete (not made by _publish, whose rename is atomic): move aside, then delete.
+    if final.exists() and _damage(final) is not None:
+        # Incomplete or damaged (not as _publish's atomic rename left it): move aside, then delete.
         junk = Path(tempfile.mkdtemp(prefix=f".junk-{final.name}-", dir=final.parent))
         try:
             os.rename(final, junk / "old")
@@ -195,13 +224,16 @@ def _publish(data_cfg, files, final: Path, rank: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_for(meta_path: Path, timeout_s: float) -> None:
+def _wait_for(folder: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.05
-    while not meta_path.exists():
+    while (problem := _damage(folder)) is not None:
         if time.monotonic() >= deadline:
+            damaged = "" if problem == "missing" else (
+                f"; the cached folder is damaged ({problem}): delete {folder} if rank 0 does not "
+                f"rebuild it")
             raise PeerTimeout(
-                f"waited {timeout_s:.0f}s for rank 0 to prepare the corpus at {meta_path.parent}: "
+                f"waited {timeout_s:.0f}s for rank 0 to prepare the corpus at {folder}{damaged}: "
                 f"check rank 0's output for an error; if ranks run on several machines, data.cache_dir "
                 f"(or HVDLLM_CACHE) must be a shared folder; a big corpus may need a longer "
                 f"train.step_timeout (or run once with one process to fill the cache)")
@@ -209,22 +241,132 @@ def _wait_for(meta_path: Path, timeout_s: float) -> None:
         delay = min(delay * 2, 1.0)
 
 
-def prepare(data_cfg, rank: int, cache_dir=None, timeout_s: float = 600) -> TokenData:
-    """Tokenise the corpus once (rank 0) into the cache and memory-map it (every rank)."""
+# ---------------------------------------------------------------------------------------------
+# Every rank the same corpus: rank 0's listing against everyone's, before anything is written.
+
+def corpus_listing(files, max_bytes: int) -> list[list]:
+    """[name, size, sha256 prefix] per file, the digest over the bytes the cap lets the file
+    contribute (what _read takes): equal listings tokenise equally, whatever the files' mtimes."""
+    out, total = [], 0
+    for name, path, st in files:
+        want = max(0, max_bytes - total) if max_bytes else None
+        sha, got = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while want is None or got < want:
+                chunk = f.read(1 << 22 if want is None else min(1 << 22, want - got))
+                if not chunk:
+                    break
+                sha.update(chunk)
+                got += len(chunk)
+        total += got
+        out.append([name, st.st_size, sha.hexdigest()[:16]])
+    return out
+
+
+def _world(rank: int):
+    """COMM_WORLD when this process runs under MPI with other ranks (mpi4py already initialised by
+    runtime.start), else None: then there is no one to compare with (one process, or Gloo)."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized():
+        return None
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 and comm.Get_rank() == rank else None
+
+
+def _allgather(comm, obj, timeout_s: float, what: str) -> list:
+    """Every rank's JSON-able `obj`, in rank order; non-blocking underneath, so a lost rank is a
+    PeerTimeout after timeout_s rather than a hang."""
+    from mpi import p2p
+    MPI = sys.modules["mpi4py.MPI"]
+    payload = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
+    mine, counts = np.array([len(payload)], np.int64), np.zeros(comm.Get_size(), np.int64)
+    p2p.wait(comm.Iallgather([mine, MPI.INT64_T], [counts, MPI.INT64_T]), timeout_s, what)
+    counts_l = [int(c) for c in counts]
+    displs = [sum(counts_l[:i]) for i in range(len(counts_l))]
+    buf = np.zeros(sum(counts_l), np.uint8)
+    p2p.wait(comm.Iallgatherv([payload, MPI.BYTE], [buf, counts_l, displs, MPI.BYTE]), timeout_s, what)
+    return [json.loads(buf[d:d + c].tobytes()) for d, c in zip(displs, counts_l)]
+
+
+def _describe_difference(mine: list, ref: list, limit: int = 4) -> list[str]:
+    """What differs between two listings of [name, size, digest or None] (ref = rank 0's)."""
+    a, b = {e[0]: e[1:] for e in ref}, {e[0]: e[1:] for e in mine}
+    out = []
+    for name in dict.fromkeys([e[0] for e in ref] + [e[0] for e in mine]):
+        if name not in b:
+            out.append(f"{name} only on rank 0")
+        elif name not in a:
+            out.append(f"{name} not on rank 0")
+        elif a[name][0] != b[name][0]:
+            out.append(f"{name} has {a[name][0]} bytes on rank 0, {b[name][0]} here")
+        elif a[name] != b[name]:
+            out.append(f"{name} has other contents (same size)")
+    if not out and [e[0] for e in ref] != [e[0] for e in mine]:
+        out.append("the files come in another order")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def agree_on_corpus(data_cfg, files, fingerprint: str, comm, timeout_s: float) -> str:
+    """Collective over `comm`: every rank's corpus against rank 0's. First names, sizes and mtimes
+    (no reading); only where mtimes differ, digests of the contents. A difference raises
+    HvdllmError on every rank, naming the ranks, their hosts and the first differing files; else
+    the cache key is rank 0's (copies of the corpus with other mtimes share its cache folder)."""
+    host = sys.modules["mpi4py.MPI"].Get_processor_name()
+    what = "comparing the corpus across ranks"
+    stats = [[n, st.st_size, st.st_mtime_ns] for n, _, st in files]
+    everyone = _allgather(comm, {"host": host, "files": stats, "fingerprint": fingerprint}, timeout_s, what)
+    hosts, ref = [d["host"] for d in everyone], everyone[0]
+
+    def fail(listings):
+        differ = [r for r, lst in enumerate(listings) if lst != listings[0]]
+        if not differ:
+            return
+        lines = [f"rank {r} on {hosts[r]}: " + "; ".join(_describe_difference(listings[r], listings[0]))
+                 for r in differ[:4]]
+        where = ", ".join(map(str, data_cfg.corpus)) or "the Python standard library"
+        raise HvdllmError(
+            f"data.corpus ({where}) differs between ranks: rank 0 on {hosts[0]} reads "
+            f"{len(listings[0])} files, and\n  " + "\n  ".join(lines) +
+            ("\n  ..." if len(differ) > 4 else "") +
+            "\nEvery rank must read the same corpus: put it on a shared file system, or copy it "
+            "identically to every node.")
+    fail([[[n, size, None] for n, size, _ in d["files"]] for d in everyone])    # names and sizes
+    if any(d["files"] != ref["files"] for d in everyone):                       # other mtimes: read
+        fail(_allgather(comm, corpus_listing(files, data_cfg.max_bytes), timeout_s, what))
+    return ref["fingerprint"]
+
+
+def prepare(data_cfg, rank: int, cache_dir=None, timeout_s: float = 600, comm="auto") -> TokenData:
+    """Tokenise the corpus once (rank 0) into the cache and memory-map it (every rank).
+
+    Under MPI with more than one rank this is collective over COMM_WORLD (every rank of the job
+    calls it, as the trainers and role ranks do): the ranks first agree that they read the same
+    corpus (`agree_on_corpus`). `comm`: another communicator, or None to skip that."""
     files = _corpus(data_cfg.corpus, data_cfg.max_bytes)
-    final = Path(cache_dir or default_cache_dir(data_cfg)) / corpus_fingerprint(data_cfg, files)
-    meta_path = final / "meta.json"
-    if not meta_path.exists():
+    fingerprint = corpus_fingerprint(data_cfg, files)
+    comm = _world(rank) if comm == "auto" else comm
+    if comm is not None:
+        fingerprint = agree_on_corpus(data_cfg, files, fingerprint, comm, timeout_s)
+    final = Path(cache_dir or default_cache_dir(data_cfg)) / fingerprint
+    problem = _damage(final)
+    if problem is not None:
         if rank == 0:
+            if problem != "missing":
+                print(f"[hvdllm] the token cache {final} is damaged ({problem}): rebuilding it",
+                      file=sys.stderr, flush=True)
             _publish(data_cfg, files, final, rank)
         else:
-            _wait_for(meta_path, timeout_s)
-    meta = json.loads(meta_path.read_text())
+            _wait_for(final, timeout_s)
+    meta = json.loads((final / "meta.json").read_text())
     meta["cache"] = str(final)
     tok = get_tokenizer(data_cfg, None, final)     # BPE: the one rank 0 trained and saved
 
     def mm(name, n):
-        return np.memmap(final / name, dtype=meta["dtype"], mode="r", shape=(n,))
+        try:
+            return np.memmap(final / name, dtype=meta["dtype"], mode="r", shape=(n,))
+        except (OSError, ValueError) as e:   # changed since the check above
+            raise HvdllmError(f"the token cache {final} cannot be read ({name}: {e}); delete that "
+                              f"folder and start again (it is rebuilt)") from e
     return TokenData(mm("train.bin", meta["n_train"]), mm("val.bin", meta["n_val"]), tok, meta)
 
 

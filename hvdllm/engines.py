@@ -5,9 +5,11 @@ SequentialEngine) inherit from these and keep only what truly differs: the model
 the framework's calls. The primitives each backend supplies:
 
     named                     [(name, tensor)] this rank's parameters (hvdllm.params order)
-    to_host(t) -> ndarray     a host copy: the named boundary (checkpoints, parameter servers,
-                              metrics and the strategies that still run in numpy)
+    to_host(t) -> ndarray     the named host boundary (checkpoints, parameter servers, metrics,
+    from_host(ndarray) -> t   pipeline activations, and the strategies that still run in numpy)
     assign(t, ndarray)        write a host array into a parameter
+    concat_flat(tensors) / assign_flat(tensors, flat)
+                              one flat vector on the device, and back (ZeRO-1, local SGD)
     optimizer_state() / load_optimizer_state(state, step)
                               the framework optimizer's moments as 'optim.m.<name>' /
                               'optim.v.<name>' / 'optim.step' (unsharded engines only)
@@ -122,13 +124,16 @@ class GPTEngineBase(EngineBase):
         m = self.cfg.model
         return param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
 
-    # flat views for the core's numpy strategies ----------------------------------------------
+    # flat views for the core's numpy strategies: one host transfer per vector, never one per
+    # parameter (the backend concatenates and splits on its device) --------------------------
     def flat_params(self) -> np.ndarray:
-        return self.flat.flatten([self.to_host(p) for _, p in self.named])
+        return self.to_host(self.concat_flat([p for _, p in self.named]))
+
+    def flat_grads(self, grads) -> np.ndarray:
+        return self.to_host(self.concat_flat(grads))
 
     def set_flat_params(self, flat: np.ndarray) -> None:
-        for (_, p), a in zip(self.named, self.flat.unflatten(flat).values()):
-            self.assign(p, a)
+        self.assign_flat([p for _, p in self.named], self.from_host(np.ascontiguousarray(flat, np.float32)))
 
     # state (collective under ZeRO-1, tp and pp: every rank of the group calls it) -----------
     def _to_first_stage(self, local: dict) -> dict:
@@ -209,7 +214,7 @@ class PipelineStageBase(GPTEngineBase):
             grads[i] = self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(grads[i]),
                                                        self.timeout))
         if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
-            new, norm = self.zero.step(self.flat.flatten([self.to_host(g) for g in grads]), self.flat_params(), lr)
+            new, norm = self.zero.step(self.flat_grads(grads), self.flat_params(), lr)
             self.set_flat_params(new)
             return norm
         if self.comm.size > 1:

@@ -1,10 +1,13 @@
 """Tokenizers: raw UTF-8 bytes (needs nothing) or byte-level BPE (HF `tokenizers`, trained locally).
 
-Both offer `.name`, `.vocab_size`, `.encode(text) -> list[int]` and `.decode(ids) -> str`.
-`tokenizers` is imported only when BPE is asked for, so byte mode runs on numpy alone.
+Both offer `.name`, `.vocab_size`, `.encode(text) -> list[int]`, `.decode(ids) -> str` and
+`.serialize() -> str` (the whole tokenizer as JSON text: stored with every checkpoint, so a resume
+can tell whether it still has the same one and `hvdllm generate` needs no corpus; `from_serialized`
+rebuilds it). `tokenizers` is imported only when BPE is asked for, so byte mode runs on numpy alone.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,9 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         # A model may emit a byte sequence that is not valid UTF-8: show it, don't fail.
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def serialize(self) -> str:
+        return json.dumps({"hvdllm_tokenizer": "byte"})
 
 
 class BPETokenizer:
@@ -69,6 +75,9 @@ class BPETokenizer:
     def save(self, path) -> None:
         self._tok.save(str(path))
 
+    def serialize(self) -> str:
+        return self._tok.to_str()
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
@@ -99,3 +108,26 @@ def get_tokenizer(data_cfg, texts=None, cache_dir=None):
     if path is not None:
         tok.save(path)
     return tok
+
+
+def from_serialized(text: str):
+    """The tokenizer `serialize()` wrote (a byte tokenizer or a BPE's JSON)."""
+    try:
+        if json.loads(text).get("hvdllm_tokenizer") == "byte":
+            return ByteTokenizer()
+    except (ValueError, AttributeError) as e:
+        raise HvdllmError(f"not a serialized tokenizer ({e})") from e
+    try:
+        return BPETokenizer(BPETokenizer._lib().Tokenizer.from_str(text))
+    except Exception as e:  # tokenizers raises its own exception type on a bad file
+        if isinstance(e, HvdllmError):
+            raise
+        raise HvdllmError(f"not a serialized tokenizer ({e})") from e
+
+
+def same(a: str, b: str) -> bool:
+    """Whether two serialized tokenizers are the same tokenizer (key order aside)."""
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return a == b

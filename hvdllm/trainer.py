@@ -67,12 +67,22 @@ class Trainer:
                                          self.log.write if self.is_root else None)
 
     def _maybe_resume(self) -> int:
+        # model.vocab_size must hold a trained BPE's ids too (validate knows only the byte tokenizer's)
+        vocab = config.vocab_problems(self.cfg, self.data.tokenizer.vocab_size)
+        if vocab:
+            raise config.ConfigError(vocab)
         if not self.cfg.train.resume:
             return 0
-        path = checkpoint.latest(self.out)
+        path = checkpoint.latest(self.out, log=self.is_root)   # the newest intact one
         if path is None:
             return 0
         state, meta = checkpoint.load(path)
+        # the settings a resume must not change unnoticed (config.RESUME_CHECKED, train.resume_allow)
+        changes = checkpoint.check_resume(path, meta, self.cfg,
+                                          checkpoint.identity(self.cfg, self.layout, self.data))
+        if self.is_root and changes:
+            print("[hvdllm] resuming with changed settings (train.resume_allow):\n"
+                  + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
         m = self.cfg.model
         # a user's layer list names its own parameters; the built-in GPT's come from params.py
         shapes = getattr(self.engine, "param_shapes", None) or param_shapes(m.n_layer, m.n_embd, m.vocab_size,
@@ -175,7 +185,9 @@ class Trainer:
                 self.backend.Collectives(self.rt.process_set(lay.role_ranks("trainer"))).barrier()
             if self.is_root:
                 meta = {"config": self.cfg.to_dict(), "layout": lay.describe(),
-                        "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name}
+                        "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name,
+                        # global batch, tokens' digest, the tokenizer (a file): what resume checks
+                        **checkpoint.identity(self.cfg, lay, self.data)}
                 checkpoint.finalize(self.out, step, names, meta, self.cfg.train.keep_checkpoints)
 
     def finish(self, summary: dict) -> dict:

@@ -15,6 +15,27 @@ SLURM_DIR = "/tmp/hvdllm-slurm"
 
 
 @pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """np=1 runs shared by the whole session (one launch each instead of one per test file):
+    reference(*sets) is the run folder of launch_util.TINY trained in one process with these
+    settings, trained on first use. Tests compare with it and never write into it (a resume
+    copies the folder first)."""
+    from launch_util import train
+    runs = {}
+
+    def get(*sets):
+        keys = [s.split("=", 1)[0] for s in sets]
+        assert len(set(keys)) == len(keys), f"a key set twice: {sets}"
+        key = tuple(sorted(sets))
+        if key not in runs:
+            runs[key] = train(tmp_path_factory.mktemp("reference"), "np1", 1, list(key))
+        r, out = runs[key]
+        assert r.returncode == 0, f"the np=1 reference {list(key)} failed:\n{r.stdout[-4000:]}"
+        return out
+    return get
+
+
+@pytest.fixture(scope="session")
 def slurm():
     """A real one-node Slurm (scripts/slurm_local.sh): {'SLURM_CONF': ...} for the clients.
     Failing to start it fails the tests that need it, with the script's words. Stopped at the

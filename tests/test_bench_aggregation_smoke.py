@@ -5,6 +5,7 @@ JSON and the plot.
 Not a timing test: timings on shared CI machines mean nothing, so no speed is asserted here.
 """
 import json
+import re
 import sys
 
 import pytest
@@ -13,6 +14,8 @@ from launch_util import run
 
 import horovod.torch  # noqa: F401  (installed by make env)
 import mpi4py  # noqa: F401  (installed by make env)
+
+from hvdllm.bench import common
 
 
 def test_bench_aggregation_smoke(tmp_path):
@@ -24,6 +27,8 @@ def test_bench_aggregation_smoke(tmp_path):
     p = run(argv, timeout=55)  # ~20 s on a loaded 2-core machine (MPI, Horovod, torch start-up)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "mpirun -np 2" in p.stdout and "hvdllm/mpi4py" in p.stdout  # the command and the table
+    assert re.search(r"^torch +1KB ", p.stdout, re.M) and re.search(r"^torch +64KB ", p.stdout, re.M)
+    assert "fp16 speed-up" in p.stdout and re.search(r"^torch +2 +tiny ", p.stdout, re.M)  # compression, ZeRO
 
     d = json.loads(out.read_text())
     for key in ("benchmark", "argv", "np", "definitions", "commands", "runs", "failed", "bandwidth",
@@ -42,3 +47,5 @@ def test_bench_aggregation_smoke(tmp_path):
     assert d["training"] == [] and d["profile"] == []
     assert {r["goal"].split(" (")[0] for r in d["goals"]} == {"ZeRO-1 / DP step time"}  # no size >= 16 MB
     assert (tmp_path / "aggregation.png").stat().st_size > 0
+    above = any(r["fp16_speedup"] > 2 or r["bf16_speedup"] > 2 for r in d["compression"])
+    assert (common.ABOVE_NOTE in p.stdout) == above  # a speed-up above the rank count is flagged

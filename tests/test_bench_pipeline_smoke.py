@@ -4,6 +4,7 @@ one timed step) and writes the JSON, the Chrome traces and the plots.
 Not a timing test: timings on shared CI machines mean nothing, so no speed is asserted here.
 """
 import json
+import re
 import sys
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from launch_util import run
 
 import horovod.torch  # noqa: F401  (installed by make env)
+
+from hvdllm.bench import common
 
 
 def test_bench_pipeline_smoke(tmp_path):
@@ -20,6 +23,9 @@ def test_bench_pipeline_smoke(tmp_path):
     p = run(argv, timeout=90)  # ~16 s even on a loaded 2-core machine (MPI, Horovod, torch start-up)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "mpirun -np 2" in p.stdout and "frac of ideal (step)" in p.stdout  # command and table
+    for schedule in ("gpipe", "1f1b"):
+        for m in (1, 2):
+            assert len(re.findall(rf"^{schedule} +{m} ", p.stdout, re.M)) == 1 + 2  # table, 2 ranks
 
     d = json.loads(out.read_text())
     for key in ("benchmark", "command", "p", "model_config", "stage_layers", "definitions", "rows",
@@ -45,3 +51,5 @@ def test_bench_pipeline_smoke(tmp_path):
         assert (tmp_path / f"pipeline_{schedule}_sim_trace.json").exists()
     assert (tmp_path / "pipeline.png").stat().st_size > 0
     assert (tmp_path / "pipeline_timeline.png").stat().st_size > 0
+    above = any(v["eff_step"] > 1 or v["eff_pipe"] > 1 for v in d["variants"])
+    assert (common.ABOVE_NOTE in p.stdout) == above  # an efficiency above 1 is flagged

@@ -3,6 +3,7 @@
 Not a timing test: timings on shared CI machines mean nothing, so no speed is asserted here.
 """
 import json
+import re
 import sys
 
 import pytest
@@ -10,6 +11,24 @@ import pytest
 from launch_util import run
 
 import horovod.torch  # noqa: F401  (installed by make env)
+
+from hvdllm.bench import common
+
+
+def test_table_flags_a_speedup_above_the_rank_count():
+    rows = [{"np": 2, "speedup": 1.5}, {"np": 2, "speedup": 2.4}, {"np": 2, "speedup": None}]
+    text = common.format_table(rows, ["np", "speedup"], {"speedup": lambda r: r["np"]})
+    assert "2.4000!" in text and "1.5000!" not in text and text.splitlines()[-1] == common.ABOVE_NOTE
+    assert common.ABOVE_NOTE not in common.format_table(rows[:1], ["np", "speedup"], {"speedup": 2})
+
+
+def test_interleaved_solo_turns_end_in_the_idle_barrier():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "solo": None}  # solo: this rank is not the one timed
+    times = common.interleaved(fns, 2, warmup=1, per_round=1, before=lambda: calls.append("|"),
+                               solo=["solo"], idle=lambda: calls.append("idle"))
+    assert len(times["a"]) == 2 and times["solo"] == []
+    assert calls == ["|", "a", "|", "idle"] * 3  # warm-up, then two rounds
 
 
 def test_bench_dp_smoke(tmp_path):
@@ -21,6 +40,8 @@ def test_bench_dp_smoke(tmp_path):
     assert p.returncode == 0, p.stdout[-4000:]
     assert "mpirun -np 2" in p.stdout and "mpirun -np 1" in p.stdout  # commands are printed
     assert "median step s" in p.stdout and "hvdllm/hand" in p.stdout  # the table and the goals
+    for variant, np_ in (("hvdllm", 2), ("hand", 2), ("ddp", 2), ("solo", 1), ("hvdllm", 1)):
+        assert re.search(rf"^torch +{variant} +{np_} ", p.stdout, re.M), variant  # a row each
 
     d = json.loads(out.read_text())
     for key in ("benchmark", "model", "params", "commands", "runs", "rows", "ratios", "goals"):
@@ -42,4 +63,7 @@ def test_bench_dp_smoke(tmp_path):
     assert set(rat["scaling_efficiency"]) == {"hvdllm", "hand", "ddp"}
     assert set(rat["scaling_efficiency_in_group"]) == {"hvdllm", "hand", "ddp"}
     assert {(g["goal"]) for g in d["goals"]} >= {"hvdllm/hand", "hvdllm/ddp"}
+    above = any(v is not None and v > 1 for g in d["goals"] if "scaling eff" in g["goal"]
+                for v in (g["value"], g["paired"]))  # an efficiency above 1 is flagged
+    assert (common.ABOVE_NOTE in p.stdout) == above
     assert (tmp_path / "dp.png").stat().st_size > 0

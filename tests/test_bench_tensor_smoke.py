@@ -5,6 +5,7 @@ Not a timing test: timings on shared CI machines mean nothing, so no speed is as
 Counts and bytes are not timings: they must match Megatron-LM's 2 + 2 allreduces per block exactly.
 """
 import json
+import re
 import sys
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from launch_util import run
 
 import horovod.torch  # noqa: F401  (installed by make env)
+
+from hvdllm.bench import common
 
 
 def test_bench_tensor_smoke(tmp_path):
@@ -22,6 +25,8 @@ def test_bench_tensor_smoke(tmp_path):
     assert p.returncode == 0, p.stdout[-4000:]
     assert "mpirun -np 2" in p.stdout and "hvdllm.bench.tensor_worker" in p.stdout  # the command
     assert "allreduces/block fwd+bwd" in p.stdout and "speed-up" in p.stdout  # both tables
+    for width in (32, 64):
+        assert len(re.findall(rf"^torch +{width} ", p.stdout, re.M)) == 2  # a row in each table
 
     d = json.loads(out.read_text())
     for key in ("benchmark", "command", "commands", "np", "model_config", "definitions", "rows", "goals",
@@ -43,3 +48,5 @@ def test_bench_tensor_smoke(tmp_path):
     met = {g["goal"].split(" ")[0]: g["met"] for g in d["goals"]}
     assert met["allreduces"] == met["payload"] == met["tp"] == "yes"
     assert (tmp_path / "tensor.png").stat().st_size > 0
+    above = any(r["speedup"] > 2 or r["compute_speedup"] > 2 or r["efficiency"] > 1 for r in d["rows"])
+    assert (common.ABOVE_NOTE in p.stdout) == above  # a speed-up above the rank count is flagged

@@ -18,8 +18,8 @@ def test_mpirun_and_srun_commands():
 def test_worker_commands_for_the_benchmarks():
     cmd = launch.command("mpirun", 2, ["--steps", "3"], module="hvdllm.bench.dp_worker",
                          env=["PYTHONPATH", "HOROVOD_CYCLE_TIME=1"])
-    assert cmd[-5:-2] == ["-m", "hvdllm.bench.dp_worker", "--steps"]
-    assert cmd[-10:-6] == ["-x", "PYTHONPATH", "-x", "HOROVOD_CYCLE_TIME=1"]  # before the program
+    assert cmd[-4:] == ["-m", "hvdllm.bench.dp_worker", "--steps", "3"]
+    assert cmd[-9:-5] == ["-x", "PYTHONPATH", "-x", "HOROVOD_CYCLE_TIME=1"]  # before the program
     srun = launch.command("srun", 2, ["x"], module="m", env=["PYTHONPATH", "A=1", "B=2"])
     assert "--export=ALL,A=1,B=2" in srun and srun[-3:] == ["-m", "m", "x"]
     with pytest.raises(LaunchError):

@@ -16,8 +16,7 @@ import pytest
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
 from hvdllm.strategies import param_server as ps
-from launch_util import ROOT, env, mpirun_argv, run
-from test_integration import TINY, losses, train
+from launch_util import ROOT, TINY, env, losses, mpirun_argv, run, same_run, train
 
 
 def server_log(out, i=0) -> list[dict]:
@@ -56,12 +55,10 @@ def test_config_rules():
 
 
 # -- integration ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The reference: one process, batch 8 (torch)."""
-    r, out = train(tmp_path_factory.mktemp("ps"), "np1", 1, ["train.batch_size=8"])
-    assert r.returncode == 0, r.stdout[-4000:]
-    return out
+@pytest.fixture
+def single(reference):
+    """The reference: one process, batch 8 (torch), shared by the session (conftest.py)."""
+    return reference("backend=torch", "train.batch_size=8")
 
 
 @pytest.mark.integration
@@ -74,9 +71,7 @@ def test_sync_ps_equals_single_process(tmp_path, single):
     assert r.returncode == 0, r.stdout[-4000:]
     ref = losses(single)
     assert len(ref) == 6 and ref[-1] < ref[0]
-    np.testing.assert_allclose(losses(out), ref, rtol=2e-5)
-    np.testing.assert_allclose(losses(out, "grad_norm"), losses(single, "grad_norm"), rtol=2e-5)
-    np.testing.assert_allclose(losses(out, "val_loss"), losses(single, "val_loss"), rtol=2e-5)
+    same_run(out, single, rtol=2e-5, what="sync ps")
     for i in range(servers):
         log = server_log(out, i)
         assert len(log) == 2 * 6 and all(x["gap"] == 0 and x["staleness"] == 0 for x in log)
@@ -87,7 +82,7 @@ def test_sync_ps_equals_single_process(tmp_path, single):
                                             "train.resume=true"])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
     # float32 in another framework: the backends agree to ~1e-6 (tests/test_backends_agree.py)
-    np.testing.assert_allclose(losses(res), ref, rtol=2e-4)
+    same_run(res, single, rtol=2e-4, what="resumed with TensorFlow workers")
 
 
 ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.straggler_factor=5",

@@ -1,25 +1,16 @@
 """Issue 4 at the integration tier: pipeline stages over MPI point-to-point reproduce the
-single-process run of the same model, data and seed, for every schedule and DP x PP."""
+single-process run of the same model, data and seed (losses, gradient norms, validation losses),
+for every schedule and DP x PP; their checkpoints (the whole model) resume without a pipeline and
+continue the same trajectory."""
+import shutil
 import time
 
-import numpy as np
 import pytest
 
-from test_integration import losses, train
+from launch_util import same_checkpoint, same_run, train
 
 BACKENDS = ["torch", "tensorflow"]
 DEEP = ["model.n_layer=4"]  # 6 layers (embeddings, 4 blocks, head): room for pp=4 and v=2
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    out = {}
-    for backend in BACKENDS:
-        r, d = train(tmp, backend, 1, DEEP + [f"backend={backend}", "train.batch_size=8"])
-        assert r.returncode == 0, r.stdout[-4000:]
-        out[backend] = d
-    return out
 
 
 CASES = {
@@ -38,15 +29,23 @@ CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_equals_single_process(tmp_path, reference, backend, case):
+    """...and its checkpoints are the whole model: the np=1 run's checkpoints (every parameter
+    and moment, whole shapes), so they resume without a pipeline; pp2-interleaved (two chunks
+    per stage) resumes at np=1 for real and continues the same trajectory."""
     np_, sets = CASES[case]
+    ref = reference(*DEEP, f"backend={backend}", "train.batch_size=8")
     r, d = train(tmp_path, case, np_, DEEP + [f"backend={backend}", *sets])
     assert r.returncode == 0, r.stdout[-4000:]
-    np.testing.assert_allclose(losses(d), losses(reference[backend]), rtol=1e-5)
-    np.testing.assert_allclose(losses(d, "val_loss"), losses(reference[backend], "val_loss"), rtol=1e-5)
-    # the checkpoint is the whole model: it resumes without a pipeline
-    r, _ = train(tmp_path, case, 1, DEEP + [f"backend={backend}", "train.batch_size=8", "train.resume=true",
-                                            "train.steps=7"])
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
+    same_run(d, ref, rtol=1e-5, what=case)
+    for step in (3, 6):
+        same_checkpoint(d, ref, step, what=f"{case} step {step}")
+    if case != "pp2-interleaved":
+        return
+    shutil.copytree(d, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    r, res = train(tmp_path, "resumed", 1, DEEP + [f"backend={backend}", "train.batch_size=8", "train.resume=true"])
+    assert r.returncode == 0 and "resumed from" in r.stdout and "step 3" in r.stdout, r.stdout[-4000:]
+    same_run(res, ref, rtol=1e-5, what=f"{case} resumed at np=1")
 
 
 @pytest.mark.integration

@@ -9,21 +9,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from launch_util import run
-from test_integration import TINY, losses, train
+from launch_util import TINY, run, same_run, train
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """np=1 references (mpirun), batch 8, per backend."""
-    tmp, out = tmp_path_factory.mktemp("slurm_ref"), {}
-    for backend in ("torch", "tensorflow"):
-        r, d = train(tmp, backend, 1, [f"backend={backend}", "train.batch_size=8"])
-        assert r.returncode == 0, r.stdout[-4000:]
-        out[backend] = d
-    return out
+@pytest.fixture
+def single(reference):
+    """single(backend): the np=1 reference (mpirun), batch 8, shared by the session (conftest.py)."""
+    return lambda backend: reference(f"backend={backend}", "train.batch_size=8")
 
 
 def two_ranks(out) -> bool:
@@ -44,7 +37,7 @@ def test_srun_equals_single_process(tmp_path, slurm, single):
     r = run(argv, 300, **slurm)
     assert r.returncode == 0, r.stdout[-4000:]
     assert two_ranks(out)
-    np.testing.assert_allclose(losses(out), losses(single["torch"]), rtol=2e-4)
+    same_run(out, single("torch"), rtol=2e-4, what="srun")
 
 
 @pytest.mark.integration
@@ -62,7 +55,7 @@ def test_sbatch_job_script_trains_tensorflow(tmp_path, slurm, single):
     assert "#SBATCH --signal=USR1@120" in text   # the trainers' cue to stop with a checkpoint
     assert "Submitted batch job" in r.stdout
     assert two_ranks(out)
-    np.testing.assert_allclose(losses(out), losses(single["tensorflow"]), rtol=2e-4)
+    same_run(out, single("tensorflow"), rtol=2e-4, what="sbatch")
     job_out = list(tmp_path.glob("hvdllm-*.out"))   # --output=%x-%j.out, in the submit directory
     assert len(job_out) == 1 and "[hvdllm] done: 6 steps" in job_out[0].read_text()
 
@@ -96,10 +89,12 @@ def _until(cond, timeout: float, what: str) -> None:
 def test_sbatch_requeue_chain_resumes_after_the_signal(tmp_path, slurm):
     """`--requeue`: the trainers stop with a checkpoint on SIGUSR1 (here from scancel, as Slurm
     sends it before --time runs out), the job script requeues the job, and the requeued job
-    resumes from that checkpoint and finishes."""
+    resumes from that checkpoint and finishes, on the trajectory of a run never interrupted."""
     out, script = tmp_path / "chain", tmp_path / "job.sbatch"
+    # optim.min_lr = optim.lr: a constant lr after the warm-up, so the trajectory does not depend
+    # on train.steps and the first stopped + 5 steps can be checked against a short run
     sets = ["train.batch_size=4", "train.steps=600", "train.eval_every=0", "train.checkpoint_every=0",
-            "train.stop_check_s=0.3", "train.sample_tokens=0"]
+            "train.stop_check_s=0.3", "train.sample_tokens=0", "optim.min_lr=3e-3"]
     argv = [sys.executable, "-m", "hvdllm", "launch", "-np", "2", "--launcher", "sbatch", "--requeue",
             "--time", "00:10:00", "--script", str(script), "--", "train", *hvdllm_args(out, sets)]
     r = run(argv, 60, cwd=tmp_path, **slurm)
@@ -120,3 +115,7 @@ def test_sbatch_requeue_chain_resumes_after_the_signal(tmp_path, slurm):
     assert "Restarts=1" in info and "JobState=COMPLETED" in info, info
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"loss"' in x]
     assert steps == list(range(1, 601)), (steps[:3], steps[-3:], len(steps))
+    r, whole = train(tmp_path, "uninterrupted", 2, sets + [f"train.steps={stopped + 5}"], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    same_run(out, whole, rtol=1e-5, keys=("loss", "grad_norm"), steps=range(1, stopped + 6),
+             what=f"stopped at {stopped}, requeued")

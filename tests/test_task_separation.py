@@ -14,14 +14,13 @@ import pytest
 
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
-from launch_util import ROOT, env
-from test_integration import train
+from launch_util import ROOT, env, train
 
 OFFLINE = r"""
 import json, sys
 from pathlib import Path
 from hvdllm import checkpoint, config, data, runtime
-from hvdllm.cli import load_backend
+from hvdllm.backends import load as load_backend
 from hvdllm.layout import Layout
 out, steps, dp = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 cfg = config.load(out / "config.toml")

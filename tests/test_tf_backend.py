@@ -245,10 +245,12 @@ def test_zero1_and_local_sgd_on_one_rank_follow_plain_adamw():
     assert again.train_step(*batch(9), 1e-2).loss == zero.train_step(*batch(9), 1e-2).loss
 
 
-def test_make_engine_builds_the_data_parallel_engine():
+def test_build_engine_builds_the_data_parallel_engine():
+    from hvdllm.parallelize import build_engine
     rt = type("Rt", (), {"process_set": lambda self, ranks: None})()
     cfg = tiny_cfg()
-    assert isinstance(be.make_engine(cfg, Layout.build(cfg.parallel, 1, 0), rt), be.Engine)
+    engine = build_engine(cfg, Layout.build(cfg.parallel, 1, 0), rt, be)
+    assert type(engine) is be.Engine and engine.lockstep and engine.max_steps is None
 
 
 def test_configure_accepts_the_threads_already_set():

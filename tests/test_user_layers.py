@@ -11,7 +11,7 @@ import pytest
 
 from hvdllm import checkpoint, config, user_model
 from hvdllm.errors import ConfigError
-from test_integration import losses, train
+from launch_util import by_step, losses, same_checkpoint, same_run, train
 
 MODELS = Path(__file__).resolve().parent / "user_models.py"
 BUILDER = {"torch": f"{MODELS}:torch_lm", "tensorflow": f"{MODELS}:keras_lm"}
@@ -114,16 +114,14 @@ def test_names_and_partition_helpers():
 
 # -- integration tier: hvdllm train under mpirun ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    out = {}
-    for backend in BACKENDS:
-        r, d = train(tmp, backend, 1, sets(backend, "train.batch_size=8"))
-        assert r.returncode == 0, r.stdout[-4000:]
-        assert "5 layers" in r.stdout and len(losses(d)) == 6 and losses(d)[-1] < losses(d)[0]
-        out[backend] = d
-    return out
+@pytest.fixture
+def user_ref(reference):
+    """user_ref(backend): the np=1 run of the same layers (shared by the session)."""
+    def get(backend):
+        d = reference(*sets(backend, "train.batch_size=8"))
+        assert len(losses(d)) == 6 and losses(d)[-1] < losses(d)[0]
+        return d
+    return get
 
 
 # (ranks, settings, expected layers per pipeline part or None, backends)
@@ -141,29 +139,31 @@ CASES = {
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_layers_pipeline_equals_single_process(tmp_path, reference, backend, case):
+def test_user_layers_pipeline_equals_single_process(tmp_path, user_ref, backend, case):
+    """...and the gathered checkpoints hold every '{layer}.{name}' parameter and moment: they are
+    the np=1 run's checkpoints, so they load at pp=1; pp2's step-3 checkpoint resumes at pp=1 for
+    real and continues the same trajectory."""
     np_, extra, split, _ = CASES[case]
+    ref = user_ref(backend)
     r, d = train(tmp_path, case, np_, sets(backend, *extra))
     assert r.returncode == 0, r.stdout[-4000:]
     got = parts(r.stdout)
     assert sum(got) == 5 and min(got) >= 1 and (split is None or got == split), got
-    np.testing.assert_allclose(losses(d), losses(reference[backend]), rtol=1e-5)
-    np.testing.assert_allclose(losses(d, "val_loss"), losses(reference[backend], "val_loss"), rtol=1e-5)
+    same_run(d, ref, rtol=1e-5, what=case)
     assert (d / "sample.txt").exists() and (d / "checkpoints" / "step_00000006" / "manifest.json").exists()
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path, reference, backend):
-    """The gathered checkpoint holds every '{layer}.{name}' parameter: it loads at pp=1."""
-    r, d = train(tmp_path, "pp", 2, sets(backend, "parallel.pp=2", "parallel.microbatches=2", "train.batch_size=8"))
-    assert r.returncode == 0, r.stdout[-4000:]
-    state, _ = checkpoint.load(d / "checkpoints" / "step_00000006")
+    for step in (3, 6):
+        same_checkpoint(d, ref, step, what=f"{case} step {step}")
+    if case != "pp2":
+        return
+    state, _ = checkpoint.load(d / "checkpoints" / "step_00000003")
     want = {"0.tok.weight", "0.pos.weight", "4.weight"} if backend == "torch" else \
         {"0.embeddings", "0.embeddings_1", "4.kernel"}
     assert want <= set(state), sorted(state)
-    r, _ = train(tmp_path, "pp", 1, sets(backend, "train.batch_size=8", "train.resume=true", "train.steps=7"))
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
+    shutil.copytree(d, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    r, res = train(tmp_path, "resumed", 1, sets(backend, "train.batch_size=8", "train.resume=true"))
+    assert r.returncode == 0 and "resumed from" in r.stdout and "step 3" in r.stdout, r.stdout[-4000:]
+    same_run(res, ref, rtol=1e-5, what="pp2 resumed at pp=1")
 
 
 @pytest.mark.integration
@@ -186,27 +186,27 @@ TP_CASES = {
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TP_CASES))
-def test_user_layers_tensor_parallel_equals_single_process(tmp_path, reference, backend, case):
+def test_user_layers_tensor_parallel_equals_single_process(tmp_path, user_ref, backend, case):
     np_, extra = TP_CASES[case]
     r, d = train(tmp_path, case, np_, sets(backend, *extra))
     assert r.returncode == 0, r.stdout[-4000:]
     assert "tp=2 (*.fc=column, *.proj=row)" in r.stdout, r.stdout[-3000:]
-    np.testing.assert_allclose(losses(d), losses(reference[backend]), rtol=1e-5)
-    np.testing.assert_allclose(losses(d, "val_loss"), losses(reference[backend], "val_loss"), rtol=1e-5)
+    same_run(d, user_ref(backend), rtol=1e-5, what=case)
+    for step in (3, 6):   # the slices, assembled, are the np=1 run's checkpoint
+        same_checkpoint(d, user_ref(backend), step, what=f"{case} step {step}")
     assert (d / "sample.txt").exists()
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, reference, backend):
+def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, user_ref, backend):
     """tp=2 reproduces the single process; its checkpoint holds the split parameters and AdamW
     moments as slices with their placements, and resumes at tp=1."""
-    ref = losses(reference[backend])
+    ref = user_ref(backend)
     r, d = train(tmp_path, "tp", 2, sets(backend, "parallel.tp=2", "train.batch_size=8", PLAN))
     assert r.returncode == 0, r.stdout[-4000:]
-    tp2 = losses(d)
-    np.testing.assert_allclose(tp2, ref, rtol=1e-5)
-    np.testing.assert_allclose(losses(d, "val_loss"), losses(reference[backend], "val_loss"), rtol=1e-5)
+    same_run(d, ref, rtol=1e-5, what="tp2")
+    tp2 = {k: by_step(d, k) for k in ("loss", "grad_norm")}
     arrays = checkpoint.Sharded(d / "checkpoints" / "step_00000003").arrays
     # torch Linear weights are (out, in), Keras Dense kernels (in, out): fc = column, proj = row
     fc, proj, proj_bias = (("1.fc.weight", 0), ("1.proj.weight", 1), "1.proj.bias") if backend == "torch" else \
@@ -219,11 +219,14 @@ def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, reference, backend)
     shutil.rmtree(d / "checkpoints" / "step_00000006")
     r, _ = train(tmp_path, "tp", 1, sets(backend, "train.batch_size=8", "train.resume=true", PLAN))
     assert r.returncode == 0 and "resumed from" in r.stdout and "step 3" in r.stdout, r.stdout[-4000:]
-    got = losses(d)
-    assert len(got) == 6
-    # step 4 is the first loss from the loaded weights: it matches the tp=2 run's to float noise.
-    np.testing.assert_allclose(got[:4], tp2[:4], rtol=1e-6)
+    assert len(losses(d)) == 6
+    # step 4 is the first loss from the loaded weights: it matches the tp=2 run's to float noise
+    # (its gradient norm too: the loaded weights are the same weights).
+    for key in ("loss", "grad_norm"):
+        got = by_step(d, key)
+        np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [tp2[key][s] for s in (1, 2, 3, 4)], rtol=1e-6,
+                                   err_msg=key)
     # Later steps go through AdamW updates computed by other float32 sums (a whole Linear where
     # tp=2 had two halves): ~1e-7 differences in near-zero gradients grow to ~1e-5 over two
     # steps, as they do between any two layouts; loaded moments that were wrong would be 1e-2 off.
-    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    same_run(d, ref, rtol=1e-4, what="tp2 resumed at tp=1")

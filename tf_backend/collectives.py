@@ -10,10 +10,9 @@ import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 
+from hvdllm import aggregation
 from hvdllm.engines import HostCollectives
 
-_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
-_WIRE = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 # Measured with Horovod 0.28.1: its TF ops HorovodAllreduce / HorovodGroupedAllreduce accept only
 # uint8, int8, int32, int64, half, float and double, so a bfloat16 tensor is rejected (eager, in
 # tf.function and grouped alike). bf16 on the wire therefore travels as its raw 16-bit patterns
@@ -22,15 +21,11 @@ _WIRE = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 
 
 def _op(name: str):
-    if name not in _OPS:
-        raise ValueError(f"aggregation.op: {name!r} is not one of {', '.join(_OPS)}")
-    return getattr(hvd, _OPS[name])
+    return aggregation.horovod_op(hvd, name)
 
 
 def _wire(compression: str):
-    if compression not in _WIRE:
-        raise ValueError(f"aggregation.compression: {compression!r} is not one of {', '.join(_WIRE)}")
-    return _WIRE[compression]
+    return aggregation.wire_dtype(compression, tf.float16, tf.bfloat16)
 
 
 class Collectives:

@@ -100,6 +100,15 @@ class Engine(GPTEngineBase):
     def assign(v, a) -> None:
         v.assign(np.asarray(a, np.float32))
 
+    @staticmethod
+    def concat_flat(tensors) -> tf.Tensor:
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+
+    @staticmethod
+    def assign_flat(variables, flat: tf.Tensor) -> None:
+        for v, piece in zip(variables, tf.split(flat, [int(np.prod(v.shape)) for v in variables])):
+            v.assign(tf.reshape(piece, v.shape))
+
     def optimizer_state(self) -> dict:
         return self.opt.state(self.names)
 
@@ -160,7 +169,7 @@ class Engine(GPTEngineBase):
         self.steps_done += 1
         if self.zero is not None:
             loss, grads = self._grads(xs, ys)
-            new, norm = self.zero.step(self.flat.flatten([to_host(g) for g in grads]), self.flat_params(), lr)
+            new, norm = self.zero.step(self.flat_grads(grads), self.flat_params(), lr)
             self.set_flat_params(new)
         else:
             loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64))
@@ -174,7 +183,7 @@ class Engine(GPTEngineBase):
         """(this rank's mean loss, its flat gradient) with no communication: for strategies
         that move gradients themselves (parameter servers)."""
         loss, grads = self._grads(*self._micro(x, y))
-        return float(loss), self.flat.flatten([to_host(g) for g in grads])
+        return float(loss), self.flat_grads(grads)
 
     # evaluation --------------------------------------------------------------------------------
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:

@@ -106,18 +106,3 @@ def norm_sq(named_grads, group: TPGroup | None):
     if group is not None:
         sharded = group.coll.allreduce(tf.reshape(sharded, [1]), op="sum", name="tp.normsq")[0]
     return sharded + replicated
-
-
-def gather_full(named_arrays: dict, group: TPGroup | None) -> dict:
-    """{name: this rank's slice} -> {name: whole numpy array}, for checkpoints."""
-    from hvdllm.strategies.tensor_parallel import style, unshard
-    if group is None:
-        return {n: np.asarray(a) for n, a in named_arrays.items()}
-    out = {}
-    for n, a in named_arrays.items():
-        if style(n) == "replicate":
-            out[n] = np.asarray(a)
-            continue
-        stacked = group.coll.allgather(tf.constant(np.asarray(a))[None], name=f"tp.gather.{n}")
-        out[n] = unshard(n, list(np.asarray(stacked)))
-    return out

@@ -9,25 +9,20 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
+from hvdllm import aggregation
 from hvdllm.engines import HostCollectives
 
-_OPS = {"average": "Average", "sum": "Sum", "adasum": "Adasum", "max": "Max", "min": "Min"}
-_WIRE = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Horovod 0.28's CPU ops reject bfloat16 tensors. bf16 on the wire therefore travels as its raw
 # 16-bit patterns through an allgather and is summed locally in float32: half the bytes of an
 # fp32 allreduce at dp=2 (n-1 copies of N halves vs 2(n-1)/n of N floats), with fp32 accumulation.
 
 
 def _op(name: str):
-    if name not in _OPS:
-        raise ValueError(f"aggregation.op: {name!r} is not one of {', '.join(_OPS)}")
-    return getattr(hvd, _OPS[name])
+    return aggregation.horovod_op(hvd, name)
 
 
 def _wire(compression: str):
-    if compression not in _WIRE:
-        raise ValueError(f"aggregation.compression: {compression!r} is not one of {', '.join(_WIRE)}")
-    return _WIRE[compression]
+    return aggregation.wire_dtype(compression, torch.float16, torch.bfloat16)
 
 
 class Collectives:

@@ -72,11 +72,22 @@ class Engine(GPTEngineBase):
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
+    from_host = staticmethod(from_host)
 
     @staticmethod
     @torch.no_grad()
     def assign(p, a) -> None:
         p.copy_(from_host(a))
+
+    @staticmethod
+    def concat_flat(tensors) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    @staticmethod
+    @torch.no_grad()
+    def assign_flat(tensors, flat: torch.Tensor) -> None:
+        for t, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(piece.view_as(t))
 
     def optimizer_state(self) -> dict:
         return adamw_state.export(self.opt, self.named)
@@ -104,20 +115,17 @@ class Engine(GPTEngineBase):
             total += loss.detach()
         return total
 
-    def _flat_grads(self) -> np.ndarray:
-        return self.flat.flatten([to_host(p.grad) for p in self.params])
-
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies
         that move gradients themselves (parameter servers)."""
         loss = self._forward_backward(x, y)
-        return float(loss), self._flat_grads()
+        return float(loss), self.flat_grads([p.grad for p in self.params])
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         loss = self._forward_backward(x, y)
         self.steps_done += 1
         if self.zero is not None:
-            new, norm = self.zero.step(self._flat_grads(), self.flat_params(), lr)
+            new, norm = self.zero.step(self.flat_grads([p.grad for p in self.params]), self.flat_params(), lr)
             self.set_flat_params(new)
             mean_loss = None
         else:

@@ -74,6 +74,8 @@ class PipelineEngine(PipelineStageBase):
     to_host = staticmethod(to_host)
     from_host = staticmethod(from_host)
     assign = staticmethod(Engine.assign)
+    concat_flat = staticmethod(Engine.concat_flat)
+    assign_flat = staticmethod(Engine.assign_flat)
     optimizer_state = Engine.optimizer_state
     load_optimizer_state = Engine.load_optimizer_state
 

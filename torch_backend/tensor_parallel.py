@@ -121,20 +121,3 @@ def norm_sq(named_grads, group: TPGroup | None) -> torch.Tensor:
     if group is not None:
         sharded = group.coll.allreduce(sharded.reshape(1), op="sum", name="tp.normsq")[0]
     return sharded + replicated
-
-
-def gather_full(named_arrays: dict, group: TPGroup | None) -> dict:
-    """{name: this rank's slice} -> {name: whole array} (numpy), for checkpoints."""
-    import numpy as np
-
-    from hvdllm.strategies.tensor_parallel import style, unshard
-    if group is None:
-        return {n: np.asarray(a) for n, a in named_arrays.items()}
-    out = {}
-    for n, a in named_arrays.items():
-        if style(n) == "replicate":
-            out[n] = np.asarray(a)
-            continue
-        stacked = group.coll.allgather(torch.as_tensor(np.ascontiguousarray(a)).unsqueeze(0), name=f"tp.gather.{n}")
-        out[n] = unshard(n, list(stacked.numpy()))
-    return out

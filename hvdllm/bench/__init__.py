@@ -6,6 +6,7 @@
 - tensor: allreduces and bytes per tensor-parallel block against theory, tp=2 against np=1.
 - ps: parameter-server sync / async / SSP with a straggler, trainer step time with an evaluator.
 
-Each driver launches its `*_worker.py` under mpirun and prints that command. Shared timing,
-table, JSON and launching helpers live in hvdllm/bench/common.py.
+Each driver launches its `*_worker.py` under mpirun -- the command hvdllm.launch builds for
+`hvdllm launch` -- and prints it. What they share (launching, timing, tables, JSON, the worker's
+start-up through hvdllm.backends and parallelize.build_engine) lives in hvdllm/bench/common.py.
 """

@@ -55,11 +55,11 @@ import time
 from pathlib import Path
 
 from hvdllm.bench import common
-from hvdllm.bench.common import cores as _cores, mpirun
+from hvdllm.bench.aggregation_worker import ZERO_MODELS, human, zero_config
+from hvdllm.bench.common import MB, med
+from hvdllm.runtime import cores
 
-ROOT = Path(__file__).resolve().parents[2]
 TAG = "[bench aggregation]"
-MB = 1 << 20
 GOALS = {"hvdllm/mpi4py busbw at >= 16 MB": 0.95, "zero1/dp step": 1.1}
 GOAL_MIN_BYTES = 16 * MB
 UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
@@ -117,14 +117,6 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def human(n: float) -> str:
-    for unit, k in (("GB", 1 << 30), ("MB", MB), ("KB", 1024)):
-        if n >= k:
-            v = n / k
-            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
-    return f"{int(n)}B"
-
-
 def parse(argv):
     p = argparse.ArgumentParser(prog="hvdllm bench aggregation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,18 +145,12 @@ def parse(argv):
                    help="aggregation.fusion_threshold_mb for every launch (0: Horovod's default, 128)")
     p.add_argument("--cycle-time-ms", type=float, default=0.0,
                    help="aggregation.cycle_time_ms for every launch (0: Horovod's default, 1)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the ranks, forwarded with mpirun -x")
-    p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
-    p.add_argument("--out", default="runs/bench/aggregation.json", help="JSON output; the PNG goes next to it")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_env_option(p)
+    common.add_output_options(p, "aggregation")
     p.add_argument("--from-json", metavar="JSON",
                    help="re-analyse the launches kept in an earlier run's JSON instead of launching")
     a = p.parse_args(argv)
-    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = [b for b in a.backends if b not in ("torch", "tensorflow")]
-    if bad or not a.backends:
-        p.error(f"--backends: {bad or a.backends} not among torch, tensorflow")
+    a.backends = common.backend_list(p, a.backends)
     try:
         a.sizes = parse_sizes(a.sizes)
         a.compress_sizes = parse_sizes(a.compress_sizes) if a.compress_sizes.strip() else []
@@ -177,18 +163,15 @@ def parse(argv):
     unknown = [t for t in a.tune if t not in TUNE]
     if unknown:
         p.error(f"--tune: {unknown} not among {', '.join(TUNE)}")
-    a.tune_backends = [b.strip() for b in a.tune_backends.split(",") if b.strip()] or a.backends
+    a.tune_backends = common.backend_list(p, a.tune_backends, "--tune-backends") \
+        if a.tune_backends.strip() else a.backends
     a.train_backend = a.train_backend or a.backends[0]
     a.profile_reps = a.profile_reps or max(3, a.reps // 2)
-    from hvdllm.bench.aggregation_worker import ZERO_MODELS
     if a.zero_model not in ZERO_MODELS:
         p.error(f"--zero-model: {a.zero_model!r} not among {', '.join(ZERO_MODELS)}")
     if a.np < 2 or a.reps < 1 or a.warmup < 0 or a.zero_steps < 1 or a.train_steps < 1 \
             or any(n < 1 for n in a.zero_np) or any(h < 1 for h in a.localsgd_h):
         p.error("need --np >= 2, --reps/--zero-steps/--train-steps >= 1, --warmup >= 0, H >= 1")
-    for kv in a.env:
-        if "=" not in kv:
-            p.error(f"--env {kv!r}: expected KEY=VALUE")
     return a
 
 
@@ -199,35 +182,31 @@ def worker_command(args, np_: int, backend: str, sections: list[str], out: str, 
                    reps: int | None = None, fusion: float | None = None, cycle: float | None = None,
                    env: list[str] = ()) -> list[str]:
     """The exact mpirun argv of one worker launch."""
-    cmd = mpirun(np_, [*args.env, *env]) + [
-        sys.executable, "-m", "hvdllm.bench.aggregation_worker", "--backend", backend,
-        "--sections", ",".join(sections), "--reps", str(reps or args.reps), "--warmup", str(args.warmup),
-        "--fusion-threshold-mb", f"{args.fusion_threshold_mb if fusion is None else fusion:g}",
-        "--cycle-time-ms", f"{args.cycle_time_ms if cycle is None else cycle:g}", "--threads", "1"]
+    argv = ["--backend", backend, "--sections", ",".join(sections), "--reps", reps or args.reps,
+            "--warmup", args.warmup,
+            "--fusion-threshold-mb", f"{args.fusion_threshold_mb if fusion is None else fusion:g}",
+            "--cycle-time-ms", f"{args.cycle_time_ms if cycle is None else cycle:g}", "--threads", 1]
     if "bandwidth" in sections or "profile" in sections:
-        cmd += ["--sizes", ",".join(str(s) for s in (sizes or args.sizes))]
+        argv += ["--sizes", ",".join(str(s) for s in (sizes or args.sizes))]
     if "compression" in sections:
-        cmd += ["--compress-sizes", ",".join(map(str, args.compress_sizes))]
+        argv += ["--compress-sizes", ",".join(map(str, args.compress_sizes))]
     if "zero" in sections:
-        cmd += ["--zero-model", args.zero_model, "--zero-steps", str(args.zero_steps),
-                "--zero-warmup", str(args.zero_warmup)]
-    return cmd + ["--out", out]
+        argv += ["--zero-model", args.zero_model, "--zero-steps", args.zero_steps,
+                 "--zero-warmup", args.zero_warmup]
+    return common.worker_command("hvdllm.bench.aggregation_worker", np_, argv + ["--out", out],
+                                 [*args.env, *env])
 
 
 def train_command(args, name: str, out_dir: Path) -> list[str]:
     sets = [f"backend={args.train_backend}", f"train.steps={args.train_steps}",
             f"train.checkpoint_every={args.train_steps}", *TRAIN_SETS, f"train.out_dir={out_dir}",
             *TRAIN_RUNS[name][1]]
-    return mpirun(args.np, args.env) + [sys.executable, "-m", "hvdllm", "train"] + \
-        [a for kv in sets for a in ("--set", kv)]
+    return common.worker_command("hvdllm", args.np, ["train"] + [a for kv in sets for a in ("--set", kv)],
+                                 args.env)
 
 
 # ---------------------------------------------------------------------------------------------
 # analysis
-
-def med(ts) -> float:
-    return statistics.median(ts) if ts else math.nan
-
 
 def busbw(nbytes: int, seconds: float, n: int) -> float:
     """nccl-tests' bus bandwidth of an allreduce, GB/s (1e9 B/s)."""
@@ -274,7 +253,7 @@ def compression_rows(run: dict) -> list[dict]:
         m = {k: med(v) for k, v in r["times_s"].items()}
         P = r["bytes"] // 4
         e = r["max_err_rel_to_max"]
-        rows.append({"backend": run["backend"], "size": r["size"], "reps": r["reps"],
+        rows.append({"backend": run["backend"], "np": n, "size": r["size"], "reps": r["reps"],
                      "none_ms": m["none"] * 1e3, "fp16_ms": m["fp16"] * 1e3, "bf16_ms": m["bf16"] * 1e3,
                      "fp16_speedup": m["none"] / m["fp16"], "bf16_speedup": m["none"] / m["bf16"],
                      "wire": "/".join(human(wire_bytes(P, n, c)) for c in ("none", "fp16", "bf16")),
@@ -282,6 +261,8 @@ def compression_rows(run: dict) -> list[dict]:
     return rows
 
 
+# compression cannot speed the allreduce up more than rank-count-fold
+CMP_LIMITS = {"fp16_speedup": lambda r: r["np"], "bf16_speedup": lambda r: r["np"]}
 CMP_TABLE = [("backend", "backend"), ("size", "size"), ("reps", "reps"), ("none_ms", "none ms"),
              ("fp16_ms", "fp16 ms"), ("bf16_ms", "bf16 ms"), ("fp16_speedup", "fp16 speed-up"),
              ("bf16_speedup", "bf16 speed-up"), ("wire", "sent/rank none/fp16/bf16"),
@@ -434,12 +415,8 @@ GOAL_TABLE = [("backend", "backend"), ("goal", "goal"), ("value", "value"), ("ta
 # plot
 
 def plot(bw: list[dict], profile: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{TAG} matplotlib not installed: no plot", file=sys.stderr)
+    plt = common.pyplot(TAG)
+    if plt is None:
         return None
     backends = list(dict.fromkeys(r["backend"] for r in bw))
     colors = {"torch": "tab:red", "tensorflow": "tab:orange"}
@@ -484,10 +461,7 @@ def plot(bw: list[dict], profile: list[dict], path: Path, title: str) -> Path | 
     ax2.set_title("hvdllm / mpi4py", fontsize=9)
     ax2.grid(True, alpha=0.2)
     ax2.legend(fontsize=6.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +479,6 @@ def main(argv=None) -> int:
         then.out, then.no_plot = args.out, args.no_plot
         return report(then, old["argv"], old["runs"], old["train_runs"], old["commands"], old["failed"],
                       old["wall_s"], old["loadavg_start"], old["loadavg_end"])
-    from hvdllm.launch import check_available
     out = Path(args.out)
     profile_sizes = [s for s in args.sizes if s >= GOAL_MIN_BYTES]
     plan = []  # (label, np, backend, sections, kwargs)
@@ -526,9 +499,9 @@ def main(argv=None) -> int:
                              {"sizes": args.tune_sizes, "reps": args.profile_reps, "fusion": fusion or None,
                               "cycle": cycle or None, "env": env, "setting": label}))
     n_train = 0 if args.no_train else len(TRAIN_RUNS)
-    print(f"{TAG} np={args.np}, backends {', '.join(args.backends)}; sizes {human(args.sizes[0])}.."
-          f"{human(args.sizes[-1])} ({len(args.sizes)}); {len(plan)} worker launches + {n_train} training runs; "
-          f"{_cores()} cores, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    common.say(TAG, f"np={args.np}, backends {', '.join(args.backends)}; sizes {human(args.sizes[0])}.."
+                    f"{human(args.sizes[-1])} ({len(args.sizes)}); {len(plan)} worker launches + {n_train} "
+                    f"training runs; {cores()} cores, load average {os.getloadavg()[0]:.1f}")
     runs, commands, failed = [], [], []
     t_all = time.perf_counter()
     load_start = os.getloadavg()
@@ -538,22 +511,15 @@ def main(argv=None) -> int:
             setting = kw.pop("setting", None)
             cmd = worker_command(args, n, backend, sections, part, **kw)
             commands.append(shlex.join(cmd))
-            check_available(cmd)
-            print(f"\n{TAG} ({i}/{len(plan)}) {label}:\n  {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            rc, _ = common.launch(cmd, args.timeout, tag=TAG)
-            if rc != 0 or not os.path.exists(part):
-                print(f"{TAG} ({i}/{len(plan)}) {label} FAILED (exit {rc})", file=sys.stderr, flush=True)
+            run, rc, wall = common.run_worker(cmd, part, args.timeout, TAG, f"({i}/{len(plan)}) {label}")
+            if run is None:
                 failed.append({"label": label, "exit": rc, "command": shlex.join(cmd)})
                 continue
-            run = common.read_json(part)
-            run.update({"label": label, "command": shlex.join(cmd), "launch_wall_s": time.perf_counter() - t0,
-                        "setting": setting})
+            run.update({"label": label, "command": shlex.join(cmd), "launch_wall_s": wall, "setting": setting})
             runs.append(run)
             fc = run.get("foreign_cpu_cores")
-            print(f"{TAG} ({i}/{len(plan)}) done in {run['launch_wall_s']:.0f} s"
-                  + (f"; other processes kept {fc:.1f} of {_cores()} cores busy meanwhile" if fc is not None else ""),
-                  file=sys.stderr, flush=True)
+            common.say(TAG, f"({i}/{len(plan)}) done in {wall:.0f} s"
+                            + (f"; other processes kept {fc:.1f} of {cores()} cores busy meanwhile" if fc is not None else ""))
 
         train = []
         if not args.no_train:
@@ -565,18 +531,18 @@ def main(argv=None) -> int:
                     shutil.rmtree(odir)
                 cmd = train_command(args, name, odir)
                 commands.append(shlex.join(cmd))
-                print(f"\n{TAG} training ({j}/{len(TRAIN_RUNS)}) {name}: {TRAIN_RUNS[name][0]}:\n  "
-                      f"{shlex.join(cmd)}", file=sys.stderr, flush=True)
+                common.say(f"\n{TAG}", f"training ({j}/{len(TRAIN_RUNS)}) {name}: {TRAIN_RUNS[name][0]}:\n  "
+                                        f"{shlex.join(cmd)}")
                 t0 = time.perf_counter()
-                rc, tail = common.launch(cmd, args.timeout, quiet=True, tag=TAG)
+                rc, tail = common.launch(cmd, args.timeout, TAG, quiet=True)
                 from hvdllm import metrics
                 recs = metrics.read(odir / "metrics.jsonl") if (odir / "metrics.jsonl").exists() else []
                 wall = time.perf_counter() - t0
                 if rc != 0:
-                    print(f"{TAG} training {name} FAILED (exit {rc}):\n{tail}", file=sys.stderr, flush=True)
+                    common.say(TAG, f"training {name} FAILED (exit {rc}):\n{tail}")
                     failed.append({"label": f"train {name}", "exit": rc, "command": shlex.join(cmd)})
                 else:
-                    print(f"{TAG} training {name} done in {wall:.0f} s", file=sys.stderr, flush=True)
+                    common.say(TAG, f"training {name} done in {wall:.0f} s")
                 train.append({"name": name, "exit": rc, "out_dir": str(odir), "records": recs, "wall_s": wall,
                               "tokens": args.train_steps * args.np * 4 * 32, "command": shlex.join(cmd)})
 
@@ -588,7 +554,6 @@ def report(args, argv, runs, train, commands, failed, wall_s, load_start, load_e
     """Tables, goals, JSON and plot from the worker results and training runs."""
     from hvdllm import config as config_mod
     from hvdllm.params import count
-    from hvdllm.bench.aggregation_worker import ZERO_MODELS, zero_config
     out = Path(args.out)
     # ---- tables
     main_runs = [r for r in runs if "bandwidth" in r.get("sections", [])]
@@ -604,7 +569,7 @@ def report(args, argv, runs, train, commands, failed, wall_s, load_start, load_e
     _section("2. compression: Collectives.allreduce(op=sum, compression=...) time and speed-up over none "
              "(err: max |x - exact| / max |exact|)")
     if cmp_:
-        tables["compression"] = common.print_table(cmp_, CMP_TABLE)
+        tables["compression"] = common.print_table(cmp_, CMP_TABLE, CMP_LIMITS)
     _section("3. ZeRO-1 vs plain DP: optimizer state per rank and step time (interleaved, slowest rank, median)")
     if zr:
         tables["zero"] = common.print_table(zr, ZERO_TABLE)
@@ -636,7 +601,7 @@ def report(args, argv, runs, train, commands, failed, wall_s, load_start, load_e
         _section("goals")
         tables["goals"] = common.print_table(goals, GOAL_TABLE)
     print(f"\n{TAG} load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end "
-          f"({_cores()} cores); wall {wall_s:.0f} s", file=sys.stderr)
+          f"({cores()} cores); wall {wall_s:.0f} s", file=sys.stderr)
 
     result = {
         "benchmark": "aggregation", "argv": argv, "np": args.np,
@@ -654,16 +619,16 @@ def report(args, argv, runs, train, commands, failed, wall_s, load_start, load_e
         "goals_target": GOALS, "commands": commands, "runs": runs, "failed": failed,
         "bandwidth": bw, "compression": cmp_, "zero": zr, "communication": comm, "training": tr,
         "train_runs": train, "profile": prof, "goals": goals, "tables": tables,
-        "loadavg_start": load_start, "loadavg_end": load_end, "cores": _cores(),
+        "loadavg_start": load_start, "loadavg_end": load_end, "cores": cores(),
         "wall_s": wall_s,
     }
     path = common.write_json(out, result)
-    print(f"\n{TAG} wrote {path}", file=sys.stderr)
+    common.say(f"\n{TAG}", f"wrote {path}")
     if bw and not args.no_plot:
         png = plot(bw, prof, out.with_suffix(".png"),
-                   f"allreduce busbw, np={args.np}, float32 sum, {_cores()}-core host (shared memory)")
+                   f"allreduce busbw, np={args.np}, float32 sum, {cores()}-core host (shared memory)")
         if png:
-            print(f"{TAG} wrote {png}", file=sys.stderr)
+            common.say(TAG, f"wrote {png}")
     return 1 if failed else 0
 
 

@@ -36,7 +36,6 @@ Rank 0 writes one JSON (--out) with every per-call time.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -46,7 +45,6 @@ import time
 
 import numpy as np
 
-from hvdllm import backends
 from hvdllm.bench import common
 from hvdllm.bench.common import MB, med
 
@@ -57,9 +55,7 @@ GROUP_PIECES = 16  # profile: the same bytes as one grouped allreduce of this ma
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hvdllm.bench.aggregation_worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", required=True, choices=list(backends.MODULES))
+    p = common.worker_parser("hvdllm.bench.aggregation_worker", __doc__)
     p.add_argument("--sections", default="bandwidth,compression,zero",
                    help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--sizes", default="1024,1048576", help="bandwidth: message sizes in bytes, comma list")
@@ -75,9 +71,6 @@ def parse(argv=None):
                    help="aggregation.fusion_threshold_mb for this job (0: Horovod's default)")
     p.add_argument("--cycle-time-ms", type=float, default=0.0,
                    help="aggregation.cycle_time_ms for this job (0: Horovod's default)")
-    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", default="", help="JSON written by rank 0")
     a = p.parse_args(argv)
     a.sections = [s for s in a.sections.split(",") if s]
     bad = [s for s in a.sections if s not in SECTIONS]
@@ -137,6 +130,25 @@ class Group(common.Ranks):
         super().__init__(comm)
         self.MPI = MPI
 
+    def timed(self, fns, reps: int, warmup: int) -> dict | None:
+        """One call of each variant per round, a barrier before each: the slowest rank's times."""
+        return self.slowest(common.interleaved(fns, reps, warmup, 1, before=self.barrier))
+
+
+def _said(tag: str, section: str, size: int, slow: dict, digits: int, extra: str = "") -> dict:
+    common.say(tag, f"{section} {human(size):>6}: " + ", ".join(
+        f"{k} {med(v) * 1e3:.{digits}f} ms" for k, v in slow.items()) + extra)
+    return slow
+
+
+def _buffers(args, fw: Framework, g: Group, size: int):
+    """`size` bytes of random float32 (different per rank), a receive buffer and the framework
+    tensor of the first."""
+    a = np.random.default_rng([args.seed, g.rank, size]).random(size // 4, dtype=np.float32) - np.float32(0.5)
+    r = np.empty_like(a)
+    r.fill(0)  # fault the receive buffer in once: mpi4py's is reused, as a training loop would
+    return a, r, fw.tensor(a)
+
 
 # ---------------------------------------------------------------------------------------------
 # bandwidth
@@ -146,12 +158,7 @@ def bandwidth(args, fw: Framework, g: Group, tag: str) -> list[dict]:
     right, left = (g.rank + 1) % g.size, (g.rank - 1) % g.size
     rows = []
     for size in args.sizes:
-        n = size // 4
-        rng = np.random.default_rng([args.seed, g.rank, size])
-        a = rng.random(n, dtype=np.float32) - np.float32(0.5)
-        r = np.empty_like(a)
-        r.fill(0)  # fault the receive buffer in once: mpi4py's is reused, as a training loop would
-        t = fw.tensor(a)
+        n, (a, r, t) = size // 4, _buffers(args, fw, g, size)
         name = f"bw.{size}"
         fns = {
             "hvdllm": lambda: fw.coll.allreduce(t, op="sum", name=name),
@@ -166,18 +173,14 @@ def bandwidth(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         del ref_h
         reps = reps_for(size, args.reps)
         t0 = time.perf_counter()
-        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
-        slow = g.slowest(times)
+        slow = g.timed(fns, reps, args.warmup)
         diffs = g.gather(diff)
         del fns, t, a, r
         gc.collect()
         if g.rank == 0:
-            row = {"bytes": size, "size": human(size), "reps": reps, "max_abs_diff_vs_mpi4py": max(diffs),
-                   "times_s": slow, "wall_s": time.perf_counter() - t0}
-            rows.append(row)
-            m = {k: med(v) for k, v in slow.items()}
-            print(f"{tag} bandwidth {human(size):>6}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in m.items())
-                  + f" ({reps} reps)", file=sys.stderr, flush=True)
+            rows.append({"bytes": size, "size": human(size), "reps": reps, "max_abs_diff_vs_mpi4py": max(diffs),
+                         "times_s": _said(tag, "bandwidth", size, slow, 3, f" ({reps} reps)"),
+                         "wall_s": time.perf_counter() - t0})
     return rows
 
 
@@ -202,16 +205,12 @@ def compression(args, fw: Framework, g: Group, tag: str) -> list[dict]:
             errs[c] = float(np.max(np.abs(fw.numpy(fn()) - exact))) / scale
         del exact
         reps = reps_for(size, args.reps)
-        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
-        slow = g.slowest(times)
+        slow = g.timed(fns, reps, args.warmup)
         del fns, t, a
         gc.collect()
         if g.rank == 0:
-            rows.append({"bytes": size, "size": human(size), "reps": reps, "times_s": slow,
-                         "max_err_rel_to_max": errs})
-            m = {k: med(v) for k, v in slow.items()}
-            print(f"{tag} compression {human(size):>6}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in m.items()),
-                  file=sys.stderr, flush=True)
+            rows.append({"bytes": size, "size": human(size), "reps": reps,
+                         "times_s": _said(tag, "compression", size, slow, 2), "max_err_rel_to_max": errs})
     return rows
 
 
@@ -243,7 +242,7 @@ def zero(args, fw: Framework, g: Group, tag: str) -> dict | None:
         common.say(tag, f"zero: model {args.zero_model} {count(cfg.model):,} params, {args.zero_warmup} "
                         f"warm-up + {args.zero_steps} timed steps per variant, interleaved")
     times, foreign = g.measured(lambda: common.interleaved(fns, args.zero_steps, args.zero_warmup, 1,
-                                                           barrier=g.barrier))
+                                                           before=g.barrier))
     slow = g.slowest(times)
     state_bytes = g.gather({k: int(e.optimizer_state_bytes()) for k, e in engines.items()})
     w = {k: e.flat_params() for k, e in engines.items()}
@@ -292,12 +291,7 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
     tl_dir = comm.bcast(tl_dir, root=0)
     rows = []
     for size in sizes:
-        n = size // 4
-        rng = np.random.default_rng([args.seed, g.rank, size])
-        a = rng.random(n, dtype=np.float32) - np.float32(0.5)
-        r = np.empty_like(a)
-        r.fill(0)
-        t = fw.tensor(a)
+        n, (a, r, t) = size // 4, _buffers(args, fw, g, size)
         name = f"prof.{size}"
 
         def fresh_mpi():
@@ -317,8 +311,7 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         fns.update({"mpi4py": lambda: comm.Allreduce(a, r, op=MPI.SUM),
                     "mpi4py_fresh_out": fresh_mpi, "first_touch": touch})
         reps = reps_for(size, args.reps)
-        times = common.interleaved(fns, reps, args.warmup, 1, barrier=g.barrier)
-        slow = g.slowest(times)
+        slow = g.timed(fns, reps, args.warmup)
         # Horovod's own timeline of a few more calls, single and grouped (rank 0 writes it)
         tl = os.path.join(tl_dir, f"tl_{size}.json")
         phases = {}
@@ -341,13 +334,10 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         del fns, t, a, r, pieces, buf
         gc.collect()
         if g.rank == 0:
-            rows.append({"bytes": size, "size": human(size), "reps": reps, "times_s": slow,
+            tl_said = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.get("hvdllm", {}).items())
+            rows.append({"bytes": size, "size": human(size), "reps": reps,
+                         "times_s": _said(tag, "profile", size, slow, 1, f"; timeline (hvdllm) {tl_said}"),
                          "timeline_median_s": phases})
-            m = {k: med(v) for k, v in slow.items()}
-            print(f"{tag} profile {human(size):>6}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items())
-                  + "; timeline (hvdllm) "
-                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.get("hvdllm", {}).items()),
-                  file=sys.stderr, flush=True)
     return rows
 
 

@@ -66,6 +66,22 @@ def add_env_option(p: argparse.ArgumentParser) -> None:
                    help="environment for the ranks, forwarded with mpirun -x (e.g. HOROVOD_CYCLE_TIME=1)")
 
 
+def add_timing_options(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps per variant first")
+    p.add_argument("--per-round", type=int, default=1,
+                   help="steps of one variant before switching to the next (default 1: every round "
+                        "runs each variant once, so a drifting machine load hits all alike)")
+
+
+def add_output_options(p: argparse.ArgumentParser, name: str, timeout: float = 1200, plot: bool = True) -> None:
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds one mpirun may take")
+    p.add_argument("--out", default=f"runs/bench/{name}.json",
+                   help="JSON output; the PNG goes next to it" if plot else "JSON output")
+    if plot:
+        p.add_argument("--no-plot", action="store_true")
+
+
 def backend_list(p: argparse.ArgumentParser, text: str, option: str = "--backends") -> list[str]:
     names = [b.strip() for b in text.split(",") if b.strip()]
     bad = [b for b in names if b not in backends.MODULES]
@@ -82,16 +98,13 @@ def worker_command(module: str, np_: int, argv: Iterable, env: Sequence[str] = (
 
 
 def launch_env() -> dict:
-    """The environment a bench's mpirun runs in (repo on PYTHONPATH, root allowed in containers)."""
+    """The environment a bench's mpirun runs in: the repository importable by the ranks, their
+    output unbuffered (progress lines arrive as they happen), TensorFlow's start-up chatter off."""
     e = dict(os.environ)
     pp = e.get("PYTHONPATH", "")
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    e.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     e.setdefault("PYTHONUNBUFFERED", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers / CI run as root
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return e
 
 
@@ -140,6 +153,13 @@ def run_worker(cmd: list[str], part: str | os.PathLike, timeout: float, tag: str
         say(tag, f"{label} FAILED (exit {rc})")
         return None, rc or 1, clock() - t0
     return read_json(part), 0, clock() - t0
+
+
+def save_figure(plt, fig, path: Path, **layout) -> Path:
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def warn_if_busy(tag: str, foreign: float | None) -> None:
@@ -246,6 +266,21 @@ def read_json(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # workers: start-up, models, batches
 
+def worker_parser(module: str, doc: str, choices: Sequence[str] = tuple(backends.MODULES),
+                  default: str | None = None, steps: int = 0, warmup: int = 0) -> argparse.ArgumentParser:
+    """A worker's parser with the options every driver passes: backend, threads, seed, out (and
+    with `steps`, the timing options)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if steps:
+        add_timing_options(p, steps, warmup)
+    p.add_argument("--backend", default=default, required=default is None, choices=list(choices))
+    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", default="", help="JSON written by rank 0")
+    return p
+
+
 def worker_main(args, body: Callable, *, what: str, min_ranks: int = 1, agg_cfg=None,
                 groups: Callable[[], list] | None = None) -> int:
     """A worker process: the backend `args.backend` (threads set first: TF fixes its pools at its
@@ -310,7 +345,7 @@ def cycle(batches) -> Callable[[], tuple]:
 
 def run_info() -> dict:
     """Where a worker ran: host, cores, and the environment that changes Horovod's and MPI's speed."""
-    return {"host": platform.node(), "cores": os.cpu_count(),
+    return {"host": platform.node(), "cores": cores(),
             "env": {k: os.environ[k] for k in sorted(os.environ)
                     if k.startswith(("HOROVOD_", "OMPI_MCA_")) or k in ("OMP_NUM_THREADS",)}}
 
@@ -330,7 +365,8 @@ class Ranks:
 
     def idle(self, what: str = "a rank's solo measurement"):
         """A barrier that sleeps while it waits (5 ms doubling to 50 ms between polls), with a
-        deadline: for ranks that have nothing to do while another rank is being timed."""
+        deadline: for ranks that have nothing to do while another rank is being timed. A blocking
+        barrier follows, which every rank reaches within one poll, so they leave it together."""
         req, nap = self.comm.Ibarrier(), 0.005
         deadline = time.monotonic() + self.timeout_s
         while not req.Test():
@@ -338,6 +374,7 @@ class Ranks:
                 raise PeerTimeout(f"{what} did not end within {self.timeout_s:.0f} s: a rank is lost or stuck")
             time.sleep(nap)
             nap = min(2 * nap, 0.05)
+        self.comm.Barrier()
 
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
@@ -371,7 +408,7 @@ def rounds_for(steps: int, per_round: int) -> list[int]:
 
 
 def interleaved(fns: Mapping[str, Callable[[], object] | None], steps: int, warmup: int = 1,
-                per_round: int = 5, *, barrier: Callable[[], None] | None = None,
+                per_round: int = 5, *, before: Callable[[], None] | None = None,
                 solo: Sequence[str] = (), idle: Callable[[], None] | None = None,
                 after_warmup: Callable[[], None] | None = None,
                 progress: str | None = None) -> dict[str, list[float]]:
@@ -380,15 +417,15 @@ def interleaved(fns: Mapping[str, Callable[[], object] | None], steps: int, warm
 
     Every variant sees the same number of rounds and switches, so slow phases of the machine and
     the cost of switching models in and out of cache fall on all of them equally.
-    `barrier()` runs untimed before each variant's turn (ranks start it together). A variant
+    `before()` runs untimed before each variant's turn (a barrier: ranks start it together). A variant
     named in `solo` runs only where its fn is not None (rank 0): after its warm-up and each of its
     turns every rank calls `idle()`, a barrier the waiting ranks sleep in. `after_warmup()` runs
     once, untimed, before the first round (e.g. to compare the variants' states); `progress`, a
     tag, prints a line after each round. Returns {name: [seconds per step, in order]}.
     """
     def turn(name, fn, k, times=None):
-        if barrier is not None:
-            barrier()
+        if before is not None:
+            before()
         for _ in range(k if fn is not None else 0):
             t0 = clock()
             fn()

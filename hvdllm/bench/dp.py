@@ -16,7 +16,7 @@ against a baseline measured in the same process group:
 
 Scaling efficiency is reported twice: against the np=1 launch (as defined), and against 'solo',
 rank 0 stepping alone inside the np=NP group, interleaved with the others. The second is immune
-to drift between launches (on shared or virtual machines the two launches can differ by 10%).
+to drift between launches (on shared or virtual machines two launches can differ markedly).
 The goal table also gives the median of per-step paired ratios (steps of two variants that ran
 side by side in one round) with quartiles: the noise band to read every ratio against.
 
@@ -49,10 +49,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="hvdllm bench dp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--np", type=int, default=2, help="ranks of the comparison run (default 2)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant per run")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=1,
-                   help="steps of one variant before switching to the next (interleaving)")
+    common.add_timing_options(p, steps=30, warmup=3)
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
                    help=f"GPT size (default {DEFAULT_MODEL}); "
                         + "; ".join(f"{k}: {v[0]}x{v[1]}, {v[2]} heads, T={v[3]}, batch {v[5]}/rank"
@@ -67,9 +64,7 @@ def parse(argv):
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each launch wait up to this long for other processes to leave "
                         "the cores idle (shared machines); 0 = start at once")
-    p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
-    p.add_argument("--out", default="runs/bench/dp.json", help="JSON output; the PNG goes next to it")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "dp")
     a = p.parse_args(argv)
     a.backends = common.backend_list(p, a.backends)
     if a.np < 1 or a.steps < 1 or a.warmup < 0 or a.repeats < 1:
@@ -218,10 +213,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.set_title(title, fontsize=9)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(plt, fig, path)
 
 
 def main(argv=None) -> int:
@@ -266,7 +258,8 @@ def main(argv=None) -> int:
         common.print_table(rows, TABLE, EFFICIENCY_LIMITS)
     if goals:
         print()
-        common.print_table(goals, GOAL_TABLE, {"value": lambda g: 1.0 if "scaling eff" in g["goal"] else None})
+        eff = lambda g: 1.0 if "scaling eff" in g["goal"] else None  # noqa: E731
+        common.print_table(goals, GOAL_TABLE, {"value": eff, "paired": eff})
     result = {
         "benchmark": "dp", "argv": ["hvdllm", "bench", "dp", *list(argv or [])],
         "model": args.model, "model_config": {"n_layer": L, "n_embd": C, "n_head": H, "block_size": T,

@@ -28,7 +28,6 @@ Rank 0 writes the JSON (--out).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -44,23 +43,14 @@ LR = 1e-3
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hvdllm.bench.dp_worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", required=True, choices=list(VARIANTS))
+    p = common.worker_parser("hvdllm.bench.dp_worker", __doc__, VARIANTS, steps=30, warmup=3)
     p.add_argument("--model", default="medium", choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=1,
-                   help="consecutive steps of one variant before switching to the next")
     p.add_argument("--variants", default="", help="comma list (default: all for the backend)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip in every variant; 0 = none")
     p.add_argument("--no-solo", action="store_true",
                    help="skip 'solo' (rank 0 steps alone, without messages, interleaved with the "
                         "others: the np=1 time measured in this process group, for scaling)")
-    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
-    p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--ddp-port", type=int, default=0, help="torch.distributed port (0: rank 0 picks)")
-    p.add_argument("--out", default="", help="JSON written by rank 0")
     return p.parse_args(argv)
 
 
@@ -299,7 +289,7 @@ def run(args, rt, backend) -> dict | None:
     def compare_early():
         early.update(weight_agreement({v: weights[v]() for v in fns if v in weights}))
     times, foreign = ranks.measured(lambda: common.interleaved(
-        fns, args.steps, args.warmup, args.per_round, barrier=ranks.barrier, solo=["solo"],
+        fns, args.steps, args.warmup, args.per_round, before=ranks.barrier, solo=["solo"],
         idle=ranks.idle, after_warmup=compare_early, progress=tag + ":" if rt.rank == 0 else None))
     all_times = ranks.gather(times)  # one dict per rank
     agreement = weight_agreement({v: weights[v]() for v in fns if v in weights})

@@ -48,7 +48,6 @@ A benchmark, not a test: nothing fails on a slow result.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -57,16 +56,16 @@ import time
 from pathlib import Path
 
 from hvdllm.bench import common
+from hvdllm.bench.common import MB
+from hvdllm.runtime import cores
 from hvdllm.strategies import schedules as sched
 
-ROOT = Path(__file__).resolve().parents[2]
 GOAL = 0.9  # fraction of the ideal efficiency, at m >= GOAL_M_PER_P * p
 GOAL_M_PER_P = 4
 TAG = "[bench pipeline]"
 COMPUTE = ("forward", "backward")
 WAITS = ("recv_act", "recv_grad")
 SENDS = ("send_act", "send_grad")
-MB = 1 << 20
 
 
 def parse(argv):
@@ -77,11 +76,7 @@ def parse(argv):
                                                       "the machine's cores oversubscribes it)")
     p.add_argument("--m", default="1,2,4,8,16", help="comma list of micro-batch counts")
     p.add_argument("--schedules", default="gpipe,1f1b", help="comma list: gpipe,1f1b")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per (schedule, m)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per (schedule, m) first")
-    p.add_argument("--per-round", type=int, default=1,
-                   help="steps of one variant before switching to the next (default 1: every round "
-                        "runs each (m, schedule) once, so a drifting machine load hits all alike)")
+    common.add_timing_options(p, steps=20, warmup=2)  # a variant: one (schedule, m)
     p.add_argument("--backend", default="torch", help="only torch has a pipeline engine")
     p.add_argument("--model", default="small", choices=list(MODELS),
                    help="; ".join(f"{k}: {v[0]} blocks (rounded up to a multiple of pp) x {v[1]}, "
@@ -90,9 +85,7 @@ def parse(argv):
     p.add_argument("--microbatch", type=int, default=0, help="sequences per micro-batch (0: the model's)")
     p.add_argument("--trace-m", type=int, default=0,
                    help=f"m of the timeline/trace (0: {GOAL_M_PER_P}*pp if measured, else the largest)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds the mpirun may take")
-    p.add_argument("--out", default="runs/bench/pipeline.json", help="JSON output; the rest goes next to it")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "pipeline", timeout=1800)
     p.add_argument("--from-raw", metavar="RAW_JSON",
                    help="analyse a worker output kept by an earlier run (<out stem>_raw.json) "
                         "instead of launching")
@@ -114,29 +107,13 @@ def parse(argv):
     return a
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def worker_command(args, raw: str) -> list[str]:
     """The exact mpirun argv of the worker launch."""
-    cmd = ["mpirun", "-np", str(args.pp), "--oversubscribe", "--bind-to", "none",
-           "-x", "OMPI_MCA_mpi_yield_when_idle=1", "-x", "PYTHONPATH",
-           sys.executable, "-m", "hvdllm.bench.pipeline_worker", "--backend", args.backend,
-           "--model", args.model, "--m", ",".join(map(str, args.m)), "--schedules", ",".join(args.schedules),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--per-round", str(args.per_round),
-           "--threads", "1", "--out", raw]
-    if args.microbatch:
-        cmd += ["--microbatch", str(args.microbatch)]
-    return cmd
-
-
-def launch(cmd: list[str], timeout: float) -> int:
-    """Run mpirun in its own process group; kill the group past `timeout` (never hang)."""
-    return common.launch(cmd, timeout, tag=TAG)[0]
+    return common.worker_command("hvdllm.bench.pipeline_worker", args.pp, [
+        "--backend", args.backend, "--model", args.model, "--m", ",".join(map(str, args.m)),
+        "--schedules", ",".join(args.schedules), "--steps", args.steps, "--warmup", args.warmup,
+        "--per-round", args.per_round, "--threads", 1, "--out", raw,
+        *(["--microbatch", args.microbatch] if args.microbatch else [])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +261,8 @@ def table_rows(variants: list[dict]) -> list[dict]:
     return rows
 
 
+# busy time over p x wall cannot exceed 1: a value above it is flagged in the table
+EFF_LIMITS = {"eff_step": 1.0, "eff_pipe": 1.0}
 TABLE = [("schedule", "schedule"), ("m", "m"), ("step_s", "step s"), ("eff_step", "eff (step)"),
          ("eff_pipe", "eff (pipe)"), ("ideal", "ideal"), ("frac_step", "frac of ideal (step)"),
          ("frac_pipe", "frac (pipe)"), ("inflight", "peak in-flight mb/stage (sim)"),
@@ -371,19 +350,8 @@ _COLORS = {"forward": "tab:blue", "backward": "tab:green", "recv_act": "0.8", "r
            "send_act": "black", "send_grad": "black", "reduce_grads": "gold", "step": "tab:red"}
 
 
-def _plt():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print(f"{TAG} matplotlib not installed: no plots", file=sys.stderr)
-        return None
-
-
 def plot_efficiency(variants: list[dict], p: int, path: Path, title: str) -> Path | None:
-    plt = _plt()
+    plt = common.pyplot(TAG)
     if plt is None:
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -421,15 +389,12 @@ def plot_efficiency(variants: list[dict], p: int, path: Path, title: str) -> Pat
     bx.set_title("peak activation memory (max over stages)", fontsize=9)
     bx.legend(fontsize=7, loc="upper left")
     fig.suptitle(textwrap.fill(title, 160), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(plt, fig, path)
 
 
 def plot_timeline(panels: list[tuple[str, list[dict], object]], path: Path, title: str) -> Path | None:
     """panels: (label, measured ranks of one step, SimResult) per schedule."""
-    plt = _plt()
+    plt = common.pyplot(TAG)
     if plt is None:
         return None
     from matplotlib.patches import Patch
@@ -475,11 +440,8 @@ def plot_timeline(panels: list[tuple[str, list[dict], object]], path: Path, titl
                 ("send_act", "post isend"), ("reduce_grads", "reduce_grads: wait for sends"),
                 ("step", "step: tied wte + norm allreduce + AdamW"))]
     fig.suptitle(textwrap.fill(title, 170), fontsize=8, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.legend(handles=handles, loc="upper center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(plt, fig, path, rect=(0, 0, 1, 0.93))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,11 +451,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     stem = out.with_suffix("")
-    cores = _cores()
-    if args.pp > cores:
-        print(f"{TAG} note: {args.pp} ranks on {cores} cores oversubscribes the machine; step times "
-              f"then measure time-sharing, not the schedule (p={cores} is the realistic maximum here)",
-              file=sys.stderr, flush=True)
+    n_cores = cores()
+    if args.pp > n_cores:
+        common.say(TAG, f"note: {args.pp} ranks on {n_cores} cores oversubscribes the machine; step times "
+                        f"then measure time-sharing, not the schedule (p={n_cores} is the realistic maximum here)")
     t_all = time.perf_counter()
     raw_path = Path(f"{stem}_raw.json")
     if args.from_raw:
@@ -504,20 +465,13 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.per_round = raw["steps"], raw["warmup"], raw["per_round"]
     else:
         cmd = worker_command(args, str(raw_path))
-        from hvdllm.launch import check_available
-        check_available(cmd)
-        print(f"{TAG} p={args.pp}, m={args.m}, schedules {', '.join(args.schedules)}:\n  {shlex.join(cmd)}",
-              file=sys.stderr, flush=True)
         raw_path.parent.mkdir(parents=True, exist_ok=True)
-        if raw_path.exists():
-            raw_path.unlink()
-        rc = launch(cmd, args.timeout)
-        if rc != 0 or not raw_path.exists():
-            print(f"{TAG} the worker FAILED (exit {rc})", file=sys.stderr, flush=True)
+        raw, rc, _ = common.run_worker(cmd, raw_path, args.timeout, TAG,
+                                       f"p={args.pp}, m={args.m}, schedules {', '.join(args.schedules)}")
+        if raw is None:
             common.write_json(out, {"benchmark": "pipeline", "argv": ["hvdllm", "bench", "pipeline", *argv],
                                     "command": shlex.join(cmd), "failed": {"exit": rc}})
             return 1
-        raw = common.read_json(raw_path)
         raw["command"] = cmd
         common.write_json(raw_path, raw)
     p = raw["p"]
@@ -538,7 +492,7 @@ def main(argv=None) -> int:
              f"median of {args.steps} steps")
     rows = table_rows(variants)
     print(f"\n{title}")
-    common.print_table(rows, TABLE)
+    common.print_table(rows, TABLE, EFF_LIMITS)
     print("\nwhere each rank's step time goes (seconds, medians over the timed steps; F/B: per micro-batch):")
     common.print_table(breakdown_rows(variants), BREAKDOWN)
     gl = goals(variants, p)
@@ -546,9 +500,7 @@ def main(argv=None) -> int:
     common.print_table(gl, [("schedule", "schedule"), ("measure", "measure"), ("at", "at"),
                             ("worst", "worst"), ("worst_m", "worst at m"), ("target", "target"), ("met", "met")])
     other = raw.get("foreign_cpu_cores")
-    if other is not None and other > 0.2:
-        print(f"{TAG} warning: other processes kept {other:.1f} of {raw.get('cores')} cores busy during "
-              f"the timed steps: times are inflated and noisier", file=sys.stderr, flush=True)
+    common.warn_if_busy(TAG, other)
 
     trace_m = args.trace_m or (GOAL_M_PER_P * p if GOAL_M_PER_P * p in args.m else max(args.m))
     files, panels = {}, []
@@ -576,7 +528,7 @@ def main(argv=None) -> int:
         "benchmark": "pipeline", "argv": ["hvdllm", "bench", "pipeline", *argv], "command": shlex.join(cmd),
         "raw": str(args.from_raw or raw_path),
         "backend": raw["backend"], "p": p, "m": args.m, "schedules": args.schedules,
-        "oversubscribed": p > cores, "cores": cores, "model": raw["model"], "model_config": mc,
+        "oversubscribed": p > n_cores, "cores": n_cores, "model": raw["model"], "model_config": mc,
         "params": n_params, "partition": raw["partition"], "ranges": raw["ranges"],
         "stage_layers": raw["stage_layers"], "stage_params": raw["stage_params"],
         "microbatch": raw["microbatch"], "tokens_per_microbatch": raw["tokens_per_microbatch"],
@@ -596,9 +548,8 @@ def main(argv=None) -> int:
         "env": raw["env"], "wall_s": time.perf_counter() - t_all,
     }
     path = common.write_json(out, result)
-    print(f"\n{TAG} wrote {path}", file=sys.stderr)
-    for f in files.values():
-        print(f"{TAG} wrote {f}", file=sys.stderr)
+    for f in [path, *files.values()]:
+        common.say(TAG, f"wrote {f}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """One rank of `hvdllm bench pipeline`: times pipeline-parallel training steps of the real
-executor (hvdllm/strategies/pipeline.py driving torch_backend/pipeline.py's PipelineEngine) for
+executor (hvdllm/strategies/pipeline.py driving the PipelineEngine parallelize.build_engine builds) for
 every (schedule, m), records the per-instruction timeline of every timed step, and measures the
 activation memory each stage holds. Rank 0 writes the raw results; hvdllm/bench/pipeline.py
 (which launches this as `mpirun -np p python -m hvdllm.bench.pipeline_worker ...`) turns them
@@ -28,11 +28,8 @@ rank 0 is estimated by ping-pong (minimum round trip of 20) and subtracted.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import os
-import platform
 import sys
 import time
 
@@ -43,28 +40,20 @@ from hvdllm.bench import common
 # name: (n_layer, n_embd, n_head, block_size, vocab_size, sequences per micro-batch)
 MODELS = {
     "tiny": (2, 32, 2, 32, 256, 2),      # smoke tests only: overheads dominate
-    "small": (4, 256, 4, 128, 256, 4),   # the default: ~0.1 s forward+backward per stage per micro-batch
+    "small": (4, 256, 4, 128, 256, 4),   # the default: compute per micro-batch well above the message cost
     "medium": (8, 384, 6, 128, 256, 4),
 }
 LR = 1e-4
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hvdllm.bench.pipeline_worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="torch", choices=["torch"])
+    p = common.worker_parser("hvdllm.bench.pipeline_worker", __doc__, ["torch"], "torch", steps=10, warmup=2)
     p.add_argument("--model", default="small", choices=list(MODELS))
     p.add_argument("--n-layer", type=int, default=0,
                    help="transformer blocks (0: the model's, rounded up to a multiple of p)")
     p.add_argument("--microbatch", type=int, default=0, help="sequences per micro-batch (0: the model's)")
     p.add_argument("--m", default="1,2,4,8,16", help="comma list of micro-batch counts")
     p.add_argument("--schedules", default="gpipe,1f1b")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", default="", help="raw JSON written by rank 0")
     a = p.parse_args(argv)
     a.m = [int(v) for v in a.m.split(",") if v.strip()]
     a.schedules = [s.strip() for s in a.schedules.split(",") if s.strip()]
@@ -73,14 +62,10 @@ def parse(argv=None):
 
 def model_config(args, p: int):
     """The hvdllm Config of the benchmark's GPT for p stages (micro-batches set per variant)."""
-    from hvdllm import config as config_mod
-    n_layer, n_embd, n_head, block, vocab, mb = MODELS[args.model]
-    n_layer = args.n_layer or -(-n_layer // p) * p
-    cfg = config_mod.Config()
-    m = cfg.model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.dropout = n_layer, n_embd, n_head, block, vocab, 0.0
+    n_layer, *rest, mb = MODELS[args.model]
+    cfg = common.gpt_config((args.n_layer or -(-n_layer // p) * p, *rest, args.microbatch or mb),
+                            args.seed, args.threads)
     cfg.parallel.pp, cfg.parallel.partition = p, "params"
-    cfg.train.seed, cfg.train.threads, cfg.train.batch_size = args.seed, args.threads, args.microbatch or mb
     cfg.train.step_timeout = 600.0
     return cfg
 
@@ -90,17 +75,6 @@ def variant_config(base, schedule: str, m: int, microbatch: int):
     cfg.parallel.schedule, cfg.parallel.microbatches = schedule, m
     cfg.train.batch_size = m * microbatch
     return cfg
-
-
-def make_batches(cfg, seed: int, n: int = 2):
-    """n random (x, y) token batches; the same on every rank (stage 0 reads x, the last reads y)."""
-    rng = np.random.default_rng(seed)
-    B, T, V = cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size
-    out = []
-    for _ in range(n):
-        toks = rng.integers(0, V, size=(B, T + 1), dtype=np.int64)
-        out.append((np.ascontiguousarray(toks[:, :-1]), np.ascontiguousarray(toks[:, 1:])))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,16 +204,14 @@ def clock_offsets(comm) -> tuple[list[float], bool]:
 
 # ---------------------------------------------------------------------------------------------
 
-def run(args, rt) -> dict | None:
+def run(args, rt, backend) -> dict | None:
     import torch
 
-    import torch_backend
     from hvdllm import config as config_mod
     from hvdllm.layout import Layout
-    from torch_backend.pipeline import PipelineEngine
+    from hvdllm.parallelize import build_engine
 
     comm, p = rt.comm, rt.size
-    torch_backend.configure(args.threads, args.seed)
     base = model_config(args, p)
     microbatch = base.train.batch_size
     variants = [(s, m) for m in args.m for s in args.schedules]  # neighbours in time: same m
@@ -248,8 +220,9 @@ def run(args, rt) -> dict | None:
     for s, m in variants:
         cfg = config_mod.validate(variant_config(base, s, m, microbatch), p)
         layout = Layout.from_config(cfg, p, rt.rank)
-        eng = PipelineEngine(cfg, layout, rt)
-        engines[(s, m)], batches[(s, m)] = eng, make_batches(cfg, args.seed)
+        eng = build_engine(cfg, layout, rt, backend)
+        # the same batches on every rank: stage 0 reads x, the last stage y
+        engines[(s, m)], batches[(s, m)] = eng, common.random_batches(cfg, np.random.default_rng(args.seed), 2)
         meta = {"ranges": [list(r) for r in eng.ranges], "stage_layers": comm.gather(eng.chunks, root=0),
                 "stage_params": comm.gather(eng.num_params(), root=0)}
     setup_s = time.perf_counter() - t_setup
@@ -257,6 +230,7 @@ def run(args, rt) -> dict | None:
     off = offsets[rt.rank]
     records: dict = {v: [] for v in variants}
     counters = {v: 0 for v in variants}
+    timing = {"keep": False, "t0": 0.0}
 
     def step(v, keep: bool):
         eng, bs = engines[v], batches[v]
@@ -272,28 +246,20 @@ def run(args, rt) -> dict | None:
             records[v].append({"t0": t0 - off, "t1": t1 - off,
                                "trace": [(a - off, b - off, op, mb, c) for a, b, op, mb, c in tr]})
 
-    tag = f"[bench pipeline] p={p}"
+    def timed():
+        timing.update(keep=True, t0=time.perf_counter())
+    tag = f"[bench pipeline] p={p}:"
     if rt.rank == 0:
-        print(f"{tag}: {len(variants)} variants ({', '.join(f'{s} m={m}' for s, m in variants)}); "
-              f"{args.warmup} warm-up + {args.steps} timed steps each, interleaved {args.per_round} "
-              f"at a time", file=sys.stderr, flush=True)
-    for v in variants:
-        for _ in range(args.warmup):
-            step(v, False)
-    comm.Barrier()
-    cpu0, t_run = common.cpu_snapshot(), time.perf_counter()
-    plan = common.rounds_for(args.steps, args.per_round)
-    for r, k in enumerate(plan, 1):
-        gc.collect()
-        for v in variants:
-            for _ in range(k):
-                step(v, True)
-        if rt.rank == 0:
-            print(f"{tag}: round {r}/{len(plan)} done ({time.perf_counter() - t_run:.1f} s)",
-                  file=sys.stderr, flush=True)
-    comm.Barrier()
-    cpu1 = common.cpu_snapshot()
-    own_cpu = sum(comm.allgather(cpu1["self_s"] - cpu0["self_s"]))
+        common.say(tag, f"{len(variants)} variants ({', '.join(f'{s} m={m}' for s, m in variants)}); "
+                        f"{args.warmup} warm-up + {args.steps} timed steps each, interleaved "
+                        f"{args.per_round} at a time")
+    # each step starts at a barrier of its own (step()); a collection between turns keeps the
+    # garbage collector out of the timed steps
+    _, foreign = common.Ranks(comm).measured(lambda: common.interleaved(
+        {v: (lambda v=v: step(v, timing["keep"])) for v in variants}, args.steps, args.warmup,
+        args.per_round, before=gc.collect, after_warmup=timed, progress=tag if rt.rank == 0 else None))
+    timed_wall_s = time.perf_counter() - timing["t0"]
+    timing["keep"] = False
 
     memory = {}
     for v in variants:  # untimed: the hooks cost Python time per saved tensor
@@ -327,38 +293,26 @@ def run(args, rt) -> dict | None:
     mc = base.model
     return {
         "benchmark": "pipeline-raw", "backend": args.backend, "p": p, "launcher": rt.launcher,
-        "model": args.model, "model_config": {"n_layer": mc.n_layer, "n_embd": mc.n_embd, "n_head": mc.n_head,
-                                              "block_size": mc.block_size, "vocab_size": mc.vocab_size},
+        "model": args.model, "model_config": common.model_shape(mc),
         "microbatch": microbatch, "tokens_per_microbatch": microbatch * mc.block_size,
         "partition": base.parallel.partition, **meta, "threads_per_rank": args.threads,
         "torch_threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-        "per_round": args.per_round, "rounds": len(plan), "setup_s": setup_s,
-        "timed_wall_s": time.perf_counter() - t_run, "clock_offsets_s": offsets, "one_host": one_host,
-        "variants": out_variants, "host": platform.node(), "cores": os.cpu_count(),
-        "foreign_cpu_cores": common.foreign_cores(cpu0, cpu1, own_cpu),
-        "env": {k: os.environ[k] for k in sorted(os.environ)
-                if k.startswith(("HOROVOD_", "OMPI_MCA_")) or k in ("OMP_NUM_THREADS",)},
+        "per_round": args.per_round, "rounds": len(common.rounds_for(args.steps, args.per_round)),
+        "setup_s": setup_s, "timed_wall_s": timed_wall_s, "clock_offsets_s": offsets, "one_host": one_host,
+        "variants": out_variants, "foreign_cpu_cores": foreign,
+        **common.run_info(),
     }
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from hvdllm import runtime
     from hvdllm.cli import env_world_size, process_set_groups
-    import torch_backend
-    def start():
-        base = model_config(args, env_world_size())
-        groups = process_set_groups(variant_config(base, "1f1b", 1, base.train.batch_size))
-        return runtime.start(torch_backend, base.aggregation, groups)
 
-    def body(rt):
-        if rt.size < 2:
-            raise ValueError("the pipeline benchmark needs at least 2 ranks (mpirun -np p, p >= 2)")
-        return run(args, rt)
-    _, result = runtime.run_guarded(start, body)
-    if result is not None and args.out:
-        common.write_json(args.out, result)
-    return 0
+    def groups():
+        base = model_config(args, env_world_size())
+        return process_set_groups(variant_config(base, "1f1b", 1, base.train.batch_size))
+    return common.worker_main(args, lambda rt, backend: run(args, rt, backend), min_ranks=2, groups=groups,
+                              agg_cfg=model_config(args, 1).aggregation, what="the pipeline benchmark")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,7 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +47,9 @@ import numpy as np
 
 from hvdllm import metrics
 from hvdllm.bench import common
+from hvdllm.runtime import cores
 
-ROOT = Path(__file__).resolve().parents[2]
+TAG = "[bench ps]"
 GOALS = {"async/sync": 1.5, "loss_gap": 0.05, "evaluator_step_ratio": 1.05}
 MODELS = {  # n_layer, n_embd, n_head, block_size, batch per worker
     "tiny": (2, 32, 2, 32, 4),
@@ -76,8 +74,7 @@ def parse(argv):
     p.add_argument("--snapshot-every", type=int, default=5, help="evaluator: roles.snapshot_every")
     p.add_argument("--backend", default="torch", choices=["torch", "tensorflow"])
     p.add_argument("--skip", default="", help="comma list of parts to skip: throughput,loss,roles")
-    p.add_argument("--timeout", type=float, default=900, help="seconds one mpirun may take")
-    p.add_argument("--out", default="runs/bench/ps.json")
+    common.add_output_options(p, "ps", timeout=900, plot=False)
     a = p.parse_args(argv)
     if a.workers < 2 or a.servers < 1 or min(a.steps, a.phase_steps, a.roles_steps) < 4 or a.factor < 1:
         p.error("need --workers >= 2, --servers >= 1, steps >= 4 and --factor >= 1")
@@ -94,46 +91,31 @@ def model_sets(args) -> list[str]:
             "train.eval_batches=4", "train.sample_tokens=0", "optim.lr=2e-3", "optim.warmup_steps=5"]
 
 
-def mpirun(np_: int, prog: list[str]) -> list[str]:
-    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1",
-           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
-    if np_ > (os.cpu_count() or 1):
-        cmd.append("--oversubscribe")
-    return cmd + [sys.executable, "-m"] + prog
-
-
 def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
     """Run one job (its output to log_path); exit code, wall time and other jobs' CPU load."""
-    print("[bench ps] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    common.check_available(cmd)
+    common.say(TAG, " ".join(cmd))
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, t0 = common.cpu_snapshot(), time.monotonic()
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=common.launch_env(), stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            rc = p.wait()
+    rc, tail = common.launch(cmd, timeout, TAG, log=log_path)
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
     if rc != 0:
-        print(f"[bench ps] exit {rc}:\n" + log_path.read_text()[-2000:], file=sys.stderr, flush=True)
+        common.say(TAG, f"exit {rc}:\n{tail[-2000:]}")
     return {"command": cmd, "rc": rc, "wall_s": time.monotonic() - t0,
             "foreign_cpu_cores": common.foreign_cores(cpu0, common.cpu_snapshot(), own)}
 
 
-def worker_args(args, what: str, out: Path) -> list[str]:
-    return ["hvdllm.bench.ps_worker", what, "--model", args.model, "--backend", args.backend,
-            "--rounds", str(args.rounds), "--factor", str(args.factor), "--staleness", str(args.staleness),
-            "--servers", str(args.servers), "--snapshot-every", str(args.snapshot_every),
-            "--steps", str(args.phase_steps if what == "throughput" else args.roles_steps), "--out", str(out)]
+def worker_command(args, what: str, out: Path) -> list[str]:
+    return common.worker_command("hvdllm.bench.ps_worker", args.workers + args.servers if what == "throughput" else 2, [
+        what, "--model", args.model, "--backend", args.backend, "--rounds", args.rounds, "--factor", args.factor,
+        "--staleness", args.staleness, "--servers", args.servers, "--snapshot-every", args.snapshot_every,
+        "--steps", args.phase_steps if what == "throughput" else args.roles_steps, "--out", out])
 
 
 # -- the three parts --------------------------------------------------------------------------
 def run_throughput(args, tmp: Path) -> tuple[dict, list[dict]]:
-    job = launch(mpirun(args.workers + args.servers, worker_args(args, "throughput", tmp / "tp.json")),
-                 tmp / "throughput.log", args.timeout)
+    job = launch(worker_command(args, "throughput", tmp / "tp.json"), tmp / "throughput.log", args.timeout)
     if job["rc"] != 0:
         return job, []
     raw = json.loads((tmp / "tp.json").read_text())
@@ -174,8 +156,8 @@ def run_losses(args, tmp: Path) -> tuple[list[dict], list[dict]]:
             sets = model_sets(args) + [f"train.steps={args.steps}", f"ps.servers={args.servers}",
                                        f"ps.mode={mode.split()[0]}", f"train.out_dir={out}"] + slow + extra
             out.mkdir(parents=True)
-            job = launch(mpirun(args.workers + args.servers,
-                                ["hvdllm", "train"] + [a for kv in sets for a in ("--set", kv)]),
+            job = launch(common.worker_command("hvdllm", args.workers + args.servers,
+                                               ["train"] + [a for kv in sets for a in ("--set", kv)]),
                          out / "job.log", args.timeout)
             jobs.append(job)
             if job["rc"] == 0:
@@ -197,7 +179,7 @@ def run_losses(args, tmp: Path) -> tuple[list[dict], list[dict]]:
 
 
 def run_roles(args, tmp: Path) -> tuple[dict, list[dict]]:
-    job = launch(mpirun(2, worker_args(args, "roles", tmp / "roles.json")), tmp / "roles.log", args.timeout)
+    job = launch(worker_command(args, "roles", tmp / "roles.json"), tmp / "roles.log", args.timeout)
     if job["rc"] != 0:
         return job, []
     raw = json.loads((tmp / "roles.json").read_text())
@@ -235,7 +217,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "ps", "model": args.model, "model_shape": {"n_layer": L, "n_embd": C, "n_head": H,
            "block_size": T, "batch_per_worker": b}, "workers": args.workers, "servers": args.servers,
            "straggler_factor": args.factor, "staleness": args.staleness, "backend": args.backend,
-           "cores": os.cpu_count(), "loadavg_start": os.getloadavg(), "jobs": []}
+           "cores": cores(), "loadavg_start": os.getloadavg(), "jobs": []}
     tp = losses = role_rows = []
     try:
         if "throughput" not in args.skip:
@@ -256,8 +238,10 @@ def main(argv=None) -> int:
         print(f"\nthroughput: {args.workers} workers ({args.model}: batch {b} x {T} tokens), {args.servers} "
               f"server(s); {args.rounds} rounds of {args.phase_steps} x {args.workers} pushes per mode; {slow} "
               f"except in the first row")
+        # a speed-up over sync cannot exceed the worker count
         common.print_table(tp, [("mode", "mode"), ("tokens_per_s", "tokens/s"), ("speedup_vs_sync", "vs sync"),
-                                ("of_bound", "of bound"), ("steps_per_worker", "steps per worker")])
+                                ("of_bound", "of bound"), ("steps_per_worker", "steps per worker")],
+                           {"speedup_vs_sync": args.workers})
         print(f"bound for async/sync with {args.workers} workers, one {args.factor}x slower: "
               f"{async_bound(args.workers, args.factor):.3f}")
     if losses:
@@ -274,10 +258,15 @@ def main(argv=None) -> int:
                                        ("offer_ms_max", "max offer ms")])
     others = [j["foreign_cpu_cores"] for j in res["jobs"] if j.get("foreign_cpu_cores") is not None]
     if others:
-        print(f"\nother jobs kept {np.median(others):.2f} of {os.cpu_count()} cores busy (median over launches)")
+        print(f"\nother jobs kept {np.median(others):.2f} of {cores()} cores busy (median over launches)")
     if res["goals"]:
         print("\ngoals")
-        common.print_table(res["goals"], ["goal", "target", "value", "met"])
+        common.print_table(res["goals"], ["goal", "target", "value", "met"],
+                           {"value": lambda g: args.workers if g["goal"].startswith("async/sync") else None})
     path = common.write_json(args.out, res)
-    print(f"\n[bench ps] wrote {path}")
+    print(f"\n{TAG} wrote {path}")
     return 0 if not res["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
 
-from mpi import p2p
-
-from hvdllm import config, data, lr as lr_schedule, runtime
+from hvdllm import config, data, lr as lr_schedule
+from hvdllm.bench import common
 from hvdllm.bench.ps import MODELS, model_sets
-from hvdllm.cli import load_backend, process_set_groups
+from hvdllm.cli import process_set_groups
 from hvdllm.layout import Layout
+from hvdllm.parallelize import build_engine
 from hvdllm.strategies import param_server, ps_worker, roles
 
 
@@ -48,20 +47,25 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def setup(args, extra, started: list):
+def job_config(args):
+    """The config of this job: the bench's model, and the servers or the evaluator it measures."""
+    extra = [f"ps.servers={args.servers}"] if args.what == "throughput" else \
+        ["roles.evaluators=1", f"roles.snapshot_every={args.snapshot_every}"]
     cfg = config.load(None, model_sets(args) + extra)
     config.validate(cfg, None)
-    backend = load_backend(cfg.backend)
-    rt = runtime.start(backend, cfg.aggregation, process_set_groups(cfg))
-    started.append(rt)   # so that a failure can end every rank (main)
-    rt.require_mpi("hvdllm bench ps")
+    return cfg
+
+
+def setup(cfg, rt):
     tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout)
     cfg.model.vocab_size = tokens.tokenizer.vocab_size
-    return cfg, backend, rt, tokens, Layout.from_config(cfg, rt.size, rt.rank)
+    return tokens, Layout.from_config(cfg, rt.size, rt.rank)
 
 
-def barrier(rt, timeout=600.0):
-    p2p.wait(rt.comm.Ibarrier(), timeout, "bench barrier")
+def barrier(rt):
+    """Ranks wait for a phase's start asleep: a server or an idle rank must not spin on the cores
+    the timed ranks compute on."""
+    common.Ranks(rt.comm).idle("a bench phase")
 
 
 # -- throughput ---------------------------------------------------------------------------------
@@ -96,12 +100,12 @@ def run_phase(cfg, ps_cfg: dict, steps: int, engine, sampler, rt, layout, out_di
     return dt, k, start + k
 
 
-def throughput(args, started: list) -> dict:
-    cfg, backend, rt, tokens, layout = setup(args, [f"ps.servers={args.servers}"], started)
+def throughput(args, cfg, rt, backend) -> dict | None:
+    tokens, layout = setup(cfg, rt)
     engine = sampler = None
     if layout.role() == "trainer":
         backend.configure(1, cfg.train.seed)
-        engine = backend.make_engine(cfg, layout, rt)
+        engine = build_engine(cfg, layout, rt, backend, wrap_ps=False)  # each phase wraps its own PSWorker
         sampler = data.Sampler(tokens.train, cfg.model.block_size, cfg.train.batch_size, layout.dp,
                                layout.dp_rank, cfg.train.seed)
     out_dir = tempfile.mkdtemp(prefix="hvdllm-bench-ps-") if rt.rank == 0 else ""
@@ -115,7 +119,7 @@ def throughput(args, started: list) -> dict:
             results.append({"mode": name, "round": r, "seconds": dt, "local_steps": k})
     gathered = rt.comm.gather(results, root=0)
     if rt.rank != 0:
-        return {}
+        return None
     W = layout.n_trainers
     tokens_per_push = cfg.train.batch_size * cfg.model.block_size
     return {"rank0": gathered[0], "local_steps": {r: [x["local_steps"] for x in g] for r, g in enumerate(gathered)
@@ -124,16 +128,15 @@ def throughput(args, started: list) -> dict:
 
 
 # -- roles ------------------------------------------------------------------------------------
-def roles_bench(args, started: list) -> dict:
-    cfg, backend, rt, tokens, layout = setup(args, ["roles.evaluators=1",
-                                                    f"roles.snapshot_every={args.snapshot_every}"], started)
+def roles_bench(args, cfg, rt, backend) -> dict | None:
+    tokens, layout = setup(cfg, rt)
     if layout.role() == "evaluator":
         engine = roles.role_engine(cfg, rt, backend)
         barrier(rt)   # measure with the evaluator up (its start-up would otherwise overlap)
         roles.Evaluator(cfg, layout, rt.comm, engine, tokens).run()
-        return {}
+        return None
     backend.configure(1, cfg.train.seed)
-    engine = backend.make_engine(cfg, layout, rt)
+    engine = build_engine(cfg, layout, rt, backend)
     barrier(rt)
     sampler = data.Sampler(tokens.train, cfg.model.block_size, cfg.train.batch_size, 1, 0, cfg.train.seed)
     records = []
@@ -161,17 +164,10 @@ def roles_bench(args, started: list) -> dict:
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    started: list = []
-    try:
-        res = (throughput if args.what == "throughput" else roles_bench)(args, started)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        runtime.fail(started[0] if started else None, e)
-    if res:  # rank 0 (trainer rank 0 in the roles job)
-        with open(args.out, "w") as f:
-            json.dump(res, f)
-    return 0
+    cfg = job_config(args)
+    what = throughput if args.what == "throughput" else roles_bench
+    return common.worker_main(args, lambda rt, backend: what(args, cfg, rt, backend), what="hvdllm bench ps",
+                              agg_cfg=cfg.aggregation, groups=lambda: process_set_groups(cfg))
 
 
 if __name__ == "__main__":

@@ -74,19 +74,14 @@ def parse(argv):
     p.add_argument("--seq", type=int, default=0, help="sequence length T (0: the model's)")
     p.add_argument("--batch", type=int, default=0, help="sequences B (0: the model's)")
     p.add_argument("--layers", type=int, default=1, help="transformer blocks in the timed stack")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--per-round", type=int, default=1,
-                   help="steps of one variant before switching to the next (interleaving)")
+    common.add_timing_options(p, steps=10, warmup=2)
     p.add_argument("--backends", default="torch", help="comma list: torch,tensorflow")
     p.add_argument("--repeats", type=int, default=1,
                    help="launch each backend this many times and pool the step times")
     common.add_env_option(p)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each launch wait up to this long for the machine to be idle")
-    p.add_argument("--timeout", type=float, default=1200, help="seconds one mpirun may take")
-    p.add_argument("--out", default="runs/bench/tensor.json", help="JSON output; the PNG goes next to it")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "tensor")
     a = p.parse_args(argv)
     C, H, T, B = MODELS[a.model]
     a.widths = _ints(a.width) or [C]
@@ -290,10 +285,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     bx.legend(fontsize=8)
     bx.set_title("tp speed-up over the unsplit block", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(plt, fig, path)
 
 
 def _say(msg: str) -> None:

@@ -30,39 +30,29 @@ computes the input gradient. No optimizer step: the block itself is what is meas
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
-from hvdllm import backends
 from hvdllm.bench import common
 
 # name: (width C, heads, sequence T, batch B)
 MODELS = {
     "tiny": (64, 4, 16, 2),        # smoke tests only: latency dominates
     "small": (256, 4, 128, 4),
-    "wide": (1024, 16, 128, 4),    # the default: the block's matmuls take ~0.2-0.5 s per step
+    "wide": (1024, 16, 128, 4),    # the default: wide enough that the split matmuls, not latency, dominate
     "wider": (2048, 32, 128, 4),
 }
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hvdllm.bench.tensor_worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="torch", choices=list(backends.MODULES))
+    p = common.worker_parser("hvdllm.bench.tensor_worker", __doc__, default="torch", steps=10, warmup=2)
     p.add_argument("--widths", required=True, help="comma list of widths C")
     p.add_argument("--heads", default="", help="comma list, one per width")
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--layers", type=int, default=1, help="transformer blocks in the stack")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--per-round", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", default="", help="raw JSON written by rank 0")
     a = p.parse_args(argv)
     a.widths = [int(w) for w in a.widths.split(",") if w.strip()]
     a.heads = [int(h) for h in a.heads.split(",") if h.strip()] or [max(1, w // 64) for w in a.widths]
@@ -267,7 +257,7 @@ def run(args, rt, backend) -> dict | None:
                         f"each, interleaved {args.per_round} at a time")
     t_run = time.perf_counter()
     times, foreign = ranks.measured(lambda: common.interleaved(
-        fns, args.steps, args.warmup, args.per_round, barrier=ranks.barrier,
+        fns, args.steps, args.warmup, args.per_round, before=ranks.barrier,
         solo=[k for k in fns if k.endswith("/solo")], idle=ranks.idle,
         progress=tag if rt.rank == 0 else None))
     timed_wall_s = time.perf_counter() - t_run

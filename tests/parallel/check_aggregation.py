@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hvdllm import aggregation, runtime
-from hvdllm.cli import load_backend
+from hvdllm.backends import load as load_backend
 from hvdllm.config import AggregationConfig, OptimConfig
 from hvdllm.optim import FlatAdamW, clip_coef
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hvdllm import runtime
-from hvdllm.cli import load_backend
+from hvdllm.backends import load as load_backend
 
 BACKEND = os.environ.get("HVDLLM_BACKEND", "torch")
 be = load_backend(BACKEND)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from hvdllm import runtime
-from hvdllm.cli import load_backend
+from hvdllm.backends import load as load_backend
 
 be = load_backend(os.environ.get("HVDLLM_BACKEND", "torch"))
 rt = runtime.start(be)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from hvdllm import runtime
-from hvdllm.cli import load_backend
+from hvdllm.backends import load as load_backend
 from hvdllm.config import ModelConfig
 from hvdllm.strategies import tensor_parallel as tp_plan
 from tests_tp_helpers import loss_and_grads

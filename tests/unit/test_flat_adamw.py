@@ -30,11 +30,13 @@ def test_flat_adamw_equals_torch_adamw(wd, betas, eps):
         opt.step()
         mine.step(flat, g, lr)
         want = np.concatenate([w.detach().numpy().ravel(), b.detach().numpy()])
-        np.testing.assert_allclose(flat, want, rtol=1e-6, atol=1e-7, err_msg=f"step {t + 1}")
+        np.testing.assert_allclose(flat, want, rtol=1e-6, atol=3e-7, err_msg=f"step {t + 1}")   # ~2 ulp at 1
     m = np.concatenate([opt.state[w]["exp_avg"].numpy().ravel(), opt.state[b]["exp_avg"].numpy()])
     v = np.concatenate([opt.state[w]["exp_avg_sq"].numpy().ravel(), opt.state[b]["exp_avg_sq"].numpy()])
-    np.testing.assert_allclose(mine.m, m, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(mine.v, v, rtol=1e-6, atol=1e-12)
+    # torch forms m by lerp (m + (1-b1)(g-m)), FlatAdamW as b1*m + (1-b1)*g: float32 rounding
+    # differs where the two terms cancel, so the tolerance is absolute at the gradients' scale
+    np.testing.assert_allclose(mine.m, m, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mine.v, v, rtol=1e-6, atol=1e-9)
     assert mine.t == 6
 
 
