@@ -573,7 +573,11 @@ def to_toml(cfg: Config) -> str:
 def resolve(cfg: Config, world_size: int | None, vocab_size: int) -> Config:
     """The run's final settings: model.vocab_size = 0 becomes the tokenizer's `vocab_size`
     (then validated again: tp must divide it), and the result is frozen, so no component can
-    change a setting after the engine exists. Returns a copy; `cfg` itself is unchanged."""
+    change a setting after the engine exists. Returns a copy; `cfg` itself is unchanged.
+    A model.vocab_size too small for the tokenizer (a trained BPE's size is known only here) is
+    a ConfigError, raised before anything is written."""
+    if vocab_problems(cfg, vocab_size):
+        raise ConfigError(vocab_problems(cfg, vocab_size))
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
         validate(cfg, world_size)

@@ -3,9 +3,9 @@
 `prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/` (rank 0 writes,
 the others wait); `Sampler` and `eval_batches` cut per-rank batches from the memory-mapped tokens.
 
-Under MPI every rank first compares its corpus with rank 0's (names, sizes and a digest of the
-bytes each file contributes): nodes that see different files fail at once, each rank naming the
-differing files, instead of waiting for a cache folder rank 0 never writes. A cached folder whose
+Under MPI every rank first compares its corpus with rank 0's (names, sizes, mtimes; where mtimes
+differ, a digest of the bytes each file contributes): nodes that see different files fail at once,
+each rank naming the differing files, instead of waiting for a cache folder rank 0 never writes. A cached folder whose
 token files do not have the sizes its meta.json records (a truncated copy, a full disk) is rebuilt
 by rank 0, with a message.
 """

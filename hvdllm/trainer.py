@@ -16,9 +16,8 @@ import numpy as np
 from . import checkpoint, data, lr as lr_schedule, metrics, stop
 from . import config
 from .config import Config, to_toml
-from .errors import InjectedFailure
+from .errors import HvdllmError, InjectedFailure
 from .layout import Layout
-from .params import param_shapes
 from .runtime import Runtime, Watchdog, cores
 from .parallelize import build_engine
 from .strategies import roles
@@ -67,10 +66,6 @@ class Trainer:
                                          self.log.write if self.is_root else None)
 
     def _maybe_resume(self) -> int:
-        # model.vocab_size must hold a trained BPE's ids too (validate knows only the byte tokenizer's)
-        vocab = config.vocab_problems(self.cfg, self.data.tokenizer.vocab_size)
-        if vocab:
-            raise config.ConfigError(vocab)
         if not self.cfg.train.resume:
             return 0
         path = checkpoint.latest(self.out, log=self.is_root)   # the newest intact one
@@ -83,11 +78,7 @@ class Trainer:
         if self.is_root and changes:
             print("[hvdllm] resuming with changed settings (train.resume_allow):\n"
                   + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
-        m = self.cfg.model
-        # a user's layer list names its own parameters; the built-in GPT's come from params.py
-        shapes = getattr(self.engine, "param_shapes", None) or param_shapes(m.n_layer, m.n_embd, m.vocab_size,
-                                                                             m.block_size)
-        checkpoint.check_compatible(state, shapes, path)
+        checkpoint.check_compatible(state, self.engine.param_shapes, path)
         self.engine.load_state_dict(state)
         if self.is_root:
             print(f"[hvdllm] resumed from {path} (step {meta['step']})", file=sys.stderr)
@@ -122,7 +113,7 @@ class Trainer:
                 self.publisher.after_step(step + 1, self.engine)
             dt = time.perf_counter() - t0
             if not math.isfinite(res.loss):
-                raise FloatingPointError(f"loss became {res.loss} at step {step}; lower optim.lr "
+                raise HvdllmError(f"loss became {res.loss} at step {step}; lower optim.lr "
                                          f"or set optim.grad_clip")
             done = step + 1
             final = done == last or getattr(res, "final", False)
