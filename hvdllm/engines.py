@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import sampling
+from . import aggregation, sampling
 from .strategies import pipeline as pl
 from .strategies import tensor_parallel as tp_plan
 
@@ -202,6 +202,34 @@ class PipelineStageBase(GPTEngineBase):
     squared norm, tp slices summed over the tp group), `apply_update(grads, coef, lr)` (scale by
     the clip factor, then AdamW)."""
 
+    def _place(self, cfg, layout, rt, tp, measure) -> list[int]:
+        """This rank's chunks of layers (parallel.partition; `measure` times the layers for
+        'time'), its tp group; returns the layer indices this stage builds."""
+        from mpi.groups import subcomms
+        rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
+        self.cfg, self.layout, self.m = cfg, layout, cfg.parallel.microbatches
+        p, v = layout.pp, cfg.parallel.virtual_stages
+        # collective over COMM_WORLD: role ranks join it in strategies/roles.join_trainer_startup
+        self.pp_comm = subcomms(rt.comm, layout, "pp")
+        self.timeout = cfg.train.step_timeout
+        self.ranges = pl.split_layers(cfg, rt, p * v, measure)
+        self.chunks = pl.stage_chunks(self.ranges, p, v, layout.pp_rank)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        return sorted(i for c in self.chunks for i in c)
+
+    def _strategies(self, collectives, host_collectives, make_adamw) -> None:
+        """The dp group, the schedule, the tied-embedding peer, ZeRO-1 or the framework's AdamW."""
+        cfg, layout = self.cfg, self.layout
+        self.tp_ncomm = host_collectives(self.tp.coll) if self.tp else None
+        self.comm = collectives
+        self.ncomm = host_collectives(collectives)
+        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
+        self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
+                                cfg.parallel.schedule, self.timeout)
+        self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer)
+        self.zero = pl.make_zero(cfg, self, host_collectives) if cfg.parallel.zero else None
+        self.opt = make_adamw() if self.zero is None else None
+
     def reduce_and_step(self, lr: float) -> float:
         """In this order: the tied-embedding gradient exchange between the first and last stage
         (p2p), then ZeRO-1's step (zero.py) or one grouped allreduce of the stage's gradients
@@ -263,6 +291,41 @@ class SequentialBase(EngineBase):
 
     pipe = None
     tp = None
+
+    def _settings(self, cfg, layout) -> None:
+        self.cfg, self.layout = cfg, layout
+        self.p = layout.pp
+        self.v = cfg.parallel.virtual_stages if self.p > 1 else 1
+        # micro-batches: the pipeline's, or the accumulated ones of plain data parallelism
+        self.m = cfg.parallel.microbatches if self.p > 1 else cfg.aggregation.accumulation
+        self.timeout = cfg.train.step_timeout
+
+    def _place_on_pipeline(self, rt, costs: list[float], measure) -> None:
+        """Split the list over the pipeline (parallel.partition; `measure()` gives per-layer
+        seconds for 'time'), and this rank's chunks; the whole list when pp = 1."""
+        from .user_model import split
+        n = len(costs)
+        if self.p == 1:
+            self.ranges, self.chunks, self.pp_comm, self.pipe = [(0, n)], [list(range(n))], None, None
+            return
+        from mpi.groups import subcomms
+        par, stage = self.cfg.parallel, self.layout.pp_rank
+        rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
+        self.pp_comm = subcomms(rt.comm, self.layout, "pp")
+        self.ranges = split(costs, self.p * self.v, par.partition, rt, measure)
+        self.chunks = pl.stage_chunks(self.ranges, self.p, self.v, stage)
+        self.pipe = pl.Pipeline(self.pp_comm, self.p, stage, self.m, self.v, par.schedule, self.timeout)
+
+    def _describe(self, n_layers: int) -> None:
+        if self.layout.rank != 0:
+            return
+        import sys
+        m, par = self.cfg.model, self.cfg.parallel
+        sizes = [hi - lo for lo, hi in self.ranges]
+        print(f"[hvdllm] model.layers={m.layers}: {n_layers} layers, "
+              f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
+              + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else "")
+              + (f", tp={self.layout.tp} ({m.tp_plan})" if self.tp is not None else ""), file=sys.stderr)
 
     def last_logits(self, ids) -> np.ndarray:
         """Under a pipeline every stage takes part (one forward through the pipeline per token,

@@ -17,7 +17,6 @@ Keras 3 variables are keras.Variable objects wrapping tf.Variables: the engine w
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import keras
@@ -92,12 +91,8 @@ class SequentialEngine(SequentialBase):
     """A user's layer list under dp, pp and tp (see the module docstring)."""
 
     def __init__(self, cfg, layout, rt):
-        self.cfg, self.layout = cfg, layout
-        m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
-        self.p, stage = layout.pp, layout.pp_rank
-        self.v = par.virtual_stages if self.p > 1 else 1
-        self.m = par.microbatches if self.p > 1 else cfg.aggregation.accumulation
-        self.timeout = cfg.train.step_timeout
+        self._settings(cfg, layout)
+        m, T = cfg.model, cfg.model.block_size
         layers = build_layers(m, cfg.train.seed)
         # probe: creates every Keras weight (in list order, identically on every rank)
         probe = from_host(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), tf.int64)
@@ -117,22 +112,13 @@ class SequentialEngine(SequentialBase):
         user_model.check_not_shared(owners)
         self.param_shapes = {n: tuple(w.shape) for i, layer in enumerate(layers)
                              for n, w in zip(names[i], _weights(layer))}
-        if self.p > 1:
-            from mpi.groups import subcomms
-            rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
-            self.pp_comm = subcomms(rt.comm, layout, "pp")
-            costs = [float(sum(int(np.prod(w.shape)) for w in _weights(l))) for l in layers]
-            self.ranges = user_model.split(costs, self.p * self.v, par.partition, rt,
-                                           lambda: measure_layer_times(layers, inputs[:-1]))
-            self.chunks = pl.stage_chunks(self.ranges, self.p, self.v, stage)
-            self.pipe = pl.Pipeline(self.pp_comm, self.p, stage, self.m, self.v, par.schedule, self.timeout)
-        else:
-            self.ranges, self.chunks, self.pp_comm, self.pipe = [(0, len(layers))], [list(range(len(layers)))], None, None
-        self.n_layers = len(layers)
+        self._place_on_pipeline(rt, [float(sum(int(np.prod(w.shape)) for w in _weights(layer))) for layer in layers],
+                                lambda: measure_layer_times(layers, inputs[:-1]))
+        n_layers = len(layers)
         mine = sorted(i for c in self.chunks for i in c)
         self.layers = {i: layers[i] for i in mine}  # the other ranks' layers are dropped
         self.tp, by_id = user_tp.apply(cfg, layout, rt, layers, self.layers, inputs)
-        del layers, inputs
+        layers = inputs = None   # the other ranks' layers and the probe's activations are freed
         # every weight (checkpointed) and the trainable ones (optimised), as tf.Variables
         self.state_vars = [(n, _tf(w)) for i in mine for n, w in zip(names[i], _weights(self.layers[i]))]
         placements = {n: by_id[id(w)] for i in mine for n, w in zip(names[i], _weights(self.layers[i]))
@@ -154,12 +140,7 @@ class SequentialEngine(SequentialBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = AdamW(self.vars, cfg.optim)
         self.saved, self.grads = {}, {}
-        if layout.rank == 0:
-            sizes = [hi - lo for lo, hi in self.ranges]
-            print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
-                  f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
-                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else "")
-                  + (f", tp={layout.tp} ({m.tp_plan})" if self.tp is not None else ""), file=sys.stderr)
+        self._describe(n_layers)
 
     def _broadcast_parameters(self):
         """The dp group's first rank's weights win (one message), should a builder not be seeded."""

@@ -5,7 +5,6 @@ Same names and semantics as torch_backend/tensor_parallel.py.
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from .collectives import Collectives

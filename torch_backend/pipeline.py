@@ -13,12 +13,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hvdllm import aggregation
 from hvdllm.engines import PipelineStageBase
-from hvdllm.strategies import pipeline as pl
-from mpi.groups import subcomms
 
 from . import adamw_state
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
@@ -47,28 +43,13 @@ class PipelineEngine(PipelineStageBase):
     """This rank's stage of the built-in GPT; the step itself is PipelineStageBase's."""
 
     def __init__(self, cfg, layout, rt, tp=None):
-        rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
-        self.cfg, self.layout, self.m = cfg, layout, cfg.parallel.microbatches
-        par = cfg.parallel
-        p, v, stage = layout.pp, par.virtual_stages, layout.pp_rank
-        # collective over COMM_WORLD: role ranks join it in strategies/roles.join_trainer_startup
-        self.pp_comm = subcomms(rt.comm, layout, "pp")
-        self.timeout = cfg.train.step_timeout
-        self.ranges = pl.split_layers(cfg, rt, p * v, measure_layer_times)
-        self.chunks = pl.stage_chunks(self.ranges, p, v, stage)
-        torch.manual_seed(cfg.train.seed + layout.rank)
-        self.tp = tp if tp is not None and tp.size > 1 else None
-        self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
-        self.model = GPT(cfg.model, cfg.train.seed, layers=sorted(i for c in self.chunks for i in c), tp=self.tp)
+        layers = self._place(cfg, layout, rt, tp, measure_layer_times)
+        torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
+        self.model = GPT(cfg.model, cfg.train.seed, layers=layers, tp=self.tp)
         self.named = self.model.named()
-        self.comm = Collectives(rt.process_set(layout.group("dp")))
-        self.ncomm = NumpyCollectives(self.comm)
-        self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
-        self.pipe = pl.Pipeline(self.pp_comm, p, stage, self.m, v, par.schedule, self.timeout)
-        self.tied_peer = pl.tied_peer(p, self.model.layers, cfg.model.n_layer)
         self.saved = {}
-        self.zero = pl.make_zero(cfg, self, NumpyCollectives) if par.zero else None
-        self.opt = adamw_state.make_adamw(self.named, cfg.optim) if self.zero is None else None
+        self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
+                         lambda: adamw_state.make_adamw(self.named, cfg.optim))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)

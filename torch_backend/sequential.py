@@ -20,7 +20,6 @@ whole model.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -95,12 +94,8 @@ class SequentialEngine(SequentialBase):
     """A user's layer list under dp, pp and tp (see the module docstring)."""
 
     def __init__(self, cfg, layout, rt):
-        self.cfg, self.layout = cfg, layout
-        m, par, T = cfg.model, cfg.parallel, cfg.model.block_size
-        self.p, stage = layout.pp, layout.pp_rank
-        self.v = par.virtual_stages if self.p > 1 else 1
-        self.m = par.microbatches if self.p > 1 else cfg.aggregation.accumulation
-        self.timeout = cfg.train.step_timeout
+        self._settings(cfg, layout)
+        m, T = cfg.model, cfg.model.block_size
         layers = build_layers(m, cfg.train.seed)
         # probe: builds nothing in torch, but checks the contract and gives the activations
         probe = torch.randint(0, m.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
@@ -113,26 +108,17 @@ class SequentialEngine(SequentialBase):
                     raise user_model.error(f"layer {len(inputs) - 2} returned a {type(inputs[-1]).__name__}, "
                                            f"not one tensor")
         user_model.check_logits(tuple(inputs[-1].shape), m.vocab_size)
-        self.param_shapes = {f"{i}.{n}": tuple(p.shape) for i, l in enumerate(layers)
-                             for n, p in l.named_parameters()}
-        if self.p > 1:
-            from mpi.groups import subcomms
-            rt.require_mpi("pipeline parallelism (parallel.pp > 1)")
-            self.pp_comm = subcomms(rt.comm, layout, "pp")
-            costs = [float(sum(p.numel() for p in l.parameters())) for l in layers]
-            self.ranges = user_model.split(costs, self.p * self.v, par.partition, rt,
-                                           lambda: measure_layer_times(layers, inputs[:-1]))
-            self.chunks = pl.stage_chunks(self.ranges, self.p, self.v, stage)
-            self.pipe = pl.Pipeline(self.pp_comm, self.p, stage, self.m, self.v, par.schedule, self.timeout)
-        else:
-            self.ranges, self.chunks, self.pp_comm, self.pipe = [(0, len(layers))], [list(range(len(layers)))], None, None
-        self.n_layers = len(layers)
+        self.param_shapes = {f"{i}.{n}": tuple(p.shape) for i, layer in enumerate(layers)
+                             for n, p in layer.named_parameters()}
+        self._place_on_pipeline(rt, [float(sum(p.numel() for p in layer.parameters())) for layer in layers],
+                                lambda: measure_layer_times(layers, inputs[:-1]))
+        n_layers = len(layers)
         mine = sorted(i for c in self.chunks for i in c)
         self.layers = {i: layers[i].train() for i in mine}  # the other ranks' layers are dropped
         self.tp, placements = user_tp.apply(cfg, layout, rt, layers, self.layers, inputs)
         self.split = set(placements)                     # tp-split parameter names
         self.placements = user_model.with_moments(placements)
-        del layers, inputs
+        layers = inputs = None   # the other ranks' layers and the probe's activations are freed
         self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.comm = Collectives(rt.process_set(layout.group("dp")))
@@ -141,12 +127,7 @@ class SequentialEngine(SequentialBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = adamw_state.make_adamw(self.named, cfg.optim)
         self.saved = {}
-        if layout.rank == 0:
-            sizes = [hi - lo for lo, hi in self.ranges]
-            print(f"[hvdllm] model.layers={m.layers}: {self.n_layers} layers, "
-                  f"{sum(int(np.prod(s)) for s in self.param_shapes.values())} parameters"
-                  + (f", per pipeline part {sizes} ({par.partition})" if self.p > 1 else "")
-                  + (f", tp={layout.tp} ({m.tp_plan})" if self.tp is not None else ""), file=sys.stderr)
+        self._describe(n_layers)
 
     def _broadcast_parameters(self):
         """The dp group's first rank's weights win (one message), should a builder not be seeded."""
