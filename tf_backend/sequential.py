@@ -123,7 +123,8 @@ class SequentialEngine(SequentialBase):
         self.state_vars = [(n, _tf(w)) for i in mine for n, w in zip(names[i], _weights(self.layers[i]))]
         placements = {n: by_id[id(w)] for i in mine for n, w in zip(names[i], _weights(self.layers[i]))
                       if id(w) in by_id}
-        self.split = set(placements)                     # tp-split weight names
+        # tp-split weight names (a row-parallel bias has a placement entry of None: replicated)
+        self.split = {n for n, pl in placements.items() if pl is not None}
         self.placements = user_model.with_moments(placements)
         trainable = {id(_tf(w)) for i in mine if isinstance(self.layers[i], keras.layers.Layer)
                      for w in self.layers[i].trainable_variables}

@@ -116,7 +116,8 @@ class SequentialEngine(SequentialBase):
         mine = sorted(i for c in self.chunks for i in c)
         self.layers = {i: layers[i].train() for i in mine}  # the other ranks' layers are dropped
         self.tp, placements = user_tp.apply(cfg, layout, rt, layers, self.layers, inputs)
-        self.split = set(placements)                     # tp-split parameter names
+        # tp-split parameter names (a row-parallel bias has a placement entry of None: replicated)
+        self.split = {n for n, pl in placements.items() if pl is not None}
         self.placements = user_model.with_moments(placements)
         layers = inputs = None   # the other ranks' layers and the probe's activations are freed
         self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
