@@ -20,7 +20,10 @@ env:
 demo: env
 	$(VENV)/bin/hvdllm launch -np $(NP) -- train configs/demo.toml $(ARGS)
 
+# lint first (ruff: pyflakes, pycodestyle, import order; pyproject.toml), then the suite, which
+# prints its slowest tests (setup.cfg: --durations)
 test: env
+	$(VENV)/bin/ruff check --quiet .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: env

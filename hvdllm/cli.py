@@ -9,6 +9,7 @@ import sys
 
 from . import backends, config as config_mod
 from .errors import USER_ERRORS, ConfigError
+from .runtime import env_rank
 
 def env_world_size() -> int | None:
     """World size from the launcher's environment, known before any initialisation."""
@@ -16,13 +17,6 @@ def env_world_size() -> int | None:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 1
-
-
-def env_rank() -> int:
-    for key in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
 
 
 def process_set_groups(cfg) -> list[tuple]:
@@ -47,10 +41,12 @@ def cmd_train(args) -> int:
     # caught from here on: a time-limit signal during start-up is honoured at the first check
     from . import stop
     stop.install(cfg.train.stop_signal, env_rank(), honoured=not cfg.ps.servers)
-    backend = backends.load(cfg.backend)
-    rt, summary = runtime.run_guarded(
-        lambda: runtime.start(backend, cfg.aggregation, process_set_groups(cfg)),
-        lambda rt: _run_rank(cfg, rt, backend))
+    loaded = []
+
+    def start():   # the framework's import fails inside the guard too: every rank hears of it
+        loaded.append(backends.load(cfg.backend))
+        return runtime.start(loaded[0], cfg.aggregation, process_set_groups(cfg))
+    rt, summary = runtime.run_guarded(start, lambda rt: _run_rank(cfg, rt, loaded[0]))
     if rt.rank == 0:
         _print_summary(cfg, summary)
     return stop.EXIT_STOPPED if summary and summary.get("stopped_at") else 0

@@ -37,6 +37,14 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def env_rank() -> int:
+    """This process's rank from the launcher's environment, known before any initialisation."""
+    for key in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def detect_launcher(env=os.environ) -> str:
     if env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
         return "gloo"
@@ -96,7 +104,7 @@ def start(backend, agg_cfg=None, groups=()) -> Runtime:
 
 def fail(rt: Runtime | None, exc: BaseException, code: int | None = None) -> None:
     """Print one clear message and end every rank. Never returns."""
-    rank = rt.rank if rt else 0
+    rank = rt.rank if rt else env_rank()
     code = code if code is not None else getattr(exc, "exit_code", 1)
     if isinstance(exc, USER_ERRORS):
         msg = str(exc)
@@ -108,6 +116,13 @@ def fail(rt: Runtime | None, exc: BaseException, code: int | None = None) -> Non
     sys.stdout.flush()
     if rt is not None and rt.comm is not None and rt.size > 1:
         rt.comm.Abort(code)  # mpirun/srun then stop the others; they print why (SIGTERM handler)
+    if rt is None and detect_launcher() == "mpi":   # failed before start-up finished: MPI ends the rest
+        try:
+            from mpi4py import MPI
+            if MPI.COMM_WORLD.Get_size() > 1:
+                MPI.COMM_WORLD.Abort(code)
+        except Exception:  # noqa: BLE001  no usable MPI here: the launcher sees the exit code
+            pass
     os._exit(code)           # Gloo: horovodrun ends the others when one rank exits non-zero
 
 
