@@ -124,6 +124,15 @@ class GPTEngineBase(EngineBase):
         m = self.cfg.model
         return param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
 
+    def _broadcast_parameters(self) -> None:
+        """Rank 0's initial weights win, in one message: ranks agree even if their seeds or files
+        differed (one message, not one per parameter: a TF collective is a traced function per
+        call site, and one per parameter retraced on every call)."""
+        if self.comm.size == 1:
+            return
+        tensors = [p for _, p in self.named]
+        self.assign_flat(tensors, self.comm.broadcast(self.concat_flat(tensors), root=0, name="init.params"))
+
     # flat views for the core's numpy strategies: one host transfer per vector, never one per
     # parameter (the backend concatenates and splits on its device) --------------------------
     def flat_params(self) -> np.ndarray:

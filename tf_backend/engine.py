@@ -85,12 +85,6 @@ class Engine(GPTEngineBase):
         self._eval = wrap(self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
 
-    def _broadcast_parameters(self):
-        """Rank 0's initial weights win: ranks agree even if their seeds or files differed."""
-        if self.comm.size == 1:
-            return
-        for name, v in self.named:
-            v.assign(self.comm.broadcast(v, root=0, name=f"init.{name}"))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)

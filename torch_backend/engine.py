@@ -62,13 +62,6 @@ class Engine(GPTEngineBase):
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.named, cfg.optim)
 
-    def _broadcast_parameters(self):
-        """Rank 0's initial weights win: ranks agree even if their seeds or files differed."""
-        if self.comm.size == 1:
-            return
-        with torch.no_grad():
-            for name, p in self.named:
-                p.copy_(self.comm.broadcast(p.data, root=0, name=f"init.{name}"))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
