@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
-from . import backends, config as config_mod
+from . import backends
+from . import config as config_mod
 from .errors import USER_ERRORS, ConfigError
 from .runtime import env_rank
+
 
 def env_world_size() -> int | None:
     """World size from the launcher's environment, known before any initialisation."""

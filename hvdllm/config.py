@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -323,7 +324,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for key in positive:
         if _get(cfg, key) < 1:
             p.append(f"{key}: must be >= 1, got {_get(cfg, key)}")
-    for key in ["ps.servers", "ps.staleness", "roles.evaluators", "roles.generators", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    for key in ["ps.servers", "ps.staleness", "roles.evaluators", "roles.generators", "train.eval_every",
+                "train.eval_batches", "train.checkpoint_every",
                 "train.threads", "train.sample_tokens", "parallel.dp", "model.vocab_size",
                 "data.max_bytes", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
                 "aggregation.fusion_threshold_mb", "aggregation.cycle_time_ms"]:
@@ -493,8 +495,8 @@ def _ps_roles_problems(cfg: Config, world_size: int | None) -> list[str]:
         if ps.straggler_rank >= 0:
             p.append("ps.straggler_rank: slows a parameter-server worker; set ps.servers >= 1")
     if ps.stale_lr != "inverse" and ps.mode == "sync":
-        p.append(f"ps.stale_lr: only ps.mode 'async' or 'ssp' scales the lr by staleness (sync pushes "
-                 f"are never stale); remove it or set ps.mode")
+        p.append("ps.stale_lr: only ps.mode 'async' or 'ssp' scales the lr by staleness (sync pushes "
+                 "are never stale); remove it or set ps.mode")
     if ps.straggler_factor < 1.0:
         p.append(f"ps.straggler_factor: must be >= 1, got {ps.straggler_factor}")
     if world_size is not None and ps.straggler_rank >= max(1, world_size - extra_ranks(cfg)):

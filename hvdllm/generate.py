@@ -5,7 +5,6 @@ import sys
 
 from . import backends, config
 
-
 # What a checkpoint's weights mean: `generate` refuses an out_dir/config.toml that disagrees with
 # the checkpoint's own record of these (e.g. a later run in the same out_dir changed them).
 GENERATE_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size",

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, lr as lr_schedule, metrics, stop
-from . import config
+from . import checkpoint, config, data, metrics, stop
+from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
 from .layout import Layout
-from .runtime import Runtime, Watchdog, cores
 from .parallelize import build_engine
+from .runtime import Runtime, Watchdog, cores
 from .strategies import roles
 
 

@@ -1,19 +1,17 @@
 """torch_backend and tf_backend compute the same thing: same config and seed give the same logits,
 loss, gradients, AdamW trajectory, checkpoints and samples (both frameworks in one CPU process,
 each with its own one-rank Horovod on mpi4py's singleton)."""
-import numpy as np
-import pytest
-
-import tensorflow as tf
-import torch
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
-
-from hvdllm.config import Config  # noqa: E402
-from hvdllm.layout import Layout  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
 
 import tf_backend  # noqa: E402
 import torch_backend  # noqa: E402
+from hvdllm.config import Config  # noqa: E402
+from hvdllm.layout import Layout  # noqa: E402
 
 V, T, C = 64, 16, 32
 
@@ -46,7 +44,8 @@ def batch(seed, b=4):
 
 def close_params(a: dict, b: dict, rtol=1e-4, atol=1e-5):
     """Compare two state dicts. atol 1e-5 (1e-3 of the lr): where a gradient is ~0, Adam's
-    m / sqrt(v) magnifies float32 rounding differences into ~1e-6..1e-5 moves. The key bias (c_attn.bias[C:2C]) is left out: its true gradient is
+    m / sqrt(v) magnifies float32 rounding differences into ~1e-6..1e-5 moves. The key bias
+    (c_attn.bias[C:2C]) is left out: its true gradient is
     exactly 0 (softmax ignores a per-query constant), so Adam turns each framework's rounding
     noise into +-lr moves there; it has no effect on any output."""
     assert set(a) == set(b)

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-
 from launch_util import mpirun_argv, run
 
 PROBE = "tests/parallel/probe_horovod_settings.py"
@@ -18,8 +17,9 @@ def probe(tmp_path, backend, *sets):
     assert r.returncode == 0, r.stdout[-3000:]
     elapsed = float(r.stdout.split("elapsed ")[1].split()[0])
     text = timeline.read_text()
-    events = {e.get("name") for e in json.loads(text if text.rstrip().endswith("]") else text.rstrip().rstrip(",") + "]")
-              if isinstance(e, dict)}
+    # Horovod leaves the JSON array open while it runs; closed here if it is still open
+    text = text if text.rstrip().endswith("]") else text.rstrip().rstrip(",") + "]"
+    events = {e.get("name") for e in json.loads(text) if isinstance(e, dict)}
     return events, elapsed
 
 

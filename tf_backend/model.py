@@ -14,8 +14,14 @@ import tensorflow as tf
 from hvdllm.params import init_params, n_layers, names_for_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
 
-from .tensor_parallel import (TPGroup, copy_to_tp, gather_vocab, reduce_from_tp, vocab_parallel_cross_entropy,
-                              vocab_parallel_embedding)
+from .tensor_parallel import (
+    TPGroup,
+    copy_to_tp,
+    gather_vocab,
+    reduce_from_tp,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
 
 LN_EPS = 1e-5
 

@@ -22,8 +22,8 @@ from hvdllm.strategies.zero import Zero1
 
 from . import adamw_state
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
-from .tensor_parallel import TPGroup, norm_sq
 from .model import GPT
+from .tensor_parallel import TPGroup, norm_sq
 
 
 def configure(threads: int, seed: int = 0) -> None:

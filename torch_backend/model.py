@@ -5,7 +5,6 @@ TensorFlow twin; initial values come from hvdllm.params.init_params (same seed, 
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +12,14 @@ from torch import nn
 from hvdllm.params import init_params, n_layers, names_for_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
 
-from .tensor_parallel import (TPGroup, copy_to_tp, gather_vocab, reduce_from_tp, vocab_parallel_cross_entropy,
-                              vocab_parallel_embedding)
+from .tensor_parallel import (
+    TPGroup,
+    copy_to_tp,
+    gather_vocab,
+    reduce_from_tp,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
 
 
 class GPT(nn.Module):

@@ -518,8 +518,8 @@ def main(argv=None) -> int:
             run.update({"label": label, "command": shlex.join(cmd), "launch_wall_s": wall, "setting": setting})
             runs.append(run)
             fc = run.get("foreign_cpu_cores")
-            common.say(TAG, f"({i}/{len(plan)}) done in {wall:.0f} s"
-                            + (f"; other processes kept {fc:.1f} of {cores()} cores busy meanwhile" if fc is not None else ""))
+            busy = f"; other processes kept {fc:.1f} of {cores()} cores busy meanwhile" if fc is not None else ""
+            common.say(TAG, f"({i}/{len(plan)}) done in {wall:.0f} s{busy}")
 
         train = []
         if not args.no_train:

@@ -175,7 +175,7 @@ def bandwidth(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         t0 = time.perf_counter()
         slow = g.timed(fns, reps, args.warmup)
         diffs = g.gather(diff)
-        del fns, t, a, r
+        fns = t = a = r = None   # free the buffers before the next size
         gc.collect()
         if g.rank == 0:
             rows.append({"bytes": size, "size": human(size), "reps": reps, "max_abs_diff_vs_mpi4py": max(diffs),
@@ -206,7 +206,7 @@ def compression(args, fw: Framework, g: Group, tag: str) -> list[dict]:
         del exact
         reps = reps_for(size, args.reps)
         slow = g.timed(fns, reps, args.warmup)
-        del fns, t, a
+        fns = t = a = None   # free the buffers before the next size
         gc.collect()
         if g.rank == 0:
             rows.append({"bytes": size, "size": human(size), "reps": reps,
@@ -331,7 +331,7 @@ def profile(args, fw: Framework, g: Group, tag: str) -> list[dict]:
             for label, key in (("hvdllm", name + ".tl"), (f"hvdllm_grouped{GROUP_PIECES}", name + ".gtl")):
                 mine = next((v for k, v in sorted(ph.items()) if key in k), {})
                 phases[label] = {act: med(ds) for act, ds in mine.items()}
-        del fns, t, a, r, pieces, buf
+        fns = t = a = r = pieces = buf = None   # free the buffers before the next size
         gc.collect()
         if g.rank == 0:
             tl_said = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.get("hvdllm", {}).items())

@@ -480,8 +480,8 @@ def main(argv=None) -> int:
     raw["variants"].sort(key=lambda v: (order.get(v["schedule"], len(order)), v["m"]))
     variants = [analyse_variant(raw, v) for v in raw["variants"]]
     mc = raw["model_config"]
-    from hvdllm.params import count
     from hvdllm import config as config_mod
+    from hvdllm.params import count
     mcfg = config_mod.ModelConfig(**mc)
     n_params = count(mcfg)
     split = " | ".join(",".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)

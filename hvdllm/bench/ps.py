@@ -248,7 +248,8 @@ def main(argv=None) -> int:
         print(f"\nloss at equal tokens: {args.steps} x {args.workers} pushes, {slow}; async and ssp: "
               f"mean of {args.loss_repeats} launches (pushes per worker: the first)")
         common.print_table(losses, [("mode", "mode"), ("val_loss", "val_loss"), ("loss_vs_sync", "vs sync"),
-                                    ("val_loss_runs", "runs"), ("max_gap", "max gap"), ("max_staleness", "max staleness"),
+                                    ("val_loss_runs", "runs"), ("max_gap", "max gap"),
+                                    ("max_staleness", "max staleness"),
                                     ("pushes_per_worker", "pushes per worker")])
     if role_rows:
         print(f"\ntrainer step time, one trainer; evaluator offered a snapshot every {args.snapshot_every} steps")

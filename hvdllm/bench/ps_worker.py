@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from hvdllm import config, data, lr as lr_schedule
+from hvdllm import config, data
+from hvdllm import lr as lr_schedule
 from hvdllm.bench import common
 from hvdllm.bench.ps import MODELS, model_sets
 from hvdllm.cli import process_set_groups

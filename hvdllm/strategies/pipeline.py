@@ -53,7 +53,6 @@ class Pipeline:
             t0 = time.perf_counter() if self.trace is not None else 0.0
             vs = ins.chunk * self.p + self.stage
             key = (ins.mb, ins.chunk)
-            what = f"pipeline stage {self.stage}: {ins.op} mb={ins.mb} chunk={ins.chunk}"
             if ins.op == "recv_act":
                 inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk)
             elif ins.op == "forward":
