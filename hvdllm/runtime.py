@@ -91,7 +91,7 @@ def start(backend, agg_cfg=None, groups=()) -> Runtime:
     launcher = detect_launcher()
     comm = None
     if launcher in ("mpi", "single"):
-        from mpi4py import MPI  # noqa: deferred so Gloo jobs never initialise MPI
+        from mpi4py import MPI  # deferred so Gloo jobs never initialise MPI
         comm = MPI.COMM_WORLD
     rank, size, local_rank, local_size, sets = backend.init_horovod(comm, groups)
     rt = Runtime(launcher, rank, size, local_rank, local_size, comm, sets)
@@ -121,7 +121,7 @@ def fail(rt: Runtime | None, exc: BaseException, code: int | None = None) -> Non
             from mpi4py import MPI
             if MPI.COMM_WORLD.Get_size() > 1:
                 MPI.COMM_WORLD.Abort(code)
-        except Exception:  # noqa: BLE001  no usable MPI here: the launcher sees the exit code
+        except Exception:  # no usable MPI here: the launcher sees the exit code
             pass
     os._exit(code)           # Gloo: horovodrun ends the others when one rank exits non-zero
 
@@ -133,7 +133,7 @@ def run_guarded(start, body):
     try:
         rt = start()
         return rt, body(rt)
-    except BaseException as e:  # noqa: one rank's failure must end every rank, never hang
+    except BaseException as e:  # one rank's failure must end every rank, never hang
         if isinstance(e, SystemExit) and not e.code:
             raise
         fail(rt, e)

@@ -109,7 +109,7 @@ def load_builder(spec: str):
             module = importlib.import_module(mod_name)
     except ConfigError:
         raise
-    except BaseException as e:  # noqa: an import can raise anything; say which spec and why
+    except BaseException as e:  # an import can raise anything; say which spec and why
         raise error(f"cannot import {mod_name!r} from {spec!r}: {type(e).__name__}: {e}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
@@ -126,7 +126,7 @@ def build(model_cfg, seed: int, seed_backend) -> list:
     seed_backend(seed)
     try:
         layers = fn(model_cfg)
-    except BaseException as e:  # noqa: user code
+    except BaseException as e:  # user code
         raise error(f"the builder {model_cfg.layers!r} raised {type(e).__name__}: {e}") from e
     if layers is None:
         raise error(f"the builder {model_cfg.layers!r} returned None, not a list of layers")

@@ -3,7 +3,6 @@
 import sys
 
 import pytest
-
 from launch_util import mpirun_argv, run
 
 

@@ -7,11 +7,9 @@ import json
 import re
 import sys
 
-import pytest
-
-from launch_util import run
-
 import horovod.torch  # noqa: F401  (installed by make env)
+import pytest
+from launch_util import run
 
 from hvdllm.bench import common
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import shutil
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_util import mpirun_argv, run
 
 from hvdllm import cli, config, data
 from hvdllm.config import DataConfig
 from hvdllm.errors import ConfigError, PeerTimeout
-from launch_util import mpirun_argv, run
 
 
 def problems(*sets, world_size=1):

@@ -1,11 +1,9 @@
 """A rank that fails before MPI and Horovod are up (here: its framework cannot be imported) ends
 the whole job with one message naming it, instead of leaving its peers waiting in start-up."""
-import os
 import sys
 
 import pytest
-
-from launch_util import ROOT, mpirun_argv, run
+from launch_util import mpirun_argv, run
 
 
 @pytest.mark.integration

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hvdllm.params import init_params, param_shapes
 from hvdllm.config import ModelConfig
+from hvdllm.params import init_params, param_shapes
 from hvdllm.strategies import tensor_parallel as tp
 
 

@@ -3,18 +3,16 @@ import math
 import sys
 import textwrap
 
+import horovod.tensorflow as hvd
 import numpy as np
 import pytest
-
 import tensorflow as tf
-import horovod.tensorflow as hvd
-
-from hvdllm.config import Config  # noqa: E402
-from hvdllm.layout import Layout  # noqa: E402
-from hvdllm.params import init_params, param_shapes  # noqa: E402
 from launch_util import mpirun_argv, run  # noqa: E402
 
 import tf_backend as be  # noqa: E402
+from hvdllm.config import Config  # noqa: E402
+from hvdllm.layout import Layout  # noqa: E402
+from hvdllm.params import init_params, param_shapes  # noqa: E402
 
 V, T = 64, 16
 

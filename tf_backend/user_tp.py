@@ -118,7 +118,7 @@ def apply(cfg, layout, rt, all_layers, mine: dict, inputs) -> tuple[TPGroup | No
     for i in sorted(changed):   # every tp rank of this stage, in the same order
         try:
             got = mine[i](inputs[i], training=False).numpy()
-        except Exception as e:  # noqa: a plan that breaks the layer's shapes
+        except Exception as e:  # a plan that breaks the layer's shapes
             raise user_model.plan_error(f"layer {i} fails under the plan ({type(e).__name__}: {e}); a "
                                         f"row module takes a column module's split output") from e
         user_model.check_output(i, got, inputs[i + 1].numpy())
