@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node Slurm on this machine, for hvdllm's Slurm tests (tests/test_slurm.py) and for
+# A real one-node Slurm on this machine, for hvdllm's Slurm tests (tests/integration/test_slurm.py) and for
 # trying `hvdllm launch --launcher srun|sbatch` without a cluster:
 #   bash scripts/slurm_local.sh          install (Debian slurm-wlm + munge) if missing, start
 #                                        munged, slurmctld and slurmd, wait until the node is idle

@@ -63,7 +63,7 @@ TAG = "[bench aggregation]"
 GOALS = {"hvdllm/mpi4py busbw at >= 16 MB": 0.95, "zero1/dp step": 1.1}
 GOAL_MIN_BYTES = 16 * MB
 UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
-# The tiny GPT of tests/test_integration.py, scaled from 6 to --train-steps steps.
+# The tiny GPT of tests/integration/test_integration.py, scaled from 6 to --train-steps steps.
 TRAIN_SETS = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
               "data.max_bytes=400000", "train.eval_every=0", "train.eval_batches=8", "train.threads=1",
               "train.sample_tokens=0", "train.progress=false", "optim.warmup_steps=6", "optim.lr=3e-3",

@@ -13,7 +13,7 @@ from hvdllm import checkpoint, config, user_model
 from hvdllm.errors import ConfigError
 from launch_util import by_step, losses, same_checkpoint, same_run, train
 
-MODELS = Path(__file__).resolve().parent / "user_models.py"
+MODELS = Path(__file__).resolve().parents[1] / "user_models.py"
 BUILDER = {"torch": f"{MODELS}:torch_lm", "tensorflow": f"{MODELS}:keras_lm"}
 BACKENDS = list(BUILDER)
 
