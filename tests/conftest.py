@@ -1,15 +1,14 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# the checkout and the tests' helpers (launch_util, user_models) import from every tier's folder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-import os
-import subprocess
-
-import pytest
 
 SLURM_DIR = "/tmp/hvdllm-slurm"
 

@@ -5,7 +5,6 @@ validation losses. The np=1 references are shared by the session (conftest.py `r
 import time
 
 import pytest
-
 from launch_util import losses, records, same_run, train
 
 BACKENDS = ["torch", "tensorflow"]

@@ -3,7 +3,6 @@ encodings, deadlines and imports in one process: tests/unit/test_mpi_encoding.py
 import sys
 
 import pytest
-
 from launch_util import mpirun_argv, run
 
 

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from launch_util import losses, same_checkpoint, same_run, train
 
 BACKENDS = ["torch", "tensorflow"]

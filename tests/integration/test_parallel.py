@@ -5,7 +5,6 @@ import sys
 import time
 
 import pytest
-
 from launch_util import horovodrun_argv, mpirun_argv, run
 
 LAUNCHES = [("mpirun", 1), ("mpirun", 2), ("mpirun", 4), ("horovodrun", 2)]
@@ -23,7 +22,7 @@ def launch(launcher, np_, check_files, backend):
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-@pytest.mark.parametrize("launcher,np_", LAUNCHES, ids=[f"{l}-np{n}" for l, n in LAUNCHES])
+@pytest.mark.parametrize("launcher,np_", LAUNCHES, ids=[f"{launcher}-np{n}" for launcher, n in LAUNCHES])
 def test_collectives_and_aggregation_conformance(backend, launcher, np_):
     """tests/parallel/check_collectives.py, then check_aggregation.py (whose disagreement tests
     come last: they leave Horovod with an error), on every rank."""

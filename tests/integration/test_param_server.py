@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_util import ROOT, TINY, env, losses, mpirun_argv, run, same_run, train
 
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
 from hvdllm.strategies import param_server as ps
-from launch_util import ROOT, TINY, env, losses, mpirun_argv, run, same_run, train
 
 
 def server_log(out, i=0) -> list[dict]:
@@ -222,7 +222,8 @@ def test_bench_ps_smoke(tmp_path):
     a shared machine mean nothing, so none is asserted."""
     out = tmp_path / "ps.json"
     p = run([sys.executable, "-m", "hvdllm", "bench", "ps", "--model", "tiny", "--steps", "4",
-             "--loss-repeats", "2", "--phase-steps", "4", "--rounds", "1", "--roles-steps", "6", "--snapshot-every", "2",
+             "--loss-repeats", "2", "--phase-steps", "4", "--rounds", "1", "--roles-steps", "6",
+             "--snapshot-every", "2",
              "--out", str(out)], timeout=420)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "tokens/s" in p.stdout and "goals" in p.stdout

@@ -6,7 +6,6 @@ import shutil
 import time
 
 import pytest
-
 from launch_util import same_checkpoint, same_run, train
 
 BACKENDS = ["torch", "tensorflow"]

@@ -1,7 +1,7 @@
 """Slurm, for real: a one-node Slurm (conftest.py's `slurm` fixture runs scripts/slurm_local.sh:
 Debian slurm-wlm + munge, its own config under /tmp/hvdllm-slurm) starts hvdllm's ranks with
-`srun --mpi=pmix` and through the job script of `hvdllm launch --launcher sbatch`. Each run reproduces the single-process losses, and a
-failing rank ends the Slurm step with the message on every rank."""
+`srun --mpi=pmix` and through the job script of `hvdllm launch --launcher sbatch`. Each run
+reproduces the single-process losses, and a failing rank ends the Slurm step with the message on every rank."""
 import json
 import os
 import re
@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from launch_util import TINY, run, same_run, train
+
 
 @pytest.fixture
 def single(reference):

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_util import ROOT, TINY, env, mpirun_argv, same_run, train
 
 from hvdllm import metrics
-from launch_util import ROOT, TINY, env, mpirun_argv, same_run, train
 
 # optim.min_lr = optim.lr (TINY's): a constant lr after the warm-up, so the trajectory does not
 # depend on train.steps and a run stopped at step s of 100000 can be compared step by step with
@@ -88,7 +88,8 @@ def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path):
     # continue from that step: the numbers of a run that was never interrupted
     r, _ = train(tmp_path, "run", 2, LONG[1:] + [f"train.steps={step + 3}", "train.resume=true"])
     assert r.returncode == 0 and f"(step {step})" in r.stdout, r.stdout[-3000:]
-    assert [x["step"] for x in metrics.read(out / "metrics.jsonl") if "loss" in x][-3:] == [step + 1, step + 2, step + 3]
+    logged = [x["step"] for x in metrics.read(out / "metrics.jsonl") if "loss" in x]
+    assert logged[-3:] == [step + 1, step + 2, step + 3]
     r, whole = train(tmp_path, "uninterrupted", 2, LONG[1:] + [f"train.steps={step + 3}"])
     assert r.returncode == 0, r.stdout[-3000:]
     same_run(out, whole, rtol=1e-5, what=f"stopped at {step}, resumed")

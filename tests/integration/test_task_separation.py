@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+from launch_util import ROOT, env, train
 
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
-from launch_util import ROOT, env, train
 
 OFFLINE = r"""
 import json, sys

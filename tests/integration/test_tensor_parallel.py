@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from launch_util import mpirun_argv, run, same_checkpoint, same_run, train
 
 from hvdllm import checkpoint
-from launch_util import mpirun_argv, run, same_checkpoint, same_run, train
 
 BACKENDS = ["torch", "tensorflow"]
 

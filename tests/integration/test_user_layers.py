@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_util import by_step, losses, same_checkpoint, same_run, train
 
 from hvdllm import checkpoint, config, user_model
 from hvdllm.errors import ConfigError
-from launch_util import by_step, losses, same_checkpoint, same_run, train
 
 MODELS = Path(__file__).resolve().parents[1] / "user_models.py"
 BUILDER = {"torch": f"{MODELS}:torch_lm", "tensorflow": f"{MODELS}:keras_lm"}

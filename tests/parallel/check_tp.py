@@ -4,12 +4,12 @@ two allreduces forward and two backward inside the tp group."""
 import os
 
 import numpy as np
+from tests_tp_helpers import loss_and_grads
 
 from hvdllm import runtime
 from hvdllm.backends import load as load_backend
 from hvdllm.config import ModelConfig
 from hvdllm.strategies import tensor_parallel as tp_plan
-from tests_tp_helpers import loss_and_grads
 
 BACKEND = os.environ.get("HVDLLM_BACKEND", "torch")
 be = load_backend(BACKEND)

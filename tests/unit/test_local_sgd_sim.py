@@ -3,10 +3,10 @@ equal right after every averaging and only then; the average is the plain mean o
 the outer (DiLoCo) step follows its formula, Nesterov or not; the state round-trips."""
 import numpy as np
 import pytest
+from simcoll import World, run_group
 
 from hvdllm.config import LocalSGDConfig
 from hvdllm.strategies.local_sgd import LocalSGD
-from simcoll import World, run_group
 
 N, LR = 37, 0.1
 

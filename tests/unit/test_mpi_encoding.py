@@ -6,10 +6,10 @@ import time
 
 import numpy as np
 import pytest
+from launch_util import ROOT
 
 import mpi
 from hvdllm.errors import PeerTimeout
-from launch_util import ROOT
 from mpi import p2p
 
 

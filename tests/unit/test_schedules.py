@@ -4,8 +4,18 @@ import json
 import pytest
 
 from hvdllm.strategies.schedules import (
-    COMPUTE, Instr, ScheduleDeadlock, build, gpipe, ideal_bubble, interleaved_1f1b, one_f_one_b,
-    simulate, to_chrome_trace, validate_schedule)
+    COMPUTE,
+    Instr,
+    ScheduleDeadlock,
+    build,
+    gpipe,
+    ideal_bubble,
+    interleaved_1f1b,
+    one_f_one_b,
+    simulate,
+    to_chrome_trace,
+    validate_schedule,
+)
 
 PS = [1, 2, 3, 4]
 MS = [1, 2, 3, 4, 8, 16]

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from simcoll import FAULTS, CollectiveMismatch, World, run_group
 
 KS = [1, 2, 3, 4, 7]

@@ -6,9 +6,9 @@ import threading
 
 import numpy as np
 import pytest
+from simcoll import World
 
 from hvdllm import stop
-from simcoll import World
 
 
 def run_agreement(k, signal_rank, signal_after, step_s, check_s=0.05, first=0, last=60):

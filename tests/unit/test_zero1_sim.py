@@ -9,13 +9,13 @@ the parameters by ~2e-7 relative (float32 noise) -- only the norm and the moment
 grad_norm of a real run: tests/test_integration.py compares it)."""
 import numpy as np
 import pytest
+from simcoll import World, run_group
 
 from hvdllm import checkpoint, placement
 from hvdllm.config import AggregationConfig, OptimConfig
 from hvdllm.flat import FlatLayout
 from hvdllm.optim import FlatAdamW, clip_coef
 from hvdllm.strategies.zero import Zero1
-from simcoll import World, run_group
 
 # 127 elements (a prime): padded for every k > 1; 2-D arrays decay, 1-D ones do not
 SHAPES = {"wte": (11, 6), "h.0.w": (6, 5), "h.0.b": (7,), "ln.g": (6,), "head": (6, 3)}
