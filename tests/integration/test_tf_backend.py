@@ -259,7 +259,7 @@ def test_configure_accepts_the_threads_already_set():
 DP_SCRIPT = """
 import numpy as np, sys
 from mpi4py import MPI
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+sys.path[:0] = [{root!r}, {tests!r}, {tests!r} + "/integration"]
 import tf_backend as be
 from test_tf_backend import tiny_cfg, batch
 from hvdllm.layout import Layout
