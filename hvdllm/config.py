@@ -30,7 +30,19 @@ class ModelConfig:
     n_embd: int = doc("model width", 128)
     block_size: int = doc("context length in tokens", 128)
     vocab_size: int = doc("vocabulary size; 0 takes the tokenizer's", 0)
-    dropout: float = doc("dropout probability (0 keeps runs bit-reproducible)", 0.0)
+    dropout: float = doc("dropout probability (0 keeps runs bit-reproducible); gpt2 only", 0.0)
+    family: str = doc("architecture: 'gpt2' (LayerNorm, learned positions, GELU MLP, biases) or 'llama' "
+                      "(RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases); "
+                      "parameter names and their Hugging Face keys in hvdllm/params.py", "gpt2")
+    n_kv_head: int = doc("llama: key/value heads of grouped-query attention (must divide n_head; "
+                         "under parallel.tp, tp must divide it); 0 = n_head", 0)
+    ffn_hidden: int = doc("MLP width; 0 = the family's: 4*n_embd (gpt2), 8/3*n_embd rounded up to a "
+                          "multiple of 64 (llama)", 0)
+    norm_eps: float = doc("epsilon of LayerNorm (gpt2) / RMSNorm (llama)", 1e-5)
+    rope_theta: float = doc("llama: base of the rotary position embedding's frequencies", 10000.0)
+    tie_embeddings: bool = doc("the output head reuses the token embedding wte (false: its own "
+                               "lm_head, as Llama 2/3 8B and larger; true suits small models, as "
+                               "Llama 3.2 1B/3B and GPT-2)", True)
     layers: str = doc("a user's model as 'module:function' returning an ordered list of layers (torch "
                       "nn.Modules, or Keras layers / callables for TensorFlow); '' = the built-in GPT", "")
     tp_plan: str = doc("with model.layers and parallel.tp > 1: which Linear / Dense modules split, as "
@@ -128,6 +140,11 @@ class TrainConfig:
     keep_checkpoints: int = doc("checkpoints kept on disk", 2)
     resume: bool = doc("resume from the latest intact checkpoint in out_dir (a damaged one is skipped, "
                        "with a message)", False)
+    init_from: str = doc("start from this model's weights (fresh optimizer, step 0): a Hugging Face "
+                         "model folder (config.json, model.safetensors or its index, tokenizer.json) or "
+                         "an hvdllm run / checkpoint folder; its model settings replace model.* (not "
+                         "dropout, tp_plan) and its tokenizer tokenizes data.corpus; train.resume with "
+                         "a checkpoint in out_dir wins ('' = random init)", "")
     resume_allow: list = doc(
         "settings a resume may find changed since the checkpoint; any other change makes the resume "
         "refuse, naming it. Checked: model.* (not tp_plan), optim.*, train.seed, train.batch_size (the "
@@ -137,6 +154,7 @@ class TrainConfig:
         "train.steps may change freely. List keys or whole sections, e.g. [\"optim.lr\", "
         "\"train.batch_size\"] or [\"optim\"]; the run prints each change it allows", [])
     progress: bool = doc("show a progress bar on rank 0", True)
+    plot: bool = doc("draw loss.png from metrics.jsonl at the end (rank 0)", True)
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
     sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
     sample_prompt: str = doc("prompt for the final sample", "def ")
@@ -168,6 +186,7 @@ class Config:
 
 CHOICES = {
     "backend": ("torch", "tensorflow"),
+    "model.family": ("gpt2", "llama"),
     "data.tokenizer": ("byte", "bpe"),
     "aggregation.op": ("average", "sum", "adasum"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
@@ -340,6 +359,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    p.extend(_family_problems(m))
     if not 0.0 < cfg.data.val_fraction < 0.5:
         p.append(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
@@ -367,7 +387,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 # listed in train.resume_allow (or its section). train.batch_size stands for the global batch,
 # data.tokenizer for the stored tokenizer and data.corpus for the prepared tokens.
 RESUME_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
-                  "model.dropout", "model.layers", "optim.lr", "optim.min_lr", "optim.warmup_steps",
+                  "model.dropout", "model.layers", "model.family", "model.n_kv_head", "model.ffn_hidden",
+                  "model.norm_eps", "model.rope_theta", "model.tie_embeddings", "optim.lr", "optim.min_lr",
+                  "optim.warmup_steps",
                   "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
                   "train.seed", "train.batch_size", "data.tokenizer", "data.corpus")
 
@@ -386,6 +408,37 @@ def vocab_problems(cfg: Config, tokenizer_vocab: int) -> list[str]:
                 f"of {tokenizer_vocab}; token ids up to {tokenizer_vocab - 1} must fit: set "
                 f"model.vocab_size=0 (the tokenizer's) or >= {tokenizer_vocab}"]
     return []
+
+
+def _family_problems(m: ModelConfig) -> list[str]:
+    """The architecture's own rules (model.family): what grouped-query attention, rotary
+    embeddings and the MLP width need, and the settings only llama reads."""
+    p = []
+    llama = m.family == "llama"
+    if m.n_kv_head < 0 or m.ffn_hidden < 0:
+        p.extend(f"model.{k}: must be >= 0 (0 = the default), got {getattr(m, k)}"
+                 for k in ("n_kv_head", "ffn_hidden") if getattr(m, k) < 0)
+    if not 0 < m.norm_eps < 1:
+        p.append(f"model.norm_eps: must be in (0, 1), got {m.norm_eps}")
+    if not llama:
+        for key, bad in (("n_kv_head", m.n_kv_head not in (0, m.n_head)), ("rope_theta", m.rope_theta != 10000.0)):
+            if bad:
+                p.append(f"model.{key}: only model.family = 'llama' uses it (gpt2 has multi-head "
+                         f"attention and learned positions); remove it or set model.family = 'llama'")
+        return p
+    if m.n_head >= 1 and m.n_kv_head > 0 and m.n_head % m.n_kv_head:
+        p.append(f"model.n_kv_head: {m.n_kv_head} does not divide model.n_head={m.n_head} (each key/value "
+                 f"head serves n_head / n_kv_head query heads)")
+    if m.n_head >= 1 and not m.n_embd % m.n_head and (m.n_embd // m.n_head) % 2:
+        p.append(f"model.n_head: the head dimension n_embd / n_head = {m.n_embd // m.n_head} must be even "
+                 f"for rotary embeddings (each frequency rotates a pair of features)")
+    if not 0 < m.rope_theta < math.inf:
+        p.append(f"model.rope_theta: must be a finite number > 0, got {m.rope_theta}")
+    if m.dropout:
+        p.append("model.dropout: llama has no dropout (as Hugging Face's Llama); set it to 0")
+    if m.layers:
+        p.append("model.family: applies to the built-in model; model.layers trains a user's layer list")
+    return p
 
 
 def _input_problems(cfg: Config, world_size: int | None) -> list[str]:

@@ -1,63 +1,241 @@
-"""The GPT's parameter layout, shared by both backends, and its seeded initial values.
+"""The models' parameter layout, shared by both backends, and their seeded initial values.
 
 One naming and one orientation for every framework: a linear layer's weight is (in, out) and is
-applied as `x @ W + b` (GPT-2's Conv1D layout). The initial values are drawn here with numpy from
+applied as `x @ W (+ b)` (GPT-2's Conv1D layout). The initial values are drawn here with numpy from
 the seed, so torch and TensorFlow start from identical weights and a checkpoint written by one
 framework loads in the other.
+
+Two families (`model.family`):
+
+gpt2 (the default): learned position embeddings `wpe`, pre-LayerNorm blocks with biases, fused
+  `attn.c_attn` = [q | k | v], tanh-GELU MLP `mlp.c_fc` / `mlp.c_proj`; names as HF GPT-2's
+  (`transformer.` prefix dropped, Conv1D weights are already (in, out)).
+
+llama: no position table (rotary embeddings on q and k), RMSNorm without bias, separate q / k / v
+  projections with grouped-query attention (`model.n_kv_head` key/value heads, each shared by
+  n_head / n_kv_head query heads), SwiGLU MLP, no biases anywhere. Names and the Hugging Face
+  `LlamaForCausalLM` key each one maps to (C = n_embd, hd = n_embd / n_head, nh = n_head,
+  nkv = n_kv_head, F = ffn_hidden, V = vocab_size):
+
+    hvdllm                   shape         Hugging Face Llama                              shape
+    wte                      (V, C)        model.embed_tokens.weight                       (V, C)
+    h.{i}.ln_1.weight        (C,)          model.layers.{i}.input_layernorm.weight         (C,)
+    h.{i}.attn.q.weight      (C, nh*hd)    model.layers.{i}.self_attn.q_proj.weight        (nh*hd, C)  T
+    h.{i}.attn.k.weight      (C, nkv*hd)   model.layers.{i}.self_attn.k_proj.weight        (nkv*hd, C) T
+    h.{i}.attn.v.weight      (C, nkv*hd)   model.layers.{i}.self_attn.v_proj.weight        (nkv*hd, C) T
+    h.{i}.attn.o.weight      (nh*hd, C)    model.layers.{i}.self_attn.o_proj.weight        (C, nh*hd)  T
+    h.{i}.ln_2.weight        (C,)          model.layers.{i}.post_attention_layernorm.weight (C,)
+    h.{i}.mlp.gate.weight    (C, F)        model.layers.{i}.mlp.gate_proj.weight           (F, C)      T
+    h.{i}.mlp.up.weight      (C, F)        model.layers.{i}.mlp.up_proj.weight             (F, C)      T
+    h.{i}.mlp.down.weight    (F, C)        model.layers.{i}.mlp.down_proj.weight           (C, F)      T
+    ln_f.weight              (C,)          model.norm.weight                               (C,)
+    lm_head (untied only)    (V, C)        lm_head.weight                                  (V, C)
+
+  T: transposed (HF's nn.Linear weight is (out, in)). `lm_head` is stored like an embedding, as
+  HF does, (V, C), not transposed: logits = h @ lm_head.T, exactly as a tied head uses `wte`, so
+  tying and untying is a rename. `hf_llama_names(model_cfg)` returns this table as a dict.
+  Config keys: hidden_size = n_embd, num_hidden_layers = n_layer, num_attention_heads = n_head,
+  num_key_value_heads = n_kv_head, intermediate_size = ffn_hidden, rms_norm_eps = norm_eps,
+  rope_theta = rope_theta, tie_word_embeddings = tie_embeddings, vocab_size = vocab_size,
+  max_position_embeddings >= block_size; HF's head_dim must be hidden_size / num_attention_heads,
+  hidden_act "silu", rope_scaling none, attention_bias = mlp_bias = false. q and k keep HF's
+  per-head feature order (rotate_half pairs feature j with j + hd/2), so no permutation is needed.
+
+`model.tie_embeddings` (default true, both families): the head reuses `wte`. false adds
+`lm_head`, drawn after every other parameter, so the tied model's values do not move.
 """
 from __future__ import annotations
 
 import numpy as np
 
+FAMILIES = ("gpt2", "llama")
 
-def param_shapes(n_layer: int, n_embd: int, vocab_size: int, block_size: int) -> dict[str, tuple]:
-    """Ordered {name: shape}. The order is the canonical order for init, fusion and checkpoints."""
-    C = n_embd
-    shapes = {"wte": (vocab_size, C), "wpe": (block_size, C)}
-    for i in range(n_layer):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+
+# ---------------------------------------------------------------------------------------------
+# Derived sizes (a setting of 0 means the family's default). getattr: callers may pass any
+# object with the GPT-2 fields (benchmarks build their own).
+
+def family(model_cfg) -> str:
+    return getattr(model_cfg, "family", "gpt2")
+
+
+def is_llama(model_cfg) -> bool:
+    return family(model_cfg) == "llama"
+
+
+def kv_heads(model_cfg) -> int:
+    """Key/value heads: model.n_kv_head, or n_head (plain multi-head attention) when 0."""
+    return getattr(model_cfg, "n_kv_head", 0) or model_cfg.n_head
+
+
+def head_dim(model_cfg) -> int:
+    return model_cfg.n_embd // model_cfg.n_head
+
+
+def ffn_hidden(model_cfg) -> int:
+    """MLP width: model.ffn_hidden, else 4 * n_embd (gpt2) or, for llama, 8/3 * n_embd rounded up
+    to a multiple of 64 (Llama's rule, which keeps SwiGLU's three matrices at about the
+    parameters of GPT's two)."""
+    f = getattr(model_cfg, "ffn_hidden", 0)
+    if f:
+        return f
+    C = model_cfg.n_embd
+    if not is_llama(model_cfg):
+        return 4 * C
+    return 64 * -(-(8 * C // 3) // 64)
+
+
+def tied(model_cfg) -> bool:
+    """The head reuses the token embedding `wte` (else it has its own `lm_head`)."""
+    return bool(getattr(model_cfg, "tie_embeddings", True))
+
+
+def head_name(model_cfg) -> str:
+    return "wte" if tied(model_cfg) else "lm_head"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+def _block_shapes(model_cfg, h: str) -> dict[str, tuple]:
+    C, F = model_cfg.n_embd, ffn_hidden(model_cfg)
+    if is_llama(model_cfg):
+        q, kv = model_cfg.n_head * head_dim(model_cfg), kv_heads(model_cfg) * head_dim(model_cfg)
+        return {
+            h + "ln_1.weight": (C,),
+            h + "attn.q.weight": (C, q), h + "attn.k.weight": (C, kv), h + "attn.v.weight": (C, kv),
+            h + "attn.o.weight": (q, C),
+            h + "ln_2.weight": (C,),
+            h + "mlp.gate.weight": (C, F), h + "mlp.up.weight": (C, F), h + "mlp.down.weight": (F, C),
+        }
+    return {
+        h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+        h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+        h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+        h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+        h + "mlp.c_fc.weight": (C, F), h + "mlp.c_fc.bias": (F,),
+        h + "mlp.c_proj.weight": (F, C), h + "mlp.c_proj.bias": (C,),
+    }
+
+
+class _GPT2Sizes:
+    """The GPT-2 family from the four sizes of the older positional call."""
+
+    def __init__(self, n_layer, n_embd, vocab_size, block_size):
+        self.n_layer, self.n_embd, self.vocab_size, self.block_size = n_layer, n_embd, vocab_size, block_size
+        self.n_head = 1
+
+
+def param_shapes(model_cfg, n_embd: int | None = None, vocab_size: int | None = None,
+                 block_size: int | None = None) -> dict[str, tuple]:
+    """Ordered {name: shape} of the whole model. The order is the canonical order for init,
+    fusion and checkpoints. Call it with the model config; the GPT-2-only form
+    `param_shapes(n_layer, n_embd, vocab_size, block_size)` still works (it cannot know the
+    family, so it is always gpt2 with a tied head)."""
+    m = model_cfg if n_embd is None else _GPT2Sizes(model_cfg, n_embd, vocab_size, block_size)
+    C = m.n_embd
+    shapes = {"wte": (m.vocab_size, C)}
+    if not is_llama(m):
+        shapes["wpe"] = (m.block_size, C)
+    for i in range(m.n_layer):
+        shapes.update(_block_shapes(m, f"h.{i}."))
+    shapes["ln_f.weight"] = (C,)
+    if not is_llama(m):
+        shapes["ln_f.bias"] = (C,)
+    if not tied(m):
+        shapes["lm_head"] = (m.vocab_size, C)
     return shapes
 
 
 def decays(shape) -> bool:
-    """AdamW weight decay applies to matrices and embeddings (ndim >= 2), not biases or LN gains."""
+    """AdamW weight decay applies to matrices and embeddings (ndim >= 2), not biases or norm gains."""
     return len(shape) >= 2
 
 
+def _residual_projection(name: str) -> bool:
+    """The projections that write into the residual stream (scaled by 1/sqrt(2L) at init)."""
+    return name.endswith(("c_proj.weight", "attn.o.weight", "mlp.down.weight"))
+
+
 def init_params(model_cfg, seed: int) -> dict[str, np.ndarray]:
-    """GPT-2 initialisation (as nanoGPT): N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    """GPT-2 initialisation (as nanoGPT), for both families: N(0, 0.02), residual projections
+    scaled by 1/sqrt(2L), norm gains 1, biases 0; drawn in canonical order from one generator."""
     rng = np.random.default_rng(seed)
     m = model_cfg
     out = {}
-    for name, shape in param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size).items():
+    for name, shape in param_shapes(m).items():
         if name.endswith(".bias"):
             value = np.zeros(shape)
         elif ".ln_" in name or name.startswith("ln_"):
             value = np.ones(shape)
         else:
-            std = 0.02 / np.sqrt(2 * m.n_layer) if name.endswith("c_proj.weight") else 0.02
+            std = 0.02 / np.sqrt(2 * m.n_layer) if _residual_projection(name) else 0.02
             value = rng.normal(0.0, std, size=shape)
         out[name] = value.astype(np.float32)
     return out
 
 
 def count(model_cfg) -> int:
+    return sum(int(np.prod(s)) for s in param_shapes(model_cfg).values())
+
+
+def rope_inv_freq(model_cfg) -> np.ndarray:
+    """(head_dim / 2,) float32 frequencies 1 / theta^(2j / head_dim), in float32 as HF computes them."""
+    hd = head_dim(model_cfg)
+    theta = np.float32(getattr(model_cfg, "rope_theta", 10000.0))
+    return (np.float32(1.0) / theta ** (np.arange(0, hd, 2).astype(np.float32) / np.float32(hd))).astype(np.float32)
+
+
+def rope_tables(model_cfg, T: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (T, head_dim) float32, of the rotary embedding at positions 0..T-1
+    (default block_size), computed as Hugging Face's LlamaRotaryEmbedding does (default rope
+    type): inv_freq = 1 / theta^(2j/hd) and the angles pos * inv_freq in float32, the two halves
+    of each head dimension sharing a frequency. Both backends take these same numbers."""
+    T = model_cfg.block_size if T is None else T
+    angles = np.arange(T, dtype=np.float32)[:, None] * rope_inv_freq(model_cfg)[None, :]
+    emb = np.concatenate([angles, angles], axis=-1).astype(np.float32)
+    return np.cos(emb.astype(np.float64)).astype(np.float32), np.sin(emb.astype(np.float64)).astype(np.float32)
+
+
+def flops_per_token(model_cfg) -> float:
+    """Training FLOPs per token (6N + attention), as in the PaLM appendix; for MFU figures.
+    gpt2: N counts every parameter (as before). llama: N is the matrices a token multiplies
+    with (an untied model's `wte` is only looked up), the attention term the same 12 L C T."""
     m = model_cfg
-    return sum(int(np.prod(s)) for s in param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size).values())
+    n = count(m)
+    if is_llama(m) and not tied(m):
+        n -= m.vocab_size * m.n_embd
+    return 6 * n + 12 * m.n_layer * m.n_embd * m.block_size
+
+
+def hf_llama_names(model_cfg) -> dict[str, tuple[str, bool]]:
+    """{hvdllm name: (Hugging Face LlamaForCausalLM key, transposed)} for a llama model (the
+    table in this module's docstring). transposed: hvdllm's array is the HF tensor's .T."""
+    hf = {"ln_1.weight": ("input_layernorm.weight", False),
+          "attn.q.weight": ("self_attn.q_proj.weight", True),
+          "attn.k.weight": ("self_attn.k_proj.weight", True),
+          "attn.v.weight": ("self_attn.v_proj.weight", True),
+          "attn.o.weight": ("self_attn.o_proj.weight", True),
+          "ln_2.weight": ("post_attention_layernorm.weight", False),
+          "mlp.gate.weight": ("mlp.gate_proj.weight", True),
+          "mlp.up.weight": ("mlp.up_proj.weight", True),
+          "mlp.down.weight": ("mlp.down_proj.weight", True)}
+    out = {"wte": ("model.embed_tokens.weight", False)}
+    for name in param_shapes(model_cfg):
+        if name.startswith("h."):
+            i, rest = name[2:].split(".", 1)
+            key, t = hf[rest]
+            out[name] = (f"model.layers.{i}.{key}", t)
+    out["ln_f.weight"] = ("model.norm.weight", False)
+    if not tied(model_cfg):
+        out["lm_head"] = ("lm_head.weight", False)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# The GPT as an ordered list of layers, for pipeline stages: 0 = embeddings, 1..L = blocks,
-# L+1 = head (final LayerNorm and the tied output embedding, so `wte` lives on both ends).
+# The model as an ordered list of layers, for pipeline stages: 0 = embeddings, 1..L = blocks,
+# L+1 = head (final norm and the output matrix: the tied `wte`, which then lives on both ends,
+# or `lm_head`).
 
 def n_layers(model_cfg) -> int:
     return model_cfg.n_layer + 2
@@ -66,22 +244,21 @@ def n_layers(model_cfg) -> int:
 def layer_params(model_cfg, i: int) -> list[str]:
     L = model_cfg.n_layer
     if i == 0:
-        return ["wte", "wpe"]
+        return ["wte"] if is_llama(model_cfg) else ["wte", "wpe"]
     if i == L + 1:
-        return ["ln_f.weight", "ln_f.bias", "wte"]
-    block = [n[len("h.0."):] for n in param_shapes(1, 1, 1, 1) if n.startswith("h.0.")]
-    return [f"h.{i - 1}.{n}" for n in block]
+        norm = ["ln_f.weight"] if is_llama(model_cfg) else ["ln_f.weight", "ln_f.bias"]
+        return norm + [head_name(model_cfg)]
+    return list(_block_shapes(model_cfg, f"h.{i - 1}."))
 
 
 def names_for_layers(model_cfg, layers) -> list[str]:
     """Parameter names used by these layers, in canonical order, each once."""
     wanted = {n for i in layers for n in layer_params(model_cfg, i)}
-    m = model_cfg
-    return [n for n in param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size) if n in wanted]
+    return [n for n in param_shapes(model_cfg) if n in wanted]
 
 
 def layer_costs(model_cfg) -> list[float]:
     """Parameter count per layer (the head counts its logits matmul, V*C, not a second wte)."""
     m = model_cfg
-    shapes = param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+    shapes = param_shapes(m)
     return [float(sum(np.prod(shapes[n]) for n in layer_params(m, i))) for i in range(n_layers(m))]

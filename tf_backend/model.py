@@ -1,4 +1,6 @@
-"""A GPT in TensorFlow with the framework-neutral parameter layout of hvdllm.params.
+"""The built-in model in TensorFlow with the framework-neutral parameter layout of hvdllm.params:
+GPT-2 or, with model.family = "llama", a Llama (RMSNorm, rotary embeddings, SwiGLU,
+grouped-query attention), computing what torch_backend/model.py does.
 
 Raw tf.Variables on a tf.Module, no Keras layers: Horovod cannot handle Keras 3 variables, and
 the (in, out) weight layout must load the same numpy arrays the torch twin uses. Initial values
@@ -11,6 +13,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from hvdllm import params as params_mod
 from hvdllm.params import init_params, n_layers, names_for_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
 
@@ -23,13 +26,12 @@ from .tensor_parallel import (
     vocab_parallel_embedding,
 )
 
-LN_EPS = 1e-5
-
 
 class GPT(tf.Module):
-    """The whole GPT, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
+    """The whole model, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
     L+1 = head. A partial model holds only its layers' parameters, under their global names.
-    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py)."""
+    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py).
+    model_cfg.family picks the architecture (hvdllm/params.py); the class keeps its name."""
 
     def __init__(self, model_cfg, seed: int, dropout_seed: int | None = None, layers=None,
                  tp: TPGroup | None = None):
@@ -39,6 +41,12 @@ class GPT(tf.Module):
         self.tp = tp if tp is not None and tp.size > 1 else None
         n = self.tp.size if self.tp else 1
         self.n_head_local, self.width_local = model_cfg.n_head // n, model_cfg.n_embd // n
+        self.llama = params_mod.is_llama(model_cfg)
+        self.head = params_mod.head_name(model_cfg)
+        self.eps = getattr(model_cfg, "norm_eps", 1e-5)
+        if self.llama:
+            self.n_kv_local, self.head_dim = params_mod.kv_heads(model_cfg) // n, params_mod.head_dim(model_cfg)
+            self.rope_cos, self.rope_sin = (tf.constant(t) for t in params_mod.rope_tables(model_cfg))
         values = init_params(model_cfg, seed)
         if self.tp:
             values = {k: tp_plan.shard(k, v, self.tp.size, self.tp.rank) for k, v in values.items()}
@@ -58,8 +66,16 @@ class GPT(tf.Module):
 
     # building blocks ----------------------------------------------------------------------------
     def _ln(self, x, prefix):
+        if self.llama:
+            return self._rms(x, prefix)
         mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return (x - mean) * tf.math.rsqrt(var + LN_EPS) * self.p(prefix + ".weight") + self.p(prefix + ".bias")
+        return (x - mean) * tf.math.rsqrt(var + self.eps) * self.p(prefix + ".weight") + self.p(prefix + ".bias")
+
+    def _rms(self, x, prefix):
+        """RMSNorm as Hugging Face's LlamaRMSNorm: in float32, the gain applied after."""
+        h = tf.cast(x, tf.float32)
+        h = h * tf.math.rsqrt(tf.reduce_mean(tf.square(h), axis=-1, keepdims=True) + self.eps)
+        return self.p(prefix + ".weight") * tf.cast(h, x.dtype)
 
     def _linear(self, x, prefix):
         return tf.matmul(x, self.p(prefix + ".weight")) + self.p(prefix + ".bias")
@@ -88,6 +104,37 @@ class GPT(tf.Module):
         y = tf.reshape(tf.transpose(tf.matmul(att, v), [0, 2, 1, 3]), [B, T, C])
         return self._dropout(self._row_linear(y, h + "attn.c_proj"), training)
 
+    def _rope(self, t):
+        """Rotary embedding of (B, heads, T, hd): HF's rotate_half over the two halves."""
+        T, half = tf.shape(t)[2], self.head_dim // 2
+        rotated = tf.concat([-t[..., half:], t[..., :half]], axis=-1)
+        return t * self.rope_cos[:T] + rotated * self.rope_sin[:T]
+
+    def _llama_attn(self, x, h):
+        """Grouped-query attention: this rank's query heads and the key/value heads they share
+        (query head j reads key/value head j // (n_head / n_kv_head), as HF's repeat_kv)."""
+        B, T = tf.shape(x)[0], tf.shape(x)[1]
+        nh, nkv, hd = self.n_head_local, self.n_kv_local, self.head_dim
+        x = copy_to_tp(x, self.tp)
+
+        def heads(name, n):
+            return tf.transpose(tf.reshape(tf.matmul(x, self.p(h + name)), [B, T, n, hd]), [0, 2, 1, 3])
+        q, k, v = heads("attn.q.weight", nh), heads("attn.k.weight", nkv), heads("attn.v.weight", nkv)
+        q, k = self._rope(q), self._rope(k)
+        if nkv != nh:
+            k, v = tf.repeat(k, nh // nkv, axis=1), tf.repeat(v, nh // nkv, axis=1)
+        scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(hd)))
+        causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)
+        scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
+        y = tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+        y = tf.reshape(tf.transpose(y, [0, 2, 1, 3]), [B, T, nh * hd])
+        return reduce_from_tp(tf.matmul(y, self.p(h + "attn.o.weight")), self.tp)
+
+    def _swiglu(self, x, h):
+        x = copy_to_tp(x, self.tp)
+        a = tf.nn.silu(tf.matmul(x, self.p(h + "mlp.gate.weight"))) * tf.matmul(x, self.p(h + "mlp.up.weight"))
+        return reduce_from_tp(tf.matmul(a, self.p(h + "mlp.down.weight")), self.tp)
+
     def _mlp(self, x, h, training):
         x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate=True)
         return self._dropout(self._row_linear(x, h + "mlp.c_proj"), training)
@@ -102,11 +149,14 @@ class GPT(tf.Module):
             T = tf.shape(x)[1]
             tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
                    else tf.gather(self.p("wte"), x))
-            return self._dropout(tok + self.p("wpe")[:T], training)
+            return tok if self.llama else self._dropout(tok + self.p("wpe")[:T], training)
         if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
             x = copy_to_tp(self._ln(x, "ln_f"), self.tp)
-            return tf.matmul(x, self.p("wte"), transpose_b=True)
+            return tf.matmul(x, self.p(self.head), transpose_b=True)
         h = f"h.{i - 1}."
+        if self.llama:
+            x = x + self._llama_attn(self._ln(x, h + "ln_1"), h)
+            return x + self._swiglu(self._ln(x, h + "ln_2"), h)
         x = x + self._attn(self._ln(x, h + "ln_1"), h, training)
         return x + self._mlp(self._ln(x, h + "ln_2"), h, training)
 

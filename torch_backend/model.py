@@ -1,4 +1,6 @@
-"""A GPT in PyTorch with the framework-neutral parameter layout of hvdllm.params.
+"""The built-in model in PyTorch with the framework-neutral parameter layout of hvdllm.params:
+GPT-2 or, with model.family = "llama", a Llama (RMSNorm, rotary embeddings, SwiGLU,
+grouped-query attention; computed as Hugging Face's LlamaModel does).
 
 Weights are (in, out) and applied as x @ W + b, so the same numpy arrays load into the
 TensorFlow twin; initial values come from hvdllm.params.init_params (same seed, same weights).
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hvdllm import params as params_mod
 from hvdllm.params import init_params, n_layers, names_for_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
 
@@ -23,9 +26,10 @@ from .tensor_parallel import (
 
 
 class GPT(nn.Module):
-    """The whole GPT, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
+    """The whole model, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
     L+1 = head. A partial model holds only its layers' parameters, under their global names.
-    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py)."""
+    With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py).
+    model_cfg.family picks the architecture (hvdllm/params.py); the class keeps its name."""
 
     def __init__(self, model_cfg, seed: int, layers=None, tp: TPGroup | None = None):
         super().__init__()
@@ -33,6 +37,15 @@ class GPT(nn.Module):
         self.tp = tp if tp is not None and tp.size > 1 else None
         n = self.tp.size if self.tp else 1
         self.n_head_local, self.width_local = model_cfg.n_head // n, model_cfg.n_embd // n
+        self.llama = params_mod.is_llama(model_cfg)
+        self.head = params_mod.head_name(model_cfg)
+        self.eps = getattr(model_cfg, "norm_eps", 1e-5)
+        if self.llama:
+            self.n_kv_local, self.head_dim = params_mod.kv_heads(model_cfg) // n, params_mod.head_dim(model_cfg)
+            cos, sin = params_mod.rope_tables(model_cfg)
+            # buffers, not parameters: they move with the module but are never trained or saved
+            self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
+            self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
         values = init_params(model_cfg, seed)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
@@ -50,7 +63,15 @@ class GPT(nn.Module):
         return [(n, self.plist[i]) for i, n in enumerate(self.names)]
 
     def _ln(self, x, prefix):
-        return F.layer_norm(x, (x.shape[-1],), self.p(prefix + ".weight"), self.p(prefix + ".bias"), 1e-5)
+        if self.llama:
+            return self._rms(x, prefix)
+        return F.layer_norm(x, (x.shape[-1],), self.p(prefix + ".weight"), self.p(prefix + ".bias"), self.eps)
+
+    def _rms(self, x, prefix):
+        """RMSNorm as Hugging Face's LlamaRMSNorm: in float32, the gain applied after."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.p(prefix + ".weight") * h.to(x.dtype)
 
     def _linear(self, x, prefix):
         return torch.addmm(self.p(prefix + ".bias"), x.reshape(-1, x.shape[-1]),
@@ -71,6 +92,33 @@ class GPT(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self._dropout(self._row_linear(y, h + "attn.c_proj"))
 
+    def _rope(self, t):
+        """Rotary embedding of (B, heads, T, hd): HF's rotate_half over the two halves."""
+        T, half = t.shape[2], t.shape[-1] // 2
+        rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+        return t * self.rope_cos[:T] + rotated * self.rope_sin[:T]
+
+    def _llama_attn(self, x, h):
+        """Grouped-query attention: this rank's query heads and the key/value heads they share
+        (query head j reads key/value head j // (n_head / n_kv_head), as HF's repeat_kv)."""
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_head_local, self.n_kv_local, self.head_dim
+        x = copy_to_tp(x, self.tp)
+        q = (x @ self.p(h + "attn.q.weight")).view(B, T, nh, hd).transpose(1, 2)
+        k = (x @ self.p(h + "attn.k.weight")).view(B, T, nkv, hd).transpose(1, 2)
+        v = (x @ self.p(h + "attn.v.weight")).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = self._rope(q), self._rope(k)
+        if nkv != nh:
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return reduce_from_tp(y @ self.p(h + "attn.o.weight"), self.tp)
+
+    def _swiglu(self, x, h):
+        x = copy_to_tp(x, self.tp)
+        a = F.silu(x @ self.p(h + "mlp.gate.weight")) * (x @ self.p(h + "mlp.up.weight"))
+        return reduce_from_tp(a @ self.p(h + "mlp.down.weight"), self.tp)
+
     def _mlp(self, x, h):
         x = F.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate="tanh")
         return self._dropout(self._row_linear(x, h + "mlp.c_proj"))
@@ -86,10 +134,13 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
             tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
                    else self.p("wte")[x])
-            return self._dropout(tok + self.p("wpe")[:T])
+            return tok if self.llama else self._dropout(tok + self.p("wpe")[:T])
         if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
-            return copy_to_tp(self._ln(x, "ln_f"), self.tp) @ self.p("wte").t()
+            return copy_to_tp(self._ln(x, "ln_f"), self.tp) @ self.p(self.head).t()
         h = f"h.{i - 1}."
+        if self.llama:
+            x = x + self._llama_attn(self._ln(x, h + "ln_1"), h)
+            return x + self._swiglu(self._ln(x, h + "ln_2"), h)
         x = x + self._attn(self._ln(x, h + "ln_1"), h)
         return x + self._mlp(self._ln(x, h + "ln_2"), h)
 
@@ -118,10 +169,9 @@ class GPT(nn.Module):
 
 
 def flops_per_token(model_cfg) -> float:
-    """Training FLOPs per token (6N + attention), as in the PaLM appendix; for MFU figures."""
-    from hvdllm.params import count
-    m = model_cfg
-    return 6 * count(m) + 12 * m.n_layer * m.n_embd * m.block_size
+    """Training FLOPs per token (6N + attention), as in the PaLM appendix; for MFU figures
+    (hvdllm.params.flops_per_token, both families)."""
+    return params_mod.flops_per_token(model_cfg)
 
 
 __all__ = ["GPT", "flops_per_token"]

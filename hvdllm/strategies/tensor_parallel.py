@@ -7,6 +7,13 @@ Per transformer block, inside the tp group only:
              -> attention on local heads -> row-parallel c_proj -> g (allreduce forward)
   MLP:       f -> column-parallel c_fc -> GELU -> row-parallel c_proj -> g
 so two allreduces in the forward pass and two in the backward pass per block.
+The llama family (hvdllm/params.py) is split the same way: column-parallel attn.q / attn.k /
+attn.v and mlp.gate / mlp.up, row-parallel attn.o and mlp.down, RMSNorm gains replicated.
+Key/value heads (grouped-query attention) are split across the tp ranks, never replicated:
+tp must divide model.n_kv_head (and model.n_head); rank r holds query heads
+[r*nh/tp, (r+1)*nh/tp) and exactly the key/value heads they read, [r*nkv/tp, (r+1)*nkv/tp),
+so attention needs no communication. A model with fewer key/value heads than tp ranks (e.g.
+multi-query attention at tp=2) is refused by config validation, naming model.n_kv_head.
 Outside the blocks: the vocabulary-parallel embedding (each rank holds vocab rows [lo, hi),
 looks up the ids it owns, zeros elsewhere, then one forward allreduce) and the vocabulary-parallel
 cross-entropy, which never gathers the full logits: allreduce(max), allreduce(sum exp) and
@@ -26,7 +33,9 @@ STYLES = [
     (r"h\.\d+\.attn\.c_attn\.(weight|bias)$", "qkv_column"),
     (r"h\.\d+\.mlp\.c_fc\.(weight|bias)$", "column"),
     (r"h\.\d+\.(attn|mlp)\.c_proj\.weight$", "row"),
-    (r"^wte$", "vocab"),
+    (r"h\.\d+\.(attn\.(q|k|v)|mlp\.(gate|up))\.weight$", "column"),   # llama
+    (r"h\.\d+\.(attn\.o|mlp\.down)\.weight$", "row"),                  # llama
+    (r"^(wte|lm_head)$", "vocab"),
     (r".*", "replicate"),
 ]
 
@@ -103,10 +112,18 @@ def local_shapes(shapes: dict[str, tuple], tp: int) -> dict[str, tuple]:
 
 def problems(model_cfg, tp: int) -> list[str]:
     """What must divide for a tp-way split (used by config validation)."""
+    from ..params import ffn_hidden, is_llama, kv_heads
     p = []
     if tp > 1:
         if model_cfg.n_head % tp:
             p.append(f"parallel.tp: {tp} does not divide model.n_head={model_cfg.n_head}")
+        if is_llama(model_cfg) and kv_heads(model_cfg) % tp:
+            p.append(f"model.n_kv_head: parallel.tp={tp} does not divide the {kv_heads(model_cfg)} key/value "
+                     f"heads; key/value heads are split across tp ranks, never replicated (choose "
+                     f"parallel.tp dividing model.n_kv_head)")
+        if ffn_hidden(model_cfg) % tp:
+            p.append(f"parallel.tp: {tp} does not divide the MLP width (model.ffn_hidden = "
+                     f"{ffn_hidden(model_cfg)})")
         if model_cfg.vocab_size and model_cfg.vocab_size % tp:
             p.append(f"parallel.tp: {tp} does not divide the vocabulary ({model_cfg.vocab_size})")
     return p
