@@ -36,7 +36,14 @@ def process_set_groups(cfg) -> list[tuple]:
 def cmd_train(args) -> int:
     from . import runtime
     try:
-        cfg = config_mod.validate(config_mod.load(args.config, args.set), env_world_size())
+        cfg = config_mod.load(args.config, args.set)
+        source = None
+        if cfg.train.init_from:   # its model settings and tokenizer (hvdllm/hf.py), read by every rank
+            from . import hf
+            source = hf.apply_init_from(cfg)
+        cfg = config_mod.validate(cfg, env_world_size())
+        if source is not None:
+            cfg = hf.use_source_tokenizer(cfg, source)
     except ConfigError as e:  # every rank prints and leaves with 2, before anything is written
         print(f"[hvdllm] rank {env_rank()}: {e}", file=sys.stderr)
         return 2
@@ -168,10 +175,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", choices=list(backends.MODULES), help="load with the other framework")
     g.set_defaults(fn=cmd_generate)
-    cv = sub.add_parser("convert", help="write one unsharded parameters file from a run/checkpoint")
-    cv.add_argument("src", help="a run's out_dir (its latest checkpoint) or a checkpoints/step_* folder")
-    cv.add_argument("out", help="output .npz")
-    cv.add_argument("--hf", action="store_true", help="Hugging Face GPT-2 key names")
+    cv = sub.add_parser("convert", help="one unsharded .npz from a run/checkpoint, or Hugging Face "
+                                        "folders in (--from-hf) and out (--to-hf)",
+                        usage="hvdllm convert SRC OUT.npz [--hf] [--optimizer] | convert --from-hf DIR OUT "
+                              "| convert SRC --to-hf DIR")
+    cv.add_argument("paths", nargs="*", metavar="SRC/OUT",
+                    help="SRC: a run's out_dir (its latest checkpoint) or a checkpoints/step_* folder; "
+                         "OUT: the .npz to write, or with --from-hf the run folder to write")
+    cv.add_argument("--hf", action="store_true", help="the .npz with Hugging Face GPT-2 key names")
+    cv.add_argument("--from-hf", metavar="DIR", help="import a Hugging Face model folder (config.json, "
+                    "model.safetensors or its index, tokenizer.json; GPT-2 or Llama) as the run folder OUT")
+    cv.add_argument("--to-hf", metavar="DIR", help="export SRC as a Hugging Face folder (config.json, "
+                    "model.safetensors, tokenizer.json) that transformers' from_pretrained loads")
+    cv.add_argument("--backend", choices=list(backends.MODULES),
+                    help="--from-hf: the backend the run's config.toml names (default torch)")
     cv.add_argument("--optimizer", action="store_true",
                     help="keep AdamW moments and step: a single-file checkpoint any layout resumes from")
     cv.set_defaults(fn=cmd_convert)

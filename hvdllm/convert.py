@@ -6,6 +6,12 @@ each array's slices with their placement). This reassembles every array whole an
 file a single-file checkpoint that `train.resume` loads under any layout when placed in
 `checkpoints/` as step_XXXXXXXX.npz. With --hf the parameters are renamed to Hugging Face GPT-2
 keys (`transformer.h.0.attn.c_attn.weight`, ...; the (in, out) Conv1D layout is already GPT-2's).
+
+Hugging Face folders (hvdllm/hf.py):
+    hvdllm convert --from-hf DIR OUT    a model folder (config.json, safetensors, tokenizer.json)
+                                        -> OUT, an hvdllm run folder (config.toml, checkpoint step 0)
+    hvdllm convert RUN --to-hf DIR      a run (any layout, either framework) -> config.json,
+                                        model.safetensors, tokenizer.json that transformers loads
 """
 from __future__ import annotations
 
@@ -37,7 +43,67 @@ def hf_name(name: str) -> str:
     return "transformer." + name
 
 
+def usage_problem(args) -> str | None:
+    """Which positional arguments each form takes (checked before anything is read or written)."""
+    paths = list(args.paths)
+    if args.from_hf and args.to_hf:
+        return "--from-hf and --to-hf go one way each: give one of them"
+    if args.from_hf:
+        if len(paths) != 1:
+            return "convert --from-hf DIR OUT: name one OUT folder (the run folder to write)"
+        if args.hf or args.optimizer:
+            return "--hf / --optimizer write .npz files; --from-hf writes a run folder"
+    elif args.to_hf:
+        if len(paths) != 1:
+            return "convert RUN_DIR --to-hf DIR: name one run (or checkpoint) folder to export"
+        if args.optimizer:
+            return "--optimizer has no Hugging Face form: --to-hf writes the parameters only"
+    elif len(paths) != 2:
+        return ("convert SRC OUT.npz [--hf] [--optimizer], convert --from-hf DIR OUT or "
+                "convert SRC --to-hf DIR")
+    return None
+
+
 def run(args) -> int:
+    from . import hf
+    problem = usage_problem(args)
+    if problem:
+        from .errors import ConfigError
+        raise ConfigError([problem])
+    if args.from_hf:
+        path = hf.import_run(args.from_hf, args.paths[0], args.backend or "torch")
+        print(f"[hvdllm] imported {args.from_hf} into {args.paths[0]} ({path.name}); next: "
+              f"hvdllm generate {args.paths[0]}, or hvdllm train --set train.init_from={args.paths[0]}")
+        return 0
+    if args.to_hf:
+        return to_hf(args.paths[0], args.to_hf)
+    args.src, args.out = args.paths
+    return to_npz(args)
+
+
+def to_hf(src, out_dir) -> int:
+    """A run's newest intact checkpoint (or a checkpoint folder) as a Hugging Face folder."""
+    from . import hf, tokenizer
+    path = resolve(src)
+    state, meta = checkpoint.load(path)
+    config = meta.get("config") or {}
+    model = dict(config.get("model") or {})
+    if not model:
+        raise CheckpointError(f"{path}: its manifest records no model config")
+    if model.get("layers"):
+        raise CheckpointError(f"{path}: a user's layer list (model.layers) has no Hugging Face form; "
+                              f"--to-hf exports the built-in gpt2 and llama families")
+    text = state.read_file(checkpoint.TOKENIZER_FILE) if hasattr(state, "read_file") else None
+    text = text.decode("utf-8") if text is not None else None
+    if text is None or json.loads(text).get("hvdllm_tokenizer") == "byte":
+        text = tokenizer.byte_level_json()   # ids = UTF-8 bytes, as hvdllm's byte tokenizer
+    out = hf.export(state, model, text, out_dir, float(model.get("dropout", 0.0)))
+    print(f"[hvdllm] wrote {out}: {hf.CONFIG}, {hf.WEIGHTS}, {hf.TOKENIZER} from {path} (step "
+          f"{meta.get('step')}); load with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def to_npz(args) -> int:
     src = resolve(args.src)
     state, meta = checkpoint.load(src)
     keep_all = getattr(args, "optimizer", False) and not args.hf

@@ -8,7 +8,8 @@ from . import backends, config
 # What a checkpoint's weights mean: `generate` refuses an out_dir/config.toml that disagrees with
 # the checkpoint's own record of these (e.g. a later run in the same out_dir changed them).
 GENERATE_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
-                    "model.vocab_size", "model.layers")
+                    "model.vocab_size", "model.layers", "model.family", "model.n_kv_head",
+                    "model.ffn_hidden", "model.norm_eps", "model.rope_theta", "model.tie_embeddings")
 
 
 def generate_inputs(args):
@@ -51,7 +52,11 @@ def generate_inputs(args):
                               f"more than model.vocab_size={cfg.model.vocab_size}")
     if not cfg.model.layers:
         m = cfg.model
-        checkpoint.check_compatible(state, param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size), path)
+        try:
+            shapes = param_shapes(m)
+        except TypeError:   # the four-size form
+            shapes = param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+        checkpoint.check_compatible(state, shapes, path)
     return cfg, path, state, meta, tok
 
 

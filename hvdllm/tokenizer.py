@@ -4,6 +4,13 @@ Both offer `.name`, `.vocab_size`, `.encode(text) -> list[int]`, `.decode(ids) -
 `.serialize() -> str` (the whole tokenizer as JSON text: stored with every checkpoint, so a resume
 can tell whether it still has the same one and `hvdllm generate` needs no corpus; `from_serialized`
 rebuilds it). `tokenizers` is imported only when BPE is asked for, so byte mode runs on numpy alone.
+
+A Hugging Face model's own tokenizer.json (any `tokenizers` model: byte-level BPE, SentencePiece
+style BPE with byte fallback, ...) loads as a BPETokenizer too (`from_serialized`); a run started
+from that model (train.init_from, hvdllm/hf.py) `register`s it, and data.tokenizer then names it
+by a digest of its text ("hf:<sha256 prefix>"), so the token cache is per tokenizer. Special tokens
+(a Llama tokenizer's BOS) are not added when encoding: text becomes its tokens only.
+`byte_level_json()` is the byte tokenizer as an equivalent tokenizer.json, for exports.
 """
 from __future__ import annotations
 
@@ -79,7 +86,7 @@ class BPETokenizer:
         return self._tok.to_str()
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.uint32)
@@ -97,6 +104,14 @@ def get_tokenizer(data_cfg, texts=None, cache_dir=None):
     kind = data_cfg.tokenizer
     if kind == "byte":
         return ByteTokenizer()
+    if kind.startswith("hf:"):
+        if kind not in _REGISTERED:
+            raise HvdllmError(f"data.tokenizer: {kind!r} names the tokenizer of a train.init_from model, "
+                              f"and none was registered in this process; set train.init_from")
+        tok = from_serialized(_REGISTERED[kind])
+        if cache_dir is not None and not (Path(cache_dir) / BPE_FILE).exists():
+            tok.save(Path(cache_dir) / BPE_FILE)   # beside the tokens it made, for reference
+        return tok
     if kind != "bpe":
         raise HvdllmError(f"data.tokenizer: {kind!r} is not one of 'byte', 'bpe'")
     path = Path(cache_dir) / BPE_FILE if cache_dir is not None else None
@@ -108,6 +123,37 @@ def get_tokenizer(data_cfg, texts=None, cache_dir=None):
     if path is not None:
         tok.save(path)
     return tok
+
+
+_REGISTERED: dict[str, str] = {}   # "hf:<digest>" -> tokenizer.json text
+
+
+def register(text: str) -> str:
+    """Make a tokenizer.json text (a train.init_from model's) usable as data.tokenizer; returns
+    its name there."""
+    import hashlib
+    kind = "hf:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    _REGISTERED[kind] = text
+    return kind
+
+
+def byte_level_json() -> str:
+    """ByteTokenizer as a tokenizer.json (ids = UTF-8 byte values): a BPE without merges over
+    GPT-2's byte-to-character alphabet, so Hugging Face tokenizers encode exactly as hvdllm did."""
+    t = BPETokenizer._lib()
+    # GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256 + n
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    tok = t.Tokenizer(t.models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = t.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = t.decoders.ByteLevel()
+    return tok.to_str()
 
 
 def from_serialized(text: str):

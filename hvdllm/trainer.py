@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, metrics, stop
+from . import checkpoint, config, data, hf, metrics, stop
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -56,9 +56,11 @@ class Trainer:
                                     t.batch_size * cfg.aggregation.accumulation,
                                     self.layout.dp, self.layout.dp_rank, t.seed)
         self.start_step = self._maybe_resume()
+        if self.start_step == 0 and t.init_from:
+            self._init_from(t.init_from)
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(cfg))
+            (self.out / "config.toml").write_text(to_toml(hf.for_toml(cfg)))
             self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None)
         # Task separation (strategies/roles.py): rank 0 offers weight snapshots to role ranks.
         # Under pp / tp every trainer rank helps gather the weights (None where it has no part).
@@ -83,6 +85,17 @@ class Trainer:
         if self.is_root:
             print(f"[hvdllm] resumed from {path} (step {meta['step']})", file=sys.stderr)
         return int(meta["step"])
+
+    def _init_from(self, source) -> None:
+        """train.init_from: a Hugging Face model folder or an hvdllm run's weights, no optimizer
+        state (hvdllm/hf.py). Each rank reads only the slices it holds, as a resume does."""
+        src = hf.open_source(source)
+        weights = src.weights()
+        checkpoint.check_compatible(weights, self.engine.param_shapes, src.path)
+        self.engine.load_state_dict(weights)
+        if self.is_root:
+            print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "
+                  f"weights; optimizer fresh)", file=sys.stderr)
 
     # the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -197,6 +210,7 @@ class Trainer:
         self.engine.close()  # parameter servers: SHUTDOWN from trainer rank 0
         if self.is_root:
             self.log.close()
-            metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")
+            if t.plot:
+                metrics.plot(self.out, f"{self.cfg.backend} · {self.layout.describe()}")
         return summary
 

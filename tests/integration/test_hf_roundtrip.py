@@ -1,0 +1,71 @@
+"""Issue 15 at the integration tier, in one launch: a tiny random transformers GPT-2 is fine-tuned
+20 steps at dp2 x tp2 straight from its Hugging Face folder (train.init_from: each rank reads
+only its tp slices), exported with `convert --to-hf`, reloaded by transformers' from_pretrained,
+and its logits compared with hvdllm's own from the final checkpoint."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from launch_util import hvdllm, losses
+
+from hvdllm import checkpoint, cli, config
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from test_hf_import import T, V, batch, hf_logits, hf_model, make_tokenizer_json, rel, save_hf  # noqa: E402
+
+
+def hvdllm_logits(run: Path, x: np.ndarray) -> np.ndarray:
+    """The run's newest checkpoint in hvdllm's torch model (one process, no collectives)."""
+    import torch
+
+    from torch_backend.model import GPT
+    state, meta = checkpoint.load(checkpoint.latest(run))
+    cfg = config.from_dict(meta["config"])
+    model = GPT(cfg.model, 0)
+    with torch.no_grad():
+        for name, p in model.named():
+            p.copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.integration
+def test_import_finetune_dp2xtp2_export_reload(tmp_path):
+    import torch
+    tok_text = make_tokenizer_json()
+    model = hf_model("gpt2", seed=1)
+    folder = save_hf(model, tmp_path / "hf", tok_text)
+    run = tmp_path / "run"
+    sets = [f"train.init_from={json.dumps(str(folder))}", f"train.out_dir={json.dumps(str(run))}",
+            "parallel.tp=2", "train.batch_size=4", "train.steps=20", "train.eval_every=0",
+            "train.eval_batches=2", "train.checkpoint_every=20", "train.threads=1", "train.sample_tokens=8",
+            "train.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "data.max_bytes=400000"]
+    r = hvdllm(4, ["train", *[a for kv in sets for a in ("--set", kv)]], timeout=400)
+    assert r.returncode == 0, r.stdout[-5000:]
+    assert "initialised from" in r.stdout
+    # the model's settings and tokenizer were used: n_positions as block_size, its BPE stored
+    cfg = config.load(run / "config.toml")
+    assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size) == (32, V, T)
+    assert cfg.data.tokenizer == "byte" and cfg.train.init_from == str(folder)   # re-runnable as written
+    stored = checkpoint.stored_tokenizer(checkpoint.latest(run))
+    assert json.loads(stored.serialize()) == json.loads(tok_text)
+    loss = losses(run)
+    assert len(loss) == 20 and loss[-1] < loss[0]
+    state, meta = checkpoint.load(checkpoint.latest(run))
+    assert meta["step"] == 20 and "tp=2" in meta["layout"] and len(meta["shards"]) == 2
+    # export, reload in transformers, same logits as hvdllm's
+    out = tmp_path / "export"
+    assert cli.main(["convert", str(run), "--to-hf", str(out)]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    x = batch(5)
+    ours = hvdllm_logits(run, x)
+    err = rel(hf_logits(reloaded, x), ours)
+    print(f"dp2xtp2 fine-tune -> export -> transformers: max relative logit difference {err:.2e}")
+    assert err <= 1e-5
+    # and it did move away from the imported model
+    assert rel(hf_logits(model, x), ours) > 1e-3
+    with torch.no_grad():
+        assert not torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
