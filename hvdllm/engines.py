@@ -6,7 +6,7 @@ the framework's calls. The primitives each backend supplies:
 
     named                     [(name, tensor)] this rank's parameters (hvdllm.params order)
     to_host(t) -> ndarray     the named host boundary (checkpoints, parameter servers, metrics,
-    from_host(ndarray) -> t   pipeline activations, and the strategies that still run in numpy)
+    from_host(ndarray) -> t   the step's input batch, pipeline activations)
     assign(t, ndarray)        write a host array into a parameter
     concat_flat(tensors) / assign_flat(tensors, flat)
                               one flat vector on the device, and back (ZeRO-1, local SGD)
@@ -14,7 +14,25 @@ the framework's calls. The primitives each backend supplies:
                               the framework optimizer's moments as 'optim.m.<name>' /
                               'optim.v.<name>' / 'optim.step' (unsharded engines only)
     last_logits(ids)          float64 logits of the last position (generation)
-    comm, ncomm               Collectives over the dp group, and HostCollectives over it
+    comm, ncomm               Collectives over the dp group (on the backend's tensors), and
+                              HostCollectives over it (numpy: metrics, checkpoints)
+    comm.ops                  the array primitives of the backend's flat vectors (hvdllm/flat.py
+                              NumpyOps lists them: zeros, concat, sqnorms, sqrt, minimum, scale,
+                              from_host / to_host), so the core's flat strategies run on them
+
+The device seam (what crosses to the host per training step; tests/parallel/check_transfers.py
+counts every to_host / from_host and holds each layout to it). Tensors stay the backend's own
+through a step: the gradients, their reduction, clipping and the update. The core's flat
+strategies, ZeRO-1 (strategies/zero.py, its AdamW shard: optim.DeviceAdamW) and local SGD
+(strategies/local_sgd.py), run on the backend's flat tensors through its tensor Collectives and
+`comm.ops`, never on numpy. So per step: from_host = the input batch (x and y: 2), to_host = 0,
+for dp, ZeRO-1, local SGD (sync steps and the others alike) and tp; the logged scalars (the loss,
+the gradient norm) are read as Python floats. A pipeline adds its activations and gradients
+between stages and the tied-embedding exchange (p2p over MPI's host buffers), a fixed number per
+micro-batch, never one per parameter. Host copies otherwise only at named boundaries:
+checkpoints (state_dict, shard_state, load_state_dict; Zero1.shard_state / load_shard / moments /
+gather_state; LocalSGD.state / load), parameter servers (flat_params / flat_grads /
+set_flat_params: their servers run numpy), role-rank snapshots and metrics.
 
 State layout (checkpoint.py, placement.py): parameters under their names plus their AdamW moments;
 under tensor parallelism each rank holds slices (tp_plan.placements say where); under ZeRO-1 each
@@ -25,14 +43,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import aggregation, sampling
+from .flat import NUMPY
 from .strategies import pipeline as pl
 from .strategies import tensor_parallel as tp_plan
 
 
 class HostCollectives:
-    """A backend's Collectives on host numpy arrays (the strategies written in numpy: ZeRO-1,
-    local SGD, metrics). Every call is one host -> device -> host round trip, counted by the
-    backend's to_host / from_host."""
+    """A backend's Collectives on host numpy arrays, for what is host-side anyway: metrics, the
+    stop agreement, role-rank snapshots, tp gathers for checkpoints. Every call is one host ->
+    device -> host round trip, counted by the backend's to_host / from_host. (The core's flat
+    strategies, ZeRO-1 and local SGD, take the backend's tensor Collectives instead; they run
+    on these too, on numpy, which is what `ops` says.)"""
+
+    ops = NUMPY
 
     def __init__(self, coll, from_host, to_host):
         self.coll, self._in, self._out = coll, from_host, to_host
@@ -133,16 +156,24 @@ class GPTEngineBase(EngineBase):
         tensors = [p for _, p in self.named]
         self.assign_flat(tensors, self.comm.broadcast(self.concat_flat(tensors), root=0, name="init.params"))
 
-    # flat views for the core's numpy strategies: one host transfer per vector, never one per
-    # parameter (the backend concatenates and splits on its device) --------------------------
+    # flat vectors on the device, for the core's flat strategies (ZeRO-1, local SGD): no host
+    # transfer (the backend concatenates and splits on its device) ----------------------------
+    def device_flat_params(self):
+        return self.concat_flat([p for _, p in self.named])
+
+    def set_device_flat_params(self, flat) -> None:
+        self.assign_flat([p for _, p in self.named], flat)
+
+    # ... and their host copies, for parameter servers and role-rank snapshots (numpy on the
+    # other side): one host transfer per vector, never one per parameter ------------------------
     def flat_params(self) -> np.ndarray:
-        return self.to_host(self.concat_flat([p for _, p in self.named]))
+        return self.to_host(self.device_flat_params())
 
     def flat_grads(self, grads) -> np.ndarray:
         return self.to_host(self.concat_flat(grads))
 
     def set_flat_params(self, flat: np.ndarray) -> None:
-        self.assign_flat([p for _, p in self.named], self.from_host(np.ascontiguousarray(flat, np.float32)))
+        self.set_device_flat_params(self.from_host(np.ascontiguousarray(flat, np.float32)))
 
     # state (collective under ZeRO-1, tp and pp: every rank of the group calls it) -----------
     def _to_first_stage(self, local: dict) -> dict:
@@ -236,7 +267,8 @@ class PipelineStageBase(GPTEngineBase):
         self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
                                 cfg.parallel.schedule, self.timeout)
         self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer)
-        self.zero = pl.make_zero(cfg, self, host_collectives) if cfg.parallel.zero else None
+        # ZeRO-1 on the backend's tensors: make_zero is handed the tensor Collectives as they are
+        self.zero = pl.make_zero(cfg, self, lambda coll: coll) if cfg.parallel.zero else None
         self.opt = make_adamw() if self.zero is None else None
 
     def reduce_and_step(self, lr: float) -> float:
@@ -251,8 +283,8 @@ class PipelineStageBase(GPTEngineBase):
             grads[i] = self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(grads[i]),
                                                        self.timeout))
         if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
-            new, norm = self.zero.step(self.flat_grads(grads), self.flat_params(), lr)
-            self.set_flat_params(new)
+            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr)
+            self.set_device_flat_params(new)
             return norm
         if self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="pp.grads", **self.reduce.kwargs())

@@ -1,9 +1,72 @@
 """One flat float32 vector for all parameters (canonical order of hvdllm.params), so strategies
-that shard or average "the model" (ZeRO-1, local SGD, parameter servers) are written once, in numpy.
+that shard or average "the model" (ZeRO-1, local SGD, parameter servers) are written once.
+
+The vectors themselves are the backend's own (torch tensors, tf tensors; numpy on the host and in
+the unit tier's simulator): the strategies touch them only through the operators + - * / that
+numpy arrays, torch tensors and tf tensors share, slicing, and the few primitives of an `ops`
+object (NumpyOps below is the reference; torch_backend.collectives.TorchOps and
+tf_backend.collectives.TFOps are the same on their tensors). A backend's Collectives carries its
+ops as `Collectives.ops`, so a strategy handed a set of collectives knows how to make and measure
+the vectors it exchanges.
 """
 from __future__ import annotations
 
 import numpy as np
+
+
+class NumpyOps:
+    """The array primitives of the core's flat strategies, on numpy float32 vectors:
+
+        zeros(n)              a float32 vector of n zeros (where the other vectors live)
+        concat(xs)            xs joined end to end
+        sqnorms(x, groups)    float64 vector: for each group of [s, e) spans, the sum over its
+                              spans of dot(x[s:e], x[s:e]) (each dot accumulated in float32, as
+                              np.dot does; the spans' dots added in float64)
+        sqrt(x), minimum(x, c)
+        scale(x, s)           x times the scalar s (a float or a 0-d float64 of these ops)
+                              rounded to x's dtype first
+        from_host(a) / to_host(x)
+                              a host array in and out (copies): the named boundary, used at
+                              construction and checkpoints only, never per step
+    """
+
+    name = "numpy"
+
+    @staticmethod
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, np.float32)
+
+    @staticmethod
+    def concat(xs) -> np.ndarray:
+        return np.concatenate(list(xs))
+
+    @staticmethod
+    def sqnorms(x, groups) -> np.ndarray:
+        return np.array([sum(float(np.dot(x[s:e], x[s:e])) for s, e in spans) for spans in groups], np.float64)
+
+    sqrt = staticmethod(np.sqrt)
+    minimum = staticmethod(np.minimum)
+
+    @staticmethod
+    def scale(x, s):
+        return x * x.dtype.type(s)
+
+    @staticmethod
+    def from_host(a) -> np.ndarray:
+        return np.array(a, np.float32)
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return np.array(x)
+
+
+NUMPY = NumpyOps()
+
+
+def ops_of(comm):
+    """The ops of the vectors `comm` moves: a backend Collectives' own; a collective without them
+    (HostCollectives, the unit tier's simulator, or none at all) moves numpy arrays."""
+    return getattr(comm, "ops", None) or NUMPY
 
 
 class FlatLayout:
@@ -35,6 +98,15 @@ class FlatLayout:
         n = self.padded_total(k) // k
         return i * n, (i + 1) * n
 
-    def pad(self, flat: np.ndarray, k: int) -> np.ndarray:
-        extra = self.padded_total(k) - flat.size
-        return np.concatenate([flat, np.zeros(extra, flat.dtype)]) if extra else flat
+    def pad(self, flat, k: int, ops=NUMPY):
+        """`flat` zero-padded to padded_total(k) (itself when nothing is missing)."""
+        extra = self.padded_total(k) - int(flat.shape[0])
+        return ops.concat([flat, ops.zeros(extra)]) if extra else flat
+
+    def shard(self, flat, k: int, i: int, ops=NUMPY):
+        """Shard i of the zero-padded `flat`, without padding the whole vector (only the last
+        shard reaches past the end)."""
+        lo, hi = self.shard_range(k, i)
+        end = min(hi, max(lo, self.total))
+        part = flat[lo:end]
+        return ops.concat([part, ops.zeros(hi - end)]) if end < hi else part

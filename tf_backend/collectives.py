@@ -28,8 +28,50 @@ def _wire(compression: str):
     return aggregation.wire_dtype(compression, tf.float16, tf.bfloat16)
 
 
+class TFOps:
+    """hvdllm/flat.py's array primitives on flat tf tensors (float32), for the core's ZeRO-1,
+    local SGD and DeviceAdamW, run eagerly (their collectives go through Collectives' cached
+    tf.functions: one trace per call site, none per step). Scalars stay 0-d tensors."""
+
+    name = "tensorflow"
+
+    @staticmethod
+    def zeros(n: int) -> tf.Tensor:
+        return tf.zeros([n], tf.float32)
+
+    @staticmethod
+    def concat(xs) -> tf.Tensor:
+        return tf.concat(list(xs), 0)
+
+    @staticmethod
+    def sqnorms(x, groups) -> tf.Tensor:
+        zero = tf.zeros([], tf.float64)
+        return tf.stack([sum((tf.cast(tf.tensordot(x[s:e], x[s:e], 1), tf.float64) for s, e in spans), zero)
+                         for spans in groups])
+
+    sqrt = staticmethod(tf.sqrt)
+
+    @staticmethod
+    def minimum(x, c):
+        return tf.minimum(x, c)
+
+    @staticmethod
+    def scale(x, s):
+        return x * (tf.cast(s, x.dtype) if tf.is_tensor(s) else float(np.float32(s)))
+
+    @staticmethod
+    def from_host(a) -> tf.Tensor:
+        return from_host(np.array(a, np.float32))
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return np.array(to_host(x))
+
+
 class Collectives:
     """Collectives over one Horovod process set (a group of ranks from the Layout)."""
+
+    ops = TFOps()   # the primitives of the tensors they move (hvdllm/flat.py)
 
     def __init__(self, process_set=None):
         self.process_set = process_set if process_set is not None else hvd.global_process_set
@@ -53,7 +95,7 @@ class Collectives:
         key = key + tuple((t.dtype, t.shape.rank) for t in tensors)
         if key not in self._fns:
             sig = [tf.TensorSpec([None] * t.shape.rank, t.dtype) for t in tensors]
-            self._fns[key] = tf.function(fn, input_signature=sig)
+            self._fns[key] = tf.function(fn, input_signature=sig, autograph=False)
         return self._fns[key](*tensors)
 
     def _to_wire(self, t, compression):
@@ -149,8 +191,9 @@ def init_horovod(comm=None, process_sets=()):
 
 
 class NumpyCollectives(HostCollectives):
-    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for the core's
-    numpy strategies (ZeRO-1, local SGD, metrics)."""
+    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for what is on the
+    host anyway (metrics, the stop agreement, snapshots, checkpoints' tp gathers); ZeRO-1 and
+    local SGD use Collectives itself."""
 
     def __init__(self, coll: Collectives):
         super().__init__(coll, from_host, to_host)
@@ -172,4 +215,4 @@ def from_host(a, dtype=None) -> tf.Tensor:
     return tf.constant(a, dtype=dtype)
 
 
-__all__ = ["Collectives", "NumpyCollectives", "from_host", "init_horovod", "to_host"]
+__all__ = ["Collectives", "NumpyCollectives", "TFOps", "from_host", "init_horovod", "to_host"]

@@ -73,12 +73,12 @@ class Engine(GPTEngineBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.steps_done = 0
         if cfg.parallel.zero:   # under tp: each tp rank's slices sharded over its dp group
-            tp_args = {} if self.tp is None else {"tp": self.tp_ncomm, "kind": tp_plan.norm_kind}
-            self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation, **tp_args)
-        if cfg.localsgd.every:
-            self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params())
+            tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
+            self.zero = Zero1(self.flat, self.comm, cfg.optim, cfg.aggregation, **tp_args)
+        if cfg.localsgd.every:   # both on tf tensors, through the tensor Collectives
+            self.local = LocalSGD(cfg.localsgd, self.comm, self.device_flat_params())
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
-        wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True)) \
+        wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True, autograph=False)) \
             if COMPILE else (lambda f, sig: f)
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64)])
         self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
@@ -163,12 +163,12 @@ class Engine(GPTEngineBase):
         self.steps_done += 1
         if self.zero is not None:
             loss, grads = self._grads(xs, ys)
-            new, norm = self.zero.step(self.flat_grads(grads), self.flat_params(), lr)
-            self.set_flat_params(new)
+            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr)
+            self.set_device_flat_params(new)
         else:
             loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64))
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
-                self.set_flat_params(self.local.sync(self.flat_params()))
+                self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if self.comm.size > 1 and (self.zero is not None or not self._fold_loss()):
             loss = self.comm.allreduce(loss, op="average", name="loss")
         return StepResult(loss=float(loss), grad_norm=float(norm))

@@ -25,8 +25,49 @@ def _wire(compression: str):
     return aggregation.wire_dtype(compression, torch.float16, torch.bfloat16)
 
 
+class TorchOps:
+    """hvdllm/flat.py's array primitives on flat torch tensors (float32 on `device`; None: the
+    CPU), for the core's ZeRO-1, local SGD and DeviceAdamW. Scalars stay 0-d tensors: nothing
+    here reads a value back."""
+
+    name = "torch"
+
+    def __init__(self, device=None):
+        self.device = device
+
+    def zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def concat(xs) -> torch.Tensor:
+        return torch.cat(list(xs))
+
+    def sqnorms(self, x, groups) -> torch.Tensor:
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        return torch.stack([sum((torch.dot(x[s:e], x[s:e]).double() for s, e in spans), zero) for spans in groups])
+
+    sqrt = staticmethod(torch.sqrt)
+
+    @staticmethod
+    def minimum(x, c):
+        return x.clamp(max=c)
+
+    @staticmethod
+    def scale(x, s):
+        return x * (s.to(x.dtype) if torch.is_tensor(s) else float(np.float32(s)))
+
+    def from_host(self, a) -> torch.Tensor:
+        return from_host(np.array(a, np.float32), self.device)
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return np.array(to_host(x))
+
+
 class Collectives:
     """Collectives over one Horovod process set (a group of ranks from the Layout)."""
+
+    ops = TorchOps()   # the primitives of the tensors they move (hvdllm/flat.py)
 
     def __init__(self, process_set=None):
         self.process_set = process_set if process_set is not None else hvd.global_process_set
@@ -113,8 +154,9 @@ def init_horovod(comm=None, process_sets=()):
 
 
 class NumpyCollectives(HostCollectives):
-    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for the core's
-    numpy strategies (ZeRO-1, local SGD, metrics). On CPU torch.from_numpy shares memory."""
+    """The same collectives on numpy arrays (hvdllm/engines.py HostCollectives), for what is on the
+    host anyway (metrics, the stop agreement, snapshots, checkpoints' tp gathers); ZeRO-1 and
+    local SGD use Collectives itself. On CPU torch.from_numpy shares memory."""
 
     def __init__(self, coll: Collectives):
         super().__init__(coll, from_host, to_host)

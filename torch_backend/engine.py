@@ -55,10 +55,10 @@ class Engine(GPTEngineBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.steps_done = 0
         if cfg.parallel.zero:   # under tp: each tp rank's slices sharded over its dp group
-            tp_args = {} if self.tp is None else {"tp": self.tp_ncomm, "kind": tp_plan.norm_kind}
-            self.zero = Zero1(self.flat, self.ncomm, cfg.optim, cfg.aggregation, **tp_args)
-        if cfg.localsgd.every:
-            self.local = LocalSGD(cfg.localsgd, self.ncomm, self.flat_params())
+            tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
+            self.zero = Zero1(self.flat, self.comm, cfg.optim, cfg.aggregation, **tp_args)
+        if cfg.localsgd.every:   # both on torch tensors, through the tensor Collectives
+            self.local = LocalSGD(cfg.localsgd, self.comm, self.device_flat_params())
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.named, cfg.optim)
 
@@ -118,15 +118,15 @@ class Engine(GPTEngineBase):
         loss = self._forward_backward(x, y)
         self.steps_done += 1
         if self.zero is not None:
-            new, norm = self.zero.step(self.flat_grads([p.grad for p in self.params]), self.flat_params(), lr)
-            self.set_flat_params(new)
+            new, norm = self.zero.step(self.concat_flat([p.grad for p in self.params]), self.device_flat_params(), lr)
+            self.set_device_flat_params(new)
             mean_loss = None
         else:
             norm, mean_loss = self._aggregate_and_clip(loss, reduce=self.local is None)
             adamw_state.set_lr(self.opt, lr)
             self.opt.step()
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
-                self.set_flat_params(self.local.sync(self.flat_params()))
+                self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if mean_loss is None:
             mean_loss = self.comm.allreduce(loss, op="average", name="loss")
         return StepResult(loss=float(mean_loss), grad_norm=float(norm))

@@ -8,40 +8,50 @@ With outer_lr = 1 and outer_momentum = 0 the averaged parameters are taken as th
 (DiLoCo, Douillard et al. 2023) the averaged change is an outer gradient:
     delta = anchor - theta_avg;  buf = mu*buf + delta
     update = delta + mu*buf (Nesterov) or buf;   theta = anchor - outer_lr*update;  anchor = theta
+
+The vectors (parameters, anchor, momentum buffer) are the backend's own, moved by its tensor
+Collectives, never written in place (so the vector sync returns may be the anchor itself); they
+come to the host only for a checkpoint (state, load).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..flat import ops_of
+
 
 class LocalSGD:
-    def __init__(self, cfg, comm, initial_flat: np.ndarray):
-        self.every, self.comm = cfg.every, comm
+    def __init__(self, cfg, comm, initial_flat):
+        """`comm`: the dp group's Collectives (their `ops`: hvdllm/flat.py); `initial_flat`: the
+        parameters the run starts from, the backend's flat vector (not written afterwards)."""
+        self.every, self.comm, self.ops = cfg.every, comm, ops_of(comm)
         self.outer_lr, self.mu, self.nesterov = cfg.outer_lr, cfg.outer_momentum, cfg.nesterov
-        self.anchor = initial_flat.copy()
-        self.buf = np.zeros_like(initial_flat)
+        self.anchor = initial_flat
+        self.buf = self.ops.zeros(int(initial_flat.shape[0]))
         self.syncs = 0
 
     def due(self, step_done: int, last_step: int) -> bool:
         return step_done % self.every == 0 or step_done == last_step
 
-    def sync(self, flat_params: np.ndarray) -> np.ndarray:
-        """Average over the dp group (and apply the outer step); returns the new parameters."""
+    def sync(self, flat_params):
+        """Average over the dp group (and apply the outer step); returns the new parameters
+        (the caller copies them into its model, or keeps them unchanged)."""
         avg = self.comm.allreduce(flat_params, op="average", name="localsgd.params")
         self.syncs += 1
         if self.outer_lr == 1.0 and self.mu == 0.0:
             self.anchor = avg
-            return avg.copy()
+            return avg
         delta = self.anchor - avg
         self.buf = self.mu * self.buf + delta
         update = delta + self.mu * self.buf if self.nesterov else self.buf
-        self.anchor = (self.anchor - self.outer_lr * update).astype(np.float32)
-        return self.anchor.copy()
+        self.anchor = self.anchor - self.outer_lr * update
+        return self.anchor
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"localsgd.anchor": self.anchor, "localsgd.buf": self.buf}
+        """Host copies (checkpoints)."""
+        return {"localsgd.anchor": self.ops.to_host(self.anchor), "localsgd.buf": self.ops.to_host(self.buf)}
 
     def load(self, state: dict) -> None:
         if "localsgd.anchor" in state:
-            self.anchor = np.asarray(state["localsgd.anchor"], np.float32).copy()
-            self.buf = np.asarray(state["localsgd.buf"], np.float32).copy()
+            self.anchor = self.ops.from_host(np.asarray(state["localsgd.anchor"], np.float32))
+            self.buf = self.ops.from_host(np.asarray(state["localsgd.buf"], np.float32))

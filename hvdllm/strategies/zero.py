@@ -7,64 +7,85 @@ Messages per optimizer step, in this order, all over the dp group:
   3. allgather of the updated parameter shards: every rank gets the whole new model (its part).
 The gradient bytes moved equal one allreduce (reduce-scatter + all-gather is how a ring allreduce
 works anyway); the saving is memory: each rank keeps m and v for 1/dp of the parameters only.
+
+Every vector stays the backend's own through the step (the gradient, the parameter shard, the
+moments: torch or tf tensors, on the device), moved by the backend's tensor Collectives and
+handled through their `ops` (hvdllm/flat.py). What reaches the host per step is the norm, a
+scalar (and under a pipeline its sum over the stages, an MPI float). Host copies are made only
+at the checkpoint boundary: shard_state, load_shard, moments, gather_state.
 Checkpoints stay sharded the same way: each rank writes the ranges it holds (shard_state).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import placement
-from ..flat import FlatLayout
-from ..optim import FlatAdamW, clip_coef
+from ..flat import FlatLayout, ops_of
+from ..optim import DeviceAdamW, clip_coef
 
 
 class Zero1:
-    """`comm`: NumpyCollectives over the dp group. `flat` holds what this rank trains: under
-    tensor parallelism its tp slices, in a pipeline its stage's parameters; each such part is
-    sharded over its own dp group. The clipping norm stays the whole model's: `kind(name)` says
-    how a parameter counts: 'sharded' (squares summed over the tp group `tp`, a
-    NumpyCollectives), 'replicated' (identical on every tp rank: counted once) or 'skip' (a
-    tied copy counted on another stage); `pp_sum(x)` then sums over the pipeline."""
+    """`comm`: the Collectives of the dp group (a backend's, on its tensors; HostCollectives or
+    the unit tier's simulator on numpy), whose `ops` make and measure the vectors. `flat` holds
+    what this rank trains: under tensor parallelism its tp slices, in a pipeline its stage's
+    parameters; each such part is sharded over its own dp group. The clipping norm stays the
+    whole model's: `kind(name)` says how a parameter counts: 'sharded' (squares summed over the
+    tp group's Collectives `tp`), 'replicated' (identical on every tp rank: counted once) or
+    'skip' (a tied copy counted on another stage); `pp_sum(x)` then sums a float over the
+    pipeline."""
 
     def __init__(self, flat: FlatLayout, comm, optim_cfg, agg_cfg, tp=None, kind=None, pp_sum=None):
         self.flat, self.comm, self.optim_cfg, self.agg = flat, comm, optim_cfg, agg_cfg
+        self.ops = ops_of(comm)
         self.k, self.i = comm.size, comm.rank
         self.lo, self.hi = flat.shard_range(self.k, self.i)
-        mask = flat.pad(flat.decay_mask(), self.k)[self.lo:self.hi]
-        self.opt = FlatAdamW(self.hi - self.lo, mask, optim_cfg)
+        mask = np.concatenate([flat.decay_mask(), np.zeros(flat.padded_total(self.k) - flat.total, bool)])
+        self.opt = DeviceAdamW(self.hi - self.lo, mask[self.lo:self.hi], optim_cfg, self.ops)
         self.tp, self.pp_sum = tp, pp_sum
-        # [start, end) of this shard's elements per kind, for the norm without temporaries
+        # [start, end) of this shard's elements per kind, adjacent ones merged: the norm is a few
+        # dots over slices, no temporaries and no per-element masks
         self.spans = {"sharded": [], "replicated": [], "skip": []}
         for n, _, (s, e) in self._pieces():
-            self.spans[kind(n) if kind else "sharded"].append((s, e))
+            spans = self.spans[kind(n) if kind else "sharded"]
+            if spans and spans[-1][1] == s:
+                spans[-1] = (spans[-1][0], e)
+            else:
+                spans.append((s, e))
         self.plain = tp is None and pp_sum is None and not self.spans["skip"]
 
-    def step(self, flat_grad: np.ndarray, flat_params: np.ndarray, lr: float) -> tuple[np.ndarray, float]:
-        """Returns (new flat parameters, global grad norm before clipping)."""
-        g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k), op="average", name="zero.grads",
+    def step(self, flat_grad, flat_params, lr: float) -> tuple:
+        """flat_grad, flat_params: this rank's flat vectors, the backend's type. Returns (the new
+        flat parameters, the same type; the global grad norm before clipping, a float)."""
+        ops = self.ops
+        g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k, ops), op="average", name="zero.grads",
                                     compression=self.agg.compression)
         if self.plain:
-            sq = self.comm.allreduce(np.array([np.dot(g, g)], np.float64), op="sum", name="zero.norm")
-            norm = float(np.sqrt(sq[0]))
+            total = self.comm.allreduce(ops.sqnorms(g, [[(0, self.hi - self.lo)]]), op="sum", name="zero.norm")[0]
         else:
-            part = np.array([sum(float(np.dot(g[s:e], g[s:e])) for s, e in self.spans[kind])
-                             for kind in ("sharded", "replicated")], np.float64)
-            sq = self.comm.allreduce(part, op="sum", name="zero.norm")            # over dp
-            sharded = sq[0] if self.tp is None else \
-                self.tp.allreduce(sq[:1].copy(), op="sum", name="zero.norm.tp")[0]
+            sq = self.comm.allreduce(ops.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]]),
+                                     op="sum", name="zero.norm")                  # over dp
+            sharded = sq[0] if self.tp is None else self.tp.allreduce(sq[:1], op="sum", name="zero.norm.tp")[0]
             total = sharded + sq[1]
-            norm = float(np.sqrt(self.pp_sum(total) if self.pp_sum else total))
-        g = g * np.float32(clip_coef(norm, self.optim_cfg.grad_clip))
-        shard = self.flat.pad(flat_params, self.k)[self.lo:self.hi].copy()
-        self.opt.step(shard, g, lr)
+            if self.pp_sum:   # the pipeline's sum is an MPI float: the one scalar read here
+                total = self.pp_sum(float(total))
+        if isinstance(total, float):   # (a numpy float64 is one too)
+            norm, minimum = math.sqrt(total), min
+        else:                          # a 0-d tensor: the clip factor is formed on the device
+            norm, minimum = ops.sqrt(total), ops.minimum
+        coef = clip_coef(norm, self.optim_cfg.grad_clip, minimum)
+        if not (isinstance(coef, float) and coef == 1.0):
+            g = ops.scale(g, coef)
+        shard = self.opt.step(self.flat.shard(flat_params, self.k, self.i, ops), g, lr)
         full = self.comm.allgather(shard, name="zero.params")
-        return full[:self.flat.total], norm
+        return full[:self.flat.total], float(norm)
 
     def state_bytes(self) -> int:
-        """Optimizer-state bytes held on this rank (m and v)."""
-        return self.opt.m.nbytes + self.opt.v.nbytes
+        """Optimizer-state bytes held on this rank (m and v, float32)."""
+        return 2 * 4 * (self.hi - self.lo)
 
-    # checkpoints -----------------------------------------------------------------------------
+    # checkpoints: the host boundary ----------------------------------------------------------
     def _pieces(self):
         """(name, [a, b) within the parameter, [a, b) within this rank's shard) for every
         parameter this rank's flat range [lo, hi) touches."""
@@ -79,21 +100,23 @@ class Zero1:
         parameters and optim.step; every rank adds the moments it holds, as ranged pieces of
         each parameter its flat range [lo, hi) touches (placement.ranged), of the tp slice at
         bases[name] (None: the whole array). A loader joins the pieces, so the checkpoint loads
-        under any layout, with or without ZeRO."""
+        under any layout, with or without ZeRO. The moments come to the host once each."""
         bases = bases or {}
-        out = dict(params, **{"optim.step": np.array(self.opt.t, np.int64)}) if self.i == 0 else {}
+        st = self.opt.state()
+        out = dict(params, **{"optim.step": np.array(st["t"], np.int64)}) if self.i == 0 else {}
         where = {n: bases.get(n) for n in params} if self.i == 0 else {}
         for n, (a, b), (s, e) in self._pieces():
-            for kind, vec in (("m", self.opt.m), ("v", self.opt.v)):
-                out[f"optim.{kind}.{n}"] = vec[s:e].copy()
+            for kind in ("m", "v"):
+                out[f"optim.{kind}.{n}"] = st[kind][s:e].copy()
                 where[f"optim.{kind}.{n}"] = placement.ranged(bases.get(n), a, b, self.flat.shapes[n])
         return out, where
 
     def load_shard(self, state, t: int) -> None:
         """The moments of this rank's range only, from a checkpoint mapping: a sharded checkpoint
         saved at the same dp size hands each piece straight from its file (Sharded.slice); any
-        other is cut one parameter at a time, never the whole state at once."""
-        m, v = np.zeros_like(self.opt.m), np.zeros_like(self.opt.v)
+        other is cut one parameter at a time, never the whole state at once. Assembled on the
+        host, then moved to the backend once each."""
+        m, v = np.zeros(self.hi - self.lo, np.float32), np.zeros(self.hi - self.lo, np.float32)
         for n, (a, b), (s, e) in self._pieces():
             pl = placement.ranged(None, a, b, self.flat.shapes[n])
             for kind, buf in (("m", m), ("v", v)):
@@ -113,7 +136,7 @@ class Zero1:
         return out
 
     def gather_state(self) -> dict[str, np.ndarray]:
-        """The whole state on every rank (collective)."""
-        m = self.comm.allgather(self.opt.m, name="zero.m")[:self.flat.total]
-        v = self.comm.allgather(self.opt.v, name="zero.v")[:self.flat.total]
+        """The whole state on every rank, on the host (collective)."""
+        m = self.ops.to_host(self.comm.allgather(self.opt.m, name="zero.m")[:self.flat.total])
+        v = self.ops.to_host(self.comm.allgather(self.opt.v, name="zero.v")[:self.flat.total])
         return {"m": m, "v": v, "t": self.opt.t}

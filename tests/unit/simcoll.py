@@ -1,9 +1,14 @@
 """A simulated k-rank collective in one process, for the unit tier.
 
 `World(k).run(fn)` runs fn(rank) in k threads, one per simulated rank. `World.group(ranks)`
-gives each member an object with the interface the core's strategies use from the backends'
-NumpyCollectives (torch_backend/collectives.py, tf_backend/collectives.py): `.rank`, `.size`,
-`allreduce`, `reducescatter`, `allgather`, `broadcast` (numpy in, numpy out) and `barrier`.
+gives each member an object with the interface the core's strategies use from a backend's
+Collectives (torch_backend/collectives.py, tf_backend/collectives.py): `.rank`, `.size`,
+`allreduce`, `reducescatter`, `allgather`, `broadcast` (numpy in, numpy out), `barrier`, and
+`.ops`, the array primitives of what it moves (hvdllm.flat.NUMPY). `backend(name)` runs the
+same simulated wire under a backend's tensors: its `.group(world)` wraps each member so that the
+strategies get and return torch or tf tensors and use that backend's own ops
+(torch_backend.collectives.TorchOps, tf_backend.collectives.TFOps), i.e. their real tensor
+path; only the wire in between is numpy.
 
 Each collective is a rendezvous over a threading.Barrier with one slot per member: every member
 writes its (kind, name, array), all wait, every member computes the result from all slots (in
@@ -29,6 +34,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+
+from hvdllm.engines import HostCollectives
+from hvdllm.flat import NUMPY
 
 FAULTS = {
     "average_is_sum": "op='average' returns the sum (allreduce and reducescatter)",
@@ -72,7 +80,9 @@ class Group:
 
 
 class SimCollectives:
-    """One member's view of a Group: the NumpyCollectives interface."""
+    """One member's view of a Group: a Collectives on numpy arrays."""
+
+    ops = NUMPY
 
     def __init__(self, group: Group, member: int):
         self.group, self.member = group, member
@@ -203,4 +213,69 @@ def run_group(k: int, fn, fault: str | None = None, timeout: float = 10.0) -> li
     """fn(comm) on each of k ranks of one group; returns the results in rank order."""
     world = World(k, timeout=timeout, fault=fault)
     comms = world.group()
+    return world.run(lambda r: fn(comms[r]))
+
+
+class TensorCollectives(HostCollectives):
+    """A member's SimCollectives under a backend's tensors: tensors in, tensors out, the backend's
+    `ops`; the simulated wire (and its faults) underneath, in numpy. HostCollectives turned the
+    other way round: its conversions in are tensor -> numpy, out numpy -> tensor."""
+
+    def __init__(self, sim: SimCollectives, backend: "Backend"):
+        super().__init__(sim, from_host=backend.numpy, to_host=backend.tensor)
+        self.ops = backend.ops
+
+    def barrier(self):
+        self.coll.barrier()
+
+
+class Backend:
+    """The vectors a strategy is run on: `tensor(ndarray)` makes one (a copy), `numpy(t)` reads
+    one back (a copy), `ops` are the backend's primitives, `group(world, ranks)` is World.group
+    with every member wrapped (numpy: unwrapped)."""
+
+    def __init__(self, name, ops, tensor, numpy):
+        self.name, self.ops, self.tensor, self.numpy = name, ops, tensor, numpy
+
+    def group(self, world: World, ranks=None) -> dict:
+        members = world.group(ranks)
+        if self.name == "numpy":
+            return members
+        return {r: TensorCollectives(c, self) for r, c in members.items()}
+
+    def __repr__(self):
+        return self.name
+
+
+BACKENDS = ("numpy", "torch", "tensorflow")
+_loaded: dict[str, Backend] = {}
+
+
+def backend(name: str) -> Backend:
+    """numpy, torch or tensorflow (the calling test is skipped where the framework is missing)."""
+    if name in _loaded:
+        return _loaded[name]
+    if name == "numpy":
+        b = Backend(name, NUMPY, lambda a: np.array(a), lambda t: np.array(t))
+    elif name == "torch":
+        import pytest
+        torch = pytest.importorskip("torch")
+        from torch_backend.collectives import TorchOps
+        b = Backend(name, TorchOps(), lambda a: torch.from_numpy(np.array(a)),
+                    lambda t: np.array(t.detach().cpu().numpy()))
+    elif name == "tensorflow":
+        import pytest
+        tf = pytest.importorskip("tensorflow")
+        from tf_backend.collectives import TFOps
+        b = Backend(name, TFOps(), lambda a: tf.constant(np.array(a)), lambda t: np.array(t.numpy()))
+    else:
+        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+    _loaded[name] = b
+    return b
+
+
+def run_group_on(b: Backend, k: int, fn, fault: str | None = None, timeout: float = 10.0) -> list:
+    """run_group with every member's collectives on backend b's tensors."""
+    world = World(k, timeout=timeout, fault=fault)
+    comms = b.group(world)
     return world.run(lambda r: fn(comms[r]))

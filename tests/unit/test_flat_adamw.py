@@ -1,17 +1,22 @@
-"""hvdllm/optim.py: FlatAdamW (the core's one optimizer: ZeRO-1, parameter servers) against
-torch.optim.AdamW, step by step, with decay only where the mask says, a changing lr and the
-moments compared too; clip_coef against torch.nn.utils.clip_grad_norm_."""
+"""hvdllm/optim.py: FlatAdamW (numpy in place: parameter servers) and DeviceAdamW (the same
+formula, adamw_update, on any backend's flat vectors: ZeRO-1's shard) against torch.optim.AdamW,
+step by step, with decay only where the mask says, a changing lr and the moments compared too;
+the two bit-identical on numpy, DeviceAdamW on torch and tf tensors equal to them; clip_coef
+against torch.nn.utils.clip_grad_norm_."""
 import numpy as np
 import pytest
 
 from hvdllm.config import OptimConfig
-from hvdllm.optim import FlatAdamW, clip_coef
+from hvdllm.flat import NUMPY
+from hvdllm.optim import DeviceAdamW, FlatAdamW, clip_coef
 
 torch = pytest.importorskip("torch")
 
+CONFIGS = [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.8, 0.999), 1e-6), (0.5, (0.9, 0.95), 1e-3)]
+LRS = [1e-3, 3e-3, 1e-2, 5e-3, 2e-3, 1e-4]
 
-@pytest.mark.parametrize("wd,betas,eps", [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.8, 0.999), 1e-6),
-                                          (0.5, (0.9, 0.95), 1e-3)])
+
+@pytest.mark.parametrize("wd,betas,eps", CONFIGS)
 def test_flat_adamw_equals_torch_adamw(wd, betas, eps):
     cfg = OptimConfig(weight_decay=wd, beta1=betas[0], beta2=betas[1], eps=eps)
     rng = np.random.default_rng(0)
@@ -22,7 +27,7 @@ def test_flat_adamw_equals_torch_adamw(wd, betas, eps):
     flat = np.concatenate([w0.ravel(), b0])
     mask = np.r_[np.ones(20, bool), np.zeros(7, bool)]
     mine = FlatAdamW(27, mask, cfg)
-    for t, lr in enumerate([1e-3, 3e-3, 1e-2, 5e-3, 2e-3, 1e-4]):
+    for t, lr in enumerate(LRS):
         g = rng.normal(size=27).astype(np.float32) * (10.0 ** (t % 3 - 1))
         w.grad, b.grad = torch.tensor(g[:20].reshape(5, 4)), torch.tensor(g[20:])
         for group in opt.param_groups:
@@ -60,3 +65,71 @@ def test_clip_coef_equals_torch_clip_grad_norm(max_norm):
     t.grad = g.clone()
     torch.nn.utils.clip_grad_norm_([t], max_norm)
     np.testing.assert_allclose(g.numpy() * np.float32(coef), t.grad.numpy(), rtol=1e-6)
+
+
+def trajectory(opt, p, gs, lrs, in_place):
+    """Parameters after each step (numpy copies)."""
+    out = []
+    for g, lr in zip(gs, lrs):
+        if in_place:
+            opt.step(p, g, lr)
+        else:
+            p = opt.step(p, g, lr)
+        out.append(np.array(p))
+    return out
+
+
+def problem(n=27, steps=len(LRS), seed=0):
+    rng = np.random.default_rng(seed)
+    mask = rng.random(n) < 0.6
+    p = rng.normal(size=n).astype(np.float32)
+    gs = [rng.normal(size=n).astype(np.float32) * np.float32(10.0 ** (t % 3 - 1)) for t in range(steps)]
+    return mask, p, gs
+
+
+@pytest.mark.parametrize("wd,betas,eps", CONFIGS)
+def test_device_adamw_on_numpy_is_flat_adamw_bit_for_bit(wd, betas, eps):
+    """One formula: adamw_update's operations are FlatAdamW's in-place ones, in the same order."""
+    cfg = OptimConfig(weight_decay=wd, beta1=betas[0], beta2=betas[1], eps=eps)
+    mask, p, gs = problem()
+    flat, dev = FlatAdamW(p.size, mask, cfg), DeviceAdamW(p.size, mask, cfg, NUMPY)
+    for a, b in zip(trajectory(flat, p.copy(), gs, LRS, True), trajectory(dev, p.copy(), gs, LRS, False)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(flat.m, dev.m)
+    np.testing.assert_array_equal(flat.v, dev.v)
+    assert flat.t == dev.t == len(LRS)
+
+
+def backend_ops(name):
+    if name == "torch":
+        from torch_backend.collectives import TorchOps
+        return TorchOps(), lambda a: torch.from_numpy(a.copy()), lambda t: t.numpy()
+    tf = pytest.importorskip("tensorflow")
+    from tf_backend.collectives import TFOps
+    return TFOps(), lambda a: tf.constant(a), lambda t: t.numpy()
+
+
+@pytest.mark.parametrize("name", ["torch", "tensorflow"])
+@pytest.mark.parametrize("wd,betas,eps", CONFIGS)
+def test_device_adamw_on_backend_tensors_equals_flat_adamw(name, wd, betas, eps):
+    """The backends' own tensors through the same formula: FlatAdamW's trajectory and moments bit
+    for bit (every operation is one elementwise IEEE float32 operation, in every framework, on
+    the CPU), the state read back to the host as numpy, and loaded back."""
+    ops, tensor, numpy = backend_ops(name)
+    cfg = OptimConfig(weight_decay=wd, beta1=betas[0], beta2=betas[1], eps=eps)
+    mask, p, gs = problem()
+    flat, dev = FlatAdamW(p.size, mask, cfg), DeviceAdamW(p.size, mask, cfg, ops)
+    want = trajectory(flat, p.copy(), gs, LRS, True)
+    q = tensor(p)
+    for t, (g, lr) in enumerate(zip(gs, LRS)):
+        q = dev.step(q, tensor(g), lr)
+        assert not isinstance(q, np.ndarray)
+        np.testing.assert_array_equal(numpy(q), want[t], err_msg=f"step {t + 1}")
+    st = dev.state()
+    assert isinstance(st["m"], np.ndarray) and st["t"] == len(LRS)
+    np.testing.assert_array_equal(st["m"], flat.m)
+    np.testing.assert_array_equal(st["v"], flat.v)
+    again = DeviceAdamW(p.size, mask, cfg, ops)
+    again.load(st["m"], st["v"], st["t"])
+    g, lr = gs[0], 1e-3
+    np.testing.assert_array_equal(numpy(again.step(q, tensor(g), lr)), numpy(dev.step(q, tensor(g), lr)))

@@ -2,6 +2,9 @@
 the unsharded FlatAdamW step on the dp-averaged gradient, the logged norm is the global norm,
 clipping uses it, the ranks' checkpoint pieces reassemble the whole state, and that state loads
 back at another dp size (dict or sharded checkpoint folder) and continues the same trajectory.
+Each of these runs on numpy and on both backends' tensors (simcoll.backend): the strategy is
+written once against `comm.ops`, and what trains is the torch / tf path, so that is what is
+proved equal to the numpy reference.
 
 Why the norm is checked, not only the parameters: Adam is invariant to the gradient's scale (up
 to eps) and clipping rescales to the same norm anyway, so a sum where an average belongs moves
@@ -9,7 +12,7 @@ the parameters by ~2e-7 relative (float32 noise) -- only the norm and the moment
 grad_norm of a real run: tests/test_integration.py compares it)."""
 import numpy as np
 import pytest
-from simcoll import World, run_group
+from simcoll import BACKENDS, World, backend, run_group, run_group_on
 
 from hvdllm import checkpoint, placement
 from hvdllm.config import AggregationConfig, OptimConfig
@@ -59,52 +62,62 @@ def reference(g, clip, steps=STEPS, p=None, opt=None):
     return p, norms, opt
 
 
-def sharded(k, g, clip, fault=None, steps=STEPS):
+def sharded(k, g, clip, fault=None, steps=STEPS, be="numpy"):
+    """Returns per rank (parameters as numpy, norms, the Zero1)."""
+    b = backend(be)
+
     def body(comm):
         z = Zero1(FLAT, comm, cfg(clip), AggregationConfig())
-        p, norms = p0(), []
+        p, norms = b.tensor(p0()), []
         for t in range(steps):
-            p, norm = z.step(g[t][comm.rank], p, LRS[t % len(LRS)])
+            p, norm = z.step(b.tensor(g[t][comm.rank]), p, LRS[t % len(LRS)])
+            assert isinstance(norm, float)
             norms.append(norm)
-        return p, norms, z
-    return run_group(k, body, fault=fault)
+        if be != "numpy":   # the vectors stayed the backend's own through every step
+            assert not isinstance(p, np.ndarray) and not isinstance(z.opt.m, np.ndarray)
+        return b.numpy(p), norms, z
+    return run_group_on(b, k, body, fault=fault)
 
 
-def check_equivalence(k, clip, fault=None):
+def check_equivalence(k, clip, fault=None, be="numpy"):
     g = grads(k)
     want, want_norms, ref = reference(g, clip)
-    res = sharded(k, g, clip, fault)
+    res = sharded(k, g, clip, fault, be=be)
+    b = backend(be)
     for rank, (p, norms, z) in enumerate(res):
         np.testing.assert_allclose(norms, want_norms, rtol=1e-6, err_msg=f"rank {rank}: norm")
         np.testing.assert_allclose(p, want, rtol=1e-6, atol=1e-7, err_msg=f"rank {rank}: parameters")
         # this rank's moments are the reference's [lo, hi) (zero padding past the end)
         lo, hi = FLAT.shard_range(k, rank)
-        np.testing.assert_allclose(z.opt.m, FLAT.pad(ref.m, k)[lo:hi], rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(z.opt.v, FLAT.pad(ref.v, k)[lo:hi], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(b.numpy(z.opt.m), FLAT.pad(ref.m, k)[lo:hi], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(b.numpy(z.opt.v), FLAT.pad(ref.v, k)[lo:hi], rtol=1e-5, atol=1e-12)
         assert z.opt.t == STEPS
     assert all(np.array_equal(res[0][0], p) for p, _, _ in res)        # replicas bit-identical
     return want_norms, res
 
 
+@pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("clip", [0.0, 0.5, 1e6], ids=["no-clip", "clipping", "clip-inactive"])
-def test_sharded_step_equals_unsharded_step_on_the_average(k, clip):
-    norms, res = check_equivalence(k, clip)
+def test_sharded_step_equals_unsharded_step_on_the_average(k, clip, be):
+    norms, res = check_equivalence(k, clip, be=be)
     if clip == 0.5:
         assert min(norms) > clip          # clipping really acted at every step
     # each rank holds m and v for 1/k of the (padded) parameters only
     assert {z.state_bytes() for _, _, z in res} == {2 * 4 * FLAT.padded_total(k) // k}
 
 
-def test_three_messages_per_step():
+@pytest.mark.parametrize("be", BACKENDS)
+def test_three_messages_per_step(be):
     """reducescatter (gradients), allreduce (one float: the squared norm), allgather (params)."""
+    b = backend(be)
     w = World(3)
-    comms = w.group()
+    comms = b.group(w)
     g = grads(3)
 
     def body(r):
         z = Zero1(FLAT, comms[r], cfg(1.0), AggregationConfig())
-        z.step(g[0][r], p0(), 1e-2)
+        z.step(b.tensor(g[0][r]), b.tensor(p0()), 1e-2)
     w.run(body)
     assert [kind for kind, _ in w.groups[0].log] == ["reducescatter.average", "allreduce.sum", "allgather"]
 
@@ -118,9 +131,11 @@ def test_the_check_fails_when_a_collective_is_wrong(fault, clip):
         check_equivalence(3, clip, fault=fault)
 
 
-def test_norm_beside_tensor_and_pipeline_parallelism():
+@pytest.mark.parametrize("be", BACKENDS)
+def test_norm_beside_tensor_and_pipeline_parallelism(be):
     """The non-plain norm: 'skip' parameters (a tied copy counted on another stage) left out,
     'replicated' ones counted once, and pp_sum adds the other stages' squares."""
+    b = backend(be)
     k, other_stages = 3, 7.25
     kinds = {"wte": "skip", "ln.g": "replicated"}
     g = grads(k, steps=1)
@@ -132,8 +147,9 @@ def test_norm_beside_tensor_and_pipeline_parallelism():
     def body(comm):
         z = Zero1(FLAT, comm, cfg(0.5), AggregationConfig(), kind=lambda n: kinds.get(n, "sharded"),
                   pp_sum=lambda x: x + other_stages)
-        return z.step(g[0][comm.rank], p0(), 1e-2)
-    for p, norm in run_group(k, body):
+        p, norm = z.step(b.tensor(g[0][comm.rank]), b.tensor(p0()), 1e-2)
+        return b.numpy(p), norm
+    for p, norm in run_group_on(b, k, body):
         assert norm == pytest.approx(want, rel=1e-6)
         ref = FlatAdamW(FLAT.total, FLAT.decay_mask(), cfg(0.5))
         q = p0()
@@ -152,11 +168,13 @@ def tp_place(name, t):
     return None if pl is None else {**pl, "index": t}
 
 
-def test_zero1_beside_tensor_parallelism_equals_the_whole_model(tmp_path):
+@pytest.mark.parametrize("be", BACKENDS)
+def test_zero1_beside_tensor_parallelism_equals_the_whole_model(tmp_path, be):
     """Rank (d, t) holds tp slice t and shards it over its dp group {(0, t), (1, t)}; its norm
     sums the slices' squares over the tp group and counts the replicated LayerNorm once. Every
     slice's step is the whole model's step, sliced; the checkpoint pieces (ranges of slices)
     rebuild the whole moments through a real sharded checkpoint folder."""
+    b = backend(be)
     dp, tp, steps, clip = 2, 2, 3, 0.5
     whole = FlatLayout(TP_WHOLE)
     rng = np.random.default_rng(3)
@@ -171,20 +189,21 @@ def test_zero1_beside_tensor_parallelism_equals_the_whole_model(tmp_path):
         ref.step(p_ref, avg * np.float32(clip_coef(norms[-1], clip)), LRS[s])
     # the grid
     w = World(dp * tp)
-    dp_groups = {**w.group([0, 2]), **w.group([1, 3])}      # rank = d * tp + t
-    tp_groups = {**w.group([0, 1]), **w.group([2, 3])}
+    dp_groups = {**b.group(w, [0, 2]), **b.group(w, [1, 3])}      # rank = d * tp + t
+    tp_groups = {**b.group(w, [0, 1]), **b.group(w, [2, 3])}
     local = FlatLayout({n: placement.take(np.zeros(s), tp_place(n, 0)).shape for n, s in TP_WHOLE.items()})
 
     def body(r):
         d, t = divmod(r, tp)
         z = Zero1(local, dp_groups[r], cfg(clip), AggregationConfig(), tp=tp_groups[r],
                   kind=lambda n: "replicated" if n == "ln.g" else "sharded")
-        p = local.flatten({n: placement.take(P0[n], tp_place(n, t)) for n in TP_WHOLE})
+        p = b.tensor(local.flatten({n: placement.take(P0[n], tp_place(n, t)) for n in TP_WHOLE}))
         got = []
         for s in range(steps):
             g = local.flatten({n: placement.take(G[s][d][n], tp_place(n, t)) for n in TP_WHOLE})
-            p, norm = z.step(g, p, LRS[s])
+            p, norm = z.step(b.tensor(g), p, LRS[s])
             got.append(norm)
+        p = b.numpy(p)
         params = {n: a.copy() for n, a in local.unflatten(p).items()}
         out, where = z.shard_state(params, {n: tp_place(n, t) for n in TP_WHOLE})
         # the trainer's file naming: dp rank 0 of each tp position writes pp0-tpT.npz
@@ -244,14 +263,15 @@ def test_shard_state_pieces_reassemble_the_whole_state(k):
 
 @pytest.mark.parametrize("k_save,k_load", [(2, 1), (2, 2), (2, 3), (3, 5), (4, 2), (1, 4)])
 @pytest.mark.parametrize("source", ["dict", "checkpoint"])
-def test_load_shard_at_another_dp_size_continues_the_trajectory(tmp_path, k_save, k_load, source):
+@pytest.mark.parametrize("be", BACKENDS)
+def test_load_shard_at_another_dp_size_continues_the_trajectory(tmp_path, k_save, k_load, source, be):
     """Saved by k_save ranks after STEPS steps, loaded by k_load ranks: two more steps equal the
     uninterrupted reference. 'checkpoint': the ranks' pieces written as shard files and read
     back through checkpoint.load (Sharded.slice straight from a file when the ranges match)."""
     clip = 0.5
     g = grads(k_save)
     _, _, ref = reference(g, clip)
-    res = sharded(k_save, g, clip)
+    res = sharded(k_save, g, clip, be=be)
     if source == "dict":
         state, _ = whole_state_from_pieces(res)
     else:
@@ -269,14 +289,16 @@ def test_load_shard_at_another_dp_size_continues_the_trajectory(tmp_path, k_save
         avg = mean(more[t])
         ref.step(q, avg * np.float32(clip_coef(float(np.linalg.norm(avg.astype(np.float64))), clip)), 1e-2)
 
+    b = backend(be)
+
     def body(comm):
         z = Zero1(FLAT, comm, cfg(clip), AggregationConfig())
         z.load_shard(state, int(state["optim.step"]))
-        p = p_saved.copy()
+        p = b.tensor(p_saved)
         for t in range(2):
-            p, _ = z.step(more[t][comm.rank], p, 1e-2)
-        return p
-    for p in run_group(k_load, body):
+            p, _ = z.step(b.tensor(more[t][comm.rank]), p, 1e-2)
+        return b.numpy(p)
+    for p in run_group_on(b, k_load, body):
         np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -297,3 +319,18 @@ def test_loading_zero_moments_would_be_caught():
         z.load_shard(zeros, STEPS)
         return z.step(grads(k, 1, 9)[0][comm.rank], p.copy(), 1e-2)[0]
     assert not np.allclose(run_group(k, body)[0], q, rtol=1e-4)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_flat_shard_is_the_padded_vectors_slice(be):
+    """FlatLayout.shard cuts shard i without padding the whole vector: the same elements as
+    pad(...)[lo:hi], for every k up to past the vector's length (shards wholly in the padding)."""
+    b = backend(be)
+    v = np.arange(1, FLAT.total + 1, dtype=np.float32)
+    t = b.tensor(v)
+    for k in list(range(1, 12)) + [FLAT.total - 1, FLAT.total, FLAT.total + 1, 2 * FLAT.total]:
+        padded = FLAT.pad(v, k)
+        for i in range(k):
+            lo, hi = FLAT.shard_range(k, i)
+            np.testing.assert_array_equal(b.numpy(FLAT.shard(t, k, i, b.ops)), padded[lo:hi], err_msg=f"k={k} i={i}")
+        np.testing.assert_array_equal(b.numpy(FLAT.pad(t, k, b.ops)), padded)
