@@ -38,7 +38,12 @@ FORMAT_VERSION = 2          # bump when the cache layout or tokenisation changes
 def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    files = []
+    # pruned while walking: every rank lists the stdlib at start, and descending into an
+    # installed site-packages first made that the slowest part of a small run's start-up
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in skip]
+        files += [Path(d) / n for n in names if n.endswith(".py")]
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

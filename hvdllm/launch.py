@@ -12,13 +12,16 @@ from .runtime import cores
 
 
 def command(launcher: str, np_: int, args: list[str], hosts: str | None = None, *,
-            module: str = "hvdllm", env: list[str] | tuple = ()) -> list[str]:
+            module: str = "hvdllm", env: list[str] | tuple = (), pin: bool = False) -> list[str]:
     """The argv that starts `np_` ranks of `python -m <module> <args>` under `launcher` (the
     benchmarks start their workers through it too). `env`: variables every rank gets, `KEY`
-    (this process's value) or `KEY=VALUE`."""
+    (this process's value) or `KEY=VALUE`. `pin` (mpirun): each rank bound to one core, ranks
+    sharing cores when there are more ranks than cores (a benchmark's straggler then cannot
+    borrow another rank's core); otherwise ranks float, which suits ranks with several threads."""
     prog = [sys.executable, "-m", module, *args]
     if launcher == "mpirun":
-        cmd = ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "OMPI_MCA_mpi_yield_when_idle=1"]
+        bind = ["--map-by", "core", "--bind-to", "core:overload-allowed"] if pin else ["--bind-to", "none"]
+        cmd = ["mpirun", "-np", str(np_), *bind, "-x", "OMPI_MCA_mpi_yield_when_idle=1"]
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
         if hosts:

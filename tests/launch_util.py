@@ -71,7 +71,9 @@ def hvdllm(np_: int, args: list[str], timeout: float = 300, launcher: str = "mpi
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
         "data.max_bytes=400000", "train.steps=6", "train.eval_every=3", "train.eval_batches=2",
         "train.threads=1", "train.sample_tokens=8", "train.progress=false", "optim.warmup_steps=2",
-        "train.checkpoint_every=3", "optim.lr=3e-3"]
+        "train.checkpoint_every=3", "optim.lr=3e-3", "train.plot=false"]
+# train.plot=false: matplotlib's import and one figure cost more than the tiny run's steps; the
+# plot is tested once (test_integration.py)
 
 
 def train(tmp_path, name, np_=1, sets=(), launcher="mpirun", timeout=300):

@@ -90,11 +90,11 @@ def backend_list(p: argparse.ArgumentParser, text: str, option: str = "--backend
     return names
 
 
-def worker_command(module: str, np_: int, argv: Iterable, env: Sequence[str] = ()) -> list[str]:
+def worker_command(module: str, np_: int, argv: Iterable, env: Sequence[str] = (), pin: bool = False) -> list[str]:
     """The mpirun argv of one job: hvdllm's own launcher command, with the repository on the
-    ranks' PYTHONPATH and `env` (KEY=VALUE) forwarded."""
+    ranks' PYTHONPATH and `env` (KEY=VALUE) forwarded; `pin`: each rank bound to a core."""
     return command("mpirun", np_, [str(a) for a in argv], module=module,
-                   env=["PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL", *env])
+                   env=["PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL", *env], pin=pin)
 
 
 def launch_env() -> dict:

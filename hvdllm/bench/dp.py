@@ -246,9 +246,10 @@ def main(argv=None) -> int:
             early = run.get("weights_rel_diff_after_warmup") or {}
             late = run.get("weights_rel_diff_vs_first") or {}
             if early:
-                common.say(TAG, "same arithmetic: relative weight difference from hvdllm after the "
-                                "warm-up / after the run: " + ", ".join(
-                                    f"{k} {v:.1e} / {late.get(k, float('nan')):.1e}" for k, v in early.items()))
+                same = all(v == 0.0 for v in [*early.values(), *late.values()])
+                common.say(TAG, ("same arithmetic, bit for bit" if same else "NOT the same arithmetic")
+                           + ": relative weight difference from hvdllm after the warm-up / after the run: "
+                           + ", ".join(f"{k} {v:.1e} / {late.get(k, float('nan')):.1e}" for k, v in early.items()))
             common.warn_if_busy(TAG, run.get("foreign_cpu_cores"))
     rows, ratios, goals = analyse(runs, args.np)
     title = (f"hvdllm bench dp: {args.model} GPT ({L}x{C}, {n_params:,} params), batch {B}x{T} "

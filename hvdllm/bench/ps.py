@@ -9,8 +9,9 @@ Three launches, each printed before it runs (one compute thread per rank):
 1. Throughput, `mpirun -np W+S python -m hvdllm.bench.ps_worker throughput`: one job runs every
    mode --rounds times in a rotating order, each phase a budget of --phase-steps x W pushes on
    fresh servers and workers (the real classes): sync without a straggler, then with worker 1
-   slowed by --factor (ps.straggler_factor: it sleeps (factor - 1) x its compute time per step,
-   a slower machine rather than a busier one) sync, async and ssp. Interleaving matters on a
+   slowed by --factor (ps.straggler_factor: it computes its gradient again until a step takes
+   factor x its compute time, so its core stays busy as a slower machine's would; every rank is
+   pinned to a core, so no rank runs on a core another left idle) sync, async and ssp. Interleaving matters on a
    shared machine: other jobs' load then falls on every mode alike. tokens/s = the phase's
    tokens / its time from a barrier to FINAL on trainer rank 0; the median over rounds. "vs sync"
    is the median over rounds of the ratio to sync's phase in the same round (paired, so drift
@@ -110,7 +111,11 @@ def worker_command(args, what: str, out: Path) -> list[str]:
     return common.worker_command("hvdllm.bench.ps_worker", args.workers + args.servers if what == "throughput" else 2, [
         what, "--model", args.model, "--backend", args.backend, "--rounds", args.rounds, "--factor", args.factor,
         "--staleness", args.staleness, "--servers", args.servers, "--snapshot-every", args.snapshot_every,
-        "--steps", args.phase_steps if what == "throughput" else args.roles_steps, "--out", out])
+        "--steps", args.phase_steps if what == "throughput" else args.roles_steps, "--out", out], pin=True)
+
+
+def cores_per_process(n: int) -> str:
+    return f"{n} processes, each pinned to one of {cores()} cores: {min(1.0, cores() / n):.2f} cores per process"
 
 
 # -- the three parts --------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def run_losses(args, tmp: Path) -> tuple[list[dict], list[dict]]:
                                        f"ps.mode={mode.split()[0]}", f"train.out_dir={out}"] + slow + extra
             out.mkdir(parents=True)
             job = launch(common.worker_command("hvdllm", args.workers + args.servers,
-                                               ["train"] + [a for kv in sets for a in ("--set", kv)]),
+                                               ["train"] + [a for kv in sets for a in ("--set", kv)], pin=True),
                          out / "job.log", args.timeout)
             jobs.append(job)
             if job["rc"] == 0:
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
     if tp:
         print(f"\nthroughput: {args.workers} workers ({args.model}: batch {b} x {T} tokens), {args.servers} "
               f"server(s); {args.rounds} rounds of {args.phase_steps} x {args.workers} pushes per mode; {slow} "
-              f"except in the first row")
+              f"except in the first row; {cores_per_process(args.workers + args.servers)}")
         # a speed-up over sync cannot exceed the worker count
         common.print_table(tp, [("mode", "mode"), ("tokens_per_s", "tokens/s"), ("speedup_vs_sync", "vs sync"),
                                 ("of_bound", "of bound"), ("steps_per_worker", "steps per worker")],
@@ -246,13 +251,15 @@ def main(argv=None) -> int:
               f"{async_bound(args.workers, args.factor):.3f}")
     if losses:
         print(f"\nloss at equal tokens: {args.steps} x {args.workers} pushes, {slow}; async and ssp: "
-              f"mean of {args.loss_repeats} launches (pushes per worker: the first)")
+              f"mean of {args.loss_repeats} launches (pushes per worker: the first); "
+              f"{cores_per_process(args.workers + args.servers)}")
         common.print_table(losses, [("mode", "mode"), ("val_loss", "val_loss"), ("loss_vs_sync", "vs sync"),
                                     ("val_loss_runs", "runs"), ("max_gap", "max gap"),
                                     ("max_staleness", "max staleness"),
                                     ("pushes_per_worker", "pushes per worker")])
     if role_rows:
-        print(f"\ntrainer step time, one trainer; evaluator offered a snapshot every {args.snapshot_every} steps")
+        print(f"\ntrainer step time, one trainer; evaluator offered a snapshot every {args.snapshot_every} steps; "
+              f"{cores_per_process(2)}")
         common.print_table(role_rows, [("trainer", "trainer"), ("median_s", "median step s"), ("p25_s", "p25"),
                                        ("p75_s", "p75"), ("n", "steps"), ("ratio", "ratio"),
                                        ("evaluations", "evals"), ("snapshots_skipped", "skipped"),

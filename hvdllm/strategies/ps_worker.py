@@ -61,12 +61,16 @@ class PSWorker(EngineBase):
         self._hello()
         t0 = time.perf_counter()
         loss, g = self.inner.local_gradients(x, y)
-        # ps.straggler_*: a slower machine, not a busier one (sleep, no CPU). Not on the first
-        # step: that one traces/compiles (TF: seconds), and sleeping f-1 times it made a TF
-        # straggler's first push 40 updates stale (hvdllm bench ps)
-        if self.slow > 1.0 and self.pushes > 0:
-            time.sleep((self.slow - 1.0) * (time.perf_counter() - t0))
         g = np.ascontiguousarray(g, np.float32)
+        # ps.straggler_*: a slower machine, f times this one's compute per step. It computes
+        # (the same gradient again) rather than sleeps: a sleeping straggler frees its core for
+        # the others on an oversubscribed host and flatters async. Not on the first step: that
+        # one traces/compiles (TF: seconds) and would make the straggler's first push stale.
+        if self.slow > 1.0 and self.pushes > 0:
+            once = time.perf_counter() - t0
+            until, g = t0 + self.slow * once, g.copy()   # the extra passes may reuse its memory
+            while until - time.perf_counter() > 0.5 * once:
+                self.inner.local_gradients(x, y)
         sq = float(np.dot(g, g))   # float32 like the backends' norms; used by async/ssp clipping
         k = self.pushes
         reqs, hdrs = self._post_replies()

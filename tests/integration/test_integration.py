@@ -27,7 +27,7 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     got = losses(ref)
     assert len(got) == 6 and got[-1] < got[0]
     sets = [b, "train.batch_size=4", *clip]
-    r, dp2 = train(tmp_path, "np2", 2, sets)
+    r, dp2 = train(tmp_path, "np2", 2, sets + ["train.plot=true"])
     assert r.returncode == 0, r.stdout[-4000:]
     # float32 sums in another order: differences stay ~1e-6 relative over 6 AdamW steps.
     same_run(dp2, ref, rtol=2e-4, what="np2")

@@ -264,25 +264,35 @@ import tf_backend as be
 from test_tf_backend import tiny_cfg, batch
 from hvdllm.layout import Layout
 rank, size = be.init_horovod(MPI.COMM_WORLD)[:2]
-cfg = tiny_cfg(); cfg.aggregation.compression = {comp!r}
-cfg.train.seed = 1 + rank  # differing seeds: the initial broadcast must make ranks agree
-eng = be.Engine(cfg, Layout.build(cfg.parallel, size, rank))
-lo = slice(rank * 4, rank * 4 + 4)
-losses = [eng.train_step(*(a[lo] for a in batch(s, b=8)), 1e-2).loss for s in range(3)]
-np.savez({out!r} + f".{{rank}}.npz", losses=losses, **eng.state_dict())
+for comp in {comps!r}:   # one launch for every wire: start-up (TF, Horovod) paid once
+    cfg = tiny_cfg(); cfg.aggregation.compression = comp
+    cfg.train.seed = 1 + rank  # differing seeds: the initial broadcast must make ranks agree
+    eng = be.Engine(cfg, Layout.build(cfg.parallel, size, rank))
+    lo = slice(rank * 4, rank * 4 + 4)
+    losses = [eng.train_step(*(a[lo] for a in batch(s, b=8)), 1e-2).loss for s in range(3)]
+    np.savez({out!r} + f".{{comp}}.{{rank}}.npz", losses=losses, **eng.state_dict())
 """
+WIRES = {"none": 2e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Each wire's 3 steps at np=2 (one mpirun for all three): {comp: (rank 0's, rank 1's)}."""
+    from launch_util import ROOT
+    tmp = tmp_path_factory.mktemp("tf_dp")
+    script = tmp / "dp.py"
+    script.write_text(textwrap.dedent(DP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                                       comps=list(WIRES), out=str(tmp / "r"))))
+    r = run(mpirun_argv(2) + [sys.executable, str(script)], timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:]
+    return {c: (np.load(tmp / f"r.{c}.0.npz"), np.load(tmp / f"r.{c}.1.npz")) for c in WIRES}
 
 
 @pytest.mark.parallel
-@pytest.mark.parametrize("comp,rtol", [("none", 2e-4), ("fp16", 2e-2), ("bf16", 5e-2)])
-def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, comp, rtol):
-    from launch_util import ROOT
-    script = tmp_path / "dp.py"
-    script.write_text(textwrap.dedent(DP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"),
-                                                       comp=comp, out=str(tmp_path / "r"))))
-    r = run(mpirun_argv(2) + [sys.executable, str(script)], timeout=240)
-    assert r.returncode == 0, r.stdout[-4000:]
-    a, b = np.load(tmp_path / "r.0.npz"), np.load(tmp_path / "r.1.npz")
+@pytest.mark.parametrize("comp", list(WIRES))
+def test_two_ranks_equal_one_rank_with_double_batch(two_rank_runs, comp):
+    rtol = WIRES[comp]
+    a, b = two_rank_runs[comp]
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])  # replicas identical
     cfg = tiny_cfg()
