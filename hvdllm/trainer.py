@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, hf, metrics, stop
+from . import checkpoint, config, data, hf, metrics, params, stop
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -91,7 +91,9 @@ class Trainer:
         state (hvdllm/hf.py). Each rank reads only the slices it holds, as a resume does."""
         src = hf.open_source(source)
         weights = src.weights()
-        checkpoint.check_compatible(weights, self.engine.param_shapes, src.path)
+        # the built-in model's shapes from its config (either family); a user's layer list's from its engine
+        shapes = self.engine.param_shapes if self.cfg.model.layers else params.param_shapes(self.cfg.model)
+        checkpoint.check_compatible(weights, shapes, src.path)
         self.engine.load_state_dict(weights)
         if self.is_root:
             print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "

@@ -1,7 +1,8 @@
-"""Issue 15 at the integration tier, in one launch: a tiny random transformers GPT-2 is fine-tuned
-20 steps at dp2 x tp2 straight from its Hugging Face folder (train.init_from: each rank reads
-only its tp slices), exported with `convert --to-hf`, reloaded by transformers' from_pretrained,
-and its logits compared with hvdllm's own from the final checkpoint."""
+"""Issue 15 at the integration tier, in one launch: a tiny random transformers Llama (grouped-query
+attention, untied head) is fine-tuned 20 steps at dp2 x tp2 straight from its Hugging Face folder
+(train.init_from: each rank reads only its tp slices, key/value heads split), exported with
+`convert --to-hf`, reloaded by transformers' from_pretrained, and its logits compared with
+hvdllm's own from the final checkpoint. (GPT-2's fused-qkv slices: tests/unit/test_hf_import.py.)"""
 import json
 import sys
 from pathlib import Path
@@ -33,10 +34,10 @@ def hvdllm_logits(run: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.integration
-def test_import_finetune_dp2xtp2_export_reload(tmp_path):
+def test_llama_import_finetune_dp2xtp2_export_reload(tmp_path):
     import torch
     tok_text = make_tokenizer_json()
-    model = hf_model("gpt2", seed=1)
+    model = hf_model("llama", seed=1, tie=False)
     folder = save_hf(model, tmp_path / "hf", tok_text)
     run = tmp_path / "run"
     sets = [f"train.init_from={json.dumps(str(folder))}", f"train.out_dir={json.dumps(str(run))}",
@@ -46,8 +47,9 @@ def test_import_finetune_dp2xtp2_export_reload(tmp_path):
     r = hvdllm(4, ["train", *[a for kv in sets for a in ("--set", kv)]], timeout=400)
     assert r.returncode == 0, r.stdout[-5000:]
     assert "initialised from" in r.stdout
-    # the model's settings and tokenizer were used: n_positions as block_size, its BPE stored
+    # the model's settings and tokenizer were used (block_size: min(128, max_position_embeddings)), its BPE stored
     cfg = config.load(run / "config.toml")
+    assert (cfg.model.family, cfg.model.n_kv_head, cfg.model.tie_embeddings) == ("llama", 2, False)
     assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size) == (32, V, T)
     assert cfg.data.tokenizer == "byte" and cfg.train.init_from == str(folder)   # re-runnable as written
     stored = checkpoint.stored_tokenizer(checkpoint.latest(run))
@@ -68,4 +70,4 @@ def test_import_finetune_dp2xtp2_export_reload(tmp_path):
     # and it did move away from the imported model
     assert rel(hf_logits(model, x), ours) > 1e-3
     with torch.no_grad():
-        assert not torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
+        assert not torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
