@@ -196,8 +196,9 @@ def test_greedy_generation_equals_transformers(imported, backend):
     assert ours == theirs
 
 
-def test_cli_generate_greedy_is_transformers(imported, capsys, monkeypatch):
-    """`hvdllm generate OUT --top-k 1` on the imported run, without training (torch)."""
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_cli_generate_greedy_is_transformers(imported, backend, capsys, monkeypatch):
+    """`hvdllm generate OUT --top-k 1 [--backend tensorflow]` on the imported run, untrained."""
     from hvdllm import runtime
     monkeypatch.setattr(runtime, "_install_signal_handlers", lambda rt: None)   # pytest keeps its own
     family, model, folder, run = imported
@@ -206,8 +207,32 @@ def test_cli_generate_greedy_is_transformers(imported, capsys, monkeypatch):
     prompt = tok.encode(text)
     ids = hf_greedy(model, prompt, 10)
     capsys.readouterr()
-    assert cli.main(["generate", str(run), "--prompt", text, "--top-k", "1", "--tokens", "10"]) == 0
+    assert cli.main(["generate", str(run), "--prompt", text, "--top-k", "1", "--tokens", "10",
+                     "--backend", backend]) == 0
     assert capsys.readouterr().out == text + tok.decode(ids) + "\n"
+
+
+def test_sharded_index_and_bf16_checkpoints(tmp_path, tokenizer_text):
+    """model.safetensors.index.json with several shards reads as the single file does; a bf16
+    checkpoint reads as float32 (its exact values)."""
+    model = hf_model("gpt2", seed=2)
+    one = save_hf(model, tmp_path / "one", tokenizer_text)
+    model.save_pretrained(tmp_path / "many", safe_serialization=True, max_shard_size="40KB")
+    many = tmp_path / "many"
+    assert (many / "model.safetensors.index.json").exists() and len(list(many.glob("*.safetensors"))) > 2
+    settings = hf.model_settings(hf.read_hf_config(one))
+    a, b = hf.HFWeights(one, settings), hf.HFWeights(many, settings)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    pl = tp_plan.placement("h.1.attn.c_attn.weight", 2, 2, 1)
+    np.testing.assert_array_equal(b.slice("h.1.attn.c_attn.weight", pl), a.slice("h.1.attn.c_attn.weight", pl))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    c = hf.HFWeights(tmp_path / "bf16", settings)
+    for name in a:
+        want = torch.from_numpy(a[name]).to(torch.bfloat16).float().numpy()
+        got = c[name]
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_a_tp_rank_reads_only_its_slices(imported, monkeypatch):
@@ -329,3 +354,10 @@ def test_init_from_missing_folder_is_a_config_error(tmp_path, capsys):
     assert code == 2
     assert "train.init_from:" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_init_from_brings_its_tokenizer(imported):
+    family, model, folder, run = imported
+    cfg = config.load(None, [f"train.init_from={json.dumps(str(folder))}", 'data.tokenizer="bpe"'])
+    with pytest.raises(config.ConfigError, match="data.tokenizer: train.init_from brings"):
+        hf.apply_init_from(cfg)
