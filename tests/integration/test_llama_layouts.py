@@ -1,0 +1,141 @@
+"""model.family = "llama" under every layout equals one process: dp=2, dp=2 with ZeRO-1, tp=2
+(grouped-query attention, its key/value heads split across the tp ranks; tied and untied head)
+and pp=2 (tied and untied head) give the np=1 losses, gradient norms, validation losses and
+weights, in both frameworks.
+
+One launch for all of it (each launch pays the imports of torch, TensorFlow and Horovod): this
+file is also the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank
+engine of the process's own (its one-rank Horovod process set) is the np=1 reference, and each
+layout's engines are built by hvdllm.parallelize.build_engine, as the trainer builds them, and
+fed the batches the trainer would feed them."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ("torch", "tensorflow")
+V, T, STEPS, BATCH = 256, 16, 3, 8   # V: the byte tokenizer's (validation requires it)
+MODEL = ["model.family=llama", "model.n_layer=2", "model.n_embd=32", "model.n_head=4", "model.n_kv_head=2",
+         f"model.vocab_size={V}", f"model.block_size={T}", "model.ffn_hidden=48"]
+UNTIED = ["model.tie_embeddings=false"]
+LAYOUTS = {  # name: settings (2 ranks)
+    "dp2": ["parallel.dp=2"],
+    "dp2_zero1": ["parallel.dp=2", "parallel.zero=1"],
+    "tp2": ["parallel.tp=2"],
+    "tp2_untied": ["parallel.tp=2", *UNTIED],
+    "pp2": ["parallel.pp=2", "parallel.microbatches=2"],
+    "pp2_untied": ["parallel.pp=2", "parallel.microbatches=2", *UNTIED],
+}
+COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
+          "train.threads=1", "train.seed=1234"]
+
+
+@pytest.mark.integration
+def test_llama_layouts_equal_single_process():
+    from launch_util import mpirun_argv, run
+    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve())], timeout=420)
+    assert r.returncode == 0, r.stdout[-6000:]
+    for backend in BACKENDS:
+        for name in LAYOUTS:
+            assert f"{backend} {name}: equals np=1" in r.stdout, r.stdout[-6000:]
+
+
+@pytest.mark.integration
+def test_llama_parameter_server_and_evaluator_equal_single_process(tmp_path, reference):
+    """Parameter servers and role ranks move the flat parameters (hvdllm.params order): a llama
+    with multi-query attention and an untied head trains at np=3 (1 worker, 1 server, 1
+    evaluator) as at np=1, and the evaluator's numbers are the trainers' own."""
+    from launch_util import by_step, records, same_run, train
+    sets = ["model.family=llama", "model.n_kv_head=1", "model.tie_embeddings=false", "train.batch_size=8"]
+    ref = reference(*sets)
+    r, d = train(tmp_path, "ps_eval", 3,
+                 sets + ["ps.servers=1", "roles.evaluators=1", "roles.snapshot_every=3"], timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:]
+    same_run(d, ref, rtol=1e-5, keys=("loss", "grad_norm"), what="llama ps + evaluator")
+    from hvdllm import metrics
+    evaluated = {x["step"]: x["val_loss"] for x in metrics.read(d / "metrics.jsonl") if x.get("role") == "evaluator"}
+    want = by_step(ref, "val_loss")
+    assert sorted(evaluated) == sorted(want) and records(d), (evaluated, want)
+    for step, v in want.items():
+        assert abs(evaluated[step] - v) <= 1e-5 * v, (step, evaluated[step], v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program each rank runs.
+
+def _cfg(sets):
+    from hvdllm import config as config_mod
+    cfg = config_mod.load(None, [*MODEL, *COMMON, *sets])
+    return config_mod.validate(cfg, world_size=2 if any(s.startswith("parallel.") for s in sets) else None)
+
+
+def _batches():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, V, (BATCH, T)), rng.integers(0, V, (BATCH, T))) for _ in range(STEPS + 1)]
+
+
+def _train(engine, cfg, layout):
+    """Per step (loss, grad norm), then the validation loss (summed over the dp group) and the
+    whole parameters (on the first pipeline stage)."""
+    import numpy as np
+
+    from hvdllm import lr as lr_schedule
+    dp, d = layout.dp, layout.dp_rank
+    out = []
+    *train, (vx, vy) = _batches()
+    per = BATCH // dp
+    for step, (x, y) in enumerate(train):
+        res = engine.train_step(x[d * per:(d + 1) * per], y[d * per:(d + 1) * per],
+                                lr_schedule.lr_at(step, cfg.optim, cfg.train.steps))
+        out.append((res.loss, res.grad_norm))
+    ev = engine.evaluate(vx[d * per:(d + 1) * per], vy[d * per:(d + 1) * per])
+    total = engine.allreduce_sum([ev.loss_sum, ev.tokens]) if dp > 1 else np.array([ev.loss_sum, ev.tokens])
+    return np.array(out), float(total[0] / total[1]), engine.full_params()
+
+
+def _check(backend, rt, be):
+    import numpy as np
+
+    from hvdllm.layout import Layout
+    from hvdllm.parallelize import build_engine, build_solo_engine
+    refs = {}
+    for name, sets in LAYOUTS.items():
+        untied = any(s in UNTIED for s in sets)
+        if untied not in refs:
+            ref_cfg = _cfg(UNTIED if untied else [])
+            refs[untied] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg,
+                                  Layout(world_size=1, rank=0, dp=1))
+        cfg = _cfg(sets)
+        layout = Layout.from_config(cfg, rt.size, rt.rank)
+        steps, val, weights = _train(build_engine(cfg, layout, rt, be), cfg, layout)
+        want_steps, want_val, want_weights = refs[untied]
+        # ZeRO-1's AdamW is the core's numpy one, not the framework's (its tolerance in
+        # test_tensor_parallel.py too)
+        rtol = 2e-4 if "parallel.zero=1" in sets else 1e-5
+        np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
+        np.testing.assert_allclose(val, want_val, rtol=rtol, err_msg=f"{backend} {name}: validation loss")
+        if layout.pp_rank == 0:   # the stages gathered there, the tp slices joined
+            assert sorted(weights) == sorted(want_weights), (name, sorted(set(weights) ^ set(want_weights)))
+            for k, a in want_weights.items():
+                scale = float(np.max(np.abs(a)))
+                np.testing.assert_allclose(weights[k], a, rtol=0, atol=1e-4 * scale, err_msg=f"{backend} {name}: {k}")
+        print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()})",
+              flush=True)
+
+
+def main():
+    sys.path.insert(0, str(ROOT))
+    from hvdllm import backends, runtime
+    for backend in BACKENDS:
+        be = backends.load(backend)
+        if backend == "tensorflow":   # each engine traces its own functions: retracing is expected
+            import tensorflow as tf
+            tf.get_logger().setLevel("ERROR")
+        rt = runtime.start(be, groups=[(0,), (1,)])   # one-rank sets for the np=1 references
+        _check(backend, rt, be)
+
+
+if __name__ == "__main__":
+    main()
