@@ -182,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("paths", nargs="*", metavar="SRC/OUT",
                     help="SRC: a run's out_dir (its latest checkpoint) or a checkpoints/step_* folder; "
                          "OUT: the .npz to write, or with --from-hf the run folder to write")
-    cv.add_argument("--hf", action="store_true", help="the .npz with Hugging Face GPT-2 key names")
+    cv.add_argument("--hf", action="store_true", help="the .npz with Hugging Face key names (GPT-2 or Llama)")
     cv.add_argument("--from-hf", metavar="DIR", help="import a Hugging Face model folder (config.json, "
                     "model.safetensors or its index, tokenizer.json; GPT-2 or Llama) as the run folder OUT")
     cv.add_argument("--to-hf", metavar="DIR", help="export SRC as a Hugging Face folder (config.json, "

@@ -4,8 +4,10 @@ A checkpoint is a folder of shards (checkpoint.py: one file per pipeline stage a
 each array's slices with their placement). This reassembles every array whole and writes one
 .npz: the parameters only, or with --optimizer also the AdamW moments and step, which makes the
 file a single-file checkpoint that `train.resume` loads under any layout when placed in
-`checkpoints/` as step_XXXXXXXX.npz. With --hf the parameters are renamed to Hugging Face GPT-2
-keys (`transformer.h.0.attn.c_attn.weight`, ...; the (in, out) Conv1D layout is already GPT-2's).
+`checkpoints/` as step_XXXXXXXX.npz. With --hf the parameters get their Hugging Face keys and
+orientation (hf.py's table: GPT-2's `transformer.h.0.attn.c_attn.weight`, ..., whose Conv1D is
+already (in, out); Llama's `model.layers.0.self_attn.q_proj.weight`, ..., transposed), plus
+`lm_head.weight` spelled out for a tied head.
 
 Hugging Face folders (hvdllm/hf.py):
     hvdllm convert --from-hf DIR OUT    a model folder (config.json, safetensors, tokenizer.json)
@@ -37,10 +39,6 @@ def resolve(src) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: pass a run's out_dir or a checkpoints/step_* folder")
     return p
-
-
-def hf_name(name: str) -> str:
-    return "transformer." + name
 
 
 def usage_problem(args) -> str | None:
@@ -108,11 +106,14 @@ def to_npz(args) -> int:
     state, meta = checkpoint.load(src)
     keep_all = getattr(args, "optimizer", False) and not args.hf
     params = {k: state[k] for k in state if keep_all or not k.startswith(("optim.", "localsgd."))}
-    if args.hf:
-        params = {hf_name(k): v for k, v in params.items()}
-        params["lm_head.weight"] = params["transformer.wte"]
-        params["transformer.wte.weight"] = params.pop("transformer.wte")
-        params["transformer.wpe.weight"] = params.pop("transformer.wpe")
+    if args.hf:   # hvdllm/hf.py's table: GPT-2 or Llama keys and orientation, the head spelled out
+        from . import hf
+        model = dict((meta.get("config") or {}).get("model") or {})
+        if model.get("layers"):
+            raise CheckpointError(f"{src}: a user's layer list (model.layers) has no Hugging Face names")
+        params = hf.hf_tensors(params, model)
+        if "lm_head.weight" not in params:   # tied: the head is the token embedding
+            params["lm_head.weight"] = params[hf.specs(model)["wte"].parts[0].key]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -566,14 +566,8 @@ def import_run(hf_dir, out_dir, backend: str = "torch") -> Path:
     return path
 
 
-def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: float = 0.0) -> Path:
-    """config.json, model.safetensors, tokenizer.json and tokenizer_config.json in `out_dir`."""
-    try:
-        from safetensors.numpy import save_file
-    except ImportError as e:
-        raise CheckpointError("writing Hugging Face checkpoints needs the `safetensors` package "
-                              "(pip install safetensors)") from e
-    out = Path(out_dir)
+def hf_tensors(state: Mapping, model: dict) -> dict[str, np.ndarray]:
+    """{Hugging Face key: float32 array} of a checkpoint's whole parameters (names, transposes)."""
     table = specs(model)
     missing = [n for n in table if n not in state]
     if missing:
@@ -585,6 +579,18 @@ def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: f
         cuts = np.cumsum(sizes)[:-1]
         for p, piece in zip(spec.parts, np.split(whole, cuts, axis=spec.axis)):
             tensors[p.key] = np.ascontiguousarray(piece.T if p.transpose else piece)
+    return tensors
+
+
+def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: float = 0.0) -> Path:
+    """config.json, model.safetensors, tokenizer.json and tokenizer_config.json in `out_dir`."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise CheckpointError("writing Hugging Face checkpoints needs the `safetensors` package "
+                              "(pip install safetensors)") from e
+    out = Path(out_dir)
+    tensors = hf_tensors(state, model)
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(model, tokenizer_text, dropout)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model["block_size"],

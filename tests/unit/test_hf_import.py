@@ -327,6 +327,13 @@ def test_import_export_round_trip_is_exact(imported, tmp_path):
     for k in b:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads((folder / "tokenizer.json").read_text())
+    # the one-file form (convert RUN model.npz --hf): the same tensors under the same keys, and
+    # the head spelled out
+    assert cli.main(["convert", str(run), str(tmp_path / "m.npz"), "--hf"]) == 0
+    with np.load(tmp_path / "m.npz") as z:
+        assert set(b) | {"lm_head.weight"} == set(z.files) - {"__meta__"}
+        for k in b:
+            np.testing.assert_array_equal(z[k], b[k], err_msg=k)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     x = batch(4)
     np.testing.assert_array_equal(hf_logits(reloaded, x), hf_logits(model, x))
