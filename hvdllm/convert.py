@@ -95,7 +95,12 @@ def to_hf(src, out_dir) -> int:
     text = text.decode("utf-8") if text is not None else None
     if text is None or json.loads(text).get("hvdllm_tokenizer") == "byte":
         text = tokenizer.byte_level_json()   # ids = UTF-8 bytes, as hvdllm's byte tokenizer
-    out = hf.export(state, model, text, out_dir, float(model.get("dropout", 0.0)))
+    source = state.read_file(hf.HF_CONFIG_FILE) if hasattr(state, "read_file") else None
+    try:
+        source = json.loads(source) if source is not None else None
+    except ValueError:
+        source = None
+    out = hf.export(state, model, text, out_dir, float(model.get("dropout", 0.0)), source)
     print(f"[hvdllm] wrote {out}: {hf.CONFIG}, {hf.WEIGHTS}, {hf.TOKENIZER} from {path} (step "
           f"{meta.get('step')}); load with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -125,8 +125,28 @@ def family(model: dict) -> str:
     return model.get("family") or "gpt2"
 
 
-def hf_config(model: dict, tokenizer_text: str | None = None, dropout: float = 0.0) -> dict:
-    """A config.json for hvdllm model settings `model` (a dict of model.*)."""
+# what an exported config.json keeps of the imported model's own (the rest follows the run's settings)
+KEPT_FROM_SOURCE = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+                    "initializer_range", "transformers_version")
+
+
+def hf_config(model: dict, tokenizer_text: str | None = None, dropout: float = 0.0,
+              source: dict | None = None) -> dict:
+    """A config.json for hvdllm model settings `model` (a dict of model.*). `source`: the config.json
+    of the model the run started from (train.init_from / convert --from-hf), if it is the same
+    family: its special token ids and a Llama's max_position_embeddings (when not smaller than
+    the run's block_size) are kept."""
+    cfg = _hf_config(model, tokenizer_text, dropout)
+    if source and source.get("model_type") == cfg["model_type"]:
+        for key in KEPT_FROM_SOURCE:
+            if key in source and key not in ("max_position_embeddings",):
+                cfg[key] = source[key]
+        if cfg["model_type"] == "llama" and source.get("max_position_embeddings", 0) > cfg["max_position_embeddings"]:
+            cfg["max_position_embeddings"] = source["max_position_embeddings"]
+    return cfg
+
+
+def _hf_config(model: dict, tokenizer_text: str | None, dropout: float) -> dict:
     from . import params
     m = model_cfg(model)
     special = _special_ids(tokenizer_text)
@@ -407,9 +427,15 @@ class Source:
         state, _ = checkpoint.load(self.path)
         return ParamsOnly(state)
 
-    @property
-    def hf_config(self) -> dict | None:
-        return read_hf_config(self.path) if self.kind == "hf" else None
+    def hf_config_text(self) -> str | None:
+        """The config.json of the Hugging Face model this one comes from (kept through runs, so an
+        export keeps its special token ids and context length); None for a model of hvdllm's own."""
+        if self.kind == "hf":
+            return json.dumps(read_hf_config(self.path), indent=1)
+        from . import checkpoint
+        state, _ = checkpoint.load(self.path)
+        text = state.read_file(HF_CONFIG_FILE)
+        return text.decode("utf-8") if text is not None else None
 
 
 class ParamsOnly(Mapping):
@@ -582,8 +608,10 @@ def hf_tensors(state: Mapping, model: dict) -> dict[str, np.ndarray]:
     return tensors
 
 
-def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: float = 0.0) -> Path:
-    """config.json, model.safetensors, tokenizer.json and tokenizer_config.json in `out_dir`."""
+def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: float = 0.0,
+           source: dict | None = None) -> Path:
+    """config.json, model.safetensors, tokenizer.json and tokenizer_config.json in `out_dir`
+    (`source`: the config.json the run's model was imported with, see hf_config)."""
     try:
         from safetensors.numpy import save_file
     except ImportError as e:
@@ -592,7 +620,7 @@ def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: f
     out = Path(out_dir)
     tensors = hf_tensors(state, model)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config(model, tokenizer_text, dropout)
+    cfg = hf_config(model, tokenizer_text, dropout, source)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model["block_size"],
                "clean_up_tokenization_spaces": False}
     special = json.loads(tokenizer_text).get("added_tokens") or []

@@ -55,6 +55,7 @@ class Trainer:
         self.sampler = data.Sampler(self.data.train, cfg.model.block_size,
                                     t.batch_size * cfg.aggregation.accumulation,
                                     self.layout.dp, self.layout.dp_rank, t.seed)
+        self.hf_config_text = None
         self.start_step = self._maybe_resume()
         if self.start_step == 0 and t.init_from:
             self._init_from(t.init_from)
@@ -80,20 +81,26 @@ class Trainer:
         if self.is_root and changes:
             print("[hvdllm] resuming with changed settings (train.resume_allow):\n"
                   + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
-        checkpoint.check_compatible(state, self.engine.param_shapes, path)
+        checkpoint.check_compatible(state, self._model_shapes(), path)
         self.engine.load_state_dict(state)
+        text = state.read_file(hf.HF_CONFIG_FILE) if hasattr(state, "read_file") else None
+        self.hf_config_text = text.decode("utf-8") if text is not None else None
         if self.is_root:
             print(f"[hvdllm] resumed from {path} (step {meta['step']})", file=sys.stderr)
         return int(meta["step"])
+
+    def _model_shapes(self) -> dict:
+        """What a checkpoint must hold: the built-in model's shapes from its config (either family),
+        a user's layer list's from its engine."""
+        return self.engine.param_shapes if self.cfg.model.layers else params.param_shapes(self.cfg.model)
 
     def _init_from(self, source) -> None:
         """train.init_from: a Hugging Face model folder or an hvdllm run's weights, no optimizer
         state (hvdllm/hf.py). Each rank reads only the slices it holds, as a resume does."""
         src = hf.open_source(source)
+        self.hf_config_text = src.hf_config_text()   # kept with every checkpoint, for --to-hf
         weights = src.weights()
-        # the built-in model's shapes from its config (either family); a user's layer list's from its engine
-        shapes = self.engine.param_shapes if self.cfg.model.layers else params.param_shapes(self.cfg.model)
-        checkpoint.check_compatible(weights, shapes, src.path)
+        checkpoint.check_compatible(weights, self._model_shapes(), src.path)
         self.engine.load_state_dict(weights)
         if self.is_root:
             print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "
@@ -194,6 +201,8 @@ class Trainer:
                         "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name,
                         # global batch, tokens' digest, the tokenizer (a file): what resume checks
                         **checkpoint.identity(self.cfg, lay, self.data)}
+                if self.hf_config_text is not None:   # the imported model's config.json (hf.py)
+                    meta[checkpoint.EXTRA_FILES][hf.HF_CONFIG_FILE] = self.hf_config_text
                 checkpoint.finalize(self.out, step, names, meta, self.cfg.train.keep_checkpoints)
 
     def finish(self, summary: dict) -> dict:

@@ -43,14 +43,15 @@ def test_llama_import_finetune_dp2xtp2_export_reload(tmp_path):
     sets = [f"train.init_from={json.dumps(str(folder))}", f"train.out_dir={json.dumps(str(run))}",
             "parallel.tp=2", "train.batch_size=4", "train.steps=20", "train.eval_every=0",
             "train.eval_batches=2", "train.checkpoint_every=20", "train.threads=1", "train.sample_tokens=8",
-            "train.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "data.max_bytes=400000"]
+            "train.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "data.max_bytes=400000",
+            "model.block_size=16"]   # a llama's context is the run's choice, up to max_position_embeddings
     r = hvdllm(4, ["train", *[a for kv in sets for a in ("--set", kv)]], timeout=400)
     assert r.returncode == 0, r.stdout[-5000:]
     assert "initialised from" in r.stdout
-    # the model's settings and tokenizer were used (block_size: min(128, max_position_embeddings)), its BPE stored
+    # the model's settings and tokenizer were used, its BPE stored
     cfg = config.load(run / "config.toml")
     assert (cfg.model.family, cfg.model.n_kv_head, cfg.model.tie_embeddings) == ("llama", 2, False)
-    assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size) == (32, V, T)
+    assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size) == (32, V, 16)
     assert cfg.data.tokenizer == "byte" and cfg.train.init_from == str(folder)   # re-runnable as written
     stored = checkpoint.stored_tokenizer(checkpoint.latest(run))
     assert json.loads(stored.serialize()) == json.loads(tok_text)
@@ -61,8 +62,11 @@ def test_llama_import_finetune_dp2xtp2_export_reload(tmp_path):
     # export, reload in transformers, same logits as hvdllm's
     out = tmp_path / "export"
     assert cli.main(["convert", str(run), "--to-hf", str(out)]) == 0
+    exported = json.loads((out / "config.json").read_text())
+    # the imported model's context length and special ids survive the fine-tune (hf_config.json)
+    assert exported["max_position_embeddings"] == T and exported["eos_token_id"] == model.config.eos_token_id
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    x = batch(5)
+    x = batch(5)[:, :16]
     ours = hvdllm_logits(run, x)
     err = rel(hf_logits(reloaded, x), ours)
     print(f"dp2xtp2 fine-tune -> export -> transformers: max relative logit difference {err:.2e}")

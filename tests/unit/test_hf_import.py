@@ -327,6 +327,9 @@ def test_import_export_round_trip_is_exact(imported, tmp_path):
     for k in b:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads((folder / "tokenizer.json").read_text())
+    exported = json.loads((out / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):   # kept from the imported config.json
+        assert exported[key] == getattr(model.config, key)
     # the one-file form (convert RUN model.npz --hf): the same tensors under the same keys, and
     # the head spelled out
     assert cli.main(["convert", str(run), str(tmp_path / "m.npz"), "--hf"]) == 0
