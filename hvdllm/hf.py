@@ -618,6 +618,8 @@ def export(state: Mapping, model: dict, tokenizer_text: str, out_dir, dropout: f
         raise CheckpointError("writing Hugging Face checkpoints needs the `safetensors` package "
                               "(pip install safetensors)") from e
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file: --to-hf writes a folder (config.json, {WEIGHTS}, ...)")
     tensors = hf_tensors(state, model)
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(model, tokenizer_text, dropout, source)

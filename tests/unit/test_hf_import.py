@@ -355,6 +355,11 @@ def test_convert_usage_and_bad_folders(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert cli.main(["convert", "--from-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "nope"), "--to-hf", str(tmp_path / "x"), "--optimizer"]) == 2
+    assert "--optimizer has no Hugging Face form" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "nope"), "--to-hf", str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_init_from_missing_folder_is_a_config_error(tmp_path, capsys):
