@@ -1,13 +1,14 @@
 """model.family = "llama" under every layout equals one process: dp=2, dp=2 with ZeRO-1, tp=2
 (grouped-query attention, its key/value heads split across the tp ranks; tied and untied head)
 and pp=2 (tied and untied head) give the np=1 losses, gradient norms, validation losses and
-weights, in both frameworks.
+weights, in both frameworks; under tp=2 each block issues 2 allreduces forward and 2 backward.
 
 One launch for all of it (each launch pays the imports of torch, TensorFlow and Horovod): this
 file is also the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank
 engine of the process's own (its one-rank Horovod process set) is the np=1 reference, and each
 layout's engines are built by hvdllm.parallelize.build_engine, as the trainer builds them, and
-fed the batches the trainer would feed them."""
+fed the batches the trainer would feed them. A second test trains through a parameter server
+with an evaluator rank beside it (hvdllm train at np=3)."""
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_llama_layouts_equal_single_process():
     for backend in BACKENDS:
         for name in LAYOUTS:
             assert f"{backend} {name}: equals np=1" in r.stdout, r.stdout[-6000:]
+        assert f"{backend} tp2 collectives: 2 + 2 allreduces per block" in r.stdout, r.stdout[-6000:]
 
 
 @pytest.mark.integration
@@ -125,8 +127,24 @@ def _check(backend, rt, be):
               flush=True)
 
 
+def _check_tp_collectives(backend, be):
+    """Two more llama blocks under tp=2 issue exactly four more allreduces in each direction
+    (2 per block, as GPT: attention's f/g and the MLP's f/g; q, k and v share one f)."""
+    from tests_tp_helpers import loss_and_grads
+
+    from hvdllm.config import ModelConfig
+    tp = be.tensor_parallel.TPGroup(be.Collectives())
+    x, y = _batches()[0]
+    counts = {n: loss_and_grads(be, ModelConfig(family="llama", n_layer=n, n_embd=32, n_head=4, n_kv_head=2,
+                                                block_size=T, vocab_size=V), tp, x, y)[2] for n in (2, 4)}
+    for direction in ("forward", "backward"):
+        assert counts[4][direction] - counts[2][direction] == 4, (backend, counts)
+    print(f"{backend} tp2 collectives: 2 + 2 allreduces per block", flush=True)
+
+
 def main():
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests" / "parallel"))
     from hvdllm import backends, runtime
     for backend in BACKENDS:
         be = backends.load(backend)
@@ -135,6 +153,7 @@ def main():
             tf.get_logger().setLevel("ERROR")
         rt = runtime.start(be, groups=[(0,), (1,)])   # one-rank sets for the np=1 references
         _check(backend, rt, be)
+        _check_tp_collectives(backend, be)
 
 
 if __name__ == "__main__":
