@@ -113,11 +113,8 @@ def _check(backend, rt, be):
         layout = Layout.from_config(cfg, rt.size, rt.rank)
         steps, val, weights = _train(build_engine(cfg, layout, rt, be), cfg, layout)
         want_steps, want_val, want_weights = refs[untied]
-        # ZeRO-1's AdamW is the core's numpy one, not the framework's (its tolerance in
-        # test_tensor_parallel.py too)
-        rtol = 2e-4 if "parallel.zero=1" in sets else 1e-5
-        np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
-        np.testing.assert_allclose(val, want_val, rtol=rtol, err_msg=f"{backend} {name}: validation loss")
+        np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
+        np.testing.assert_allclose(val, want_val, rtol=1e-5, err_msg=f"{backend} {name}: validation loss")
         if layout.pp_rank == 0:   # the stages gathered there, the tp slices joined
             assert sorted(weights) == sorted(want_weights), (name, sorted(set(weights) ^ set(want_weights)))
             for k, a in want_weights.items():
