@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import aggregation, sampling
+from . import aggregation, params, sampling
 from .flat import NUMPY
 from .strategies import pipeline as pl
 from .strategies import tensor_parallel as tp_plan
@@ -143,9 +143,7 @@ class GPTEngineBase(EngineBase):
     @property
     def param_shapes(self) -> dict[str, tuple]:
         """The whole model's parameter shapes (what a checkpoint must match)."""
-        from .params import param_shapes
-        m = self.cfg.model
-        return param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+        return params.param_shapes(self.cfg.model)
 
     def _broadcast_parameters(self) -> None:
         """Rank 0's initial weights win, in one message: ranks agree even if their seeds or files
@@ -207,8 +205,8 @@ class GPTEngineBase(EngineBase):
         holds (nothing gathered)."""
         where = (lambda arrays: tp_plan.placements(arrays, self.tp.size, self.tp.rank)) if self.tp else None
         if self.zero is not None:
-            params = self.host_params()
-            return self.zero.shard_state(params, where(params) if where else None)
+            host = self.host_params()
+            return self.zero.shard_state(host, where(host) if where else None)
         local = self._local_state()
         return local, (where(local) if where else {})
 
@@ -266,7 +264,9 @@ class PipelineStageBase(GPTEngineBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
                                 cfg.parallel.schedule, self.timeout)
-        self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer)
+        # an untied head has its own lm_head: no wte copy on the last stage to keep in step
+        self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer) \
+            if params.tied(cfg.model) else None
         # ZeRO-1 on the backend's tensors: make_zero is handed the tensor Collectives as they are
         self.zero = pl.make_zero(cfg, self, lambda coll: coll) if cfg.parallel.zero else None
         self.opt = make_adamw() if self.zero is None else None

@@ -51,12 +51,7 @@ def generate_inputs(args):
         raise CheckpointError(f"checkpoint {path}: its tokenizer ({tok.name}) has {tok.vocab_size} ids, "
                               f"more than model.vocab_size={cfg.model.vocab_size}")
     if not cfg.model.layers:
-        m = cfg.model
-        try:
-            shapes = param_shapes(m)
-        except TypeError:   # the four-size form
-            shapes = param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
-        checkpoint.check_compatible(state, shapes, path)
+        checkpoint.check_compatible(state, param_shapes(cfg.model), path)
     return cfg, path, state, meta, tok
 
 

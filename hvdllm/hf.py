@@ -206,10 +206,7 @@ class Spec:
 
 def _shapes(model: dict) -> dict:
     from . import params
-    try:
-        return params.param_shapes(model_cfg(model))
-    except TypeError:   # an hvdllm whose param_shapes takes the four GPT-2 sizes
-        return params.param_shapes(model["n_layer"], model["n_embd"], model["vocab_size"], model["block_size"])
+    return params.param_shapes(model_cfg(model))
 
 
 def specs(model: dict, keys=None) -> dict[str, Spec]:

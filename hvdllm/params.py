@@ -118,21 +118,10 @@ def _block_shapes(model_cfg, h: str) -> dict[str, tuple]:
     }
 
 
-class _GPT2Sizes:
-    """The GPT-2 family from the four sizes of the older positional call."""
-
-    def __init__(self, n_layer, n_embd, vocab_size, block_size):
-        self.n_layer, self.n_embd, self.vocab_size, self.block_size = n_layer, n_embd, vocab_size, block_size
-        self.n_head = 1
-
-
-def param_shapes(model_cfg, n_embd: int | None = None, vocab_size: int | None = None,
-                 block_size: int | None = None) -> dict[str, tuple]:
-    """Ordered {name: shape} of the whole model. The order is the canonical order for init,
-    fusion and checkpoints. Call it with the model config; the GPT-2-only form
-    `param_shapes(n_layer, n_embd, vocab_size, block_size)` still works (it cannot know the
-    family, so it is always gpt2 with a tied head)."""
-    m = model_cfg if n_embd is None else _GPT2Sizes(model_cfg, n_embd, vocab_size, block_size)
+def param_shapes(model_cfg) -> dict[str, tuple]:
+    """Ordered {name: shape} of the whole model (family, sizes and head from the model config).
+    The order is the canonical order for init, fusion and checkpoints."""
+    m = model_cfg
     C = m.n_embd
     shapes = {"wte": (m.vocab_size, C)}
     if not is_llama(m):

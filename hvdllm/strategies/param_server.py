@@ -100,8 +100,7 @@ class ProtocolError(HvdllmError):
 
 
 def flat_layout(model_cfg) -> FlatLayout:
-    m = model_cfg
-    return FlatLayout(param_shapes(m.n_layer, m.n_embd, m.vocab_size, m.block_size))
+    return FlatLayout(param_shapes(model_cfg))
 
 
 def shard_ranges(flat: FlatLayout, servers: int) -> list[tuple[int, int]]:

@@ -45,7 +45,7 @@ def batch(seed=0, b=4):
 def test_parameters_match_the_shared_layout_and_init():
     cfg = tiny_cfg()
     model = be.GPT(cfg.model, seed=3)
-    shapes = param_shapes(2, 32, V, T)
+    shapes = param_shapes(cfg.model)
     assert list(model.params) == list(shapes)
     init = init_params(cfg.model, 3)
     for name, var in model.params.items():

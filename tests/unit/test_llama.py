@@ -164,9 +164,15 @@ def test_init_draws_and_untied_head_keeps_the_tied_values():
 
 
 def test_gpt2_unchanged():
-    """The GPT-2 layout, its order and initial values are those of the older positional call."""
+    """The GPT-2 layout and its order, written out."""
     m = ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=T, vocab_size=V)
-    assert params.param_shapes(m) == params.param_shapes(2, 32, V, T)
+    block = [("ln_1.weight", (32,)), ("ln_1.bias", (32,)), ("attn.c_attn.weight", (32, 96)),
+             ("attn.c_attn.bias", (96,)), ("attn.c_proj.weight", (32, 32)), ("attn.c_proj.bias", (32,)),
+             ("ln_2.weight", (32,)), ("ln_2.bias", (32,)), ("mlp.c_fc.weight", (32, 128)),
+             ("mlp.c_fc.bias", (128,)), ("mlp.c_proj.weight", (128, 32)), ("mlp.c_proj.bias", (32,))]
+    want = [("wte", (V, 32)), ("wpe", (T, 32))] + [(f"h.{i}.{n}", s) for i in range(2) for n, s in block] \
+        + [("ln_f.weight", (32,)), ("ln_f.bias", (32,))]
+    assert list(params.param_shapes(m).items()) == want
     assert list(params.param_shapes(m))[:2] == ["wte", "wpe"]
     assert params.param_shapes(m)["h.1.mlp.c_fc.weight"] == (32, 128)
     assert params.layer_params(m, 0) == ["wte", "wpe"]

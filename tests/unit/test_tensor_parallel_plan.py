@@ -10,7 +10,7 @@ from hvdllm.strategies import tensor_parallel as tp
 def test_shard_unshard_round_trip_and_shapes(n):
     m = ModelConfig(n_layer=2, n_embd=16, n_head=4, block_size=8, vocab_size=32)
     full = init_params(m, 0)
-    local = tp.local_shapes(param_shapes(2, 16, 32, 8), n)
+    local = tp.local_shapes(param_shapes(m), n)
     for name, a in full.items():
         shards = [tp.shard(name, a, n, r) for r in range(n)]
         assert all(s.shape == local[name] for s in shards), name
