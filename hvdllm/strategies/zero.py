@@ -56,8 +56,10 @@ class Zero1:
         self.plain = tp is None and pp_sum is None and not self.spans["skip"]
 
     def step(self, flat_grad, flat_params, lr: float) -> tuple:
-        """flat_grad, flat_params: this rank's flat vectors, the backend's type. Returns (the new
-        flat parameters, the same type; the global grad norm before clipping, a float)."""
+        """flat_grad, flat_params: this rank's flat vectors, the backend's type (fresh ones: the
+        update runs in place where the backend allows, so flat_params' range [lo, hi) may be
+        overwritten). Returns (the new flat parameters, the same type; the global grad norm
+        before clipping, a float)."""
         ops = self.ops
         g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k, ops), op="average", name="zero.grads",
                                     compression=self.agg.compression)
