@@ -1,5 +1,6 @@
 """Host transfers per training step, under mpirun -np 2 (HVDLLM_BACKEND=torch|tensorflow), for
-the engines hvdllm/parallelize.py builds: dp=2, ZeRO-1 at dp=2, local SGD at dp=2, pp=2 and tp=2.
+the engines hvdllm/parallelize.py builds: dp=2, ZeRO-1 at dp=2, local SGD at dp=2, tp=2, pp=2, and
+ZeRO-1 in a pp=2 stage.
 
 The design's bound (the device seam, hvdllm/engines.py): tensors stay the backend's own through a
 step, ZeRO-1 and local SGD included (they run on the backend's tensors through its Collectives);
@@ -8,7 +9,8 @@ the activations and gradients between stages (p2p). The scalars a step logs (los
 are read as Python floats, not counted. So dp, ZeRO-1, local SGD and tp are held to exactly
 (to_host, from_host) = (0, 2) at every step -- local SGD at a step that averages and at one that
 does not, each counted on its own -- and every count is the same for a 1-block and a 3-block
-model (a per-parameter transfer would grow with depth)."""
+model (a per-parameter transfer would grow with depth). ZeRO-1 inside a pipeline stage moves exactly
+what the plain stage does."""
 import os
 
 import numpy as np
@@ -23,12 +25,15 @@ be = backends.load(BACKEND)
 RT = runtime.start(be, None, [(0,), (1,)])   # the dp groups of pp=2 / tp=2 at np=2
 STEPS = 2                                    # counted after a first (tracing) step: steps 2 and 3
 
-LAYOUTS = {  # name: (settings, exact (to_host, from_host) at every step or None: equal across depths only)
+LAYOUTS = {  # name: (settings, exact (to_host, from_host) at every step, another layout's name: the same
+    #          counts as that one, or None: equal across depths only)
     "dp2": ([], (0, 2)),
     "zero1": (["parallel.zero=1"], (0, 2)),
     "localsgd": (["localsgd.every=2"], (0, 2)),   # step 2 averages the parameters, step 3 does not
     "tp2": (["parallel.tp=2"], (0, 2)),
     "pp2": (["parallel.pp=2", "parallel.microbatches=2"], None),
+    # ZeRO-1 inside a pipeline stage (dp=1 here): on the device too, so exactly pp2's count
+    "pp2zero1": (["parallel.pp=2", "parallel.microbatches=2", "parallel.zero=1"], "pp2"),
 }
 
 
@@ -59,5 +64,8 @@ def test_host_transfers_per_step(name):
     shallow, deep = per_step(settings, 1), per_step(settings, 3)
     assert shallow == deep, f"{name}: (to_host, from_host) per step {shallow} at 1 block, {deep} at 3: " \
                             f"something crosses to the host per parameter"
-    if exact is not None:
+    if isinstance(exact, str):
+        same = per_step(LAYOUTS[exact][0], 1)
+        assert shallow == same, f"{name}: (to_host, from_host) per step {shallow}, {exact} moves {same}"
+    elif exact is not None:
         assert shallow == [exact] * STEPS, f"{name}: (to_host, from_host) per step {shallow}, the design says {exact}"
