@@ -102,7 +102,7 @@ class PSConfig:
     stale_lr: str = doc("async/ssp: a push s updates stale gets lr/(1+s) ('inverse'), "
                         "lr/sqrt(1+s) ('sqrt') or lr ('constant')", "inverse")
     straggler_rank: int = doc("testing/bench aid: this worker's steps are slowed (-1 = none)", -1)
-    straggler_factor: float = doc("how much slower the straggler's steps are (2 = twice as long)", 2.0)
+    straggler_factor: float = doc("the straggler's work per step, in gradient passes (2 = twice as slow)", 2.0)
 
 
 @dataclass

@@ -267,8 +267,7 @@ class PipelineStageBase(GPTEngineBase):
         # an untied head has its own lm_head: no wte copy on the last stage to keep in step
         self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer) \
             if params.tied(cfg.model) else None
-        # ZeRO-1 on the backend's tensors: make_zero is handed the tensor Collectives as they are
-        self.zero = pl.make_zero(cfg, self, lambda coll: coll) if cfg.parallel.zero else None
+        self.zero = pl.make_zero(cfg, self) if cfg.parallel.zero else None
         self.opt = make_adamw() if self.zero is None else None
 
     def reduce_and_step(self, lr: float) -> float:

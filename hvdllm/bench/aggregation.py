@@ -7,8 +7,8 @@ Sections (the launches are printed as they start; every figure is in the JSON):
 
 1. bandwidth   One `mpirun -np NP ... python -m hvdllm.bench.aggregation_worker` per backend times,
                interleaved on the same numpy buffers, the backend's Collectives.allreduce (op sum,
-               float32; 'hvdllm'), NumpyCollectives.allreduce ('numpy path', what ZeRO-1 and local
-               SGD use), mpi4py comm.Allreduce ('mpi4py', the baseline) and mpi4py comm.Sendrecv of
+               float32; 'hvdllm'), NumpyCollectives.allreduce ('numpy path': numpy in and out, the
+               host boundary's cost), mpi4py comm.Allreduce ('mpi4py', the baseline) and mpi4py comm.Sendrecv of
                the same bytes to the ring neighbour ('p2p'). Sizes 1 KB (KiB) .. 256 MB (MiB) in
                powers of 4; median of several calls (fewer at large sizes), each call timed on the
                slowest rank after a barrier. As in nccl-tests:

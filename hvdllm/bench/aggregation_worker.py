@@ -11,8 +11,8 @@ bandwidth    For each message size S (bytes of float32), on one numpy buffer `a`
                hvdllm      the backend's Collectives.allreduce(op='sum') on a framework tensor made
                            from `a` once (zero-copy for torch; one tf.constant for TF): the path the
                            Engine's gradients take
-               hvdllm_np   NumpyCollectives.allreduce(a, op='sum'): numpy in, numpy out, the path of
-                           the framework-free strategies (ZeRO-1, local SGD), conversions included
+               hvdllm_np   NumpyCollectives.allreduce(a, op='sum'): numpy in, numpy out, conversions
+                           included: what crossing the host boundary costs
                mpi4py      comm.Allreduce(a, r, op=MPI.SUM), into a receive buffer `r` kept across
                            calls (the baseline)
                p2p         comm.Sendrecv(a -> rank+1, r <- rank-1): every rank sends S bytes to its

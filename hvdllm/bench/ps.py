@@ -9,8 +9,8 @@ Three launches, each printed before it runs (one compute thread per rank):
 1. Throughput, `mpirun -np W+S python -m hvdllm.bench.ps_worker throughput`: one job runs every
    mode --rounds times in a rotating order, each phase a budget of --phase-steps x W pushes on
    fresh servers and workers (the real classes): sync without a straggler, then with worker 1
-   slowed by --factor (ps.straggler_factor: it computes its gradient again until a step takes
-   factor x its compute time, so its core stays busy as a slower machine's would; every rank is
+   slowed by --factor (ps.straggler_factor: it computes each gradient factor times, so its core
+   stays busy as a slower machine's would, whatever else loads the host; every rank is
    pinned to a core, so no rank runs on a core another left idle) sync, async and ssp. Interleaving matters on a
    shared machine: other jobs' load then falls on every mode alike. tokens/s = the phase's
    tokens / its time from a barrier to FINAL on trainer rank 0; the median over rounds. "vs sync"

@@ -145,11 +145,12 @@ def allreduce_sum(comm, value: float, timeout_s: float, what: str) -> float:
     return float(recv[0])
 
 
-def make_zero(cfg, engine, numpy_collectives):
+def make_zero(cfg, engine):
     """ZeRO-1 for a pipeline stage (both backends): the stage's (tp slices of its) parameters
     sharded over its dp group. Sets engine.flat. The clipping norm counts the tied `wte` once
     (on the first stage), sums tp slices over the tp group and the stages over the pipeline,
-    as the unsharded step does."""
+    as the unsharded step does. The stage's tensor Collectives (dp, tp) move the backend's own
+    tensors (zero.py)."""
     from ..flat import FlatLayout
     from . import tensor_parallel as tp_plan
     from .zero import Zero1
@@ -159,8 +160,8 @@ def make_zero(cfg, engine, numpy_collectives):
         if n == "wte" and engine.tied_peer == 0:
             return "skip"
         return tp_plan.norm_kind(n) if engine.tp else "sharded"
-    return Zero1(engine.flat, numpy_collectives(engine.comm), cfg.optim, cfg.aggregation,
-                 tp=numpy_collectives(engine.tp.coll) if engine.tp else None, kind=kind,
+    return Zero1(engine.flat, engine.comm, cfg.optim, cfg.aggregation,
+                 tp=engine.tp.coll if engine.tp else None, kind=kind,
                  pp_sum=lambda x: allreduce_sum(engine.pp_comm, x, engine.timeout, "pipeline grad-norm allreduce"))
 
 

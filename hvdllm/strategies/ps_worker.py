@@ -19,7 +19,6 @@ servers apply the schedule at the global step (param_server.py) and log every pu
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,24 +52,27 @@ class PSWorker(EngineBase):
         self.pushes, self.started, self.finished = 0, False, False
         self.resume = None  # (m, v, t) to hand to the servers in HELLO (trainer rank 0)
         self.slow = cfg.ps.straggler_factor if layout.rank == cfg.ps.straggler_rank else 1.0
+        self.extra_passes = 0.0
 
     # the Engine contract ----------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PSStepResult:
         if self.finished:
             raise ProtocolError("train_step after the parameter servers' budget was spent")
         self._hello()
-        t0 = time.perf_counter()
         loss, g = self.inner.local_gradients(x, y)
         g = np.ascontiguousarray(g, np.float32)
-        # ps.straggler_*: a slower machine, f times this one's compute per step. It computes
-        # (the same gradient again) rather than sleeps: a sleeping straggler frees its core for
-        # the others on an oversubscribed host and flatters async. Not on the first step: that
-        # one traces/compiles (TF: seconds) and would make the straggler's first push stale.
+        # ps.straggler_*: a slower machine, f times the work per step: it computes the same
+        # gradient again f - 1 times (a fraction carried to later steps) rather than sleeping: a
+        # sleeping straggler frees its core for the others on an oversubscribed host and flatters
+        # async, and counting passes, not seconds, keeps it f times slower whatever else loads
+        # the machine. Not on the first step: that one traces/compiles (TF: seconds).
         if self.slow > 1.0 and self.pushes > 0:
-            once = time.perf_counter() - t0
-            until, g = t0 + self.slow * once, g.copy()   # the extra passes may reuse its memory
-            while until - time.perf_counter() > 0.5 * once:
+            self.extra_passes += self.slow - 1.0
+            if self.extra_passes >= 1.0:
+                g = g.copy()   # the extra passes may reuse its memory
+            while self.extra_passes >= 1.0:
                 self.inner.local_gradients(x, y)
+                self.extra_passes -= 1.0
         sq = float(np.dot(g, g))   # float32 like the backends' norms; used by async/ssp clipping
         k = self.pushes
         reqs, hdrs = self._post_replies()

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers  # the test extra (setup.cfg, scripts/bootstrap.sh)
 from launch_util import hvdllm, losses
 
 from hvdllm import checkpoint, cli, config
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_hf_import import T, V, batch, hf_logits, hf_model, make_tokenizer_json, rel, save_hf  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The device seam: host transfers per step for dp, ZeRO-1, pp=2 and tp=2, both backends
+"""The device seam: host transfers per step for dp, ZeRO-1, local SGD, pp=2 (also with ZeRO-1)
+and tp=2, both backends
 (tests/parallel/check_transfers.py under mpirun -np 2 says what is counted and the bound)."""
 import sys
 

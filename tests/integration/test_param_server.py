@@ -23,6 +23,13 @@ def server_log(out, i=0) -> list[dict]:
     return metrics.read(out / f"ps_server{i}.jsonl")
 
 
+def push_interval(log, worker: int) -> float:
+    """The median time between one worker's consecutive pushes: its pace, whatever the start-up
+    skew between the workers (which, in a run this short, can decide the push counts)."""
+    t = [x["time"] for x in log if x["worker"] == worker]
+    return float(np.median(np.diff(t)))
+
+
 # -- unit ---------------------------------------------------------------------------------------
 def test_shards_are_contiguous_and_balanced():
     cfg = config.load(None, ["model.vocab_size=256"]).model
@@ -110,9 +117,9 @@ def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path):
             ev = [x for x in metrics.read(out / "metrics.jsonl") if x.get("role") == "evaluator"]
             assert ev[-1]["step"] == val[-1]["step"]
             np.testing.assert_allclose(ev[-1]["val_loss"], val[-1]["val_loss"], rtol=1e-5)
-    per_worker = {w: sum(x["worker"] == w for x in logs["async"]) for w in (0, 1)}
     # async: the fast worker is not held back, so it runs ahead of the straggler well past tau
-    assert per_worker[0] > per_worker[1] and max(x["gap"] for x in logs["async"]) > 1, per_worker
+    pace = [push_interval(logs["async"], w) for w in (0, 1)]
+    assert 2 * pace[0] < pace[1] and max(x["gap"] for x in logs["async"]) > 1, pace
     # the lr each push got: the schedule's at global step (t-1) // W, over 1+s (async, 'inverse')
     # or over sqrt(1+s) (ssp run, ps.stale_lr = 'sqrt')
     from hvdllm.lr import lr_at
@@ -140,8 +147,8 @@ def test_async_ps_with_tensorflow_workers_and_an_evaluator(tmp_path):
     assert len(val) == 1 and val[-1]["val_loss"] < CONVERGED, val
     log = server_log(out)
     assert len([x for x in log if x["applied"]]) == 2 * 20
-    per_worker = {w: sum(x["worker"] == w for x in log) for w in (0, 1)}
-    assert per_worker[0] > per_worker[1] and max(x["gap"] for x in log) > 1, per_worker
+    pace = [push_interval(log, w) for w in (0, 1)]
+    assert 2 * pace[0] < pace[1] and max(x["gap"] for x in log) > 1, pace
     ev = [x for x in metrics.read(out / "metrics.jsonl") if x.get("role") == "evaluator"]
     assert ev[-1]["step"] == val[-1]["step"]
     np.testing.assert_allclose([ev[-1]["val_loss"], ev[-1]["val_acc"]], [val[-1]["val_loss"], val[-1]["val_acc"]],

@@ -5,12 +5,11 @@ the two bit-identical on numpy, DeviceAdamW on torch and tf tensors equal to the
 against torch.nn.utils.clip_grad_norm_."""
 import numpy as np
 import pytest
+import torch
 
 from hvdllm.config import OptimConfig
 from hvdllm.flat import NUMPY
 from hvdllm.optim import DeviceAdamW, FlatAdamW, clip_coef
-
-torch = pytest.importorskip("torch")
 
 CONFIGS = [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.8, 0.999), 1e-6), (0.5, (0.9, 0.95), 1e-3)]
 LRS = [1e-3, 3e-3, 1e-2, 5e-3, 2e-3, 1e-4]

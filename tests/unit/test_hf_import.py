@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
+import transformers  # the test extra (setup.cfg, scripts/bootstrap.sh)
 
 import tf_backend
 import torch_backend
-from hvdllm import checkpoint, cli, config, hf, params, placement
+from hvdllm import checkpoint, cli, config, hf, placement
 from hvdllm.layout import Layout
 from hvdllm.strategies import tensor_parallel as tp_plan
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
 
 V, T = 320, 32
 REL = 1e-5   # the issue's bound: max |hvdllm - HF| / max |HF|, fp32
@@ -32,10 +30,6 @@ def horovod():
     from mpi4py import MPI
     tf_backend.init_horovod(MPI.COMM_WORLD)
     torch_backend.init_horovod(MPI.COMM_WORLD)
-
-
-def _llama_ready() -> bool:
-    return hasattr(params, "hf_llama_names") and "family" in {f for f in config.ModelConfig.__dataclass_fields__}
 
 
 def make_tokenizer_json() -> str:
@@ -87,8 +81,6 @@ def tokenizer_text():
 def imported(request, tmp_path_factory, tokenizer_text):
     """(family, HF model, HF folder, hvdllm run folder from `convert --from-hf`)."""
     family, tie = request.param.split("-")[0], not request.param.endswith("untied")
-    if family == "llama" and not _llama_ready():
-        pytest.skip("model.family = 'llama' is not in this hvdllm yet")
     tmp = tmp_path_factory.mktemp(f"hf-{request.param}")
     model = hf_model(family, tie=tie)
     folder = save_hf(model, tmp / "hf", tokenizer_text)
@@ -299,8 +291,6 @@ def _native_run(tmp_path: Path, family: str, backend: str, tie: bool = True) -> 
 @pytest.mark.parametrize("family,backend", [("gpt2", "torch"), ("gpt2", "tensorflow"),
                                             ("llama", "torch"), ("llama", "tensorflow")])
 def test_export_loads_in_transformers(tmp_path, family, backend):
-    if family == "llama" and not _llama_ready():
-        pytest.skip("model.family = 'llama' is not in this hvdllm yet")
     run, engine = _native_run(tmp_path, family, backend, tie=(backend == "torch"))
     out = tmp_path / "hf"
     assert cli.main(["convert", str(run), "--to-hf", str(out)]) == 0

@@ -78,7 +78,6 @@ def rel(a, b) -> float:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_and_tensorflow_equal_transformers(case):
-    pytest.importorskip("transformers")
     m = llama(**CASES[case])
     hf, values = hf_model(m)
     assert set(values) == set(params.param_shapes(m))
