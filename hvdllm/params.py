@@ -146,11 +146,17 @@ def _residual_projection(name: str) -> bool:
     return name.endswith(("c_proj.weight", "attn.o.weight", "mlp.down.weight"))
 
 
-def init_params(model_cfg, seed: int) -> dict[str, np.ndarray]:
+def init_params(model_cfg, seed: int, names=None, cut=None) -> dict[str, np.ndarray]:
     """GPT-2 initialisation (as nanoGPT), for both families: N(0, 0.02), residual projections
-    scaled by 1/sqrt(2L), norm gains 1, biases 0; drawn in canonical order from one generator."""
+    scaled by 1/sqrt(2L), norm gains 1, biases 0; drawn in canonical order from one generator.
+
+    `names`: keep only these (a pipeline stage's); `cut(name, value)`: keep that part of each
+    (a tp rank's slice). The others are still drawn, in order, so every part has the values the
+    whole model would, but each array is dropped as soon as it is cut: a rank never holds more
+    than its own part plus the one array being drawn."""
     rng = np.random.default_rng(seed)
     m = model_cfg
+    keep = None if names is None else set(names)
     out = {}
     for name, shape in param_shapes(m).items():
         if name.endswith(".bias"):
@@ -160,7 +166,9 @@ def init_params(model_cfg, seed: int) -> dict[str, np.ndarray]:
         else:
             std = 0.02 / np.sqrt(2 * m.n_layer) if _residual_projection(name) else 0.02
             value = rng.normal(0.0, std, size=shape)
-        out[name] = value.astype(np.float32)
+        if keep is None or name in keep:
+            value = value.astype(np.float32)
+            out[name] = value if cut is None else np.array(cut(name, value))   # a copy, not a view
     return out
 
 

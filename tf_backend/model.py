@@ -47,13 +47,12 @@ class GPT(tf.Module):
         if self.llama:
             self.n_kv_local, self.head_dim = params_mod.kv_heads(model_cfg) // n, params_mod.head_dim(model_cfg)
             self.rope_cos, self.rope_sin = (tf.constant(t) for t in params_mod.rope_tables(model_cfg))
-        values = init_params(model_cfg, seed)
-        if self.tp:
-            values = {k: tp_plan.shard(k, v, self.tp.size, self.tp.rank) for k, v in values.items()}
+        names = names_for_layers(model_cfg, self.layers)
+        cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
+        values = init_params(model_cfg, seed, names, cut)   # this rank's part only
         # Variable names may not contain '.' in every TF API, so the dict key is the real name.
         self.params = collections.OrderedDict(
-            (n, tf.Variable(values[n], name=n.replace(".", "_"), trainable=True))
-            for n in names_for_layers(model_cfg, self.layers))
+            (n, tf.Variable(values.pop(n), name=n.replace(".", "_"), trainable=True)) for n in names)
         # A stateful generator keeps dropout masks reproducible inside tf.function.
         self._rng = tf.random.Generator.from_seed(seed if dropout_seed is None else dropout_seed)
 

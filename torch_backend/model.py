@@ -47,12 +47,11 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
             self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
-        values = init_params(model_cfg, seed)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
         self.names = names_for_layers(model_cfg, self.layers)
-        if self.tp:
-            values = {k: tp_plan.shard(k, v, self.tp.size, self.tp.rank) for k, v in values.items()}
-        self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values[n].copy())) for n in self.names])
+        cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
+        values = init_params(model_cfg, seed, self.names, cut)   # this rank's part only
+        self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
 
     def p(self, name: str) -> torch.Tensor:

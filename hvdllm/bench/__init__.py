@@ -5,6 +5,7 @@
 - pipeline: GPipe / 1F1B efficiency against the ideal, activation memory, Chrome traces.
 - tensor: allreduces and bytes per tensor-parallel block against theory, tp=2 against np=1.
 - ps: parameter-server sync / async / SSP with a straggler, trainer step time with an evaluator.
+- hf: Hugging Face import time and memory per rank at tp = 1..N; llama vs gpt2 step time.
 
 Each driver launches its `*_worker.py` under mpirun -- the command hvdllm.launch builds for
 `hvdllm launch` -- and prints it. What they share (launching, timing, tables, JSON, the worker's
