@@ -28,7 +28,8 @@ from hvdllm.bench import common
 
 TAG = "[bench hf]"
 MODELS = {   # name: (family, transformers config keys)
-    "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)),
+    # GPT-2 124M with its vocabulary padded to 50304 (as nanoGPT does): tp must divide it, and 50257 = 29 x 1733
+    "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50304)),
     "llama-0.5b": ("llama", dict(num_hidden_layers=36, hidden_size=1024, intermediate_size=2816,
                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                                  max_position_embeddings=2048, tie_word_embeddings=False)),
@@ -93,6 +94,7 @@ def import_rows(run: dict, model: str) -> list[dict]:
              "param_mib": max(r["param_bytes"] for r in ranks) / 2 ** 20,
              "built_mib": max(r["rss_built_mib"] for r in ranks),
              "peak_mib": max(r["peak_rss_mib"] for r in ranks),
+             "anon_read_mib": max(r["anon_peak_read_mib"] for r in ranks),
              "start_mib": max(r["rss_start_mib"] for r in ranks)}]
 
 
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
         common.print_table(result["import"], [("model", "model"), ("backend", "backend"), ("np", "np"),
                                               ("params", "params"), ("read_s", "read s"),
                                               ("param_mib", "params MiB/rank"), ("built_mib", "RSS built MiB"),
+                                              ("anon_read_mib", "peak anon MiB during read"),
                                               ("peak_mib", "peak RSS MiB"), ("start_mib", "RSS at start MiB")])
     if result["step"]:
         print(f"\n{TAG} training step, {args.layers} layers x {args.width}, np=1, the llama's SwiGLU width "

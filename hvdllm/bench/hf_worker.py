@@ -36,6 +36,36 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def rss_anon() -> int:
+    """Resident anonymous memory (what the process allocated: not the safetensors file's pages,
+    which a memory-mapped read makes resident too and the kernel can drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class AnonPeak:
+    """The peak of rss_anon() while the block runs, sampled every 5 ms by a thread."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = rss_anon(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, rss_anon())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
 def _world():
     from mpi4py import MPI
     return MPI.COMM_WORLD
@@ -61,10 +91,11 @@ def run_import(args, rt, backend) -> dict | None:
     built = rss()
     _world().Barrier()   # every rank starts the read together
     t0 = time.perf_counter()
-    engine.load_state_dict(hf.open_source(args.folder).weights())
+    with AnonPeak() as anon:
+        engine.load_state_dict(hf.open_source(args.folder).weights())
     seconds = time.perf_counter() - t0
     mine = {"rank": rt.rank, "read_s": seconds, "param_bytes": 4 * engine.num_params(),
-            "rss_start_mib": start / MIB, "rss_built_mib": built / MIB,
+            "rss_start_mib": start / MIB, "rss_built_mib": built / MIB, "anon_peak_read_mib": anon.peak / MIB,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB}
     ranks = _world().gather(mine, root=0)
     if rt.rank != 0:
