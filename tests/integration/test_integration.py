@@ -29,14 +29,14 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     sets = [b, "train.batch_size=4", *clip]
     r, dp2 = train(tmp_path, "np2", 2, sets + ["train.plot=true"])
     assert r.returncode == 0, r.stdout[-4000:]
-    # float32 sums in another order: differences stay ~1e-6 relative over 6 AdamW steps.
-    same_run(dp2, ref, rtol=2e-4, what="np2")
+    # float32 sums in another order: measured 1e-7 relative over 6 AdamW steps, held to 1e-5 as pp and tp are
+    same_run(dp2, ref, rtol=1e-5, what="np2")
     assert (dp2 / "loss.png").stat().st_size > 1000 and (dp2 / "sample.txt").exists()
     assert (dp2 / "checkpoints" / "step_00000006" / "manifest.json").exists()
     if backend == "torch":
         r, dp4 = train(tmp_path, "np4", 4, [b, "train.batch_size=2", NO_CLIP])
         assert r.returncode == 0, r.stdout[-4000:]
-        same_run(dp4, reference(b, "train.batch_size=8", NO_CLIP), rtol=2e-4, what="np4 without clipping")
+        same_run(dp4, reference(b, "train.batch_size=8", NO_CLIP), rtol=1e-5, what="np4 without clipping")
     # a crash after the step-3 checkpoint, then a resume: the uninterrupted run's numbers
     t0 = time.monotonic()
     r, part = train(tmp_path, "part", 2, sets + ["train.fail_at_step=4", "train.fail_rank=1"], timeout=180)
