@@ -1,0 +1,517 @@
+"""ZeRO stages 2 and 3 (fully sharded data parallel): gradients, and at stage 3 the parameters
+too, sharded over the data-parallel group, one unit at a time.
+
+Units. A unit is a layer of the built-in model (parallel.zero_unit = "block", the only value so
+far): 0 = embeddings, 1..L = blocks, L+1 = head (hvdllm.params.layer_params). A unit owns the
+parameters it lists first; a parameter it uses but another unit owns is borrowed (the tied head
+borrows `wte` from the embedding unit). Per unit a FlatLayout of its (tp-local) owned parameters
+is zero-padded to a multiple of dp and cut into dp equal shards; this rank keeps shard
+`dp_rank` of every unit, all concatenated into one flat vector (the master copy of its
+parameters), and AdamW moments for exactly that vector (optim.DeviceAdamW, on the backend's
+tensors through `comm.ops`, as ZeRO-1). Under tensor parallelism each tp rank's slices are
+sharded over its own dp group, and the clipping norm sums the sharded kinds over the tp group
+(Zero1's 'sharded' / 'replicated').
+
+The step, driven here, on a backend's primitives (`run`, see Runner): for each micro-batch the
+units' forward in order, then their backward in reverse, each unit's backward on the gradient
+of its output only (the pipeline engines' chunk trick, per unit). As soon as unit u's backward
+has produced its gradients they are flattened, padded and reduce-scattered (average) over the
+dp group, and only this rank's shard is kept (summed over micro-batches): no full-size
+gradient of the model exists at any time, only one unit's (and the borrowed `wte` gradient,
+held from the head's backward until the embedding's). After the last backward: the global
+norm from the shards (one allreduce of squared norms, plus one over the tp group), clipping,
+AdamW on the shard. Then
+  stage 2: parameters stay whole on every rank: the updated shards are allgathered (one
+           message, every unit's shard in it) and written into the model;
+  stage 3: parameters live only as shards. A unit's whole weights are allgathered just before
+           its forward and freed after it, gathered again for its backward and freed after it.
+           The next unit's gather is issued one unit ahead (prefetch depth 1) where the backend
+           can overlap it (`gather_async`: torch's Horovod allgather_async / synchronize), so
+           at most two units' needs are materialised at once. Units the next position needs
+           stay (the head's forward runs straight into its backward, a micro-batch's embedding
+           backward into the next one's forward).
+Messages per micro-batch (dp group): stage 2: one reduce-scatter per unit; stage 3: one
+allgather per unit in the forward and one per unit in the backward (fewer where a unit stays),
+one reduce-scatter per unit; per step: one allreduce (norm) and, stage 2, one allgather.
+So stage 3 moves 1.5x an allreduce's bytes per micro-batch (the ZeRO paper's 3Ψ vs 2Ψ).
+
+Accumulation (aggregation.accumulation = k): one reduce-scatter per unit per micro-batch, the
+shards summed. The trade: k x the gradient traffic of a single reduction, for memory that stays
+1/dp (accumulating whole gradients over the micro-batches would hold the full-size gradient
+this strategy exists to avoid; stage 3 re-gathers each unit per micro-batch anyway).
+
+How a backend keeps a unit's autograd state while its weights are freed (stage 3) is its own
+choice: torch keeps the forward's graph and frees the weights' storage in between (PyTorch
+FSDP1's trick: the storage is resized to 0 and restored through `.data`, so autograd's version
+counters do not move); TensorFlow's GradientTape would hold the gathered weights alive, so it
+recomputes the unit's forward under a tape in the backward (activation checkpointing per unit:
+one more forward per unit, for no weights or tape held between forward and backward). Its
+collectives are synchronous: no prefetch in TensorFlow.
+
+Offload (parallel.offload = "optimizer"): the master shard and its AdamW moments live on the
+host as numpy (optim.FlatAdamW, the in-place numpy path); per step the clipped gradient shard
+crosses to_host once and the new parameter shard from_host once.
+
+Checkpoints stay sharded: every dp rank saves the ranges of every parameter and both moments
+that its shards hold, as placement.ranged pieces of its tp slice; nothing is gathered, and a
+loader joins the ranges (checkpoint.Sharded), so they load at any layout, ZeRO or not.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Protocol
+
+import numpy as np
+
+from .. import params, placement
+from ..engines import GPTEngineBase, gather_full
+from ..flat import FlatLayout, ops_of
+from ..optim import DeviceAdamW, FlatAdamW, clip_coef
+from . import tensor_parallel as tp_plan
+
+UNITS = ("block",)   # parallel.zero_unit: a layer of the built-in model (embeddings, a block, head)
+
+
+class Runner(Protocol):
+    """What a backend supplies to the sharded step (torch_backend/sharded.py, tf_backend/sharded.py)."""
+
+    def unit_forward(self, u: int, x, target):
+        """Unit u on x (token ids for u = 0, else the previous unit's output); target given
+        only for the last unit, which then returns its loss divided by the micro-batches.
+        Returns (output, handle for unit_backward)."""
+
+    def unit_backward(self, u: int, handle, dy):
+        """(gradient of the unit's input or None for u = 0, [gradient of each name in
+        uses[u]]) from the output's gradient dy (None for the loss)."""
+
+    def concat_flat(self, tensors):
+        """One flat vector of the tensors (hvdllm.engines)."""
+
+    def load_unit(self, names: list[str], flat) -> None:
+        """Write a unit's whole owned parameters from their flat vector (stage 3: materialise
+        them)."""
+
+    def free_unit(self, names: list[str]) -> None:
+        """Stage 3: drop the unit's whole parameters (only its shard stays)."""
+
+
+def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
+    """(uses, owned) per unit: the parameter names unit u's computation reads, and those it owns
+    (the first unit to list a name owns it; the tied head borrows wte from the embeddings)."""
+    uses = [params.layer_params(model_cfg, i) for i in range(params.n_layers(model_cfg))]
+    seen, owned = set(), []
+    for names in uses:
+        owned.append([n for n in names if n not in seen])
+        seen.update(names)
+    return uses, owned
+
+
+def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0) -> dict:
+    """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
+    from ..memory import zero_state_bytes
+    return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit)
+
+
+class ZeroSharded:
+    """`uses` / `owned`: per unit, the names it reads and owns (units_of); `shapes`: {name: the
+    tp-local shape}; `comm`: the dp group's Collectives (a backend's, on its tensors; the unit
+    tier's simulator on numpy); `stage`: 2 or 3. `tp`, `kind`: as Zero1's (the tp group's
+    Collectives and each name's norm kind). `gather_async`: (start(tensor, name) -> handle,
+    finish(handle) -> tensor) where the backend's allgather can run behind compute, else None.
+    `offload`: 'none' or 'optimizer'."""
+
+    def __init__(self, uses, owned, shapes, comm, optim_cfg, agg_cfg, stage: int, tp=None, kind=None,
+                 gather_async=None, offload: str = "none"):
+        if stage not in (2, 3):
+            raise ValueError(f"ZeroSharded is ZeRO stage 2 or 3, got {stage}")
+        self.uses, self.owned, self.stage = uses, owned, stage
+        self.comm, self.optim_cfg, self.agg, self.tp = comm, optim_cfg, agg_cfg, tp
+        self.ops = ops_of(comm)
+        self.k, self.i = comm.size, comm.rank
+        self.gather_async, self.offload = gather_async, offload
+        self.layouts = [FlatLayout({n: shapes[n] for n in names}) for names in owned]
+        owner = {n: u for u, names in enumerate(owned) for n in names}
+        # stage 3: the units whose weights unit u's computation needs materialised
+        self.needs = [sorted({u} | {owner[n] for n in names}) for u, names in enumerate(uses)]
+        self.borrowed = [[n for n in names if owner[n] != u] for u, names in enumerate(uses)]
+        self.n = [lay.padded_total(self.k) // self.k for lay in self.layouts]    # shard length per unit
+        self.off = np.concatenate([[0], np.cumsum(self.n)]).astype(np.int64)
+        self.size = int(self.off[-1])                                           # this rank's elements
+        masks = []
+        for lay in self.layouts:
+            lo, hi = lay.shard_range(self.k, self.i)
+            pad = np.zeros(lay.padded_total(self.k) - lay.total, bool)
+            masks.append(np.concatenate([lay.decay_mask(), pad])[lo:hi])
+        mask = np.concatenate(masks)
+        self.opt = FlatAdamW(self.size, mask, optim_cfg) if offload == "optimizer" \
+            else DeviceAdamW(self.size, mask, optim_cfg, self.ops)
+        self.spans = {"sharded": [], "replicated": [], "skip": []}
+        for n, _, (s, e) in self._pieces():
+            spans = self.spans[kind(n) if kind else "sharded"]
+            if spans and spans[-1][1] == s:
+                spans[-1] = (spans[-1][0], e)
+            else:
+                spans.append((s, e))
+        self.p = None          # this rank's shard of every unit, concatenated (the backend's vector)
+        self.p_host = None     # offload: the master shard on the host
+        self.live, self.pending = set(), {}
+        self.peak_param_bytes = 0
+
+    # parameters ------------------------------------------------------------------------------
+    def init_params(self, unit_flats) -> None:
+        """This rank's shards from each unit's whole flat vector (backend tensors)."""
+        shards = [lay.shard(f, self.k, self.i, self.ops) for lay, f in zip(self.layouts, unit_flats)]
+        self._set_shard(self.ops.concat(shards))
+
+    def _set_shard(self, p) -> None:
+        self.p = p
+        if self.offload == "optimizer":
+            self.p_host = self.ops.to_host(p).astype(np.float32)
+
+    def unit_shard(self, u: int):
+        return self.p[int(self.off[u]):int(self.off[u + 1])]
+
+    def publish(self, run) -> None:
+        """Stage 2: every unit's whole parameters from the shards (one allgather)."""
+        full = self.comm.allgather(self.p, name="zero.params") if self.k > 1 else self.p
+        for u, lay in enumerate(self.layouts):
+            run.load_unit(self.owned[u], self._whole(full, u, self.size)[:lay.total])
+
+    def _whole(self, full, u: int, stride: int):
+        """Unit u's padded flat vector from an allgather of every rank's concatenated shards."""
+        a, b = int(self.off[u]), int(self.off[u + 1])
+        if self.k == 1:
+            return full[a:b]
+        return self.ops.concat([full[r * stride + a:r * stride + b] for r in range(self.k)])
+
+    def param_bytes(self) -> int:
+        """Parameter bytes this rank holds now: its shards, plus (stage 3) the units gathered or
+        being gathered; stage 2: the whole model part."""
+        if self.stage == 2:
+            return 4 * sum(lay.total for lay in self.layouts)
+        return 4 * (self.size + sum(self.layouts[u].total for u in self.live | set(self.pending)))
+
+    def _track(self) -> None:
+        self.peak_param_bytes = max(self.peak_param_bytes, self.param_bytes())
+
+    # stage 3: which units are materialised ---------------------------------------------------
+    def _start(self, u: int, tag: str) -> None:
+        if u in self.live or u in self.pending:
+            return
+        shard = self.unit_shard(u)
+        if self.k == 1:
+            self.pending[u] = ("done", shard)
+        elif self.gather_async is not None:
+            self.pending[u] = ("async", self.gather_async[0](shard, f"zero.gather.{u}.{tag}"))
+        else:
+            self.pending[u] = ("done", self.comm.allgather(shard, name=f"zero.gather.{u}"))
+        self._track()
+
+    def _finish(self, run, u: int) -> None:
+        how, h = self.pending.pop(u)
+        full = self.gather_async[1](h) if how == "async" else h
+        run.load_unit(self.owned[u], full[:self.layouts[u].total])
+        self.live.add(u)
+
+    def materialise(self, run, now, nxt, tag: str) -> None:
+        """Units `now` whole (waiting for their gathers), then the gathers of `nxt` issued ahead."""
+        for u in now:
+            self._start(u, tag)
+        if self.gather_async is not None:   # a synchronous gather ahead would only hold memory sooner
+            for u in nxt:
+                self._start(u, tag)
+        for u in now:
+            if u not in self.live:
+                self._finish(run, u)
+
+    def release(self, run, keep) -> None:
+        """Free every materialised unit that `keep` does not need."""
+        for u in sorted(self.live - set(keep)):
+            run.free_unit(self.owned[u])
+            self.live.discard(u)
+
+    def release_all(self, run) -> None:
+        for u in list(self.pending):
+            self._finish(run, u)
+        self.release(run, ())
+
+    # the step --------------------------------------------------------------------------------
+    def step(self, run, xs, ys, lr: float):
+        """One optimizer step over the micro-batches xs[j], ys[j] (the backend's tensors).
+        Returns (this rank's loss: the sum of the micro-batches' loss / k, a backend scalar;
+        the global gradient norm before clipping, a float)."""
+        U = len(self.layouts)
+        order = [(ph, u, mb) for mb in range(len(xs))
+                 for ph, units in (("f", range(U)), ("b", range(U - 1, -1, -1))) for u in units]
+        needs = [self.needs[u] for _, u, _ in order] + [[]]
+        gshard, held, saved, loss, x = [None] * U, {}, {}, None, None
+        for j, (ph, u, mb) in enumerate(order):
+            if self.stage == 3:
+                self.materialise(run, needs[j], needs[j + 1], ph)
+            if ph == "f":
+                x, saved[u] = run.unit_forward(u, xs[mb] if u == 0 else x, ys[mb] if u == U - 1 else None)
+                if u == U - 1:
+                    loss, x = (x if loss is None else loss + x), None
+            else:
+                x, grads = run.unit_backward(u, saved.pop(u), x)
+                self._reduce(run, u, dict(zip(self.uses[u], grads)), held, gshard)
+            if self.stage == 3:
+                self.release(run, needs[j + 1])
+        assert not held, f"borrowed gradients {sorted(held)} were never reduced"
+        norm = self._update(self.ops.concat(gshard), lr)
+        if self.stage == 2:
+            self.publish(run)
+        return loss, norm
+
+    def _reduce(self, run, u: int, grads: dict, held: dict, gshard: list) -> None:
+        """Unit u's gradients: borrowed ones held for their owner, owned ones (plus what the
+        borrowers held for them) reduce-scattered now; this rank's shard summed over micro-batches."""
+        for n in self.borrowed[u]:
+            held[n] = grads[n] if n not in held else held[n] + grads[n]
+        own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
+        flat = self.layouts[u].pad(run.concat_flat(own), self.k, self.ops)
+        g = flat if self.k == 1 else self.comm.reducescatter(flat, op="average", name=f"zero.grads.{u}",
+                                                              compression=self.agg.compression)
+        gshard[u] = g if gshard[u] is None else gshard[u] + g
+
+    def _update(self, g, lr: float) -> float:
+        """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm."""
+        ops = self.ops
+        sq = ops.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
+        if self.k > 1:
+            sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
+        sharded = sq[0] if self.tp is None else self.tp.allreduce(sq[:1], op="sum", name="zero.norm.tp")[0]
+        total = sharded + sq[1]
+        if self.offload == "optimizer":   # the update runs on the host: the norm is read here
+            norm = math.sqrt(float(total))
+            g_host = ops.to_host(g).astype(np.float32)
+            g_host *= np.float32(clip_coef(norm, self.optim_cfg.grad_clip))
+            self.opt.step(self.p_host, g_host, lr)
+            self.p = ops.from_host(self.p_host)
+            return norm
+        norm = ops.sqrt(total)
+        coef = clip_coef(norm, self.optim_cfg.grad_clip, ops.minimum)
+        if not (isinstance(coef, float) and coef == 1.0):
+            g = ops.scale(g, coef)
+        self.p = self.opt.step(self.p, g, lr)
+        return float(norm)
+
+    def forward_only(self, run_unit, x, run):
+        """Every unit's forward without gradients (evaluation, generation); stage 3 gathers each
+        unit as the step does. `run_unit(u, x)` -> the unit's output."""
+        U = len(self.layouts)
+        for u in range(U):
+            if self.stage == 3:
+                self.materialise(run, self.needs[u], self.needs[u + 1] if u + 1 < U else [], "e")
+            x = run_unit(u, x)
+            if self.stage == 3:
+                self.release(run, self.needs[u + 1] if u + 1 < U else [])
+        return x
+
+    # state: sizes, checkpoints (the host boundary) -------------------------------------------
+    def state_bytes(self) -> int:
+        """Optimizer-state bytes held on this rank (m and v of its shards, float32)."""
+        return 2 * 4 * self.size
+
+    def _pieces(self):
+        """(name, [a, b) within the parameter, [s, e) within this rank's concatenated shards)
+        for every parameter this rank's shards touch."""
+        for u, lay in enumerate(self.layouts):
+            lo, hi = lay.shard_range(self.k, self.i)
+            for j, n in enumerate(lay.names):
+                o, end = int(lay.offsets[j]), int(lay.offsets[j + 1])
+                a, b = max(lo, o), min(hi, end)
+                if a < b:
+                    yield n, (a - o, b - o), (int(self.off[u]) + a - lo, int(self.off[u]) + b - lo)
+
+    def _shape(self, n: str) -> tuple:
+        return next(lay.shapes[n] for lay in self.layouts if n in lay.shapes)
+
+    def _host_p(self) -> np.ndarray:
+        return self.p_host.copy() if self.p_host is not None else self.ops.to_host(self.p)
+
+    def shard_state(self, bases: dict | None = None) -> tuple[dict, dict]:
+        """This rank's part of a sharded checkpoint, with no communication: the ranges of every
+        parameter and both moments its shards hold, as ranged pieces of the tp slice at
+        bases[name] (None: the whole array); dp rank 0 adds optim.step."""
+        bases = bases or {}
+        st, p = self.opt.state(), self._host_p()
+        out = {"optim.step": np.array(st["t"], np.int64)} if self.i == 0 else {}
+        where = {"optim.step": None} if self.i == 0 else {}
+        for n, (a, b), (s, e) in self._pieces():
+            pl = placement.ranged(bases.get(n), a, b, self._shape(n))
+            for key, vec in ((n, p), (f"optim.m.{n}", st["m"]), (f"optim.v.{n}", st["v"])):
+                out[key] = np.array(vec[s:e], np.float32)
+                where[key] = pl
+        return out, where
+
+    def load(self, state, bases: dict | None = None) -> int:
+        """This rank's ranges of the parameters, and of the moments when `state` has them, from
+        whole arrays or a checkpoint.Sharded (read straight from a file saved at the same
+        layout, else cut from the whole array one parameter at a time). Returns optim.step (0
+        when the state holds no optimizer: parameters only)."""
+        bases = bases or {}
+        first = self.layouts[0].names[0]
+        t = int(state.get("optim.step", 0)) if f"optim.m.{first}" in state else 0
+        bufs = {kind: np.zeros(self.size, np.float32) for kind in (("p", "m", "v") if t else ("p",))}
+        for n, (a, b), (s, e) in self._pieces():
+            pl = placement.ranged(bases.get(n), a, b, self._shape(n))
+            for kind, buf in bufs.items():
+                key = n if kind == "p" else f"optim.{kind}.{n}"
+                buf[s:e] = state.slice(key, pl) if hasattr(state, "slice") else \
+                    placement.take(np.asarray(state[key], np.float32), pl)
+        self._set_shard(self.ops.from_host(bufs["p"]))
+        if t:
+            self.opt.load(bufs["m"], bufs["v"], t)
+        else:
+            self.opt.load(np.zeros(self.size, np.float32), np.zeros(self.size, np.float32), 0)
+        return t
+
+    def _gather_named(self, vec_host: np.ndarray, what: str) -> dict[str, np.ndarray]:
+        """{name: whole tp-local array} from every rank's concatenated shards (collective)."""
+        full = self.comm.allgather(self.ops.from_host(vec_host), name=f"zero.state.{what}") if self.k > 1 \
+            else self.ops.from_host(vec_host)
+        full = self.ops.to_host(full)
+        out = {}
+        for u, lay in enumerate(self.layouts):
+            a, b = int(self.off[u]), int(self.off[u + 1])
+            flat = np.concatenate([full[r * self.size + a:r * self.size + b] for r in range(self.k)])
+            out.update({n: arr.copy() for n, arr in lay.unflatten(flat[:lay.total]).items()})
+        return out
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        """The whole (tp-local) parameters on the host (collective over the dp group)."""
+        return self._gather_named(self._host_p(), "params")
+
+    def moments(self) -> dict[str, np.ndarray]:
+        """The whole moments, 'optim.m.<name>', 'optim.v.<name>', 'optim.step' (collective)."""
+        st = self.opt.state()
+        out = {f"optim.m.{n}": a for n, a in self._gather_named(np.asarray(st["m"]), "m").items()}
+        out.update({f"optim.v.{n}": a for n, a in self._gather_named(np.asarray(st["v"]), "v").items()})
+        out["optim.step"] = np.array(st["t"], np.int64)
+        return out
+
+
+class ShardedEngineBase(GPTEngineBase):
+    """The built-in GPT under ZeRO-2 / ZeRO-3 (parallel.zero = 2 / 3), for both backends'
+    ShardedEngine. Backend primitives beyond GPTEngineBase's: the Runner above (unit_forward,
+    unit_backward, load_unit, free_unit; concat_flat), `micro(x, y)` (the step's batch on the
+    device, split into aggregation.accumulation micro-batches: from_host twice),
+    `eval_unit(u, x)` (a unit's forward without gradients), `score(logits, y)` ((loss sum,
+    correct, tokens) of host targets), `tokens(ids)` (an int batch on the device),
+    `gather_async` (or None) and `shape_of(name)`."""
+
+    gather_async = None
+
+    def _shard_model(self) -> None:
+        """After the backend built the model (self.named, self.comm, self.ncomm, self.tp):
+        check that every rank built the same model, rank 0's weights to all, this rank's shards
+        (stage 3: the whole weights freed), the memory log."""
+        cfg = self.cfg
+        par = cfg.parallel
+        self._agree_on_model()
+        self._broadcast_parameters()
+        self.steps_done = 0
+        self.uses, self.owned = units_of(cfg.model)
+        shapes = {n: tuple(self.shape_of(n)) for n, _ in self.named}
+        tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
+        self.zero = ZeroSharded(self.uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
+                                gather_async=self.gather_async, offload=par.offload, **tp_args)
+        by_name = dict(self.named)
+        self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
+        if par.zero == 3:
+            self.zero.release(self, ())
+            for names in self.owned:
+                self.free_unit(names)
+        self._log_memory()
+
+    def _agree_on_model(self) -> None:
+        """Every dp rank built the same model (units, shapes): a rank that differs gets an error
+        naming the ranks, on every rank, before any collective whose shapes would disagree."""
+        from ..errors import HvdllmError
+        if self.comm.size == 1:
+            return
+        import zlib
+        shapes = [(n, tuple(self.shape_of(n))) for n, _ in self.named]
+        sig = np.array([len(shapes), sum(math.prod(s) for _, s in shapes), zlib.crc32(repr(shapes).encode())],
+                       np.int64)
+        every = self.ncomm.allgather(sig[None], name="zero.model_check")
+        differ = [r for r in range(len(every)) if not np.array_equal(every[r], every[0])]
+        if differ:
+            raise HvdllmError(
+                f"parallel.zero={self.cfg.parallel.zero}: the dp ranks built different models: rank 0 has "
+                f"{every[0][0]} parameters tensors with {every[0][1]} elements, "
+                + "; ".join(f"rank {r} {every[r][0]} with {every[r][1]}" for r in differ)
+                + " (or the same counts in other shapes). Every rank must run the same model.* settings.")
+
+    def _log_memory(self) -> None:
+        """Rank 0: bytes this rank holds of parameters, gradients and optimizer state, beside the
+        ZeRO paper's formula (hvdllm/memory.py)."""
+        if self.layout.rank != 0:
+            return
+        z, par = self.zero, self.cfg.parallel
+        psi = sum(lay.total for lay in z.layouts)
+        unit = max(lay.total for lay in z.layouts)
+        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit)
+        have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
+        print(f"[hvdllm] zero={z.stage} dp={z.k} offload={par.offload}: this rank holds "
+              + ", ".join(f"{k} {v} B (paper {want[k]} B)" for k, v in have.items())
+              + f"; live units up to {want['live']} B; {'host' if want['host'] else 'device'} optimizer",
+              file=sys.stderr)
+
+    def num_params(self) -> int:
+        """Parameters of this rank's model part (whole, as the other engines count them)."""
+        return sum(lay.total for lay in self.zero.layouts)
+
+    # training --------------------------------------------------------------------------------
+    def train_step(self, x, y, lr):
+        from ..engine import StepResult
+        xs, ys = self.micro(x, y)
+        self.steps_done += 1
+        loss, norm = self.zero.step(self, xs, ys, lr)
+        if self.comm.size > 1:
+            loss = self.comm.allreduce(loss, op="average", name="loss")
+        return StepResult(loss=float(loss), grad_norm=float(norm))
+
+    def logits(self, ids):
+        return self.zero.forward_only(self.eval_unit, self.tokens(ids), self)
+
+    def evaluate(self, x, y):
+        from ..engine import EvalResult
+        loss_sum, correct, n = self.score(self.logits(x), y)
+        return EvalResult(float(loss_sum), int(correct), int(n))
+
+    def local_gradients(self, x, y):
+        raise NotImplementedError("parallel.zero >= 2 reduces its gradients per unit; parameter servers "
+                                  "need parallel.zero <= 1")
+
+    # state (collective over the dp group; under tp over the tp group too) --------------------
+    def host_params(self) -> dict[str, np.ndarray]:
+        return self.zero.host_params()
+
+    def flat_params(self) -> np.ndarray:
+        hp = self.host_params()
+        return np.concatenate([hp[n].reshape(-1) for n, _ in self.named])
+
+    def _bases(self) -> dict:
+        if self.tp is None:
+            return {}
+        return {n: tp_plan.placement(n, len(self.shape_of(n)), self.tp.size, self.tp.rank) for n, _ in self.named}
+
+    def shard_state(self):
+        """This rank's ranges of the parameters and moments (nothing gathered)."""
+        return self.zero.shard_state(self._bases())
+
+    def load_state_dict(self, state) -> None:
+        """From whole arrays or a checkpoint.Sharded: only this rank's ranges are read; stage 2
+        then allgathers the whole parameters into the model."""
+        self.zero.release_all(self)
+        self.steps_done = self.zero.load(state, self._bases())
+        if self.zero.stage == 2:
+            self.zero.publish(self)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        local = self.host_params()
+        local.update(self.zero.moments())
+        return gather_full(local, self.tp_ncomm)
