@@ -1,0 +1,174 @@
+"""hvdllm/memory.py against the ZeRO paper's formulas and against this repo's own objects: the
+parameters a (pipeline stage, tp rank) of the torch GPT holds, the real np=1 Engine's
+num_params / optimizer_state_bytes, Zero1.state_bytes over a simulated dp group (padded
+shards), and the bytes autograd saves for the backward (counted with saved-tensor hooks)."""
+import numpy as np
+import pytest
+import torch
+
+import torch_backend
+from hvdllm import memory, params
+from hvdllm.config import AggregationConfig, Config, ModelConfig, OptimConfig
+from hvdllm.flat import FlatLayout
+from hvdllm.layout import Layout
+from hvdllm.strategies.zero import Zero1
+from tests.unit.simcoll import World
+
+GPT2 = dict(n_layer=3, n_embd=32, n_head=4, block_size=16, vocab_size=64)
+LLAMA = dict(GPT2, family="llama", n_kv_head=2, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("stage, per_psi", [(0, lambda n: 16), (1, lambda n: 8 + 8 / n),
+                                            (2, lambda n: 4 + 12 / n), (3, lambda n: 16 / n)])
+@pytest.mark.parametrize("dp", [1, 2, 4, 8])
+def test_zero_state_is_the_papers_formula(stage, per_psi, dp):
+    psi = 8 * 1000   # divisible by every dp here: the paper's figures exactly
+    got = memory.zero_state_bytes(psi, dp, stage)
+    assert got["params"] + got["grads"] + got["optimizer"] == per_psi(dp) * psi
+    assert got["host"] == 0
+    off = memory.zero_state_bytes(psi, dp, stage, offload="optimizer")
+    assert off["host"] == got["optimizer"] and off["device"] == got["device"] - got["optimizer"]
+
+
+def test_bad_stage_or_offload_says_what_to_fix():
+    with pytest.raises(ValueError, match="ZeRO stage must be"):
+        memory.zero_state_bytes(10, 2, 4)
+    with pytest.raises(ValueError, match="offload must be"):
+        memory.zero_state_bytes(10, 2, 1, offload="nvme")
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_zero1_shards_are_padded_as_zero1_holds_them(k):
+    """Zero1's own state_bytes over a simulated dp group of k (odd sizes: the last shard is padded)."""
+    shapes = {"a": (7, 5), "b": (3,), "c": (11,)}
+    flat = FlatLayout(shapes)
+    comms = World(k).group()
+    held = {Zero1(flat, comms[r], OptimConfig(), AggregationConfig()).state_bytes() for r in range(k)}
+    assert held == {memory.zero_state_bytes(flat.total, k, 1)["optimizer"]}
+
+
+def test_zero1_on_a_tp_and_pp_part_holds_what_rank_memory_predicts():
+    """dp=2 x pp=2 x tp=2, ZeRO-1: Zero1 over the stage's tp-slice shapes (as make_zero builds
+    it from the engine's parameters) holds rank_memory's optimizer bytes on every stage."""
+    c = Config()
+    for k, v in GPT2.items():
+        setattr(c.model, k, v)
+    c.parallel.pp, c.parallel.tp, c.parallel.zero, c.parallel.microbatches = 2, 2, 1, 2
+    c.train.batch_size = 4
+    pred = memory.rank_memory(c, 2)
+    comms = World(2).group()
+    for s, layers in enumerate(memory.stage_layers(c.model, 2)):
+        flat = FlatLayout(memory.part_shapes(c.model, layers, 2))
+        held = {Zero1(flat, comms[r], OptimConfig(), AggregationConfig()).state_bytes() for r in range(2)}
+        assert held == {pred["stages"][s]["optimizer"]}, s
+
+
+def _model_cfg(kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [GPT2, LLAMA, dict(GPT2, tie_embeddings=False)], ids=["gpt2", "llama", "untied"])
+@pytest.mark.parametrize("pp, tp", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 2)])
+def test_rank_parameters_are_what_the_torch_model_holds(kw, pp, tp):
+    """Ψ per (stage, tp rank) against the torch GPT built for that stage's layers and tp rank (as
+    the engines build it); a tied wte is held by the first and the last stage."""
+    m = _model_cfg(kw)
+    comms = World(tp).group()
+    for s, layers in enumerate(memory.stage_layers(m, pp)):
+        for t in range(tp):
+            group = torch_backend.TPGroup(comms[t]) if tp > 1 else None
+            model = torch_backend.GPT(m, 1, layers=layers, tp=group)
+            got = sum(p.numel() for _, p in model.named())
+            assert got == memory.count_params(m, layers, tp), (s, t)
+    whole = sum(memory.count_params(m, layers) for layers in memory.stage_layers(m, pp))
+    extra = m.vocab_size * m.n_embd if pp > 1 and params.tied(m) else 0
+    assert whole == params.count(m) + extra
+
+
+@pytest.fixture(scope="module")
+def horovod():
+    from mpi4py import MPI
+    torch_backend.init_horovod(MPI.COMM_WORLD)
+
+
+def test_engine_holds_what_the_formula_says(horovod):
+    """The real np=1 Engine (ZeRO 0), after a step (AdamW makes its moments on the first):
+    num_params = Ψ, optimizer_state_bytes = 8Ψ."""
+    c = Config()
+    for k, v in GPT2.items():
+        setattr(c.model, k, v)
+    engine = torch_backend.Engine(c, Layout.build(c.parallel, world_size=1, rank=0))
+    x = np.random.default_rng(0).integers(0, 64, (2, 16))
+    engine.train_step(x, x, 1e-3)
+    psi = memory.count_params(c.model)
+    assert engine.num_params() == psi
+    assert engine.optimizer_state_bytes() == memory.zero_state_bytes(psi, 1, 0)["optimizer"]
+    assert memory.rank_memory(c, 1)["params"] == 4 * engine.num_params()
+
+
+def _saved_bytes(model, x, y) -> int:
+    """Bytes of the tensors autograd keeps for the backward, parameters and buffers excluded,
+    each storage counted once (views share it)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(x, y)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kw", [GPT2, dict(LLAMA, n_kv_head=4)], ids=["gpt2", "llama"])
+def test_activations_are_what_autograd_saves(kw):
+    """The per-block and the head's activation terms against the bytes autograd saves in the
+    torch model (block: the difference between 3 and 2 blocks)."""
+    B, T = 4, 16
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.integers(0, 64, (B, T))) for _ in range(2))
+    got, want = {}, {}
+    for L in (2, 3):
+        m = _model_cfg(dict(kw, n_layer=L))
+        got[L] = _saved_bytes(torch_backend.GPT(m, 1), x, y)
+        want[L] = memory.layers_activation_bytes(m, range(params.n_layers(m)), B * T)
+    assert got[3] - got[2] == pytest.approx(want[3] - want[2], rel=0.15)
+    assert got[3] == pytest.approx(want[3], rel=0.15)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_block():
+    m = _model_cfg(dict(GPT2, n_layer=8))
+    layers, tokens = range(params.n_layers(m)), 64
+    none = memory.layers_activation_bytes(m, layers, tokens)
+    full = memory.layers_activation_bytes(m, layers, tokens, checkpointing="full")
+    block = memory.block_activation_elems(m) * tokens * 4
+    head = memory.head_activation_elems(m) * tokens * 4
+    assert none == pytest.approx(8 * block + head, abs=8)
+    assert full == pytest.approx(8 * m.n_embd * tokens * 4 + block + head, abs=8)
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8), (4, 2)])
+def test_inflight_microbatches_per_schedule(p, m):
+    assert [memory.inflight("1f1b", p, m, s) for s in range(p)] == [min(p - s, m) for s in range(p)]
+    assert [memory.inflight("gpipe", p, m, s) for s in range(p)] == [m] * p
+
+
+def test_rank_memory_splits_with_tp_and_pp_and_shards_with_zero():
+    c = Config()
+    for k, v in GPT2.items():
+        setattr(c.model, k, v)
+    c.train.batch_size = 4
+    base = memory.rank_memory(c, 1)
+    c.parallel.tp = 2
+    tp2 = memory.rank_memory(c, 1)
+    assert tp2["psi"] < base["psi"] and tp2["activations"] < base["activations"]
+    c.parallel.tp, c.parallel.pp, c.parallel.microbatches = 1, 2, 2
+    pp2 = memory.rank_memory(c, 2)
+    want = [memory.count_params(c.model, ls) for ls in memory.stage_layers(c.model, 2)]
+    assert [s["psi"] for s in pp2["stages"]] == want
+    c.parallel.zero = 1
+    z = memory.rank_memory(c, 2)
+    assert z["optimizer"] == memory.zero_state_bytes(z["psi"], 2, 1)["optimizer"] < pp2["optimizer"]
