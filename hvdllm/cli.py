@@ -135,6 +135,11 @@ def cmd_bench(args) -> int:
     return mod.main(args.rest)
 
 
+def cmd_plan(args) -> int:
+    from . import plan
+    return plan.run(args)
+
+
 def cmd_config(args) -> int:
     for key, default, help_ in config_mod.describe():
         print(f"{key:28s} {default!r:24s} {help_}")
@@ -196,6 +201,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
+    pl = sub.add_parser("plan", help="rank the layouts (dp, pp, tp, ZeRO, micro-batches, checkpointing) "
+                                     "for N nodes of G devices: memory, step time, the launch command")
+    from .plan import add_arguments
+    add_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
     c = sub.add_parser("config", help="list every setting with its default and meaning")
     c.set_defaults(fn=cmd_config)
     return p
