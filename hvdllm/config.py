@@ -30,6 +30,10 @@ class ModelConfig:
     n_embd: int = doc("model width", 128)
     block_size: int = doc("context length in tokens", 128)
     vocab_size: int = doc("vocabulary size; 0 takes the tokenizer's", 0)
+    vocab_multiple: int = doc("pad the embedding and head tables to a multiple of this many rows, so "
+                              "that parallel.tp can split a vocabulary it does not divide (e.g. 128 "
+                              "for GPT-2's 50257); the padded ids are masked, never predicted, and "
+                              "dropped on export", 1)
     dropout: float = doc("dropout probability (0 keeps runs bit-reproducible); gpt2 only", 0.0)
     family: str = doc("architecture: 'gpt2' (LayerNorm, learned positions, GELU MLP, biases) or 'llama' "
                       "(RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases); "
@@ -337,7 +341,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             p.append(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}")
-    positive = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "parallel.pp",
+    positive = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_multiple",
+                "parallel.pp",
                 "parallel.tp", "train.batch_size", "train.log_every", "train.keep_checkpoints",
                 "train.steps"]
     for key in positive:
@@ -416,6 +421,7 @@ def _family_problems(m: ModelConfig) -> list[str]:
     p = []
     llama = m.family == "llama"
     if m.n_kv_head < 0 or m.ffn_hidden < 0:
+                  "model.vocab_multiple",
         p.extend(f"model.{k}: must be >= 0 (0 = the default), got {getattr(m, k)}"
                  for k in ("n_kv_head", "ffn_hidden") if getattr(m, k) < 0)
     if not 0 < m.norm_eps < 1:

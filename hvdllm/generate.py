@@ -9,7 +9,8 @@ from . import backends, config
 # the checkpoint's own record of these (e.g. a later run in the same out_dir changed them).
 GENERATE_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
                     "model.vocab_size", "model.layers", "model.family", "model.n_kv_head",
-                    "model.ffn_hidden", "model.norm_eps", "model.rope_theta", "model.tie_embeddings")
+                    "model.ffn_hidden", "model.norm_eps", "model.rope_theta", "model.tie_embeddings",
+                    "model.vocab_multiple")
 
 
 def generate_inputs(args):

@@ -464,7 +464,43 @@ class ParamsOnly(Mapping):
         return name in self.shapes
 
 
-ARCH_KEYS_SKIPPED = ("dropout", "tp_plan")   # model settings a fine-tune may choose itself
+# model settings a fine-tune may choose itself (a different vocab_multiple: fit_vocab_tables)
+ARCH_KEYS_SKIPPED = ("dropout", "tp_plan", "vocab_multiple")
+
+
+class VocabTables(ParamsOnly):
+    """A source's weights with `wte` / `lm_head` cut or zero-padded to the run's table rows (its
+    model.vocab_multiple differs from the source's; rows past vocab_size are padding either way).
+    Those two are read whole and then sliced, the rest lazily as before: the padding case costs
+    one whole embedding table per rank while loading."""
+
+    def __init__(self, inner: Mapping, rows: int):
+        from .params import VOCAB_TABLES
+        super().__init__(inner)
+        self.rows, self.tables = rows, [n for n in VOCAB_TABLES if n in self.shapes]
+        for n in self.tables:
+            self.shapes[n] = (rows, *self.shapes[n][1:])
+
+    def _table(self, name) -> np.ndarray:
+        a = np.asarray(self.state[name], np.float32)[:self.rows]
+        return np.concatenate([a, np.zeros((self.rows - len(a), *a.shape[1:]), np.float32)]) \
+            if len(a) < self.rows else a
+
+    def __getitem__(self, name):
+        return self._table(name) if name in self.tables else super().__getitem__(name)
+
+    def slice(self, name, pl):
+        return placement_mod.take(self._table(name), pl) if name in self.tables else super().slice(name, pl)
+
+
+def fit_vocab_tables(weights: Mapping, model_cfg) -> Mapping:
+    """`weights` as they are when their vocabulary tables have the run's rows, else VocabTables."""
+    from .params import VOCAB_TABLES, table_vocab
+    rows = table_vocab(model_cfg)
+    shapes = getattr(weights, "shapes", None) or {k: np.shape(weights[k]) for k in weights}
+    if all(tuple(shapes[n])[0] == rows for n in VOCAB_TABLES if n in shapes):
+        return weights
+    return VocabTables(weights, rows)
 
 
 def open_source(path) -> Source:
@@ -591,6 +627,7 @@ def import_run(hf_dir, out_dir, backend: str = "torch") -> Path:
 
 def hf_tensors(state: Mapping, model: dict) -> dict[str, np.ndarray]:
     """{Hugging Face key: float32 array} of a checkpoint's whole parameters (names, transposes)."""
+    from . import params
     table = specs(model)
     missing = [n for n in table if n not in state]
     if missing:
@@ -598,6 +635,8 @@ def hf_tensors(state: Mapping, model: dict) -> dict[str, np.ndarray]:
     tensors = {}
     for name, spec in table.items():
         whole = np.asarray(state[name], dtype=np.float32)
+        if name in params.VOCAB_TABLES:   # a padded table's extra rows are not the model's
+            whole = whole[:model["vocab_size"]]
         sizes = [p.size if p.size is not None else whole.shape[spec.axis] for p in spec.parts]
         cuts = np.cumsum(sizes)[:-1]
         for p, piece in zip(spec.parts, np.split(whole, cuts, axis=spec.axis)):

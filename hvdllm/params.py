@@ -48,6 +48,12 @@ from __future__ import annotations
 
 import numpy as np
 
+`model.vocab_multiple` (default 1): `wte` and `lm_head` get `table_vocab` rows, vocab_size rounded
+up to a multiple of it (Megatron's make-vocab-size-divisible-by, nanoGPT's 50304), so that a tp
+degree that does not divide the vocabulary (GPT-2's 50257 = 29 x 1733) can still split the table.
+The padded rows are never looked up and their logits are masked (`padded_vocab_mask`): the model
+computes exactly what the unpadded one does, and an export to Hugging Face drops them.
+
 FAMILIES = ("gpt2", "llama")
 
 
@@ -98,6 +104,35 @@ def head_name(model_cfg) -> str:
 # Shapes
 
 def _block_shapes(model_cfg, h: str) -> dict[str, tuple]:
+CLASSIFIER_HEAD = ("cls.weight", "cls.bias")
+
+
+def num_labels(model_cfg) -> int:
+    """A classifier's classes (hvdllm.task.ClassifierModel); 0 for a language model."""
+    return getattr(model_cfg, "num_labels", 0)
+
+
+VOCAB_TABLES = ("wte", "lm_head")   # the parameters with a row per vocabulary id
+
+
+def table_vocab(model_cfg) -> int:
+    """Rows of the embedding and head tables: vocab_size rounded up to model.vocab_multiple."""
+    v, k = model_cfg.vocab_size, max(1, getattr(model_cfg, "vocab_multiple", 1))
+    return -(-v // k) * k
+
+
+def padded_vocab_mask(model_cfg, lo: int = 0, hi: int | None = None):
+    """None when the table is not padded; else a float32 (hi - lo,) row added to the logits of
+    table columns [lo, hi): 0 for real ids, a large negative number for the padding, whose
+    softmax weight and gradient are then exactly 0 (finite, not -inf: a tp rank whose slice is
+    all padding must not form -inf - -inf)."""
+    V, table = model_cfg.vocab_size, table_vocab(model_cfg)
+    if table == V:
+        return None
+    hi = table if hi is None else hi
+    return np.where(np.arange(lo, hi) < V, 0.0, -1e30).astype(np.float32)
+
+
     C, F = model_cfg.n_embd, ffn_hidden(model_cfg)
     if is_llama(model_cfg):
         q, kv = model_cfg.n_head * head_dim(model_cfg), kv_heads(model_cfg) * head_dim(model_cfg)
@@ -123,7 +158,7 @@ def param_shapes(model_cfg) -> dict[str, tuple]:
     The order is the canonical order for init, fusion and checkpoints."""
     m = model_cfg
     C = m.n_embd
-    shapes = {"wte": (m.vocab_size, C)}
+    shapes = {"wte": (table_vocab(m), C)}
     if not is_llama(m):
         shapes["wpe"] = (m.block_size, C)
     for i in range(m.n_layer):
@@ -132,7 +167,11 @@ def param_shapes(model_cfg) -> dict[str, tuple]:
     if not is_llama(m):
         shapes["ln_f.bias"] = (C,)
     if not tied(m):
-        shapes["lm_head"] = (m.vocab_size, C)
+        shapes["lm_head"] = (table_vocab(m), C)
+    k = num_labels(m)
+    if k:   # a classifier: its head in place of the language-model output
+        shapes.pop("lm_head", None)
+        shapes["cls.weight"], shapes["cls.bias"] = (C, k), (k,)
     return shapes
 
 
@@ -201,7 +240,7 @@ def flops_per_token(model_cfg) -> float:
     m = model_cfg
     n = count(m)
     if is_llama(m) and not tied(m):
-        n -= m.vocab_size * m.n_embd
+        n -= table_vocab(m) * m.n_embd
     return 6 * n + 12 * m.n_layer * m.n_embd * m.block_size
 
 

@@ -24,6 +24,7 @@ from .tensor_parallel import (
     reduce_from_tp,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
+    vocab_range,
 )
 
 
@@ -47,6 +48,10 @@ class GPT(tf.Module):
         if self.llama:
             self.n_kv_local, self.head_dim = params_mod.kv_heads(model_cfg) // n, params_mod.head_dim(model_cfg)
             self.rope_cos, self.rope_sin = (tf.constant(t) for t in params_mod.rope_tables(model_cfg))
+        self.table = params_mod.table_vocab(model_cfg)   # vocab_size padded to model.vocab_multiple
+        lo, hi = vocab_range(self.table, self.tp) if self.tp else (0, self.table)
+        mask = params_mod.padded_vocab_mask(model_cfg, lo, hi)
+        self.vocab_mask = None if mask is None else tf.constant(mask)   # padded logits never win
         names = names_for_layers(model_cfg, self.layers)
         cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
         values = init_params(model_cfg, seed, names, cut)   # this rank's part only
@@ -146,12 +151,13 @@ class GPT(tf.Module):
             if T is not None and T > self.cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
             T = tf.shape(x)[1]
-            tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
+            tok = (vocab_parallel_embedding(x, self.p("wte"), self.table, self.tp) if self.tp
                    else tf.gather(self.p("wte"), x))
             return tok if self.llama else self._dropout(tok + self.p("wpe")[:T], training)
         if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
             x = copy_to_tp(self._ln(x, "ln_f"), self.tp)
-            return tf.matmul(x, self.p(self.head), transpose_b=True)
+            logits = tf.matmul(x, self.p(self.head), transpose_b=True)
+            return logits if self.vocab_mask is None else logits + self.vocab_mask
         h = f"h.{i - 1}."
         if self.llama:
             x = x + self._llama_attn(self._ln(x, h + "ln_1"), h)
@@ -176,7 +182,7 @@ class GPT(tf.Module):
         """Under tp from the vocabulary slices, never gathering the logits."""
         if self.tp:
             flat = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
-            return vocab_parallel_cross_entropy(flat, tf.reshape(targets, [-1]), self.cfg.vocab_size, self.tp)
+            return vocab_parallel_cross_entropy(flat, tf.reshape(targets, [-1]), self.table, self.tp)
         per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
         return tf.reduce_mean(per_token)
 

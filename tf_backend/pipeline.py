@@ -111,7 +111,7 @@ class PipelineEngine(PipelineStageBase):
 
     def score(self, out, y) -> tuple[float, int, int]:
         logits, t = from_host(out), from_host(np.asarray(y).reshape(-1))
-        full = tf.reshape(self.model.full_logits(logits), [-1, self.cfg.model.vocab_size])
+        full = tf.reshape(self.model.full_logits(logits), [-1, self.model.table])
         n = int(t.shape[0])
         return (float(self.model.loss_from_logits(tf.reshape(logits, [n, -1]), t)) * n,
                 int(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(full, -1), t), tf.int64))), n)

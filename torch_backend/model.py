@@ -22,6 +22,7 @@ from .tensor_parallel import (
     reduce_from_tp,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
+    vocab_range,
 )
 
 
@@ -46,6 +47,11 @@ class GPT(nn.Module):
             # buffers, not parameters: they move with the module but are never trained or saved
             self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
             self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+        self.table = params_mod.table_vocab(model_cfg)   # vocab_size padded to model.vocab_multiple
+        lo, hi = vocab_range(self.table, self.tp) if self.tp else (0, self.table)
+        mask = params_mod.padded_vocab_mask(model_cfg, lo, hi)
+        # padded logits never win; a buffer moves with the module, is never trained or saved
+        self.register_buffer("vocab_mask", None if mask is None else torch.from_numpy(mask), persistent=False)
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
         self.names = names_for_layers(model_cfg, self.layers)
@@ -131,11 +137,12 @@ class GPT(nn.Module):
             T = x.shape[1]
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}")
-            tok = (vocab_parallel_embedding(x, self.p("wte"), self.cfg.vocab_size, self.tp) if self.tp
+            tok = (vocab_parallel_embedding(x, self.p("wte"), self.table, self.tp) if self.tp
                    else self.p("wte")[x])
             return tok if self.llama else self._dropout(tok + self.p("wpe")[:T])
         if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
-            return copy_to_tp(self._ln(x, "ln_f"), self.tp) @ self.p(self.head).t()
+            logits = copy_to_tp(self._ln(x, "ln_f"), self.tp) @ self.p(self.head).t()
+            return logits if self.vocab_mask is None else logits + self.vocab_mask
         h = f"h.{i - 1}."
         if self.llama:
             x = x + self._llama_attn(self._ln(x, h + "ln_1"), h)
@@ -159,7 +166,7 @@ class GPT(nn.Module):
         """Mean cross-entropy; under tp from the vocabulary slices, never gathering the logits."""
         flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         if self.tp:
-            return vocab_parallel_cross_entropy(flat, t, self.cfg.vocab_size, self.tp)
+            return vocab_parallel_cross_entropy(flat, t, self.table, self.tp)
         return F.cross_entropy(flat, t)
 
     def full_logits(self, logits):

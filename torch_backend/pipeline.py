@@ -106,7 +106,7 @@ class PipelineEngine(PipelineStageBase):
     @torch.no_grad()
     def score(self, out, y) -> tuple[float, int, int]:
         logits, t = from_host(out), from_host(y).reshape(-1)
-        full = self.model.full_logits(logits).reshape(-1, self.cfg.model.vocab_size)
+        full = self.model.full_logits(logits).reshape(-1, self.model.table)
         return float(self.model.loss_from_logits(logits, t)) * t.numel(), int((full.argmax(-1) == t).sum()), t.numel()
 
     def whole_model_logits(self, state):

@@ -112,7 +112,7 @@ def local_shapes(shapes: dict[str, tuple], tp: int) -> dict[str, tuple]:
 
 def problems(model_cfg, tp: int) -> list[str]:
     """What must divide for a tp-way split (used by config validation)."""
-    from ..params import ffn_hidden, is_llama, kv_heads
+    from ..params import ffn_hidden, is_llama, kv_heads, table_vocab
     p = []
     if tp > 1:
         if model_cfg.n_head % tp:
@@ -124,6 +124,10 @@ def problems(model_cfg, tp: int) -> list[str]:
         if ffn_hidden(model_cfg) % tp:
             p.append(f"parallel.tp: {tp} does not divide the MLP width (model.ffn_hidden = "
                      f"{ffn_hidden(model_cfg)})")
-        if model_cfg.vocab_size and model_cfg.vocab_size % tp:
-            p.append(f"parallel.tp: {tp} does not divide the vocabulary ({model_cfg.vocab_size})")
+        if model_cfg.vocab_size and table_vocab(model_cfg) % tp:
+            k = getattr(model_cfg, "vocab_multiple", 1)
+            p.append(f"parallel.tp: {tp} does not divide the vocabulary table ({table_vocab(model_cfg)} rows: "
+                     f"model.vocab_size={model_cfg.vocab_size}" + (f" padded to model.vocab_multiple={k}" if k > 1
+                                                                   else "")
+                     + f"); set model.vocab_multiple to a multiple of {tp} (e.g. {64 * tp}) to pad it")
     return p

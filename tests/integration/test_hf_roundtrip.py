@@ -2,7 +2,9 @@
 attention, untied head) is fine-tuned 20 steps at dp2 x tp2 straight from its Hugging Face folder
 (train.init_from: each rank reads only its tp slices, key/value heads split), exported with
 `convert --to-hf`, reloaded by transformers' from_pretrained, and its logits compared with
-hvdllm's own from the final checkpoint. (GPT-2's fused-qkv slices: tests/unit/test_hf_import.py.)"""
+hvdllm's own from the final checkpoint. The run pads the vocabulary (model.vocab_multiple): the
+padded rows are zeros from the folder, masked in the vocab-parallel loss, dropped on export.
+(GPT-2's fused-qkv slices: tests/unit/test_hf_import.py.)"""
 import json
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ def hvdllm_logits(run: Path, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         for name, p in model.named():
             p.copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
-        return model(torch.from_numpy(x)).numpy()
+        return model(torch.from_numpy(x)).numpy()[..., :cfg.model.vocab_size]   # padding dropped
 
 
 @pytest.mark.integration
@@ -43,14 +45,15 @@ def test_llama_import_finetune_dp2xtp2_export_reload(tmp_path):
             "parallel.tp=2", "train.batch_size=4", "train.steps=20", "train.eval_every=0",
             "train.eval_batches=2", "train.checkpoint_every=20", "train.threads=1", "train.sample_tokens=8",
             "train.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "data.max_bytes=400000",
-            "model.block_size=16"]   # a llama's context is the run's choice, up to max_position_embeddings
+            "model.block_size=16",   # a llama's context is the run's choice, up to max_position_embeddings
+            "model.vocab_multiple=96"]   # the 320-id tables padded to 384 rows: tp rank 1's has 64 masked
     r = hvdllm(4, ["train", *[a for kv in sets for a in ("--set", kv)]], timeout=400)
     assert r.returncode == 0, r.stdout[-5000:]
     assert "initialised from" in r.stdout
     # the model's settings and tokenizer were used, its BPE stored
     cfg = config.load(run / "config.toml")
     assert (cfg.model.family, cfg.model.n_kv_head, cfg.model.tie_embeddings) == ("llama", 2, False)
-    assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size) == (32, V, 16)
+    assert (cfg.model.n_embd, cfg.model.vocab_size, cfg.model.block_size, cfg.model.vocab_multiple) == (32, V, 16, 96)
     assert cfg.data.tokenizer == "byte" and cfg.train.init_from == str(folder)   # re-runnable as written
     stored = checkpoint.stored_tokenizer(checkpoint.latest(run))
     assert json.loads(stored.serialize()) == json.loads(tok_text)

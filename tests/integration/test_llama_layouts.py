@@ -1,7 +1,8 @@
-"""model.family = "llama" under every layout equals one process: dp=2, dp=2 with ZeRO-1, tp=2
-(grouped-query attention, its key/value heads split across the tp ranks; tied and untied head)
-and pp=2 (tied and untied head) give the np=1 losses, gradient norms, validation losses and
-weights, in both frameworks; under tp=2 each block issues 2 allreduces forward and 2 backward.
+"""model.family = "llama" under every layout equals one process: dp=2, dp=2 with ZeRO-1, dp=2
+accumulating 2 micro-batches, tp=2 (grouped-query attention, its key/value heads split across the
+tp ranks; tied and untied head) and pp=2 (tied and untied head; interleaved, 2 chunks per stage)
+give the np=1 losses, gradient norms, validation losses and weights, in both frameworks; under
+tp=2 each block issues 2 allreduces forward and 2 backward.
 
 One launch for all of it (each launch pays the imports of torch, TensorFlow and Horovod): this
 file is also the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank
@@ -23,10 +24,13 @@ UNTIED = ["model.tie_embeddings=false"]
 LAYOUTS = {  # name: settings (2 ranks)
     "dp2": ["parallel.dp=2"],
     "dp2_zero1": ["parallel.dp=2", "parallel.zero=1"],
+    "dp2_accumulate2": ["parallel.dp=2", "aggregation.accumulation=2"],
     "tp2": ["parallel.tp=2"],
     "tp2_untied": ["parallel.tp=2", *UNTIED],
     "pp2": ["parallel.pp=2", "parallel.microbatches=2"],
     "pp2_untied": ["parallel.pp=2", "parallel.microbatches=2", *UNTIED],
+    "pp2_interleaved": ["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=interleaved",
+                        "parallel.virtual_stages=2"],   # 4 chunks: embedding, 2 blocks, head
 }
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
           "train.threads=1", "train.seed=1234"]

@@ -3,6 +3,7 @@ transformers builds tiny random GPT-2 / Llama models and save_pretrained's them 
 hvdllm imports them into torch and into TensorFlow (logits within 1e-5 relative of HF's own
 forward, fp32), generates HF's greedy tokens, reads only the slices a tp rank holds, and exports
 a run that `from_pretrained` loads with the same logits."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import transformers  # the test extra (setup.cfg, scripts/bootstrap.sh)
 
 import tf_backend
 import torch_backend
-from hvdllm import checkpoint, cli, config, hf, placement
+from hvdllm import checkpoint, cli, config, hf, params, placement
 from hvdllm.layout import Layout
 from hvdllm.strategies import tensor_parallel as tp_plan
 
@@ -330,6 +331,53 @@ def test_import_export_round_trip_is_exact(imported, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     x = batch(4)
     np.testing.assert_array_equal(hf_logits(reloaded, x), hf_logits(model, x))
+
+
+# -- a padded vocabulary (model.vocab_multiple) --------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_padded_vocabulary_is_the_unpadded_model(imported, backend, tmp_path):
+    """model.vocab_multiple = 96 pads the 320-id tables to 384 rows (zeros from the HF folder):
+    the real ids' logits, the loss, its gradient and greedy tokens are HF's, the padded ids'
+    logits are masked, and an export drops the padding again."""
+    family, model, folder, run = imported
+    cfg = config.load(None, [f"train.init_from={json.dumps(str(folder))}", f'backend="{backend}"',
+                             "model.vocab_multiple=96"])
+    src = hf.apply_init_from(cfg)
+    assert (cfg.model.vocab_multiple, params.table_vocab(cfg.model)) == (96, 384)
+    weights = hf.fit_vocab_tables(src.weights(), cfg.model)
+    assert weights.shapes["wte"] == (384, 32)
+    engine = hvdllm_engine(backend, cfg, weights)
+    x, y = batch(6), batch(7)
+    ours, theirs = logits_of(backend, engine, x), hf_logits(model, x)
+    assert ours.shape[-1] == 384 and np.all(ours[..., V:] <= -1e29)
+    assert rel(ours[..., :V], theirs) <= REL
+    t = torch.from_numpy(theirs).requires_grad_()
+    hf_loss = torch.nn.functional.cross_entropy(t.reshape(-1, V), torch.from_numpy(y).reshape(-1))
+    ev = engine.evaluate(x, y)
+    assert abs(ev.loss_sum / ev.tokens - float(hf_loss)) <= 1e-5 * float(hf_loss)
+    tok = checkpoint.stored_tokenizer(checkpoint.latest(run))
+    prompt = tok.encode("def main():\n    return ")
+    assert engine.generate(prompt, 8, top_k=1) == hf_greedy(model, prompt, 8)
+    # a step: the padded rows get no gradient (the mask's softmax weight is exactly 0) ...
+    before = engine.state_dict()
+    engine.train_step(x, y, lr=1e-3)
+    after = engine.state_dict()
+    head = params.head_name(cfg.model)
+    np.testing.assert_array_equal(after[f"optim.m.{head}"][V:], 0.0)
+    assert not np.array_equal(after[head][:V], before[head][:V])
+    # ... and the export is HF-shaped
+    tensors = hf.hf_tensors(after, dataclasses.asdict(cfg.model))
+    assert {a.shape[0] for k, a in tensors.items() if "wte" in k or "embed" in k or "lm_head" in k} == {V}
+
+
+def test_tp_that_does_not_divide_the_vocabulary_says_pad_it():
+    bad = config.load(None, ["model.vocab_size=50257", "parallel.tp=4", "model.n_head=4"])
+    with pytest.raises(config.ConfigError, match="set model.vocab_multiple to a multiple of 4"):
+        config.validate(bad, 4)
+    ok = config.load(None, ["model.vocab_size=50257", "parallel.tp=4", "model.n_head=4",
+                            "model.vocab_multiple=128"])
+    config.validate(ok, 4)
+    assert params.table_vocab(ok.model) == 50304
 
 
 # -- refusals: one message, exit 2 for usage, nothing written -----------------------------------
