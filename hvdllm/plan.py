@@ -33,6 +33,7 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
             rest exposed); issued after the backward (torch_backend/engine.py): not overlapped
   tied wte  pp > 1, tied head: the embedding gradient between first and last stage (p2p)
   optimizer AdamW reads and writes 32 bytes per parameter it updates, at memory bandwidth
+            (offloaded: the host's, plus the shard's gradient down and parameters up the host link)
 A group's link is the node's (intra) when its ranks fit one node, else the network's (inter):
 rank order puts tp fastest, then pp, then dp (hvdllm/layout.py).
 """
@@ -324,9 +325,12 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
         tied_s = 2 * p2p_s(m.vocab_size * m.n_embd / cand.tp * 4, _link_for(cand.tp * cand.pp, devices_per_node,
                                                                             system))
     updated = -(-psi // cand.dp) if cand.zero else psi
-    opt_s = 32 * updated / system.device.get("memory_bandwidth", 1e11)
-    if cand.offload == "optimizer":
-        opt_s = 32 * updated / system.device.get("host_memory_bandwidth", 1e11)
+    dev = system.device
+    opt_s = 32 * updated / dev.get("memory_bandwidth", 1e11)
+    if cand.offload == "optimizer":   # the update in host memory; the shard's gradient down, parameters up
+        opt_s = 32 * updated / dev.get("host_memory_bandwidth", dev.get("memory_bandwidth", 1e11))
+        if dev.get("host_link_bandwidth"):
+            opt_s += 8 * updated / dev["host_link_bandwidth"]
     step = pipeline_s + dp_s + tied_s + opt_s
     tokens = cand.dp * cand.micro * cand.k * m.block_size
     world = cand.dp * cand.pp * cand.tp

@@ -6,6 +6,8 @@
 - tensor: allreduces and bytes per tensor-parallel block against theory, tp=2 against np=1.
 - ps: parameter-server sync / async / SSP with a straggler, trainer step time with an evaluator.
 - hf: Hugging Face import time and memory per rank at tp = 1..N; llama vs gpt2 step time.
+- calibrate: this node's achieved FLOP/s, collective and point-to-point bandwidth and latency,
+  memory per device: the calibration JSON `hvdllm plan --calibration` reads.
 
 Each driver launches its `*_worker.py` under mpirun -- the command hvdllm.launch builds for
 `hvdllm launch` -- and prints it. What they share (launching, timing, tables, JSON, the worker's
