@@ -337,6 +337,10 @@ class HFWeights(Mapping):
     def __contains__(self, name) -> bool:
         return name in self.specs
 
+    def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Indices [lo, hi) along axis 0, read alone (VocabTables pads a tp rank's table rows)."""
+        return self._region(self.specs[name], self.shapes[name], 0, lo, hi)
+
     def slice(self, name: str, pl: dict | None) -> np.ndarray:
         if pl is not None and "range" in pl:
             a, b = pl["range"]
@@ -471,8 +475,8 @@ ARCH_KEYS_SKIPPED = ("dropout", "tp_plan", "vocab_multiple")
 class VocabTables(ParamsOnly):
     """A source's weights with `wte` / `lm_head` cut or zero-padded to the run's table rows (its
     model.vocab_multiple differs from the source's; rows past vocab_size are padding either way).
-    Those two are read whole and then sliced, the rest lazily as before: the padding case costs
-    one whole embedding table per rank while loading."""
+    A tp rank's rows of a Hugging Face folder are read alone (HFWeights.rows); from an hvdllm
+    checkpoint, or for a ZeRO range, the table is read whole and then cut."""
 
     def __init__(self, inner: Mapping, rows: int):
         from .params import VOCAB_TABLES
@@ -481,16 +485,32 @@ class VocabTables(ParamsOnly):
         for n in self.tables:
             self.shapes[n] = (rows, *self.shapes[n][1:])
 
-    def _table(self, name) -> np.ndarray:
-        a = np.asarray(self.state[name], np.float32)[:self.rows]
-        return np.concatenate([a, np.zeros((self.rows - len(a), *a.shape[1:]), np.float32)]) \
-            if len(a) < self.rows else a
+    def _table(self, name, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows [lo, hi) of the run's table: the source's rows there, zeros past its end."""
+        hi = self.rows if hi is None else hi
+        have = min(hi, self.inner_rows(name))
+        if lo >= have:
+            a = np.zeros((0, *self.shapes[name][1:]), np.float32)
+        elif hasattr(self.state, "rows"):
+            a = self.state.rows(name, lo, have)
+        else:
+            a = np.asarray(self.state[name], np.float32)[lo:have]
+        return np.concatenate([a, np.zeros((hi - lo - len(a), *a.shape[1:]), np.float32)]) if len(a) < hi - lo else a
+
+    def inner_rows(self, name) -> int:
+        shapes = getattr(self.state, "shapes", None)
+        return (shapes[name] if shapes else np.shape(self.state[name]))[0]
 
     def __getitem__(self, name):
         return self._table(name) if name in self.tables else super().__getitem__(name)
 
     def slice(self, name, pl):
-        return placement_mod.take(self._table(name), pl) if name in self.tables else super().slice(name, pl)
+        if name not in self.tables:
+            return super().slice(name, pl)
+        if pl is None or "range" in pl or pl["axis"] != 0 or pl["groups"] != 1:
+            return placement_mod.take(self._table(name), pl)
+        (lo, hi), = _ranges(self.rows, pl)   # a tp rank's rows: only those are read
+        return self._table(name, lo, hi)
 
 
 def fit_vocab_tables(weights: Mapping, model_cfg) -> Mapping:

@@ -28,12 +28,13 @@ from hvdllm.bench import common
 
 TAG = "[bench hf]"
 MODELS = {   # name: (family, transformers config keys)
-    # GPT-2 124M with its vocabulary padded to 50304 (as nanoGPT does): tp must divide it, and 50257 = 29 x 1733
-    "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50304)),
+    # GPT-2 124M with its 50257 ids (29 x 1733: no tp divides them), imported padded to 50304 rows
+    # (model.vocab_multiple = 128, hf_worker.import_config)
+    "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)),
     "llama-0.5b": ("llama", dict(num_hidden_layers=36, hidden_size=1024, intermediate_size=2816,
                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                                  max_position_embeddings=2048, tie_word_embeddings=False)),
-    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=512)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=509)),   # padded: 512
     "llama-tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=64,
                                  tie_word_embeddings=False)),

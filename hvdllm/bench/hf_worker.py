@@ -78,6 +78,8 @@ def import_config(args, size: int):
     cfg = Config()
     cfg.backend, cfg.train.init_from, cfg.parallel.tp, cfg.train.threads = args.backend, args.folder, size, 1
     hf.apply_init_from(cfg)   # the folder's model settings, as `hvdllm train` takes them
+    if cfg.model.vocab_size % 128:   # as nanoGPT pads GPT-2's: every tp degree up to 128 splits it,
+        cfg.model.vocab_multiple = 128   # and each rank count imports the same table
     return config.resolve(config.validate(cfg, size), size, cfg.model.vocab_size)
 
 
@@ -92,7 +94,7 @@ def run_import(args, rt, backend) -> dict | None:
     _world().Barrier()   # every rank starts the read together
     t0 = time.perf_counter()
     with AnonPeak() as anon:
-        engine.load_state_dict(hf.open_source(args.folder).weights())
+        engine.load_state_dict(hf.fit_vocab_tables(hf.open_source(args.folder).weights(), cfg.model))
     seconds = time.perf_counter() - t0
     mine = {"rank": rt.rank, "read_s": seconds, "param_bytes": 4 * engine.num_params(),
             "rss_start_mib": start / MIB, "rss_built_mib": built / MIB, "anon_peak_read_mib": anon.peak / MIB,

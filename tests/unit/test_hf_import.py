@@ -370,6 +370,25 @@ def test_padded_vocabulary_is_the_unpadded_model(imported, backend, tmp_path):
     assert {a.shape[0] for k, a in tensors.items() if "wte" in k or "embed" in k or "lm_head" in k} == {V}
 
 
+def test_a_tp_rank_reads_only_its_padded_rows(imported, monkeypatch):
+    """Padded to 384 rows at tp=2, rank 1 holds rows 192..383: it reads the file's rows 192..319
+    alone, and the rest of its slice is zeros."""
+    family, model, folder, run = imported
+    w = hf.fit_vocab_tables(hf.open_source(folder).weights(), config.load(None, [f"model.vocab_size={V}",
+                                                                                 "model.vocab_multiple=96"]).model)
+    read = []
+    orig = hf._Files.read
+    monkeypatch.setattr(hf._Files, "read", lambda self, key, index: read.append(orig(self, key, index)) or read[-1])
+    for name in w.tables:
+        whole = w[name]
+        assert whole.shape[0] == 384 and not whole[V:].any()
+        for rank in range(2):
+            pl = tp_plan.placement(name, 2, 2, rank)
+            read.clear()
+            np.testing.assert_array_equal(w.slice(name, pl), placement.take(whole, pl), err_msg=name)
+            assert sum(a.shape[0] for a in read) == (192 if rank == 0 else V - 192), name
+
+
 def test_tp_that_does_not_divide_the_vocabulary_says_pad_it():
     bad = config.load(None, ["model.vocab_size=50257", "parallel.tp=4", "model.n_head=4"])
     with pytest.raises(config.ConfigError, match="set model.vocab_multiple to a multiple of 4"):
