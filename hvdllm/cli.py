@@ -99,10 +99,15 @@ def cmd_launch(args) -> int:
         return 2
     if args.launcher == "sbatch":
         return _submit(args, rest)
-    cmd = launch.command(args.launcher, args.np, rest, args.hosts)
-    launch.check_available(cmd)
-    print("[hvdllm] running: " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    if args.max_restarts < 0:
+        print("hvdllm launch: --max-restarts must be >= 0", file=sys.stderr)
+        return 2
+    env = [launch.ATTEMPT_ENV] if args.max_restarts else ()   # mpirun forwards it to every rank
+
+    def make(argv):
+        return launch.command(args.launcher, args.np, argv, args.hosts, env=env)
+    launch.check_available(make(rest))
+    return launch.run_with_restarts(make, rest, args.max_restarts)
 
 
 def _submit(args, rest: list[str]) -> int:
@@ -111,7 +116,8 @@ def _submit(args, rest: list[str]) -> int:
 
     from . import launch
     text = launch.job_script(args.np, rest, args.nodes, args.time, args.partition,
-                             signal_before=args.signal_before, requeue=args.requeue)
+                             signal_before=args.signal_before, requeue=args.requeue,
+                             max_restarts=max(0, args.max_restarts))
     script = Path(args.script)
     script.write_text(text)
     cmd = ["sbatch", *(["--wait"] if args.wait else []), str(script)]
@@ -169,6 +175,10 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--requeue", action="store_true",
                     help="sbatch: when the trainers stop with a checkpoint before the time limit, requeue "
                          "the job; the run resumes from its latest checkpoint (train.resume=true)")
+    la.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                    help="when the job ends because a rank died (killed, or failed with an error), run it "
+                         "again from the latest checkpoint (train.resume=true), up to K times; with sbatch "
+                         "the job script does so inside its allocation (default 0)")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)
     g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")

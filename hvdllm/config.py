@@ -169,6 +169,10 @@ class TrainConfig:
     stop_check_s: float = doc("about this many seconds between the ranks' checks for that signal", 5.0)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
     fail_rank: int = doc("testing aid: the rank that raises at fail_at_step", 0)
+    fail_mode: str = doc("testing aid: how fail_rank fails at fail_at_step: 'raise' an error (every rank "
+                         "ends, naming it) or 'kill' itself with SIGKILL (a lost process: no message, no "
+                         "cleanup); either only on a launch's first attempt ($HVDLLM_ATTEMPT, which "
+                         "`hvdllm launch --max-restarts` sets), so a restarted job runs past it", "raise")
 
 
 @dataclass
@@ -198,6 +202,7 @@ CHOICES = {
     "ps.mode": ("sync", "async", "ssp"),
     "ps.stale_lr": ("inverse", "sqrt", "constant"),
     "train.stop_signal": ("USR1", "USR2", "none"),
+    "train.fail_mode": ("raise", "kill"),
     "aggregation.compression": ("none", "fp16", "bf16"),
 }
 

@@ -7,13 +7,15 @@ data.Sampler), so np=k with micro-batch b computes exactly what one process with
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, hf, metrics, params, stop
+from . import checkpoint, config, data, hf, launch, metrics, params, stop
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -128,7 +130,9 @@ class Trainer:
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
             t0 = time.perf_counter()
             with self.watchdog.deadline(t.step_timeout, f"step {step}"):
-                if step == t.fail_at_step and self.rt.rank == t.fail_rank:
+                if step == t.fail_at_step and self.rt.rank == t.fail_rank and launch.attempt() == 0:
+                    if t.fail_mode == "kill":   # as a lost process: no message, no cleanup
+                        os.kill(os.getpid(), signal.SIGKILL)
                     raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 res = self.engine.train_step(x, y, lr)
             if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits

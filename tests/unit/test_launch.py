@@ -40,3 +40,51 @@ def test_job_script_signal_and_requeue():
     assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
     assert lines[[i for i, s in enumerate(lines) if s.startswith("srun ")][0]].endswith("--set train.resume=true")
     assert 'if [ "$rc" -eq 75 ]; then' in lines and 'exit "$rc"' in lines
+
+
+def test_restarts_rerun_a_job_whose_rank_died_resuming_it():
+    """run_with_restarts on a real command that dies as mpirun reports a killed rank (137) on its
+    first attempt: it runs again with train.resume=true and HVDLLM_ATTEMPT=1, says why, and stops
+    at once on codes a restart cannot help."""
+    import subprocess
+    import sys
+    prog = ("import os, sys; a = int(os.environ['HVDLLM_ATTEMPT']); "
+            "sys.exit(137 if a == 0 else 0 if 'train.resume=true' in sys.argv else 1)")
+    seen, said = [], []
+
+    def make(argv):
+        seen.append(argv)
+        return [sys.executable, "-c", prog, *argv]
+
+    def run(cmd, env):
+        return subprocess.call(cmd, env=env)
+    assert launch.run_with_restarts(make, ["train", "c.toml"], 2, run=run, log=said.append) == 0
+    assert seen == [["train", "c.toml"], ["train", "c.toml", "--set", "train.resume=true"]]
+    assert any("killed by SIGKILL" in m and "restarting from the latest checkpoint" in m for m in said)
+    for rc in (2, 75):   # a configuration error, a stop with a checkpoint: never rerun
+        calls = []
+        assert launch.run_with_restarts(lambda a: a, ["train"], 3, run=lambda c, e: calls.append(c) or rc,
+                                        log=said.append) == rc
+        assert len(calls) == 1
+    calls = []
+    assert launch.run_with_restarts(lambda a: a, ["train"], 1, run=lambda c, e: calls.append(c) or 1,
+                                    log=said.append) == 1
+    assert len(calls) == 2 and "no restart left" in said[-1]
+    assert launch.exit_reason(137) == "exit 137: a rank was killed by SIGKILL"
+
+
+def test_job_script_restart_loop(tmp_path):
+    import subprocess
+    text = launch.job_script(4, ["train", "c.toml"], max_restarts=2)
+    lines = text.splitlines()
+    assert "exec srun" not in text and 'exit "$rc"' in lines
+    loop = [s for s in lines if s.strip().startswith("if [ \"$HVDLLM_ATTEMPT\" -eq 0 ]")]
+    assert len(loop) == 1 and loop[0].count("srun -n 4") == 2
+    first, again = loop[0].split("; else ")
+    assert "train.resume=true" not in first and again.rstrip("; fi").endswith("--set train.resume=true")
+    assert any(s.strip().startswith('case "$rc" in 0|2|75|130)') for s in lines)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0   # valid shell
+    both = launch.job_script(2, ["train"], time_limit="10", requeue=True, max_restarts=1)
+    assert "scontrol requeue" in both and both.count("train.resume=true") == 2
