@@ -262,6 +262,6 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
         held = inflight(par.schedule, pp, micro, s, v)
         act = chunk_act * held
         stages.append({**state, "activations": act, "device": state["device"] + act, "psi": psi,
-                       "stage": s, "inflight": held, "checkpointing": ckpt, "offload": off})
+                       "stage": s, "inflight": held, "checkpointing": ckpt, "offload": off, "layers": layers})
     worst = max(stages, key=lambda r: r["device"])
     return {**worst, "stages": stages}

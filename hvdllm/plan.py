@@ -27,10 +27,13 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
   pp        per micro-batch 2 point-to-point messages (activation, gradient) of b*s*C on the
             critical path; the bubble: time = k * t_stage / (1 - (p-1)/(v*k + p-1))
   dp        ring collectives 2(n-1)/n * S / busbw + 2(n-1) * latency (allreduce; reduce-scatter
-            and allgather half of each), S = the stage's gradient bytes: ZeRO 0 one allreduce,
-            ZeRO 1/2 reduce-scatter + allgather of the parameters, ZeRO 3 also gathers the
-            parameters for forward and backward (overlapped with compute by its prefetch, the
-            rest exposed); issued after the backward (torch_backend/engine.py): not overlapped
+            and allgather half of each), S = the stage's gradient bytes: ZeRO 0 one allreduce
+            and ZeRO 1 a reduce-scatter + an allgather of the parameters, after the backward
+            (torch_backend/engine.py, strategies/zero.py): not overlapped; ZeRO 2 and 3
+            (strategies/zero_sharded.py) reduce-scatter each unit's gradient per micro-batch as
+            the backward makes it (synchronous: not overlapped), ZeRO 2 allgathers the
+            parameters once per step, ZeRO 3 gathers each unit for its forward and again for its
+            backward, one unit ahead: hidden behind compute as far as compute lasts
   tied wte  pp > 1, tied head: the embedding gradient between first and last stage (p2p)
   optimizer AdamW reads and writes 32 bytes per parameter it updates, at memory bandwidth
             (offloaded: the host's, plus the shard's gradient down and parameters up the host link)
@@ -310,15 +313,27 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
     grad_bytes = psi * (2 if cfg.aggregation.compression in ("fp16", "bf16") else 4)
     dp_terms = {}
     if cand.dp > 1:
+        # ZeRO 2/3 (strategies/zero_sharded.py) move one message per unit (layer): the ring's
+        # latency once per unit; gradients are reduce-scattered per micro-batch, as backward
+        # makes them (synchronously)
+        units = len(mem["layers"])
+        per_unit = (units - 1) * (cand.dp - 1)
         if cand.zero == 0:
             dp_terms["allreduce"] = ring_allreduce_s(grad_bytes, cand.dp, dp_link)
-        else:
+        elif cand.zero == 1:
             dp_terms["reducescatter"] = ring_half_s("reducescatter", grad_bytes, cand.dp, dp_link)
             dp_terms["allgather"] = ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+        else:
+            dp_terms["reducescatter"] = cand.k * (ring_half_s("reducescatter", grad_bytes, cand.dp, dp_link)
+                                                  + per_unit * dp_link.busbw("reducescatter")[1])
+            if cand.zero == 2:
+                dp_terms["allgather"] = ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+            else:   # a gather per unit for its forward and again for its backward, one unit ahead
+                gathers = 2 * cand.k * (ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+                                        + per_unit * dp_link.busbw("allgather")[1])
+                dp_terms["gathers_exposed"] = max(0.0, gathers - pipeline_s)
+        if cand.zero:
             dp_terms["norm"] = ring_allreduce_s(8, cand.dp, dp_link)
-        if cand.zero == 3:   # forward and backward gathers, hidden behind compute by prefetch
-            gathers = 2 * cand.k * ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
-            dp_terms["zero3_gathers_exposed"] = max(0.0, gathers - pipeline_s)
     dp_s = sum(dp_terms.values())
     tied_s = 0.0
     if cand.pp > 1 and params.tied(m):
@@ -417,8 +432,8 @@ def explain(r: dict) -> str:
              f"{s['pp_s'] * 1e3:.3f} ms",
              f"    step: {c.k} micro-batches x {s['t_mb'] * 1e3:.3f} ms / (1 - bubble {r['bubble']:.3f}) = "
              f"{r['pipeline_s'] * 1e3:.2f} ms, + dp {r['dp_s'] * 1e3:.2f} ms "
-             f"({', '.join(f'{k} {v * 1e3:.2f}' for k, v in r['dp'].items()) or 'none'}; after the backward, not "
-             f"overlapped) + tied wte {r['tied_s'] * 1e3:.2f} ms + AdamW {r['optimizer_s'] * 1e3:.2f} ms = "
+             f"({', '.join(f'{k} {v * 1e3:.2f}' for k, v in r['dp'].items()) or 'none'}) + tied wte "
+             f"{r['tied_s'] * 1e3:.2f} ms + AdamW {r['optimizer_s'] * 1e3:.2f} ms = "
              f"{r['step_s'] * 1e3:.2f} ms; {r['tokens_per_step']:,} tokens, MFU {r['mfu']:.3f}"]
     return "\n".join(lines)
 
