@@ -1,4 +1,4 @@
-"""`hvdllm` command line: train | launch | generate | bench | config."""
+"""`hvdllm` command line: train | launch | generate | predict | convert | bench | config."""
 from __future__ import annotations
 
 import argparse
@@ -68,8 +68,9 @@ def _run_rank(cfg, rt, backend) -> dict:
         from .strategies.roles import run_role
         summary = run_role(cfg, rt, backend)
     else:
+        from .finetune import ClassifyTrainer
         from .trainer import Trainer
-        summary = Trainer(cfg, rt, backend).run()
+        summary = (ClassifyTrainer if cfg.task.kind == "classify" else Trainer)(cfg, rt, backend).run()
     if config_mod.extra_ranks(cfg):  # role ranks leave only once the trainers are done
         from .strategies.roles import final_barrier
         final_barrier(cfg, rt)
@@ -82,7 +83,11 @@ def _print_summary(cfg, s: dict) -> None:
               f"{cfg.train.steps}, checkpoint written: continue with --set train.resume=true (exit 75)")
         return
     print(f"\n[hvdllm] done: {cfg.train.steps} steps, backend={cfg.backend}, out_dir={cfg.train.out_dir}")
-    if "val_loss" in s:
+    if "val_macro_f1" in s:   # task.kind = 'classify'
+        print(f"[hvdllm] validation: accuracy {s['val_acc']:.3f}, macro-F1 {s['val_macro_f1']:.3f} on "
+              f"{s['val_examples']} examples (val_loss {s['val_loss']:.4f}); majority-class baseline "
+              f"({s['baseline_label']!r}): accuracy {s['baseline_acc']:.3f}, macro-F1 {s['baseline_macro_f1']:.3f}")
+    elif "val_loss" in s:
         print(f"[hvdllm] val_loss {s['val_loss']:.4f} nats/token (ppl {s['val_ppl']:.2f}, "
               f"next-token acc {s['val_acc']:.3f}); unigram entropy of the corpus "
               f"{s['unigram_entropy']:.4f} nats/token")
@@ -128,6 +133,11 @@ def _submit(args, rest: list[str]) -> int:
 
 def cmd_generate(args) -> int:
     from .generate import run
+    return run(args)
+
+
+def cmd_predict(args) -> int:
+    from .predict import run
     return run(args)
 
 
@@ -190,6 +200,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", choices=list(backends.MODULES), help="load with the other framework")
     g.set_defaults(fn=cmd_generate)
+    pr = sub.add_parser("predict", help="labels and probabilities for new texts from a classify run's latest "
+                                         "checkpoint (task.kind = 'classify')")
+    pr.add_argument("out_dir", metavar="RUN_DIR")
+    pr.add_argument("--input", required=True, metavar="FILE",
+                    help="texts: JSONL or CSV with the run's task.text_field, or plain text (one per line)")
+    pr.add_argument("--output", metavar="FILE", help="write the JSONL predictions here (default: stdout)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--backend", choices=list(backends.MODULES), help="load with the other framework")
+    pr.set_defaults(fn=cmd_predict)
     cv = sub.add_parser("convert", help="one unsharded .npz from a run/checkpoint, or Hugging Face "
                                         "folders in (--from-hf) and out (--to-hf)",
                         usage="hvdllm convert SRC OUT.npz [--hf] [--optimizer] | convert --from-hf DIR OUT "

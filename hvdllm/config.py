@@ -176,6 +176,25 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    kind: str = doc("what the model learns: 'lm' (next-token prediction on data.corpus) or 'classify' (a "
+                    "label per text, from task.train_file; hvdllm/task.py)", "lm")
+    train_file: str = doc("classify: the labelled training data: JSONL, CSV / TSV, Parquet or a saved "
+                          "Hugging Face dataset folder (hvdllm/labelled.py)", "")
+    validation_file: str = doc("classify: the labelled validation data, in those formats ('' = hold out "
+                               "data.val_fraction of task.train_file)", "")
+    text_field: str = doc("classify: the field (column) that holds the text", "text")
+    label_field: str = doc("classify: the field (column) that holds the label", "label")
+    num_labels: int = doc("classify: classes (0 = the labels found in task.train_file)", 0)
+    labels: list = doc("classify: the label names in id order ([] = from task.train_file: integer labels "
+                       "are the ids, strings sorted); the run records them here and in labels.json", [])
+    pooling: str = doc("classify: the head reads the final-norm hidden state of the last real token "
+                       "('last') or its mean over the real tokens ('mean')", "last")
+    class_weights: list = doc("classify: a loss weight per label, in id order ([] = all 1), e.g. for "
+                              "imbalanced classes", [])
+
+
+@dataclass
 class Config:
     backend: str = doc("'torch' or 'tensorflow'", "torch")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,6 +206,7 @@ class Config:
     roles: RolesConfig = field(default_factory=RolesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -384,6 +404,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     p.extend(layers_problems(cfg))
     p.extend(_strategy_problems(cfg))
     p.extend(_ps_roles_problems(cfg, world_size))
+    from .task import problems as task_problems  # task.kind's rules (hvdllm/task.py)
+    p.extend(task_problems(cfg))
     if not cfg.train.out_dir:
         p.append("train.out_dir: must name a folder")
     if world_size is not None:
@@ -397,11 +419,13 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 # listed in train.resume_allow (or its section). train.batch_size stands for the global batch,
 # data.tokenizer for the stored tokenizer and data.corpus for the prepared tokens.
 RESUME_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
+                  "model.vocab_multiple",
                   "model.dropout", "model.layers", "model.family", "model.n_kv_head", "model.ffn_hidden",
                   "model.norm_eps", "model.rope_theta", "model.tie_embeddings", "optim.lr", "optim.min_lr",
                   "optim.warmup_steps",
                   "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
-                  "train.seed", "train.batch_size", "data.tokenizer", "data.corpus")
+                  "train.seed", "train.batch_size", "data.tokenizer", "data.corpus",
+                  "task.kind", "task.num_labels", "task.labels", "task.pooling", "task.class_weights")
 
 
 def resume_allowed(cfg: Config, key: str) -> bool:
@@ -426,7 +450,6 @@ def _family_problems(m: ModelConfig) -> list[str]:
     p = []
     llama = m.family == "llama"
     if m.n_kv_head < 0 or m.ffn_hidden < 0:
-                  "model.vocab_multiple",
         p.extend(f"model.{k}: must be >= 0 (0 = the default), got {getattr(m, k)}"
                  for k in ("n_kv_head", "ffn_hidden") if getattr(m, k) < 0)
     if not 0 < m.norm_eps < 1:
@@ -663,5 +686,5 @@ def _frozen_setattr(self, name, value):
 
 
 for _cls in (ModelConfig, DataConfig, ParallelConfig, AggregationConfig, LocalSGDConfig, PSConfig,
-             RolesConfig, OptimConfig, TrainConfig, Config):
+             RolesConfig, OptimConfig, TrainConfig, TaskConfig, Config):
     _cls.__setattr__ = _frozen_setattr

@@ -12,6 +12,17 @@ the same names with the same arguments and the same numerics:
 - AdamW as torch.optim.AdamW: p *= 1 - lr*wd (only ndim >= 2 parameters);
   m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
 - clipping: coef = min(1, grad_clip / (||g||_2 + 1e-6)) over all gradients, after aggregation.
+
+One contract for both tasks (task.kind, hvdllm/task.py; the engine knows it from cfg):
+- 'lm': x, y (B, T) int64, y the next tokens; the loss is the mean token cross-entropy and
+  evaluate reports summed token losses, right next-token predictions and tokens.
+- 'classify': x (B, T) int64 right-padded token ids, y (B, 2) int64 = [label, length] (length >= 1
+  real tokens; padding is never read: the model is causal). The model is
+  hvdllm.task.model_config(cfg): the backbone plus cls.weight / cls.bias; the loss is the mean over
+  the B examples of class_weight[label] * cross-entropy of the pooled head's logits. evaluate
+  reports the summed example losses, right predictions, examples, and `logits` (B, num_labels)
+  float32 on the host (what distributed evaluation and `hvdllm predict` read). train_step,
+  evaluate and everything else keep their signatures and collectives.
 """
 from __future__ import annotations
 
@@ -31,7 +42,8 @@ class StepResult:
 class EvalResult:
     loss_sum: float    # summed token losses on this rank
     correct: int       # next-token predictions that were right on this rank
-    tokens: int        # tokens evaluated on this rank
+    tokens: int        # tokens evaluated on this rank (classify: examples)
+    logits: np.ndarray | None = None   # classify: (B, num_labels) float32; None for 'lm'
 
 
 class Engine(Protocol):

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import aggregation, params, sampling
+from . import aggregation, params, sampling, task
 from .flat import NUMPY
 from .strategies import pipeline as pl
 from .strategies import tensor_parallel as tp_plan
@@ -143,7 +143,7 @@ class GPTEngineBase(EngineBase):
     @property
     def param_shapes(self) -> dict[str, tuple]:
         """The whole model's parameter shapes (what a checkpoint must match)."""
-        return params.param_shapes(self.cfg.model)
+        return params.param_shapes(task.model_config(self.cfg))   # a classifier's head too
 
     def _broadcast_parameters(self) -> None:
         """Rank 0's initial weights win, in one message: ranks agree even if their seeds or files

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from . import backends, config
+from . import backends, config, task
 
 # What a checkpoint's weights mean: `generate` refuses an out_dir/config.toml that disagrees with
 # the checkpoint's own record of these (e.g. a later run in the same out_dir changed them).
@@ -52,7 +52,7 @@ def generate_inputs(args):
         raise CheckpointError(f"checkpoint {path}: its tokenizer ({tok.name}) has {tok.vocab_size} ids, "
                               f"more than model.vocab_size={cfg.model.vocab_size}")
     if not cfg.model.layers:
-        checkpoint.check_compatible(state, param_shapes(cfg.model), path)
+        checkpoint.check_compatible(state, param_shapes(task.model_config(cfg)), path)   # a classifier's too
     return cfg, path, state, meta, tok
 
 
@@ -61,6 +61,10 @@ def run(args) -> int:
     from . import runtime
     from .parallelize import build_solo_engine
     cfg, path, state, meta, tok = generate_inputs(args)
+    if task.is_classify(cfg):
+        from .errors import HvdllmError
+        raise HvdllmError(f"{args.out_dir} holds a classifier (task.kind = 'classify'), which has no "
+                          f"language-model output to sample from: use hvdllm predict {args.out_dir} --input FILE")
     backend = backends.load(cfg.backend)
     rt = runtime.start(backend)
     engine = build_solo_engine(cfg, rt, backend)

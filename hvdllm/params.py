@@ -41,18 +41,22 @@ llama: no position table (rotary embeddings on q and k), RMSNorm without bias, s
   hidden_act "silu", rope_scaling none, attention_bias = mlp_bias = false. q and k keep HF's
   per-head feature order (rotate_half pairs feature j with j + hd/2), so no permutation is needed.
 
+A classifier (task.kind = 'classify', hvdllm/task.py; its model config has `num_labels` > 0)
+has the head `cls.weight` (C, num_labels) and `cls.bias` (num_labels,) in place of a language-model
+output (no `lm_head`), drawn last, so the backbone's values are the language model's.
+
 `model.tie_embeddings` (default true, both families): the head reuses `wte`. false adds
 `lm_head`, drawn after every other parameter, so the tied model's values do not move.
-"""
-from __future__ import annotations
-
-import numpy as np
 
 `model.vocab_multiple` (default 1): `wte` and `lm_head` get `table_vocab` rows, vocab_size rounded
 up to a multiple of it (Megatron's make-vocab-size-divisible-by, nanoGPT's 50304), so that a tp
 degree that does not divide the vocabulary (GPT-2's 50257 = 29 x 1733) can still split the table.
 The padded rows are never looked up and their logits are masked (`padded_vocab_mask`): the model
 computes exactly what the unpadded one does, and an export to Hugging Face drops them.
+"""
+from __future__ import annotations
+
+import numpy as np
 
 FAMILIES = ("gpt2", "llama")
 
@@ -100,10 +104,6 @@ def head_name(model_cfg) -> str:
     return "wte" if tied(model_cfg) else "lm_head"
 
 
-# ---------------------------------------------------------------------------------------------
-# Shapes
-
-def _block_shapes(model_cfg, h: str) -> dict[str, tuple]:
 CLASSIFIER_HEAD = ("cls.weight", "cls.bias")
 
 
@@ -133,6 +133,10 @@ def padded_vocab_mask(model_cfg, lo: int = 0, hi: int | None = None):
     return np.where(np.arange(lo, hi) < V, 0.0, -1e30).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+def _block_shapes(model_cfg, h: str) -> dict[str, tuple]:
     C, F = model_cfg.n_embd, ffn_hidden(model_cfg)
     if is_llama(model_cfg):
         q, kv = model_cfg.n_head * head_dim(model_cfg), kv_heads(model_cfg) * head_dim(model_cfg)
@@ -283,7 +287,7 @@ def layer_params(model_cfg, i: int) -> list[str]:
         return ["wte"] if is_llama(model_cfg) else ["wte", "wpe"]
     if i == L + 1:
         norm = ["ln_f.weight"] if is_llama(model_cfg) else ["ln_f.weight", "ln_f.bias"]
-        return norm + [head_name(model_cfg)]
+        return norm + (list(CLASSIFIER_HEAD) if num_labels(model_cfg) else [head_name(model_cfg)])
     return list(_block_shapes(model_cfg, f"h.{i - 1}."))
 
 

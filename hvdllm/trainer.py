@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, hf, launch, metrics, params, stop
+from . import checkpoint, config, data, hf, launch, metrics, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -46,17 +46,14 @@ class Trainer:
         self.is_root = rt.rank == 0
         self.out = Path(cfg.train.out_dir)
         with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
-            self.data = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
+            self.data = self.prepare_data(cfg)
         # derived settings filled in once, then frozen (rules that need the vocabulary run here)
-        self.cfg = cfg = config.resolve(cfg, rt.size, self.data.tokenizer.vocab_size)
+        self.cfg = cfg = self.resolve(cfg)
         backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         # every strategy is composed in one place (parallelize.py), parameter-server workers too
         self.engine = build_engine(cfg, self.layout, rt, backend)
         t = cfg.train
-        # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
-        self.sampler = data.Sampler(self.data.train, cfg.model.block_size,
-                                    t.batch_size * cfg.aggregation.accumulation,
-                                    self.layout.dp, self.layout.dp_rank, t.seed)
+        self.sampler = self.make_sampler()
         self.hf_config_text = None
         self.start_step = self._maybe_resume()
         if self.start_step == 0 and t.init_from:
@@ -69,6 +66,30 @@ class Trainer:
         # Under pp / tp every trainer rank helps gather the weights (None where it has no part).
         self.publisher = roles.publisher(cfg, self.layout, rt, backend, self.watchdog,
                                          self.log.write if self.is_root else None)
+
+    # what a task changes (hvdllm/finetune.py's ClassifyTrainer overrides these) -----------------
+    samples = True   # a language model writes a sample at the end (train.sample_tokens)
+
+    def prepare_data(self, cfg):
+        return data.prepare(cfg.data, self.rt.rank, timeout_s=cfg.train.step_timeout * 2)
+
+    def resolve(self, cfg) -> Config:
+        return config.resolve(cfg, self.rt.size, self.data.tokenizer.vocab_size)
+
+    def make_sampler(self):
+        # k accumulated micro-batches of batch_size rows each: the sampler hands out k*batch_size.
+        t = self.cfg.train
+        return data.Sampler(self.data.train, self.cfg.model.block_size,
+                            t.batch_size * self.cfg.aggregation.accumulation,
+                            self.layout.dp, self.layout.dp_rank, t.seed)
+
+    def data_summary(self) -> dict:
+        return {"unigram_entropy": data.unigram_entropy(self.data.train)}
+
+    def load_pretrained(self, weights, path) -> None:
+        """train.init_from's weights into the engine (a mapping of whole arrays or slices)."""
+        checkpoint.check_compatible(weights, self._model_shapes(), path)
+        self.engine.load_state_dict(weights)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.train.resume:
@@ -94,7 +115,7 @@ class Trainer:
     def _model_shapes(self) -> dict:
         """What a checkpoint must hold: the built-in model's shapes from its config (either family),
         a user's layer list's from its engine."""
-        return self.engine.param_shapes if self.cfg.model.layers else params.param_shapes(self.cfg.model)
+        return self.engine.param_shapes if self.cfg.model.layers else params.param_shapes(task.model_config(self.cfg))
 
     def _init_from(self, source) -> None:
         """train.init_from: a Hugging Face model folder or an hvdllm run's weights, no optimizer
@@ -102,8 +123,7 @@ class Trainer:
         src = hf.open_source(source)
         self.hf_config_text = src.hf_config_text()   # kept with every checkpoint, for --to-hf
         weights = src.weights()
-        checkpoint.check_compatible(weights, self._model_shapes(), src.path)
-        self.engine.load_state_dict(weights)
+        self.load_pretrained(weights, src.path)
         if self.is_root:
             print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "
                   f"weights; optimizer fresh)", file=sys.stderr)
@@ -211,8 +231,9 @@ class Trainer:
 
     def finish(self, summary: dict) -> dict:
         t = self.cfg.train
-        summary["unigram_entropy"] = data.unigram_entropy(self.data.train)
-        if t.sample_tokens and not summary.get("stopped_at"):  # every rank: under tp sampling is collective
+        summary.update(self.data_summary())
+        # every rank: under tp sampling is collective
+        if self.samples and t.sample_tokens and not summary.get("stopped_at"):
             tok = self.data.tokenizer
             ids = self.engine.generate(tok.encode(t.sample_prompt), t.sample_tokens, 0.8, 40, t.seed)
             if self.is_root:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from hvdllm import aggregation
+from hvdllm import aggregation, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
@@ -22,6 +22,7 @@ from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .model import GPT
 from .optim import AdamW
@@ -64,7 +65,11 @@ class Engine(GPTEngineBase):
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
         # Same weights on every rank; dropout streams differ per rank (as the torch backend).
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank,
+                         tp=self.tp)
+        # task.kind = 'classify': the head's loss and evaluation (tf_backend/classify.py)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
+        self._loss = self.head.loss if self.head is not None else self.model.loss
         self.names = list(self.model.params)
         self.vars = list(self.model.params.values())
         self.named = list(zip(self.names, self.vars))
@@ -82,7 +87,7 @@ class Engine(GPTEngineBase):
             if COMPILE else (lambda f, sig: f)
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64)])
         self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
-        self._eval = wrap(self._evaluate, [_TOKENS, _TOKENS])
+        self._eval = wrap(self.head.evaluate if self.head is not None else self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
 
 
@@ -125,7 +130,7 @@ class Engine(GPTEngineBase):
         total, acc = tf.constant(0.0), None
         for i in range(k):  # k is fixed per run: unrolled once at trace time
             with tf.GradientTape() as tape:
-                loss = self.model.loss(xs[i], ys[i], training=True) / k
+                loss = self._loss(xs[i], ys[i], training=True) / k
             # wte's gradient mixes a gather (IndexedSlices) and a matmul: make every one dense
             g = [tf.convert_to_tensor(t) for t in tape.gradient(loss, self.vars)]
             acc = g if acc is None else [a + b for a, b in zip(acc, g)]
@@ -181,6 +186,9 @@ class Engine(GPTEngineBase):
 
     # evaluation --------------------------------------------------------------------------------
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        if self.head is not None:   # classify: the logits come back too (hvdllm/engine.py)
+            loss_sum, correct, logits = self._eval(_ids(x), _ids(y))
+            return EvalResult(float(loss_sum), int(correct), len(x), logits=to_host(logits))
         loss_sum, correct = self._eval(_ids(x), _ids(y))
         return EvalResult(float(loss_sum), int(correct), int(np.asarray(y).size))
 

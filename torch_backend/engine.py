@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hvdllm import aggregation
+from hvdllm import aggregation, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
@@ -21,6 +21,7 @@ from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
 from . import adamw_state
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .model import GPT
 from .tensor_parallel import TPGroup, norm_sq
@@ -47,7 +48,10 @@ class Engine(GPTEngineBase):
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
-        self.model = GPT(cfg.model, cfg.train.seed, tp=self.tp)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, tp=self.tp)
+        # task.kind = 'classify': the head's loss and evaluation (torch_backend/classify.py)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
+        self._loss = self.head.loss if self.head is not None else self.model.loss
         self.named = self.model.named()
         self._broadcast_parameters()
         self.params = [p for _, p in self.named]
@@ -103,7 +107,7 @@ class Engine(GPTEngineBase):
         k = self.cfg.aggregation.accumulation
         total = torch.zeros(())
         for xm, ym in aggregation.split_microbatches(x, y, k):
-            loss = self.model.loss(from_host(xm), from_host(ym)) / k
+            loss = self._loss(from_host(xm), from_host(ym)) / k
             loss.backward()
             total += loss.detach()
         return total
@@ -160,6 +164,8 @@ class Engine(GPTEngineBase):
     # evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        if self.head is not None:   # classify: the logits come back too (hvdllm/engine.py)
+            return self.head.evaluate(from_host(x), from_host(y))
         self.model.eval()
         logits = self.model(from_host(x))
         t = from_host(y).reshape(-1)

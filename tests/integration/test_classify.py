@@ -1,0 +1,161 @@
+"""task.kind = 'classify' at np=2 equals np=1, and the fine-tuning workflow end to end.
+
+1. One launch (each launch pays the imports of torch, TensorFlow and Horovod): this file is also
+   the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank engine of the
+   process's own (its one-rank Horovod process set) trained on the whole global batch is the
+   np=1 reference; each layout's engines are built by hvdllm.parallelize.build_engine, as the
+   trainer builds them, and fed the batches labelled.ExampleSampler hands their dp rank. Losses
+   and gradient norms agree to 1e-5 under plain dp, and under ZeRO-1 with accumulation, clipping,
+   mean pooling and class weights; the distributed evaluation of 101 validation examples (uneven
+   shares) has the np=1 confusion matrix exactly.
+2. `hvdllm train` (torch) on JSONL training data and CSV validation data, then `hvdllm predict
+   --backend tensorflow` on the validation texts: the other framework's predictions give the
+   accuracy the run logged, and the run holds labels.json and confusion.png.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ("torch", "tensorflow")
+T, BATCH, STEPS = 24, 4, 3   # BATCH: per rank and micro-batch
+MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", "model.vocab_size=256"]
+COMMON = ["optim.lr=3e-3", "optim.warmup_steps=1", f"train.steps={STEPS}", "train.threads=1", "train.seed=5"]
+LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
+    "dp2": ([], []),
+    "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
+                                            "task.class_weights=[1.0,2.0,0.5]"],
+                                           ["parallel.zero=1", "aggregation.accumulation=2"]),
+}
+WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
+
+
+def write_data(folder: Path, n_train=96, n_val=101):
+    """Texts whose label shows in their words (a learnable task); JSONL training data, CSV validation."""
+    import csv
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            lab = str(rng.choice(list(WORDS)))
+            out.append((" ".join(rng.choice(WORDS[lab] + WORDS["neu"], rng.integers(1, 6))), lab))
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows(n_train)]
+    (folder / "train.jsonl").write_text("".join(lines))
+    with open(folder / "val.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows(n_val))
+    return folder / "train.jsonl", folder / "val.csv"
+
+
+@pytest.mark.integration
+def test_classify_layouts_equal_single_process(tmp_path):
+    from launch_util import mpirun_argv, run
+    write_data(tmp_path)
+    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], timeout=420)
+    assert r.returncode == 0, r.stdout[-6000:]
+    for backend in BACKENDS:
+        for name in LAYOUTS:
+            assert f"{backend} {name}: equals np=1" in r.stdout, r.stdout[-6000:]
+
+
+@pytest.mark.integration
+def test_train_then_predict_with_the_other_framework(tmp_path):
+    from launch_util import hvdllm, run
+    train, val = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    sets = [*MODEL, "optim.lr=3e-3", "optim.warmup_steps=1", "train.threads=1", "task.kind=classify",
+            f"task.train_file={train}", f"task.validation_file={val}", "train.steps=12", "train.batch_size=8",
+            "train.eval_every=0", "train.progress=false", f"train.out_dir={out}"]
+    r = hvdllm(1, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "majority-class baseline" in r.stdout, r.stdout[-2000:]
+    assert json.loads((out / "labels.json").read_text()) == {"labels": ["neg", "neu", "pos"]}
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    final = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in x][-1]
+    p = run([sys.executable, "-m", "hvdllm", "predict", str(out), "--input", str(val), "--backend", "tensorflow",
+             "--batch-size", "7", "--output", str(tmp_path / "pred.jsonl")], timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:]
+    preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    import csv
+    with open(val, newline="") as f:
+        truth = [row["label"] for row in csv.DictReader(f)]
+    assert len(preds) == len(truth) == final["val_examples"] == 101
+    assert all(abs(sum(q["probs"].values()) - 1) < 1e-5 and q["label"] == max(q["probs"], key=q["probs"].get)
+               for q in preds)
+    assert sum(q["label"] == t for q, t in zip(preds, truth)) == round(final["val_acc"] * 101)
+    cm = np.zeros((3, 3), int)
+    names = ["neg", "neu", "pos"]
+    for q, t in zip(preds, truth):
+        cm[names.index(t), q["label_id"]] += 1
+    assert cm.tolist() == final["val_confusion"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The program each rank runs.
+
+def _cfg(folder, sets, world):
+    from hvdllm import config as config_mod
+    from hvdllm import labelled, task
+    cfg = config_mod.load(None, [*MODEL, *COMMON, "task.kind=classify", f"task.train_file={folder}/train.jsonl",
+                                 f"task.validation_file={folder}/val.csv", f"train.batch_size={BATCH}", *sets])
+    cfg = config_mod.validate(cfg, world_size=world)
+    data = labelled.prepare(cfg, rank=1)   # rank 1: no summary line
+    return task.resolve(cfg, data.labels), data
+
+
+def _train(engine, cfg, data, dp, rank):
+    """Per step (loss, grad norm), then the distributed evaluation of the validation set."""
+    from hvdllm import classify_eval, labelled
+    from hvdllm import lr as lr_schedule
+    k = cfg.aggregation.accumulation
+    sampler = labelled.ExampleSampler(data.train, cfg.train.batch_size * k, dp, rank, cfg.train.seed)
+    out = []
+    for step in range(STEPS):
+        res = engine.train_step(*sampler.batch(step), lr_schedule.lr_at(step, cfg.optim, cfg.train.steps))
+        out.append((res.loss, res.grad_norm))
+    ev = classify_eval.evaluate(engine, data.val, 8, dp, rank, cfg.task.labels)
+    return np.array(out), ev
+
+
+def _check(backend, rt, be, folder):
+    from hvdllm.layout import Layout
+    from hvdllm.parallelize import build_engine, build_solo_engine
+    for name, (shared, layout_sets) in LAYOUTS.items():
+        k = 2 if "aggregation.accumulation=2" in layout_sets else 1
+        # the np=1 reference: one rank, the whole global batch (dp x batch x accumulation) per step
+        ref_cfg, data = _cfg(folder, [*shared, f"train.batch_size={2 * BATCH * k}"], None)
+        want_steps, want_ev = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
+        cfg, data = _cfg(folder, [*shared, *layout_sets, "parallel.dp=2"], 2)
+        layout = Layout.from_config(cfg, rt.size, rt.rank)
+        steps, ev = _train(build_engine(cfg, layout, rt, be), cfg, data, layout.dp, layout.dp_rank)
+        np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
+        if "clip" in name:
+            assert want_steps[:, 1].min() > 0.05, f"{name}: clipping never acted ({want_steps[:, 1]})"
+        assert ev["val_examples"] == 101 and ev["val_confusion"] == want_ev["val_confusion"], (name, ev, want_ev)
+        assert ev["val_acc"] == want_ev["val_acc"] and ev["val_macro_f1"] == want_ev["val_macro_f1"], name
+        np.testing.assert_allclose(ev["val_loss"], want_ev["val_loss"], rtol=1e-5, err_msg=f"{backend} {name}")
+        print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()}, "
+              f"val_acc {ev['val_acc']:.3f})", flush=True)
+
+
+def main():
+    sys.path.insert(0, str(ROOT))
+    from hvdllm import backends, runtime
+    for backend in BACKENDS:
+        be = backends.load(backend)
+        if backend == "tensorflow":   # each engine traces its own functions: retracing is expected
+            import tensorflow as tf
+            tf.get_logger().setLevel("ERROR")
+        rt = runtime.start(be, groups=[(0,), (1,)])   # one-rank sets for the np=1 references
+        _check(backend, rt, be, sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
