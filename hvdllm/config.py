@@ -165,6 +165,11 @@ class TrainConfig:
     step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
                               "ended as hung", 600.0)
     stop_signal: str = doc("on this signal (Slurm: #SBATCH --signal=USR1@120, scancel --signal=USR1) "
+    activation_checkpointing: str = doc(
+        "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
+        "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
+        "softmax and the weighted sum, whose activations grow with the context squared, is run again; "
+        "the rest is kept). The built-in GPT, either backend, under dp, ZeRO-1, pp and tp", "none")
                            "stop at a step boundary with a checkpoint, exit 75; 'none' = ignore it", "USR1")
     stop_check_s: float = doc("about this many seconds between the ranks' checks for that signal", 5.0)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
@@ -512,6 +517,15 @@ def _strategy_problems(cfg: Config) -> list[str]:
     if a.predivide != 1.0 and a.op != "average":
         p.append("aggregation.predivide: only applies with aggregation.op = 'average'")
     if cfg.parallel.zero not in (0, 1):
+    ac = cfg.train.activation_checkpointing
+    if ac not in ("none", "full", "selective"):
+        p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")
+    elif ac != "none" and cfg.model.layers:
+        p.append("train.activation_checkpointing: applies to the built-in GPT; a model.layers list "
+                 "can checkpoint inside its own modules (set it to 'none')")
+    elif ac != "none" and cfg.backend == "tensorflow" and cfg.model.dropout > 0:
+        p.append("train.activation_checkpointing: TensorFlow's recomputation draws new dropout masks "
+                 "(its generator is stateful); set model.dropout = 0 or use the torch backend")
         p.append(f"parallel.zero: must be 0 or 1, got {cfg.parallel.zero}")
     if cfg.parallel.zero and a.op != "average":
         p.append("parallel.zero: ZeRO-1 reduce-scatters averaged gradients; set aggregation.op = 'average'")

@@ -61,6 +61,17 @@ class GPT(tf.Module):
         # A stateful generator keeps dropout masks reproducible inside tf.function.
         self._rng = tf.random.Generator.from_seed(seed if dropout_seed is None else dropout_seed)
 
+    # train.activation_checkpointing, set by the engine: 'full' recomputes each block in backward,
+    # 'selective' each block's attention core (hvdllm/config.py says what each keeps). Dropout is
+    # refused with it (config validation): the stateful generator would draw new masks.
+    checkpointing = "none"
+
+    @staticmethod
+    def _recomputed(f, *args):
+        """f(*args), its activations not kept but computed again in backward (tf.recompute_grad;
+        the variables f reads get their gradients too)."""
+        return tf.recompute_grad(f)(*args)
+
     @property
     def variables_list(self) -> list[tf.Variable]:
         return list(self.params.values())
@@ -101,12 +112,18 @@ class GPT(tf.Module):
         hd = C // nh
         q, k, v = tf.split(self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn"), 3, axis=-1)
         q, k, v = (tf.transpose(tf.reshape(t, [B, T, nh, hd]), [0, 2, 1, 3]) for t in (q, k, v))
-        scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(hd)))
-        causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)  # lower triangle incl. diagonal
-        scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
-        att = self._dropout(tf.nn.softmax(scores, axis=-1), training)
-        y = tf.reshape(tf.transpose(tf.matmul(att, v), [0, 2, 1, 3]), [B, T, C])
+        y = tf.reshape(tf.transpose(self._attention_core(q, k, v, training), [0, 2, 1, 3]), [B, T, C])
         return self._dropout(self._row_linear(y, h + "attn.c_proj"), training)
+
+    def _attention_core(self, q, k, v, training):
+        """Causal softmax(q k^T / sqrt(hd)) v of (B, heads, T, hd), with attention dropout (gpt2)."""
+        def core(q, k, v):
+            T = tf.shape(q)[2]
+            scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(int(q.shape[-1]))))
+            causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)  # lower triangle incl. diagonal
+            scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
+            return tf.matmul(self._dropout(tf.nn.softmax(scores, axis=-1), training), v)
+        return self._recomputed(core, q, k, v) if self.checkpointing == "selective" else core(q, k, v)
 
     def _rope(self, t):
         """Rotary embedding of (B, heads, T, hd): HF's rotate_half over the two halves."""
@@ -127,11 +144,7 @@ class GPT(tf.Module):
         q, k = self._rope(q), self._rope(k)
         if nkv != nh:
             k, v = tf.repeat(k, nh // nkv, axis=1), tf.repeat(v, nh // nkv, axis=1)
-        scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(hd)))
-        causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)
-        scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
-        y = tf.matmul(tf.nn.softmax(scores, axis=-1), v)
-        y = tf.reshape(tf.transpose(y, [0, 2, 1, 3]), [B, T, nh * hd])
+        y = tf.reshape(tf.transpose(self._attention_core(q, k, v, False), [0, 2, 1, 3]), [B, T, nh * hd])
         return reduce_from_tp(tf.matmul(y, self.p(h + "attn.o.weight")), self.tp)
 
     def _swiglu(self, x, h):
@@ -166,8 +179,12 @@ class GPT(tf.Module):
         return x + self._mlp(self._ln(x, h + "ln_2"), h, training)
 
     def run_layers(self, layers, x, training=False):
+        full = self.checkpointing == "full" and training
         for i in layers:
-            x = self.run_layer(i, x, training)
+            if full and 1 <= i <= self.cfg.n_layer:
+                x = self._recomputed(lambda h, i=i: self.run_layer(i, h, training), x)
+            else:
+                x = self.run_layer(i, x, training)
         return x
 
     def __call__(self, idx, training=False):

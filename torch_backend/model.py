@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hvdllm import params as params_mod
 from hvdllm.params import init_params, n_layers, names_for_layers
@@ -60,8 +61,18 @@ class GPT(nn.Module):
         self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
 
+    # train.activation_checkpointing, set by the engine: 'full' recomputes each block in backward,
+    # 'selective' each block's attention core (hvdllm/config.py says what each keeps)
+    checkpointing = "none"
+
     def p(self, name: str) -> torch.Tensor:
         return self.plist[self.index[name]]
+
+    @staticmethod
+    def _recomputed(f, *args):
+        """f(*args), its activations not kept but computed again in backward (non-reentrant
+        torch.utils.checkpoint restores the RNG state: dropout draws the same masks)."""
+        return checkpoint(f, *args, use_reentrant=False) if torch.is_grad_enabled() else f(*args)
 
     def named(self):
         """(name, parameter) in canonical order."""
@@ -93,9 +104,14 @@ class GPT(nn.Module):
         q, k, v = self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn").split(C, dim=2)
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
         drop = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        y = self._attention_core(q, k, v, drop)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self._dropout(self._row_linear(y, h + "attn.c_proj"))
+
+    def _attention_core(self, q, k, v, drop: float):
+        def core(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return self._recomputed(core, q, k, v) if self.checkpointing == "selective" else core(q, k, v)
 
     def _rope(self, t):
         """Rotary embedding of (B, heads, T, hd): HF's rotate_half over the two halves."""
@@ -115,7 +131,7 @@ class GPT(nn.Module):
         q, k = self._rope(q), self._rope(k)
         if nkv != nh:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self._attention_core(q, k, v, 0.0)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return reduce_from_tp(y @ self.p(h + "attn.o.weight"), self.tp)
 
@@ -151,8 +167,10 @@ class GPT(nn.Module):
         return x + self._mlp(self._ln(x, h + "ln_2"), h)
 
     def run_layers(self, layers, x):
+        full = self.checkpointing == "full"
         for i in layers:
-            x = self.run_layer(i, x)
+            block = 1 <= i <= self.cfg.n_layer
+            x = self._recomputed(self.run_layer, i, x) if full and block else self.run_layer(i, x)
         return x
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """model.family = "llama" under every layout equals one process: dp=2, dp=2 with ZeRO-1, dp=2
 accumulating 2 micro-batches, tp=2 (grouped-query attention, its key/value heads split across the
-tp ranks; tied and untied head) and pp=2 (tied and untied head; interleaved, 2 chunks per stage)
-give the np=1 losses, gradient norms, validation losses and weights, in both frameworks; under
-tp=2 each block issues 2 allreduces forward and 2 backward.
+tp ranks; tied and untied head) and pp=2 (tied and untied head; interleaved, 2 chunks per stage),
+tp=2 and pp=2 recomputing activations (train.activation_checkpointing), give the np=1 losses,
+gradient norms, validation losses and weights, in both frameworks; under tp=2 each block issues 2
+allreduces forward and 2 backward.
 
 One launch for all of it (each launch pays the imports of torch, TensorFlow and Horovod): this
 file is also the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank
@@ -31,6 +32,11 @@ LAYOUTS = {  # name: settings (2 ranks)
     "pp2_untied": ["parallel.pp=2", "parallel.microbatches=2", *UNTIED],
     "pp2_interleaved": ["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=interleaved",
                         "parallel.virtual_stages=2"],   # 4 chunks: embedding, 2 blocks, head
+    # recomputation (train.activation_checkpointing) under tp re-issues a block's forward
+    # allreduces in backward, and in a pipeline runs inside a stage's backward
+    "tp2_recompute_full": ["parallel.tp=2", 'train.activation_checkpointing="full"'],
+    "pp2_recompute_selective": ["parallel.pp=2", "parallel.microbatches=2",
+                                'train.activation_checkpointing="selective"'],
 }
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
           "train.threads=1", "train.seed=1234"]
