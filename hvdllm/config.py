@@ -74,7 +74,12 @@ class ParallelConfig:
     schedule: str = doc("pipeline schedule: 'gpipe', '1f1b' or 'interleaved'", "1f1b")
     virtual_stages: int = doc("model chunks per pipeline rank (the interleaved schedule's v)", 1)
     partition: str = doc("how layers are split over stages: 'uniform', 'params' or 'time'", "params")
-    zero: int = doc("ZeRO stage: 0 = replicated AdamW state, 1 = state sharded over the dp group", 0)
+    zero: int = doc("ZeRO stage: 0 = replicated AdamW state, 1 = state sharded over the dp group, 2 = "
+                    "gradients too (reduce-scattered per unit), 3 = parameters too (gathered per unit)", 0)
+    zero_unit: str = doc("what ZeRO-2/3 gathers and reduces at once: 'block' (the embeddings, each "
+                         "transformer block, the head)", "block")
+    offload: str = doc("ZeRO-2/3: 'optimizer' keeps the master shard and AdamW state on the host "
+                       "('none': on the device)", "none")
 
 
 @dataclass
@@ -160,16 +165,16 @@ class TrainConfig:
     progress: bool = doc("show a progress bar on rank 0", True)
     plot: bool = doc("draw loss.png from metrics.jsonl at the end (rank 0)", True)
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
-    sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
-    sample_prompt: str = doc("prompt for the final sample", "def ")
-    step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
-                              "ended as hung", 600.0)
-    stop_signal: str = doc("on this signal (Slurm: #SBATCH --signal=USR1@120, scancel --signal=USR1) "
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
         "softmax and the weighted sum, whose activations grow with the context squared, is run again; "
         "the rest is kept). The built-in GPT, either backend, under dp, ZeRO-1, pp and tp", "none")
+    sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
+    sample_prompt: str = doc("prompt for the final sample", "def ")
+    step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
+                              "ended as hung", 600.0)
+    stop_signal: str = doc("on this signal (Slurm: #SBATCH --signal=USR1@120, scancel --signal=USR1) "
                            "stop at a step boundary with a checkpoint, exit 75; 'none' = ignore it", "USR1")
     stop_check_s: float = doc("about this many seconds between the ranks' checks for that signal", 5.0)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
@@ -229,6 +234,8 @@ CHOICES = {
     "train.stop_signal": ("USR1", "USR2", "none"),
     "train.fail_mode": ("raise", "kill"),
     "aggregation.compression": ("none", "fp16", "bf16"),
+    "parallel.zero_unit": ("block",),
+    "parallel.offload": ("none", "optimizer"),
 }
 
 
@@ -510,13 +517,6 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
 
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
-    if a.accumulation < 1:
-        p.append(f"aggregation.accumulation: must be >= 1, got {a.accumulation}")
-    if a.predivide <= 0:
-        p.append(f"aggregation.predivide: must be > 0, got {a.predivide}")
-    if a.predivide != 1.0 and a.op != "average":
-        p.append("aggregation.predivide: only applies with aggregation.op = 'average'")
-    if cfg.parallel.zero not in (0, 1):
     ac = cfg.train.activation_checkpointing
     if ac not in ("none", "full", "selective"):
         p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")
@@ -526,9 +526,17 @@ def _strategy_problems(cfg: Config) -> list[str]:
     elif ac != "none" and cfg.backend == "tensorflow" and cfg.model.dropout > 0:
         p.append("train.activation_checkpointing: TensorFlow's recomputation draws new dropout masks "
                  "(its generator is stateful); set model.dropout = 0 or use the torch backend")
-        p.append(f"parallel.zero: must be 0 or 1, got {cfg.parallel.zero}")
+    if a.accumulation < 1:
+        p.append(f"aggregation.accumulation: must be >= 1, got {a.accumulation}")
+    if a.predivide <= 0:
+        p.append(f"aggregation.predivide: must be > 0, got {a.predivide}")
+    if a.predivide != 1.0 and a.op != "average":
+        p.append("aggregation.predivide: only applies with aggregation.op = 'average'")
+    if cfg.parallel.zero not in (0, 1, 2, 3):
+        p.append(f"parallel.zero: must be 0, 1, 2 or 3, got {cfg.parallel.zero}")
     if cfg.parallel.zero and a.op != "average":
-        p.append("parallel.zero: ZeRO-1 reduce-scatters averaged gradients; set aggregation.op = 'average'")
+        p.append("parallel.zero: ZeRO reduce-scatters averaged gradients; set aggregation.op = 'average'")
+    p.extend(_zero_sharded_problems(cfg))
     if ls.every < 0:
         p.append(f"localsgd.every: must be >= 0, got {ls.every}")
     if ls.every and cfg.parallel.zero:
@@ -539,6 +547,18 @@ def _strategy_problems(cfg: Config) -> list[str]:
     if ls.outer_lr <= 0 or not 0 <= ls.outer_momentum < 1:
         p.append("localsgd.outer_lr / localsgd.outer_momentum: need outer_lr > 0 and 0 <= momentum < 1")
     p.extend(_pipeline_problems(cfg))
+    return p
+
+
+def _zero_sharded_problems(cfg: Config) -> list[str]:
+    """ZeRO-2/3 (strategies/zero_sharded.py) runs the built-in GPT's layers as units over one dp
+    group; model.layers, ps.servers and localsgd.every are refused where they are checked."""
+    par, p = cfg.parallel, []
+    if par.zero >= 2 and par.pp > 1:
+        p.append(f"parallel.pp: ZeRO-{par.zero} inside pipeline stages is not supported yet, set "
+                 f"parallel.zero <= 1 (or parallel.pp = 1)")
+    if par.offload != "none" and par.zero < 2:
+        p.append("parallel.offload: offloads ZeRO-2/3's sharded optimizer; set parallel.zero = 2 or 3")
     return p
 
 
