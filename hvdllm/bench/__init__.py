@@ -8,6 +8,8 @@
 - hf: Hugging Face import time and memory per rank at tp = 1..N; llama vs gpt2 step time.
 - calibrate: this node's achieved FLOP/s, collective and point-to-point bandwidth and latency,
   memory per device: the calibration JSON `hvdllm plan --calibration` reads.
+- plan: `hvdllm plan`'s predicted step time and memory against real `hvdllm train` runs of
+  layouts at np = 1, 2 and 4.
 
 Each driver launches its `*_worker.py` under mpirun -- the command hvdllm.launch builds for
 `hvdllm launch` -- and prints it. What they share (launching, timing, tables, JSON, the worker's

@@ -1,0 +1,209 @@
+"""`hvdllm bench plan`: `hvdllm plan`'s predictions against real `hvdllm train` runs on this node:
+step time and peak memory per rank, for layouts at np = 1, 2 and 4 (dp, accumulation, ZeRO,
+pp, tp and mixes), each at the same global batch.
+
+    hvdllm bench plan [--calibration FILE] [--system this-cpu] [--steps 8] [--warmup 3]
+                      [--layouts all|NAME,...] [--out runs/bench/plan.json]
+
+For each layout it launches, with the command `hvdllm launch` builds,
+    mpirun -np N ... python -m hvdllm train --set ... (the bench GPT, the layout's settings)
+reads the step times from its metrics.jsonl (median after --warmup steps) and samples every
+rank's peak resident memory (/proc/PID/status VmHWM) while it runs. Predictions come from
+hvdllm.plan.predict with the calibration (default: measured first by `hvdllm bench calibrate
+--np 2 --model small`, the layouts' own model, on this node as it is loaded now).
+
+Definitions:
+    time error    predicted / measured step time - 1
+    memory        measured: the largest rank's peak RSS minus the same of a one-rank run of a
+                  1-layer, 32-wide model (the framework, MPI, Horovod and the data: what
+                  memory.py does not model); predicted: memory.py's bytes of that rank
+    ranks > cores the calibration's compute rate is shared: divided by ranks / cores (the ranks
+                  then take turns on the cores), which the planner itself does not know
+Goals (issue 17): median |time error| <= 15 %, median |memory error| <= 10 %.
+A benchmark, not a test: nothing fails on a missed goal.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hvdllm import config as config_mod
+from hvdllm import plan as planner
+from hvdllm.bench import common
+from hvdllm.launch import command
+from hvdllm.runtime import cores
+
+TAG = "[bench plan]"
+MODEL = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=128", "model.vocab_size=256"]
+BASE = ["data.max_bytes=400000", "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
+        "train.progress=false", "train.plot=false", "train.checkpoint_every=0", "train.threads=1",
+        "optim.warmup_steps=2", "backend=torch"]
+GLOBAL = 8   # sequences per step, every layout
+# name: (dp, pp, tp, zero, micro-batch sequences, micro-batches per step)
+LAYOUTS = {
+    "np1": (1, 1, 1, 0, 8, 1), "np1-acc2": (1, 1, 1, 0, 4, 2),
+    "dp2": (2, 1, 1, 0, 4, 1), "dp2-z1": (2, 1, 1, 1, 4, 1), "dp2-z2": (2, 1, 1, 2, 4, 1),
+    "pp2-m4": (1, 2, 1, 0, 2, 4), "tp2": (1, 1, 2, 0, 8, 1),
+    "dp4": (4, 1, 1, 0, 2, 1), "dp2-tp2": (2, 1, 2, 0, 4, 1), "dp2-pp2": (2, 2, 1, 0, 2, 2),
+    "pp2-tp2": (1, 2, 2, 0, 2, 4), "dp4-z3": (4, 1, 1, 3, 2, 1),
+}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="hvdllm bench plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calibration", help="calibration JSON (default: measure one first, `hvdllm bench "
+                                         "calibrate --np 2` on the bench's own model)")
+    p.add_argument("--system", help="its system (default: the file's default system)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
+    p.add_argument("--layouts", default="all", help=f"comma list of {', '.join(LAYOUTS)}, or all")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more settings for every run (e.g. a model.* override)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    p.add_argument("--out", default="runs/bench/plan.json")
+    a = p.parse_args(argv)
+    a.names = list(LAYOUTS) if a.layouts == "all" else [n.strip() for n in a.layouts.split(",") if n.strip()]
+    bad = [n for n in a.names if n not in LAYOUTS]
+    if bad or a.steps <= a.warmup:
+        p.error(f"--layouts: unknown {bad}" if bad else "--steps must exceed --warmup")
+    return a
+
+
+def _descendants(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _peak_rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"hvdllm" not in f.read():
+                return None
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_measured(cmd: list[str], timeout: float) -> tuple[int, dict[int, int], str]:
+    """Run cmd in its own session, sampling each hvdllm process's peak RSS: (exit code,
+    {pid: peak bytes}, output tail)."""
+    log = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, cwd=common.ROOT, env=common.launch_env(), stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True, text=True)
+    peaks: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while p.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            break
+        for pid in _descendants(p.pid)[1:]:
+            rss = _peak_rss(pid)
+            if rss:
+                peaks[pid] = max(peaks.get(pid, 0), rss)
+        time.sleep(0.2)
+    log.seek(0)
+    return p.returncode, peaks, log.read()[-3000:]
+
+
+def train_command(np_: int, sets: list[str]) -> list[str]:
+    return command("mpirun", np_, ["train", *[a for kv in sets for a in ("--set", kv)]], env=["PYTHONPATH"])
+
+
+def measure(name: str, sets: list[str], np_: int, out_dir: Path, a) -> dict:
+    run_dir = out_dir / name
+    cmd = train_command(np_, [*sets, f"train.out_dir={run_dir}", f"train.steps={a.steps}"])
+    common.say(f"\n{TAG}", f"{name} (np={np_}):\n  {' '.join(cmd)}")
+    rc, peaks, tail = run_measured(cmd, a.timeout)
+    if rc != 0:
+        common.say(TAG, f"{name} FAILED (exit {rc}):\n{tail}")
+        return {"ok": False, "rc": rc}
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_time_s"] for r in recs if "step_time_s" in r and r["step"] > a.warmup]
+    return {"ok": True, "step_s": statistics.median(times), "step_times_s": times,
+            "peak_rss": max(peaks.values()) if peaks else None, "rss_per_rank": sorted(peaks.values())}
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    out = Path(a.out)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cal = a.calibration
+        if cal is None:   # this node, now, on the layouts' own model
+            from hvdllm.bench import calibrate
+            cal = str(tmp / "calibration.json")
+            if calibrate.main(["--np", str(min(2, cores())), "--model", "small", "--out", cal]) != 0:
+                return 1
+        system = planner.load_calibration(cal, a.system)
+        base = measure("baseline", [*BASE, *a.set, "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                    "model.block_size=128", "model.vocab_size=256", "train.batch_size=1"], 1, tmp, a)
+        for name in a.names:
+            dp, pp, tp, zero, micro, k = LAYOUTS[name]
+            cand = planner.Candidate(dp, pp, tp, zero, micro, k)
+            cfg = config_mod.load(None, [*BASE, *MODEL, *a.set])
+            np_ = dp * pp * tp
+            sets = [*BASE, *MODEL, *a.set, *cand.sets(cfg)]
+            c = planner.apply(cfg, cand)
+            config_mod.validate(c, np_)
+            shared = max(1.0, np_ / cores())     # ranks > cores take turns on them
+            sys_np = dataclasses.replace(system, device={**system.device, "achieved_flops": {
+                "fp32": system.rate("fp32") / shared}})
+            pred = planner.predict(c, cand, sys_np, devices_per_node=max(np_, 1))
+            got = measure(name, sets, np_, tmp, a)
+            row = {"layout": name, "np": np_, "dp": dp, "pp": pp, "tp": tp, "zero": zero, "b": micro, "k": k,
+                   "pred_ms": pred["step_s"] * 1e3, "pred_mib": pred["memory"]["device"] / common.MB}
+            if got["ok"]:
+                row["meas_ms"] = got["step_s"] * 1e3
+                row["time_err"] = pred["step_s"] / got["step_s"] - 1
+                if got["peak_rss"] and base.get("peak_rss"):
+                    row["meas_mib"] = (got["peak_rss"] - base["peak_rss"]) / common.MB
+                    row["mem_err"] = row["pred_mib"] / row["meas_mib"] - 1 if row["meas_mib"] > 0 else None
+            rows.append({**row, "raw": got})
+    print()
+    common.print_table(rows, ["layout", "np", "dp", "pp", "tp", "zero", "b", "k", ("pred_ms", "pred ms"),
+                              ("meas_ms", "meas ms"), ("time_err", "time err"), ("pred_mib", "pred MiB"),
+                              ("meas_mib", "meas MiB"), ("mem_err", "mem err")])
+    t_err = [abs(r["time_err"]) for r in rows if r.get("time_err") is not None]
+    m_err = [abs(r["mem_err"]) for r in rows if r.get("mem_err") is not None]
+    med_t = statistics.median(t_err) if t_err else float("nan")
+    med_m = statistics.median(m_err) if m_err else float("nan")
+    print(f"\nmedian |time error| {med_t:.1%} (goal <= 15%), median |memory error| {med_m:.1%} (goal <= 10%); "
+          f"baseline peak RSS {(base.get('peak_rss') or 0) / common.MB:.0f} MiB; {cores()} cores")
+    common.write_json(out, {"benchmark": "plan", "system": system.name, "rows": rows, "baseline": base,
+                            "median_abs_time_error": med_t, "median_abs_memory_error": med_m,
+                            "command": "hvdllm bench plan " + " ".join(argv or []), "calibration": cal})
+    print(f"{TAG} wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
