@@ -8,9 +8,10 @@
    and gradient norms agree to 1e-5 under plain dp, and under ZeRO-1 with accumulation, clipping,
    mean pooling and class weights; the distributed evaluation of 101 validation examples (uneven
    shares) has the np=1 confusion matrix exactly.
-2. `hvdllm train` (torch) on JSONL training data and CSV validation data, then `hvdllm predict
-   --backend tensorflow` on the validation texts: the other framework's predictions give the
-   accuracy the run logged, and the run holds labels.json and confusion.png.
+2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
+   predict --backend tensorflow` (one process) on the validation texts: the other framework's
+   predictions give the confusion matrix the run's distributed evaluation logged, and the run
+   holds labels.json and confusion.png.
 """
 import json
 import sys
@@ -66,14 +67,14 @@ def test_classify_layouts_equal_single_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_train_then_predict_with_the_other_framework(tmp_path):
+def test_train_at_np2_then_predict_with_the_other_framework(tmp_path):
     from launch_util import hvdllm, run
     train, val = write_data(tmp_path / "data")
     out = tmp_path / "run"
     sets = [*MODEL, "optim.lr=3e-3", "optim.warmup_steps=1", "train.threads=1", "task.kind=classify",
             f"task.train_file={train}", f"task.validation_file={val}", "train.steps=12", "train.batch_size=8",
             "train.eval_every=0", "train.progress=false", f"train.out_dir={out}"]
-    r = hvdllm(1, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
+    r = hvdllm(2, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     assert "majority-class baseline" in r.stdout, r.stdout[-2000:]
     assert json.loads((out / "labels.json").read_text()) == {"labels": ["neg", "neu", "pos"]}
