@@ -165,6 +165,9 @@ class TrainConfig:
     progress: bool = doc("show a progress bar on rank 0", True)
     plot: bool = doc("draw loss.png from metrics.jsonl at the end (rank 0)", True)
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
+    precision: str = doc("compute precision: 'fp32', or 'bf16' (matmuls and attention in bfloat16 "
+                         "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
+                         "norms, softmax and loss; runs on CPU too)", "fp32")
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
@@ -234,6 +237,7 @@ CHOICES = {
     "train.stop_signal": ("USR1", "USR2", "none"),
     "train.fail_mode": ("raise", "kill"),
     "aggregation.compression": ("none", "fp16", "bf16"),
+    "train.precision": ("fp32", "bf16"),
     "parallel.zero_unit": ("block",),
     "parallel.offload": ("none", "optimizer"),
 }

@@ -67,7 +67,7 @@ class Engine(GPTEngineBase):
         # Same weights on every rank; dropout streams differ per rank (as the torch backend).
         self.model = GPT(task.model_config(cfg), cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank,
                          tp=self.tp)
-        self.model.checkpointing = cfg.train.activation_checkpointing
+        self.model.configure(cfg.train)   # checkpointing, precision
         # task.kind = 'classify': the head's loss and evaluation (tf_backend/classify.py)
         self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self._loss = self.head.loss if self.head is not None else self.model.loss

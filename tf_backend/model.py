@@ -61,10 +61,24 @@ class GPT(tf.Module):
         # A stateful generator keeps dropout masks reproducible inside tf.function.
         self._rng = tf.random.Generator.from_seed(seed if dropout_seed is None else dropout_seed)
 
-    # train.activation_checkpointing, set by the engine: 'full' recomputes each block in backward,
-    # 'selective' each block's attention core (hvdllm/config.py says what each keeps). Dropout is
-    # refused with it (config validation): the stateful generator would draw new masks.
+    # the engine's compute settings (configure): train.activation_checkpointing ('full' recomputes
+    # each block in backward, 'selective' each block's attention core; dropout is refused with it,
+    # config validation: the stateful generator would draw new masks) and train.precision
     checkpointing = "none"
+    precision = "fp32"
+
+    def configure(self, train_cfg) -> None:
+        self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
+
+    def _mm(self, a, b, transpose_b=False):
+        """a @ b; under train.precision = 'bf16' computed in bfloat16 from bfloat16 copies of both,
+        the result float32 again (TF has no autocast for tf.Module code: the matmuls are what
+        Keras' mixed_bfloat16 policy would run in bfloat16; norms, softmax and the loss stay
+        float32, as the variables, their gradients and the AdamW state do)."""
+        if self.precision != "bf16":
+            return tf.matmul(a, b, transpose_b=transpose_b)
+        bf = tf.bfloat16
+        return tf.cast(tf.matmul(tf.cast(a, bf), tf.cast(b, bf), transpose_b=transpose_b), tf.float32)
 
     @staticmethod
     def _recomputed(f, *args):
@@ -93,7 +107,7 @@ class GPT(tf.Module):
         return self.p(prefix + ".weight") * tf.cast(h, x.dtype)
 
     def _linear(self, x, prefix):
-        return tf.matmul(x, self.p(prefix + ".weight")) + self.p(prefix + ".bias")
+        return self._mm(x, self.p(prefix + ".weight")) + self.p(prefix + ".bias")
 
     def _dropout(self, x, training):
         rate = self.cfg.dropout
@@ -104,7 +118,7 @@ class GPT(tf.Module):
 
     def _row_linear(self, x, prefix):
         """Row-parallel under tp: partial products summed over the group (g), then the bias."""
-        return reduce_from_tp(tf.matmul(x, self.p(prefix + ".weight")), self.tp) + self.p(prefix + ".bias")
+        return reduce_from_tp(self._mm(x, self.p(prefix + ".weight")), self.tp) + self.p(prefix + ".bias")
 
     def _attn(self, x, h, training):
         B, T = tf.shape(x)[0], tf.shape(x)[1]
@@ -119,10 +133,10 @@ class GPT(tf.Module):
         """Causal softmax(q k^T / sqrt(hd)) v of (B, heads, T, hd), with attention dropout (gpt2)."""
         def core(q, k, v):
             T = tf.shape(q)[2]
-            scores = tf.matmul(q, k, transpose_b=True) * (1.0 / float(np.sqrt(int(q.shape[-1]))))
+            scores = self._mm(q, k, transpose_b=True) * (1.0 / float(np.sqrt(int(q.shape[-1]))))
             causal = tf.linalg.band_part(tf.ones([T, T], tf.bool), -1, 0)  # lower triangle incl. diagonal
             scores = tf.where(causal, scores, tf.constant(-np.inf, scores.dtype))
-            return tf.matmul(self._dropout(tf.nn.softmax(scores, axis=-1), training), v)
+            return self._mm(self._dropout(tf.nn.softmax(scores, axis=-1), training), v)
         return self._recomputed(core, q, k, v) if self.checkpointing == "selective" else core(q, k, v)
 
     def _rope(self, t):
@@ -139,18 +153,18 @@ class GPT(tf.Module):
         x = copy_to_tp(x, self.tp)
 
         def heads(name, n):
-            return tf.transpose(tf.reshape(tf.matmul(x, self.p(h + name)), [B, T, n, hd]), [0, 2, 1, 3])
+            return tf.transpose(tf.reshape(self._mm(x, self.p(h + name)), [B, T, n, hd]), [0, 2, 1, 3])
         q, k, v = heads("attn.q.weight", nh), heads("attn.k.weight", nkv), heads("attn.v.weight", nkv)
         q, k = self._rope(q), self._rope(k)
         if nkv != nh:
             k, v = tf.repeat(k, nh // nkv, axis=1), tf.repeat(v, nh // nkv, axis=1)
         y = tf.reshape(tf.transpose(self._attention_core(q, k, v, False), [0, 2, 1, 3]), [B, T, nh * hd])
-        return reduce_from_tp(tf.matmul(y, self.p(h + "attn.o.weight")), self.tp)
+        return reduce_from_tp(self._mm(y, self.p(h + "attn.o.weight")), self.tp)
 
     def _swiglu(self, x, h):
         x = copy_to_tp(x, self.tp)
-        a = tf.nn.silu(tf.matmul(x, self.p(h + "mlp.gate.weight"))) * tf.matmul(x, self.p(h + "mlp.up.weight"))
-        return reduce_from_tp(tf.matmul(a, self.p(h + "mlp.down.weight")), self.tp)
+        a = tf.nn.silu(self._mm(x, self.p(h + "mlp.gate.weight"))) * self._mm(x, self.p(h + "mlp.up.weight"))
+        return reduce_from_tp(self._mm(a, self.p(h + "mlp.down.weight")), self.tp)
 
     def _mlp(self, x, h, training):
         x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate=True)
@@ -169,7 +183,7 @@ class GPT(tf.Module):
             return tok if self.llama else self._dropout(tok + self.p("wpe")[:T], training)
         if i == self.cfg.n_layer + 1:  # logits (this rank's vocabulary slice under tp)
             x = copy_to_tp(self._ln(x, "ln_f"), self.tp)
-            logits = tf.matmul(x, self.p(self.head), transpose_b=True)
+            logits = self._mm(x, self.p(self.head), transpose_b=True)
             return logits if self.vocab_mask is None else logits + self.vocab_mask
         h = f"h.{i - 1}."
         if self.llama:

@@ -52,7 +52,7 @@ class PipelineEngine(PipelineStageBase):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
         self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, layers=layers,
                          tp=self.tp)
-        self.model.checkpointing = cfg.train.activation_checkpointing
+        self.model.configure(cfg.train)   # checkpointing, precision
         self.names, self.vars = list(self.model.params), list(self.model.params.values())
         self.named = list(zip(self.names, self.vars))
         self.chunk_names = [names_for_layers(cfg.model, c) for c in self.chunks]

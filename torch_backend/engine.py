@@ -49,7 +49,7 @@ class Engine(GPTEngineBase):
         self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.model = GPT(task.model_config(cfg), cfg.train.seed, tp=self.tp)
-        self.model.checkpointing = cfg.train.activation_checkpointing
+        self.model.configure(cfg.train)   # checkpointing, precision
         # task.kind = 'classify': the head's loss and evaluation (torch_backend/classify.py)
         self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self._loss = self.head.loss if self.head is not None else self.model.loss

@@ -61,9 +61,13 @@ class GPT(nn.Module):
         self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
 
-    # train.activation_checkpointing, set by the engine: 'full' recomputes each block in backward,
-    # 'selective' each block's attention core (hvdllm/config.py says what each keeps)
+    # the engine's compute settings (configure): train.activation_checkpointing ('full' recomputes
+    # each block in backward, 'selective' each block's attention core) and train.precision
     checkpointing = "none"
+    precision = "fp32"
+
+    def configure(self, train_cfg) -> None:
+        self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
 
     def p(self, name: str) -> torch.Tensor:
         return self.plist[self.index[name]]
@@ -148,7 +152,17 @@ class GPT(nn.Module):
         return F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
 
     def run_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i: token ids -> hidden (i=0), hidden -> hidden (blocks), hidden -> logits (head)."""
+        """Layer i: token ids -> hidden (i=0), hidden -> hidden (blocks), hidden -> logits (head).
+        Under train.precision = 'bf16' it computes under torch.autocast (matmuls and attention in
+        bfloat16; norms and softmax in float32) and hands float32 on: the residual stream, the
+        pipeline's activations and the logits stay float32, as the parameters, their gradients
+        and the AdamW state do (the float32 masters)."""
+        if self.precision != "bf16":
+            return self._layer(i, x)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return self._layer(i, x).float()
+
+    def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i == 0:
             T = x.shape[1]
             if T > self.cfg.block_size:

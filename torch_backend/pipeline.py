@@ -46,7 +46,7 @@ class PipelineEngine(PipelineStageBase):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.model = GPT(cfg.model, cfg.train.seed, layers=layers, tp=self.tp)
-        self.model.checkpointing = cfg.train.activation_checkpointing
+        self.model.configure(cfg.train)   # checkpointing, precision
         self.named = self.model.named()
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,

@@ -53,7 +53,11 @@ def copy_to_tp(x, group: TPGroup | None):
 
 
 def reduce_from_tp(x, group: TPGroup | None):
-    return x if group is None else _Reduce.apply(x, group)
+    if group is None:
+        return x
+    # a bfloat16 matmul's partial sums (train.precision) are summed in float32: Horovod's CPU ops
+    # take no bfloat16, and the sum of tp partial products is where precision is lost
+    return _Reduce.apply(x.float() if x.dtype == torch.bfloat16 else x, group)
 
 
 def vocab_range(vocab: int, group: TPGroup) -> tuple[int, int]:
