@@ -122,7 +122,7 @@ class Trainer:
         state (hvdllm/hf.py). Each rank reads only the slices it holds, as a resume does."""
         src = hf.open_source(source)
         self.hf_config_text = src.hf_config_text()   # kept with every checkpoint, for --to-hf
-        weights = src.weights()
+        weights = src.weights() if self.cfg.model.layers else hf.fit_vocab_tables(src.weights(), self.cfg.model)
         self.load_pretrained(weights, src.path)
         if self.is_root:
             print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "
