@@ -28,8 +28,9 @@ def build_engine(cfg, layout: Layout, rt, backend, *, wrap_ps: bool = True) -> E
             if layout.tp > 1 else None                             # 2. tensor parallelism
         if layout.pp > 1:                                          # 3. pipeline stages
             engine = backend.PipelineEngine(cfg, layout, rt, tp)
-        else:                                                      # 3. data parallel
-            engine = backend.Engine(cfg, layout, backend.Collectives(rt.process_set(layout.group("dp"))), tp)
+        else:                                                      # 3. data parallel (ZeRO-2/3:
+            cls = backend.ShardedEngine if cfg.parallel.zero >= 2 else backend.Engine   # zero_sharded.py)
+            engine = cls(cfg, layout, backend.Collectives(rt.process_set(layout.group("dp"))), tp)
     if wrap_ps and cfg.ps.servers:                                 # 4. parameter-server workers
         from .strategies.ps_worker import PSWorker
         engine = PSWorker(engine, cfg, layout, rt)

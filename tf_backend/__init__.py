@@ -2,11 +2,13 @@
 Horovod collectives adapter (the same names in torch_backend and tf_backend)."""
 from . import tensor_parallel
 from .collectives import Collectives, NumpyCollectives, from_host, init_horovod, to_host
-from .engine import Engine, configure
+from .engine import Engine, configure, matmul_flops
 from .model import GPT
 from .pipeline import PipelineEngine
 from .sequential import SequentialEngine
+from .sharded import ShardedEngine
 from .tensor_parallel import TPGroup
 
-__all__ = ["GPT", "Collectives", "Engine", "NumpyCollectives", "PipelineEngine", "SequentialEngine", "TPGroup",
-           "configure", "from_host", "init_horovod", "tensor_parallel", "to_host"]
+__all__ = ["GPT", "Collectives", "Engine", "NumpyCollectives", "PipelineEngine", "SequentialEngine", "ShardedEngine",
+           "TPGroup",
+           "configure", "from_host", "matmul_flops", "init_horovod", "tensor_parallel", "to_host"]

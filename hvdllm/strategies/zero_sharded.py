@@ -119,10 +119,11 @@ class ZeroSharded:
     tier's simulator on numpy); `stage`: 2 or 3. `tp`, `kind`: as Zero1's (the tp group's
     Collectives and each name's norm kind). `gather_async`: (start(tensor, name) -> handle,
     finish(handle) -> tensor) where the backend's allgather can run behind compute, else None.
-    `offload`: 'none' or 'optimizer'."""
+    `offload`: 'none' or 'optimizer'. `sqnorms`: the backend's replacement for ops.sqnorms
+    where its float32 dot over a long span is not accurate enough for the norm (TensorFlow)."""
 
     def __init__(self, uses, owned, shapes, comm, optim_cfg, agg_cfg, stage: int, tp=None, kind=None,
-                 gather_async=None, offload: str = "none"):
+                 gather_async=None, offload: str = "none", sqnorms=None):
         if stage not in (2, 3):
             raise ValueError(f"ZeroSharded is ZeRO stage 2 or 3, got {stage}")
         self.uses, self.owned, self.stage = uses, owned, stage
@@ -130,6 +131,7 @@ class ZeroSharded:
         self.ops = ops_of(comm)
         self.k, self.i = comm.size, comm.rank
         self.gather_async, self.offload = gather_async, offload
+        self.sqnorms = sqnorms or self.ops.sqnorms
         self.layouts = [FlatLayout({n: shapes[n] for n in names}) for names in owned]
         owner = {n: u for u, names in enumerate(owned) for n in names}
         # stage 3: the units whose weights unit u's computation needs materialised
@@ -202,10 +204,10 @@ class ZeroSharded:
         shard = self.unit_shard(u)
         if self.k == 1:
             self.pending[u] = ("done", shard)
-        elif self.gather_async is not None:
+        elif self.gather_async is not None:   # names unique among the gathers in flight
             self.pending[u] = ("async", self.gather_async[0](shard, f"zero.gather.{u}.{tag}"))
-        else:
-            self.pending[u] = ("done", self.comm.allgather(shard, name=f"zero.gather.{u}"))
+        else:   # one name for every unit: TensorFlow traces one function per name and group
+            self.pending[u] = ("done", self.comm.allgather(shard, name="zero.gather"))
         self._track()
 
     def _finish(self, run, u: int) -> None:
@@ -271,14 +273,14 @@ class ZeroSharded:
             held[n] = grads[n] if n not in held else held[n] + grads[n]
         own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
         flat = self.layouts[u].pad(run.concat_flat(own), self.k, self.ops)
-        g = flat if self.k == 1 else self.comm.reducescatter(flat, op="average", name=f"zero.grads.{u}",
+        g = flat if self.k == 1 else self.comm.reducescatter(flat, op="average", name="zero.grads",
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
 
     def _update(self, g, lr: float) -> float:
         """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm."""
         ops = self.ops
-        sq = ops.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
+        sq = self.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
         if self.k > 1:
             sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
         sharded = sq[0] if self.tp is None else self.tp.allreduce(sq[:1], op="sum", name="zero.norm.tp")[0]
@@ -400,9 +402,10 @@ class ShardedEngineBase(GPTEngineBase):
     device, split into aggregation.accumulation micro-batches: from_host twice),
     `eval_unit(u, x)` (a unit's forward without gradients), `score(logits, y)` ((loss sum,
     correct, tokens) of host targets), `tokens(ids)` (an int batch on the device),
-    `gather_async` (or None) and `shape_of(name)`."""
+    `shape_of(name)`, and optionally `gather_async` and `sqnorms` (ZeroSharded's)."""
 
     gather_async = None
+    sqnorms = None
 
     def _shard_model(self) -> None:
         """After the backend built the model (self.named, self.comm, self.ncomm, self.tp):
@@ -417,7 +420,8 @@ class ShardedEngineBase(GPTEngineBase):
         shapes = {n: tuple(self.shape_of(n)) for n, _ in self.named}
         tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
         self.zero = ZeroSharded(self.uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
-                                gather_async=self.gather_async, offload=par.offload, **tp_args)
+                                gather_async=self.gather_async, offload=par.offload, sqnorms=self.sqnorms,
+                                **tp_args)
         by_name = dict(self.named)
         self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
         if par.zero == 3:

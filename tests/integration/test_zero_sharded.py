@@ -1,0 +1,31 @@
+"""ZeRO-2 and ZeRO-3 (hvdllm/strategies/zero_sharded.py) in both frameworks, one mpirun -np 4
+launch (tests/parallel/check_zero_sharded.py says what it checks): zero=2 / zero=3 at dp=4 and
+zero=3 at dp=2 x tp=2 equal np=1 (losses, gradient norms, validation loss, weights; clipping
+binding and not, accumulation, optimizer offload), zero=3's peak parameter bytes per rank within
+its shards and two units, resume across stages and dp sizes from a sharded checkpoint, and a
+rank with another model refused with a message. The sharding arithmetic on simulated ranks:
+tests/unit/test_zero_sharded_sim.py."""
+import sys
+
+import pytest
+from launch_util import ROOT, mpirun_argv, run
+
+LAYOUTS = ("zero2_dp4", "zero3_dp4", "zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_accumulation",
+           "zero3_dp4_offload", "zero3_dp2_tp2")
+RESUMES = ("zero=3 dp=4 -> zero=0 np=1", "zero=3 dp=4 -> zero=3 dp=4", "zero=0 np=1 -> zero=3 dp=4")
+
+
+@pytest.mark.integration
+def test_zero2_zero3_equal_single_process_resume_and_refuse_another_model(tmp_path):
+    script = ROOT / "tests" / "parallel" / "check_zero_sharded.py"
+    r = run(mpirun_argv(4) + ["-x", "ZERO_CHECK_DIR", sys.executable, str(script)], timeout=480,
+            ZERO_CHECK_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-6000:]
+    for backend in ("torch", "tensorflow"):
+        for name in LAYOUTS if backend == "torch" else [n for n in LAYOUTS if "noclip" not in n]:
+            assert r.stdout.count(f"{backend} {name}: equals np=1") == 4, (name, r.stdout[-6000:])
+        for what in RESUMES:   # zero=0 np=1 is one rank
+            assert r.stdout.count(f"{backend} resume {what}: step 3 equals") == (1 if what.endswith("np=1") else 4), \
+                (what, r.stdout[-6000:])
+        assert r.stdout.count(f"{backend} mismatched model: refused") == 4, r.stdout[-6000:]
+        assert f"{backend} zero3_dp4: peak parameter bytes" in r.stdout, r.stdout[-6000:]

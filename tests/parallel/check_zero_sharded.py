@@ -1,0 +1,227 @@
+"""ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py) under mpirun -np 4, both backends, in one
+launch (each launch pays the imports of torch, TensorFlow and Horovod): run by
+tests/integration/test_zero_sharded.py, which reads the lines it prints.
+
+On each rank, for each backend, one-rank engines of the process's own (its one-rank Horovod
+process set) train the np=1 references at zero=0, and each layout's engines are built by
+hvdllm.parallelize.build_engine, as the trainer builds them, and fed the batches the trainer
+would feed them. Checked, each printed as one line:
+  - zero=2 and zero=3 at dp=4, and zero=3 at dp=2 x tp=2, equal np=1: losses and gradient
+    norms per step to 1e-5 relative (as DP), the validation loss, the whole weights; with
+    clipping that binds and without, with accumulation (2 micro-batches per rank), with the
+    optimizer offloaded to the host;
+  - zero=3's peak parameter bytes per rank (its engine's count of the shards and the units
+    materialised) <= the shards + the two largest units' needs, and below the whole model;
+  - resume across stages and dp sizes: a sharded checkpoint saved at zero=3 dp=4 (every rank its
+    ranges, nothing gathered) loads at zero=0 np=1 and at zero=3 dp=4; a zero=0 np=1 state loads
+    at zero=3 dp=4; each continues with the uninterrupted run's loss and norm;
+  - a rank whose model differs gets an error naming it, on every rank, not a hang.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ("torch", "tensorflow")
+V, T, STEPS, BATCH = 256, 16, 3, 8
+MODEL = ["model.n_layer=3", "model.n_embd=32", "model.n_head=4", f"model.vocab_size={V}", f"model.block_size={T}"]
+COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
+          "train.threads=1", "train.seed=1234"]
+NO_CLIP = ["optim.grad_clip=0"]            # else optim.grad_clip=1 binds at every step (norms ~2)
+ACC = ["aggregation.accumulation=2"] + NO_CLIP
+LAYOUTS = {  # name: (settings at np=4, the reference's settings)
+    "zero2_dp4": (["parallel.zero=2"], []),
+    "zero3_dp4": (["parallel.zero=3"], []),
+    "zero2_dp4_noclip": (["parallel.zero=2", *NO_CLIP], NO_CLIP),
+    "zero3_dp4_noclip": (["parallel.zero=3", *NO_CLIP], NO_CLIP),
+    "zero3_dp4_accumulation": (["parallel.zero=3", *ACC], NO_CLIP),
+    "zero3_dp4_offload": (["parallel.zero=3", "parallel.offload=optimizer"], []),
+    "zero3_dp2_tp2": (["parallel.zero=3", "parallel.tp=2"], []),
+}
+# TensorFlow's eager unit steps cost ~10x torch's here: the layouts only clip-free zero=2 / 3
+# differ by (the accumulation layout is zero=3 without clipping) run in torch alone
+TORCH_ONLY = ("zero2_dp4_noclip", "zero3_dp4_noclip")
+
+
+def cfg_of(sets, world=None):
+    from hvdllm import config as config_mod
+    return config_mod.validate(config_mod.load(None, [*MODEL, *COMMON, *sets]), world_size=world)
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, V, (BATCH, T)), rng.integers(0, V, (BATCH, T))) for _ in range(STEPS + 1)]
+
+
+def train(engine, cfg, layout, steps=range(STEPS), after=None):
+    """Per step (loss, grad norm) on this rank's part of the global batch; the validation loss.
+    `after(step)` is called after each step."""
+    from hvdllm import lr as lr_schedule
+    dp, d = layout.dp, layout.dp_rank
+    per = BATCH // dp
+    data = batches()
+    out = []
+    for step in steps:
+        x, y = data[step]
+        res = engine.train_step(x[d * per:(d + 1) * per], y[d * per:(d + 1) * per],
+                                lr_schedule.lr_at(step, cfg.optim, cfg.train.steps))
+        out.append((res.loss, res.grad_norm))
+        if after:
+            after(step)
+    vx, vy = data[STEPS]
+    ev = engine.evaluate(vx[d * per:(d + 1) * per], vy[d * per:(d + 1) * per])
+    total = engine.allreduce_sum([ev.loss_sum, ev.tokens]) if dp > 1 else np.array([ev.loss_sum, ev.tokens])
+    return np.array(out), float(total[0] / total[1])
+
+
+def solo(rt, be, sets):
+    from hvdllm.layout import Layout
+    from hvdllm.parallelize import build_solo_engine
+    cfg = cfg_of(sets)
+    return build_solo_engine(cfg, rt, be, ranks=[rt.rank]), cfg, Layout(world_size=1, rank=0, dp=1)
+
+
+def built(rt, be, sets):
+    from hvdllm.layout import Layout
+    from hvdllm.parallelize import build_engine
+    cfg = cfg_of(sets, rt.size)
+    layout = Layout.from_config(cfg, rt.size, rt.rank)
+    return build_engine(cfg, layout, rt, be), cfg, layout
+
+
+def same_weights(got, want, what):
+    """Within 1e-3 of each array's scale: where a gradient is ~0 (attention's key bias) Adam turns
+    float32 noise into moves of ~lr (launch_util.same_checkpoint says more); a wrong piece is O(1)."""
+    assert sorted(got) == sorted(want), (what, sorted(set(got) ^ set(want)))
+    for k, a in want.items():
+        np.testing.assert_allclose(got[k], a, rtol=0, atol=1e-3 * float(np.max(np.abs(a))), err_msg=f"{what}: {k}")
+
+
+def on_rank0(rt, fn):
+    """fn() on rank 0 only, its result sent to every rank (the np=1 references: the same numbers
+    everywhere, so computed once, not once per rank on shared cores)."""
+    return rt.comm.bcast(fn() if rt.rank == 0 else None, root=0)
+
+
+REFS = {}
+
+
+def reference(rt, be, sets):
+    """np=1 at zero=0: per step (loss, norm), the validation loss, the whole weights, and the
+    whole state after 2 steps (to resume from)."""
+    def fn():
+        engine, cfg, layout = solo(rt, be, sets)
+        half = {}
+        steps, val = train(engine, cfg, layout, after=lambda s: half.update(engine.state_dict() if s == 1 else {}))
+        return steps, val, engine.full_params(), half
+    key = (be.__name__, tuple(sets))
+    if key not in REFS:
+        REFS[key] = on_rank0(rt, fn)
+    return REFS[key]
+
+
+def check_layouts(backend, rt, be):
+    """Every layout trains first, then the references are made (on rank 0): the tp layers'
+    allreduces are unnamed, and Horovod names them by a per-process count of its ops, so no rank
+    may have issued more ops than another before a tp layout runs."""
+    runs = {}
+    for name, (sets, _) in LAYOUTS.items():
+        if backend == "tensorflow" and name in TORCH_ONLY:
+            continue
+        t0 = time.perf_counter()
+        engine, cfg, layout = built(rt, be, sets)
+        assert type(engine).__name__ == "ShardedEngine", type(engine)
+        steps, val = train(engine, cfg, layout)
+        runs[name] = (steps, val, engine.full_params(), engine.zero, cfg, time.perf_counter() - t0)
+    for name, (steps, val, weights, z, cfg, seconds) in runs.items():
+        ref_sets = LAYOUTS[name][1]
+        want_steps, want_val, want_weights, _ = reference(rt, be, ref_sets)
+        np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
+        np.testing.assert_allclose(val, want_val, rtol=1e-5, err_msg=f"{backend} {name}: validation loss")
+        same_weights(weights, want_weights, f"{backend} {name}")
+        if not ref_sets:
+            assert want_steps[:, 1].min() > cfg.optim.grad_clip, (name, want_steps)   # clipping bound
+        if z.stage == 3:
+            needs = sorted((4 * sum(z.layouts[v].total for v in z.needs[u]) for u in range(len(z.layouts))),
+                           reverse=True)
+            bound, whole = 4 * z.size + sum(needs[:2]), 4 * sum(lay.total for lay in z.layouts)
+            assert z.peak_param_bytes <= bound, (name, z.peak_param_bytes, bound, whole)
+            assert z.k < 4 or z.peak_param_bytes < whole, (name, z.peak_param_bytes, whole)   # 3 blocks
+            print(f"{backend} {name}: peak parameter bytes {z.peak_param_bytes} <= shards {4 * z.size} + two "
+                  f"largest units {sum(needs[:2])} (whole model part {whole})", flush=True)
+        print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()}; "
+              f"{seconds:.1f} s)", flush=True)
+
+
+def check_resume(backend, rt, be, folder):
+    """zero=3 dp=4 (2 steps) -> a sharded checkpoint -> zero=0 np=1 and zero=3 dp=4, step 3; and
+    zero=0 np=1 (2 steps) -> its whole state -> zero=3 dp=4, step 3: the uninterrupted run's."""
+    from hvdllm import checkpoint
+    t0 = time.perf_counter()
+    want, _, _, whole = reference(rt, be, [])
+    z3, cfg, layout = built(rt, be, ["parallel.zero=3"])
+    train(z3, cfg, layout, steps=range(2))
+    local, where = z3.shard_state()
+    assert not [k for k, pl in where.items() if k != "optim.step" and (pl is None or "range" not in pl)], where
+    out = Path(folder) / backend
+    names = [checkpoint.shard_name(0, 0, d) for d in range(layout.dp)]
+    checkpoint.write_shard(out, 2, names[layout.dp_rank], local, where)
+    z3.comm.barrier()
+    if rt.rank == 0:
+        checkpoint.finalize(out, 2, names, {"config": {}})
+    z3.comm.barrier()
+    state, _ = checkpoint.load(checkpoint.path_for(out, 2))
+    assert sorted(state) == sorted(whole) and int(state["optim.step"]) == 2, sorted(set(state) ^ set(whole))
+    for k, a in whole.items():   # moments of ~0 gradients move by float32 noise: 1e-3 of the scale
+        np.testing.assert_allclose(state[k], a, rtol=0, atol=1e-3 * max(float(np.max(np.abs(a))), 1e-12),
+                                   err_msg=f"{backend} zero3 checkpoint: {k}")
+    for what, make, source in (
+            ("zero=3 dp=4 -> zero=0 np=1", lambda: solo(rt, be, []), state),
+            ("zero=3 dp=4 -> zero=3 dp=4", lambda: built(rt, be, ["parallel.zero=3"]), state),
+            ("zero=0 np=1 -> zero=3 dp=4", lambda: built(rt, be, ["parallel.zero=3"]), whole)):
+        if what.endswith("np=1") and rt.rank != 0:   # one rank is np=1
+            continue
+        engine, c, lay = make()
+        engine.load_state_dict(source)
+        got, _ = train(engine, c, lay, steps=[2])
+        np.testing.assert_allclose(got[0], want[2], rtol=1e-5, err_msg=f"{backend} resume {what}")
+        print(f"{backend} resume {what}: step 3 equals the uninterrupted run", flush=True)
+    print(f"{backend} resume: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def check_mismatch(backend, rt, be):
+    """Rank 1 builds a wider model: every rank gets the error naming it (no collective hangs)."""
+    from hvdllm.errors import HvdllmError
+    width = 48 if rt.rank == 1 else 32
+    try:
+        built(rt, be, ["parallel.zero=3", f"model.n_embd={width}"])
+    except HvdllmError as e:
+        assert "different models" in str(e) and "rank 1" in str(e), e
+        print(f"{backend} mismatched model: refused on rank {rt.rank} ({str(e)[:60]}...)", flush=True)
+        return
+    raise AssertionError("a rank with another model was not refused")
+
+
+def main():
+    sys.path.insert(0, str(ROOT))
+    from hvdllm import backends, runtime
+    n = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    assert n == 4, "run under mpirun -np 4"
+    groups = [(r,) for r in range(n)] + [(0, 1), (2, 3), (0, 2), (1, 3)]   # np=1 refs; tp and dp of 2x2
+    folder = os.environ["ZERO_CHECK_DIR"]   # one folder every rank sees (the test's tmp_path)
+    for backend in BACKENDS:
+        be = backends.load(backend)
+        if backend == "tensorflow":   # each engine traces its own functions: retracing is expected
+            import tensorflow as tf
+            tf.get_logger().setLevel("ERROR")
+        rt = runtime.start(be, groups=groups)
+        check_layouts(backend, rt, be)
+        check_resume(backend, rt, be, folder)
+        check_mismatch(backend, rt, be)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The TensorFlow ShardedEngine: ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py drives the
+step; this file supplies its per-unit primitives on the TF model), eager.
+
+ZeRO-2: the parameters are the model's tf.Variables, whole; a unit's forward runs under its own
+GradientTape (watching its input), kept until the unit's backward, as the pipeline engine keeps
+a chunk's. ZeRO-3: the variables are dropped after sharding; a unit's gathered weights are plain
+tensors put into the model's parameter table only while the unit runs. A tape holds what it
+recorded, the gathered weights included, so the forward runs without one and keeps only the
+unit's input (and the dropout generator's state); the backward gathers again and recomputes the
+unit's forward under a tape (activation checkpointing per unit: one more forward of each unit
+per step, for no weights held between a unit's forward and its backward). Horovod's TF ops run
+synchronously in eager mode: no gather is issued ahead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from hvdllm.strategies.zero_sharded import ShardedEngineBase
+
+from .collectives import Collectives, NumpyCollectives, from_host, to_host
+from .engine import Engine
+from .model import GPT
+from .tensor_parallel import TPGroup
+
+
+class ShardedEngine(ShardedEngineBase):
+    """The built-in GPT under parallel.zero = 2 or 3 (with tp slices inside)."""
+
+    def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
+        self.cfg, self.layout = cfg, layout
+        self.comm = collectives or Collectives()
+        self.ncomm = NumpyCollectives(self.comm)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
+        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp)
+        self.named = list(self.model.params.items())
+        self.shapes = {n: tuple(v.shape) for n, v in self.named}
+        self.k = cfg.aggregation.accumulation
+        self.recompute = cfg.parallel.zero == 3
+        self._shard_model()
+        if self.recompute:   # only the names stay: the weights live in the shards
+            self.named = [(n, None) for n, _ in self.named]
+
+    # backend primitives (hvdllm/engines.py, zero_sharded.py) --------------------------------
+    to_host = staticmethod(to_host)
+    from_host = staticmethod(from_host)
+    concat_flat = staticmethod(Engine.concat_flat)
+    assign_flat = staticmethod(Engine.assign_flat)
+
+    @staticmethod
+    def sqnorms(x, groups):
+        """TFOps.sqnorms in float64: its float32 dot over a whole shard lost 8e-6 of the norm."""
+        zero = tf.zeros([], tf.float64)
+        return tf.stack([sum((tf.reduce_sum(tf.square(tf.cast(x[s:e], tf.float64))) for s, e in spans), zero)
+                         for spans in groups])
+
+    def shape_of(self, name: str) -> tuple:
+        return self.shapes[name]
+
+    def load_unit(self, names, flat) -> None:
+        sizes = [int(np.prod(self.shapes[n])) for n in names]
+        for n, piece in zip(names, tf.split(flat, sizes)):
+            if self.recompute:
+                self.model.params[n] = tf.reshape(piece, self.shapes[n])
+            else:
+                self.model.params[n].assign(tf.reshape(piece, self.shapes[n]))
+
+    def free_unit(self, names) -> None:
+        for n in names:
+            self.model.params[n] = None
+
+    def micro(self, x, y):
+        xs, ys = from_host(np.asarray(x, np.int64)), from_host(np.asarray(y, np.int64))
+        return tf.split(xs, self.k), tf.split(ys, self.k)
+
+    def _run(self, u, x, target):
+        out = self.model.run_layer(u, x, training=True)
+        if target is not None:
+            out = self.model.loss_from_logits(out, target) / self.k
+        return out
+
+    def _dropout_state(self):
+        return tf.identity(self.model._rng.state) if self.cfg.model.dropout else None
+
+    def unit_forward(self, u, x, target):
+        if self.recompute:   # no tape: it would hold the gathered weights until the backward
+            return self._run(u, x, target), (x, target, self._dropout_state())
+        tape = tf.GradientTape()
+        with tape:
+            if u:
+                tape.watch(x)
+            out = self._run(u, x, target)
+        return out, (tape, x, out)
+
+    def unit_backward(self, u, handle, dy):
+        weights = [self.model.params[n] for n in self.uses[u]]
+        if self.recompute:   # the unit's forward again, under a tape, with the forward's dropout masks
+            x, target, rng = handle
+            now = self._dropout_state()
+            if rng is not None:
+                self.model._rng.state.assign(rng)
+            tape = tf.GradientTape()
+            with tape:
+                tape.watch(weights + ([x] if u else []))
+                out = self._run(u, x, target)
+            if now is not None:
+                self.model._rng.state.assign(now)
+        else:
+            tape, x, out = handle
+        grads = tape.gradient(out, weights + ([x] if u else []), output_gradients=dy)
+        # wte's gradient is IndexedSlices (the gather): dense, as the flat reduction needs
+        grads = [tf.zeros(self.shapes[n]) if g is None else tf.convert_to_tensor(g)
+                 for n, g in zip(self.uses[u] + ["x"], grads)]
+        return (grads[-1] if u else None), grads[:len(self.uses[u])]
+
+    # evaluation and generation --------------------------------------------------------------
+    def tokens(self, ids):
+        return from_host(np.asarray(ids, np.int64))
+
+    def eval_unit(self, u, x):
+        return self.model.run_layer(u, x, training=False)
+
+    def score(self, logits, y):
+        t = from_host(np.asarray(y, np.int64).reshape(-1))
+        n = int(t.shape[0])
+        full = tf.reshape(self.model.full_logits(logits), [n, -1])
+        loss = self.model.loss_from_logits(tf.reshape(logits, [n, -1]), t)
+        return float(loss) * n, int(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(full, -1), t), tf.int64))), n
+
+    def last_logits(self, ids) -> np.ndarray:
+        logits = self.model.full_logits(self.logits(np.array([ids], dtype=np.int64)))
+        return to_host(logits[0, -1]).astype(np.float64)

@@ -1,0 +1,118 @@
+"""The torch ShardedEngine: ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py drives the step;
+this file supplies its per-unit primitives on the torch model).
+
+A unit's forward runs on a detached input that requires grad and keeps its autograd graph; its
+backward is torch.autograd.grad of the unit's output with the incoming gradient, for the unit's
+parameters and its input (the pipeline engine's chunk trick, per unit). Under ZeRO-3 a unit's
+parameters exist only while it runs: between its forward and its backward the graph is kept and
+the parameters' storage is resized to 0 (PyTorch FSDP1's trick); before the backward the
+storage is restored and refilled through `.data`, so autograd's version counters do not move
+and the saved tensors read the same values. Gathers are issued one unit ahead with Horovod's
+allgather_async and waited for with synchronize just before the unit runs (not under tp: see
+__init__).
+"""
+from __future__ import annotations
+
+import horovod.torch as hvd
+import numpy as np
+import torch
+
+from hvdllm.strategies.zero_sharded import ShardedEngineBase
+
+from .collectives import Collectives, NumpyCollectives, from_host, to_host
+from .engine import Engine
+from .model import GPT
+from .tensor_parallel import TPGroup
+
+
+class ShardedEngine(ShardedEngineBase):
+    """The built-in GPT under parallel.zero = 2 or 3 (with tp slices inside)."""
+
+    def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
+        self.cfg, self.layout = cfg, layout
+        self.comm = collectives or Collectives()
+        self.ncomm = NumpyCollectives(self.comm)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.tp_ncomm = NumpyCollectives(self.tp.coll) if self.tp else None
+        torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
+        self.model = GPT(cfg.model, cfg.train.seed, tp=self.tp)
+        self.named = self.model.named()
+        self.by_name = dict(self.named)
+        self.k = cfg.aggregation.accumulation
+        if cfg.parallel.zero == 3:
+            with torch.no_grad():   # storage torch owns: torch.from_numpy's cannot be resized
+                for _, p in self.named:
+                    p.data = p.data.clone()
+        # Gathers ahead only without tp: an allgather of the dp set still in flight while the
+        # unit's tp allreduces run lets each rank's Horovod thread take the two process sets'
+        # ops in its own order, and four ranks waited on each other in a cycle (seen at dp2 x tp2).
+        if self.comm.size > 1 and self.tp is None:
+            ps = self.comm.process_set
+            self.gather_async = (lambda t, name: hvd.allgather_async(t, name=name, process_set=ps),
+                                 hvd.synchronize)
+        self._shard_model()
+
+    # backend primitives (hvdllm/engines.py, zero_sharded.py) --------------------------------
+    to_host = staticmethod(to_host)
+    from_host = staticmethod(from_host)
+    concat_flat = staticmethod(Engine.concat_flat)
+    assign_flat = staticmethod(Engine.assign_flat)
+
+    def shape_of(self, name: str) -> tuple:
+        return tuple(self.by_name[name].shape)
+
+    @torch.no_grad()
+    def load_unit(self, names, flat) -> None:
+        for n, piece in zip(names, flat.split([self.by_name[n].numel() for n in names])):
+            p = self.by_name[n]
+            if p.untyped_storage().size() == 0:   # ZeRO-3: the freed storage back, same object
+                p.untyped_storage().resize_(p.numel() * p.element_size())
+            p.data.copy_(piece.view_as(p))        # through .data: no version-counter bump
+
+    def free_unit(self, names) -> None:
+        for n in names:
+            self.by_name[n].untyped_storage().resize_(0)
+
+    def micro(self, x, y):
+        xs, ys = from_host(np.asarray(x, np.int64)), from_host(np.asarray(y, np.int64))
+        b = xs.shape[0] // self.k
+        return xs.split(b), ys.split(b)
+
+    def unit_forward(self, u, x, target):
+        self.model.train()
+        if u:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.model.run_layer(u, x)
+            if target is not None:
+                out = self.model.loss_from_logits(out, target) / self.k
+        return out.detach(), (x, out)
+
+    def unit_backward(self, u, handle, dy):
+        x, out = handle
+        sources = [self.by_name[n] for n in self.uses[u]] + ([x] if u else [])
+        grads = torch.autograd.grad(out, sources, grad_outputs=dy, allow_unused=True)
+        grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
+        return (grads[-1] if u else None), grads[:len(self.uses[u])]
+
+    # evaluation and generation --------------------------------------------------------------
+    def tokens(self, ids):
+        return from_host(np.asarray(ids, np.int64))
+
+    @torch.no_grad()
+    def eval_unit(self, u, x):
+        self.model.eval()
+        return self.model.run_layer(u, x)
+
+    @torch.no_grad()
+    def score(self, logits, y):
+        t = from_host(np.asarray(y, np.int64)).reshape(-1)
+        loss_sum = self.model.loss_from_logits(logits, t) * t.numel()
+        full = self.model.full_logits(logits)
+        correct = (full.reshape(-1, full.shape[-1]).argmax(-1) == t).sum()
+        return float(loss_sum), int(correct), int(t.numel())
+
+    @torch.no_grad()
+    def last_logits(self, ids) -> np.ndarray:
+        logits = self.model.full_logits(self.logits(np.array([ids], dtype=np.int64)))
+        return to_host(logits[0, -1].double())
