@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import shlex
+from functools import lru_cache
 from pathlib import Path
 
 from . import config as config_mod
@@ -260,13 +261,18 @@ def candidates(cfg, world: int, devices_per_node: int, global_batch: int):
 def _layer_flops_per_token(m, i: int) -> float:
     """Training FLOPs per token of layer i (0 embeddings, 1..L blocks, L+1 head): 6 per
     multiplied parameter, plus attention's 12 * C * s per block (params.flops_per_token's terms)."""
-    if i == 0:
-        return 0.0                                  # a lookup
+    return _model_flops(memory._frozen(m))[0][i]
+
+
+@lru_cache(maxsize=256)
+def _model_flops(m) -> tuple:
+    """(per-layer FLOPs per token, params.flops_per_token) of a model, once per model."""
     shapes = params.param_shapes(m)
-    n = sum(math.prod(shapes[x]) for x in params.layer_params(m, i) if len(shapes[x]) >= 2)
-    if i == m.n_layer + 1:
-        return 6.0 * n
-    return 6.0 * n + 12.0 * m.n_embd * m.block_size
+    per = [0.0]                                     # the embeddings: a lookup
+    for i in range(1, params.n_layers(m)):
+        n = sum(math.prod(shapes[x]) for x in params.layer_params(m, i) if len(shapes[x]) >= 2)
+        per.append(6.0 * n + (12.0 * m.n_embd * m.block_size if i <= m.n_layer else 0.0))
+    return tuple(per), params.flops_per_token(m)
 
 
 def _link_for(span: int, devices_per_node: int, system: System) -> Link:
@@ -349,7 +355,7 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
     step = pipeline_s + dp_s + tied_s + opt_s
     tokens = cand.dp * cand.micro * cand.k * m.block_size
     world = cand.dp * cand.pp * cand.tp
-    model_flops = params.flops_per_token(m) * tokens
+    model_flops = _model_flops(memory._frozen(m))[1] * tokens
     return {"candidate": cand, "memory": mem, "capacity": capacity, "fits": mem["device"] <= capacity,
             "stages": stages, "slow_stage": stages.index(slow), "bubble": bubble, "pipeline_s": pipeline_s,
             "compute_s": cand.k * slow["compute_s"], "tp_s": cand.k * slow["tp_s"], "pp_s": cand.k * slow["pp_s"],
@@ -369,7 +375,9 @@ def plan(cfg, nodes: int, devices_per_node: int, system: System, global_batch: i
     for cand in candidates(cfg, world, devices_per_node, global_batch):
         counts["candidates"] += 1
         c = apply(cfg, cand)
-        # validity does not depend on the micro-batch split beyond divisibility: cache by the rest
+        # today's rules see the micro-batch split only through parallel.microbatches (train.batch_size
+        # is micro * k by construction): one validation per rest of the layout; the layouts shown
+        # are validated again exactly (run), and the unit tier validates every one proposed
         key = (cand.dp, cand.pp, cand.tp, cand.zero, cand.checkpointing, cand.offload, cand.pp > 1 and cand.k)
         if key not in cache:
             cache[key] = valid(c, world)
@@ -520,6 +528,11 @@ def run(a) -> int:
         print(f"[hvdllm plan] note: this hvdllm has no train.precision yet; the commands below train in fp32, "
               f"not {precision}")
     shown = (fits or results)[:a.top]
+    for r in shown:   # exactly, as `hvdllm train` will
+        problems = valid(apply(cfg, r["candidate"]), world)
+        if problems:
+            raise ConfigError([f"hvdllm plan proposed {r['candidate'].label()}, which validation refuses "
+                               f"(a planner bug: please report it):", *problems])
     if not fits:
         print("[hvdllm plan] no layout fits: the smallest are shown; raise --nodes, lower train.batch_size or "
               "--global-batch, or allow ZeRO / checkpointing")
