@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, hf, launch, metrics, params, stop, task
+from . import checkpoint, config, data, hf, launch, metrics, mfu, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -52,6 +52,8 @@ class Trainer:
         backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         # every strategy is composed in one place (parallelize.py), parameter-server workers too
         self.engine = build_engine(cfg, self.layout, rt, backend)
+        # the peak each trainer rank's MFU is measured against, measured by all of them at once
+        self.peak_flops = backend.matmul_flops(cfg.train.precision)
         t = cfg.train
         self.sampler = self.make_sampler()
         self.hf_config_text = None
@@ -132,6 +134,12 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = self.layout.dp * t.batch_size * cfg.aggregation.accumulation * cfg.model.block_size
+        flops_per_step = mfu.flops_per_step(cfg.model, tokens_per_step)
+        trainers = self.layout.n_trainers
+        if self.is_root:
+            print(f"[hvdllm] MFU: {flops_per_step / tokens_per_step / 1e6:.1f} MFLOP per token against "
+                  f"{self.peak_flops / 1e9:.1f} GFLOP/s per trainer rank x {trainers} (a {cfg.train.precision} "
+                  f"matrix product measured on each rank's threads at start)", file=sys.stderr)
         bar = _progress(self.is_root and t.progress, t.steps, self.start_step)
         summary = {}
         # Async/SSP parameter-server workers share the servers' step budget (a fast worker runs
@@ -165,11 +173,12 @@ class Trainer:
             final = done == last or getattr(res, "final", False)
             stopping = not final and stopper is not None and stopper.due(done, dt)
             rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                   "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers)}
             if self.is_root and (done % t.log_every == 0 or final or stopping):
                 self.log.write(rec)
             if bar:
-                bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{res.loss:.3f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
                 bar.update(1)
             if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
                 summary.update(self.evaluate(done))

@@ -55,6 +55,22 @@ def configure(threads: int, seed: int | None = None) -> None:
                            f"executes anything (its thread pools are already fixed): {e}") from e
 
 
+def matmul_flops(precision: str = "fp32", n: int = 512) -> float:
+    """FLOP/s of an n x n matrix product on this rank's compute threads, in the run's precision
+    (hvdllm/mfu.py: the peak a CPU run's MFU is measured against); the best of 5 timings."""
+    import time
+    dtype = tf.bfloat16 if precision == "bf16" else tf.float32
+    rng = np.random.default_rng(0)
+    a, b = (tf.cast(tf.constant(rng.standard_normal((n, n)), tf.float32), dtype) for _ in range(2))
+    tf.matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        tf.matmul(a, b).numpy()   # .numpy(): the product is done, not only dispatched
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
 class Engine(GPTEngineBase):
     """The built-in GPT under data parallelism (with tp layers, ZeRO-1 or local SGD inside)."""
 

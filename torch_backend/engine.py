@@ -37,6 +37,21 @@ def configure(threads: int, seed: int = 0) -> None:
             pass
 
 
+def matmul_flops(precision: str = "fp32", n: int = 512) -> float:
+    """FLOP/s of an n x n matrix product on this rank's compute threads, in the run's precision
+    (hvdllm/mfu.py: the peak a CPU run's MFU is measured against); the best of 5 timings."""
+    import time
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
 class Engine(GPTEngineBase):
     """The built-in GPT under data parallelism (with tp layers, ZeRO-1 or local SGD inside)."""
 

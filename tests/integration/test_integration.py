@@ -32,6 +32,9 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     # float32 sums in another order: measured 1e-7 relative over 6 AdamW steps, held to 1e-5 as pp and tp are
     same_run(dp2, ref, rtol=1e-5, what="np2")
     assert (dp2 / "loss.png").stat().st_size > 1000 and (dp2 / "sample.txt").exists()
+    # MFU against the ranks' measured matmul peak: a figure above 1 would be a measurement bug
+    assert all(0 < x["mfu"] <= 1 for x in records(dp2) if "loss" in x), [x.get("mfu") for x in records(dp2)]
+    assert "MFU:" in r.stdout and "GFLOP/s per trainer rank x 2" in r.stdout
     assert (dp2 / "checkpoints" / "step_00000006" / "manifest.json").exists()
     if backend == "torch":
         r, dp4 = train(tmp_path, "np4", 4, [b, "train.batch_size=2", NO_CLIP])
