@@ -396,9 +396,12 @@ def plan(cfg, nodes: int, devices_per_node: int, system: System, global_batch: i
 # output
 
 def commands(config_path: str, cand: Candidate, cfg, nodes: int, devices_per_node: int,
-             extra_sets=()) -> dict:
+             extra_sets=(), precision: str | None = None) -> dict:
     world = cand.dp * cand.pp * cand.tp
-    train = ["train", config_path] + [a for kv in [*extra_sets, *cand.sets(cfg)] for a in ("--set", kv)]
+    sets = [*extra_sets, *cand.sets(cfg)]
+    if precision and _has(cfg, PRECISION_KEY) and precision != cfg.train.precision:
+        sets.append(f"train.precision={precision}")
+    train = ["train", config_path] + [a for kv in sets for a in ("--set", kv)]
     launch = ["hvdllm", "launch", "-np", str(world)]
     sbatch = [*launch, "--launcher", "sbatch", "--nodes", str(nodes)]
     return {"launch": shlex.join([*launch, "--", *train]), "sbatch": shlex.join([*sbatch, "--", *train])}
@@ -539,7 +542,7 @@ def run(a) -> int:
     from .bench.common import print_table
     print_table(rows(shown), COLUMNS)
     for i, r in enumerate(shown, 1):
-        cmd = commands(a.config, r["candidate"], cfg, a.nodes, a.devices_per_node, a.set)
+        cmd = commands(a.config, r["candidate"], cfg, a.nodes, a.devices_per_node, a.set, precision)
         print(f"\n#{i} {r['candidate'].label()}\n  {cmd['launch']}\n  {cmd['sbatch']}")
         if a.explain:
             print(explain(r))

@@ -127,3 +127,13 @@ def test_calibration_errors_say_what_to_fix(tmp_path):
     bad.write_text("{")
     with pytest.raises(ConfigError, match="bench calibrate"):
         plan.load_calibration(str(bad))
+
+
+def test_the_planned_precision_is_in_the_command(tmp_path, capsys):
+    conf = tmp_path / "small.toml"
+    conf.write_text(config_mod.to_toml(small_cfg()))
+    assert plan.main([str(conf), "--nodes", "1", "--devices-per-node", "2", "--top", "1", "--precision", "bf16"]) == 0
+    for argv in _printed_commands(capsys.readouterr().out):
+        la = cli.parser().parse_args(argv[1:])
+        ta = cli.parser().parse_args(la.command[1:])
+        assert config_mod.load(ta.config, ta.set).train.precision == "bf16"
