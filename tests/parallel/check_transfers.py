@@ -1,13 +1,14 @@
 """Host transfers per training step, under mpirun -np 2 (HVDLLM_BACKEND=torch|tensorflow), for
-the engines hvdllm/parallelize.py builds: dp=2, ZeRO-1 at dp=2, local SGD at dp=2, tp=2, pp=2, and
-ZeRO-1 in a pp=2 stage.
+the engines hvdllm/parallelize.py builds: dp=2, ZeRO-1/2/3 at dp=2 (ZeRO-3 also with the optimizer
+offloaded), local SGD at dp=2, tp=2, pp=2, and ZeRO-1 in a pp=2 stage.
 
 The design's bound (the device seam, hvdllm/engines.py): tensors stay the backend's own through a
 step, ZeRO-1 and local SGD included (they run on the backend's tensors through its Collectives);
 what crosses to the host is the step's input batch (x and y: from_host 2) and, in a pipeline,
 the activations and gradients between stages (p2p). The scalars a step logs (loss, gradient norm)
 are read as Python floats, not counted. So dp, ZeRO-1, local SGD and tp are held to exactly
-(to_host, from_host) = (0, 2) at every step -- local SGD at a step that averages and at one that
+(to_host, from_host) = (0, 2) at every step (ZeRO-2/3 too; ZeRO-3 offloaded adds its shard's one
+trip out and back) -- local SGD at a step that averages and at one that
 does not, each counted on its own -- and every count is the same for a 1-block and a 3-block
 model (a per-parameter transfer would grow with depth). ZeRO-1 inside a pipeline stage moves exactly
 what the plain stage does."""
@@ -29,6 +30,10 @@ LAYOUTS = {  # name: (settings, exact (to_host, from_host) at every step, anothe
     #          counts as that one, or None: equal across depths only)
     "dp2": ([], (0, 2)),
     "zero1": (["parallel.zero=1"], (0, 2)),
+    "zero2": (["parallel.zero=2"], (0, 2)),       # strategies/zero_sharded.py: on the device too
+    "zero3": (["parallel.zero=3"], (0, 2)),
+    # the optimizer on the host: the clipped gradient shard out, the new parameter shard in
+    "zero3offload": (["parallel.zero=3", "parallel.offload=optimizer"], (1, 3)),
     "localsgd": (["localsgd.every=2"], (0, 2)),   # step 2 averages the parameters, step 3 does not
     "tp2": (["parallel.tp=2"], (0, 2)),
     "pp2": (["parallel.pp=2", "parallel.microbatches=2"], None),
