@@ -15,11 +15,35 @@ VENV=${HVDLLM_VENV:-$ROOT/.venv}
 CACHE=${HVDLLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdllm}
 HOROVOD_VERSION=0.28.1
 TORCH_SPEC=${HVDLLM_TORCH_SPEC:-torch==2.13.0}
-TF_SPEC=${HVDLLM_TF_SPEC:-tensorflow-cpu==2.21.0}
+# A GPU node (nvidia-smi lists a device): TensorFlow's CUDA build and Horovod's NCCL operations,
+# unless set otherwise (torch's PyPI wheel for Linux already carries CUDA).
+GPU=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  GPU=1
+  HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-NCCL}
+  export HOROVOD_GPU_OPERATIONS
+fi
+if [[ $GPU == 1 ]]; then
+  TF_SPEC=${HVDLLM_TF_SPEC:-tensorflow[and-cuda]==2.21.0}
+else
+  TF_SPEC=${HVDLLM_TF_SPEC:-tensorflow-cpu==2.21.0}
+fi
 STAMP=$VENV/.hvdllm-installed
 t0=$(date +%s)
 
-if [[ -f $STAMP && $STAMP -nt setup.cfg && $STAMP -nt scripts/bootstrap.sh ]]; then
+# What the environment is built for. The stamp holds it: a change (another framework version,
+# HOROVOD_GPU_OPERATIONS set or unset, the system's packages) runs the install again, and
+# Horovod's wheel, keyed by it too, is rebuilt or taken from its cache.
+SETTINGS="torch=$TORCH_SPEC tf=$TF_SPEC gpu-ops=${HOROVOD_GPU_OPERATIONS:-cpu} system=${HVDLLM_SYSTEM_PACKAGES:-0}"
+up_to_date() {
+  [[ -f $STAMP && $STAMP -nt setup.cfg && $STAMP -nt scripts/bootstrap.sh && "$(cat "$STAMP")" == "$SETTINGS" ]]
+}
+if [[ ${1:-} == --check ]]; then   # exit 0 when nothing would be installed (tests, scripts)
+  up_to_date && { echo "[bootstrap] up to date: $SETTINGS"; exit 0; }
+  echo "[bootstrap] would install: $SETTINGS (stamp: $(cat "$STAMP" 2>/dev/null || echo none))"
+  exit 1
+fi
+if up_to_date; then
   exit 0
 fi
 say() { echo "[bootstrap] $*"; }
@@ -64,8 +88,10 @@ PY
 )
 key="horovod${HOROVOD_VERSION}-${versions}-${HOROVOD_GPU_OPERATIONS:-cpu}"
 WHEELDIR=$CACHE/wheels/$key
+HOROVOD_BUILT=$VENV/.hvdllm-horovod   # the key of the Horovod wheel installed here
 if ! "$PY" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null \
-   || ! "$PY" -c "import horovod.torch, horovod.tensorflow" 2>/dev/null; then
+   || ! "$PY" -c "import horovod.torch, horovod.tensorflow" 2>/dev/null \
+   || [[ "$(cat "$HOROVOD_BUILT" 2>/dev/null)" != "$key" ]]; then
   if ! ls "$WHEELDIR"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION for $key (takes 4-8 minutes once; cached in $WHEELDIR)"
     BUILD=$(mktemp -d)
@@ -94,11 +120,12 @@ if ! "$PY" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VE
   say "installing Horovod from $WHEELDIR"
   $PIP install --no-deps --force-reinstall "$WHEELDIR"/horovod-*.whl
   $PIP install cloudpickle psutil pyyaml packaging
+  echo "$key" > "$HOROVOD_BUILT"
 fi
 
 # 4. hvdllm itself ----------------------------------------------------------------------------
 $PIP install --no-deps --no-build-isolation -e "$ROOT" >/dev/null
 "$PY" -c "import horovod.torch, horovod.tensorflow, mpi4py, torch, tensorflow" 2>/dev/null \
   || { echo "[bootstrap] error: the environment in $VENV does not import; see above" >&2; exit 1; }
-touch "$STAMP"
+echo "$SETTINGS" > "$STAMP"
 say "environment ready in $(( $(date +%s) - t0 )) s: $VENV"
