@@ -23,6 +23,12 @@ Parameters: the backbone's (hvdllm.params, the LM's names) and the head `cls.wei
 and zeros), so the backbone's initial values are the language model's. A classifier has no
 language-model output: an untied `lm_head` is not part of it (not loaded, trained or saved); a
 tied `wte` is the token embedding and trains as such.
+
+Layouts: data parallelism, ZeRO-1, accumulation and tensor parallelism. Under tp the head is
+replicated (strategies/tensor_parallel.py replicates every name it does not split): it reads the
+whole hidden state the row-parallel layers have summed, so every tp rank computes the same
+logits and the same gradient of that state, as the residual stream's gradient is anyway.
+Pipelines (the head on the last stage) are refused by validation for now.
 """
 from __future__ import annotations
 
@@ -117,9 +123,9 @@ def problems(cfg) -> list[str]:
     if t.labels and len(set(map(str, t.labels))) != len(t.labels):
         p.append(f"task.labels: names must be distinct, got {t.labels}")
     par = cfg.parallel
-    if par.pp != 1 or par.tp != 1:
-        p.append("parallel.pp / parallel.tp: task.kind='classify' supports pp=1 and tp=1 for now "
-                 "(data parallelism, ZeRO-1 and accumulation work)")
+    if par.pp != 1:   # the head would sit on the last stage: not built yet
+        p.append("parallel.pp: task.kind='classify' supports pp=1 for now (data parallelism, ZeRO-1, "
+                 "accumulation and parallel.tp work)")
     for key, bad in (("ps.servers", cfg.ps.servers), ("roles.evaluators", cfg.roles.evaluators),
                      ("roles.generators", cfg.roles.generators), ("model.layers", cfg.model.layers)):
         if bad:

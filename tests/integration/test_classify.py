@@ -5,9 +5,9 @@
    process's own (its one-rank Horovod process set) trained on the whole global batch is the
    np=1 reference; each layout's engines are built by hvdllm.parallelize.build_engine, as the
    trainer builds them, and fed the batches labelled.ExampleSampler hands their dp rank. Losses
-   and gradient norms agree to 1e-5 under plain dp, and under ZeRO-1 with accumulation, clipping,
-   mean pooling and class weights; the distributed evaluation of 101 validation examples (uneven
-   shares) has the np=1 confusion matrix exactly.
+   and gradient norms agree to 1e-5 under plain dp, under ZeRO-1 with accumulation, clipping,
+   mean pooling and class weights, and under tp=2; the distributed evaluation of 101 validation
+   examples (uneven shares over dp) has the np=1 confusion matrix exactly.
 2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
    predict --backend tensorflow` (one process) on the validation texts: the other framework's
    predictions give the confusion matrix the run's distributed evaluation logged, and the run
@@ -26,10 +26,11 @@ T, BATCH, STEPS = 24, 4, 3   # BATCH: per rank and micro-batch
 MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", "model.vocab_size=256"]
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=1", f"train.steps={STEPS}", "train.threads=1", "train.seed=5"]
 LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
-    "dp2": ([], []),
+    "dp2": ([], ["parallel.dp=2"]),
     "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
                                             "task.class_weights=[1.0,2.0,0.5]"],
-                                           ["parallel.zero=1", "aggregation.accumulation=2"]),
+                                           ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
+    "tp2": ([], ["parallel.tp=2"]),   # the head replicated on the tp ranks, the backbone split
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
@@ -129,12 +130,12 @@ def _check(backend, rt, be, folder):
     from hvdllm.layout import Layout
     from hvdllm.parallelize import build_engine, build_solo_engine
     for name, (shared, layout_sets) in LAYOUTS.items():
-        k = 2 if "aggregation.accumulation=2" in layout_sets else 1
-        # the np=1 reference: one rank, the whole global batch (dp x batch x accumulation) per step
-        ref_cfg, data = _cfg(folder, [*shared, f"train.batch_size={2 * BATCH * k}"], None)
-        want_steps, want_ev = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
-        cfg, data = _cfg(folder, [*shared, *layout_sets, "parallel.dp=2"], 2)
+        cfg, data = _cfg(folder, [*shared, *layout_sets], 2)
         layout = Layout.from_config(cfg, rt.size, rt.rank)
+        k = cfg.aggregation.accumulation
+        # the np=1 reference: one rank, the whole global batch (dp x batch x accumulation) per step
+        ref_cfg, _ = _cfg(folder, [*shared, f"train.batch_size={layout.dp * BATCH * k}"], None)
+        want_steps, want_ev = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
         steps, ev = _train(build_engine(cfg, layout, rt, be), cfg, data, layout.dp, layout.dp_rank)
         np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
         if "clip" in name:
