@@ -26,8 +26,10 @@ AdamW on the shard. Then
   stage 3: parameters live only as shards. A unit's whole weights are allgathered just before
            its forward and freed after it, gathered again for its backward and freed after it.
            The next unit's gather is issued one unit ahead (prefetch depth 1) where the backend
-           can overlap it (`gather_async`: torch's Horovod allgather_async / synchronize), so
-           at most two units' needs are materialised at once. Units the next position needs
+           can overlap it (`gather_async`: torch's Horovod allgather_async / synchronize; not
+           beside tp, whose allreduces in the unit would race it across process sets), so at
+           most two units' needs are materialised at once (what the overlap was measured to
+           give: torch_backend/sharded.py). Units the next position needs
            stay (the head's forward runs straight into its backward, a micro-batch's embedding
            backward into the next one's forward).
 Messages per micro-batch (dp group): stage 2: one reduce-scatter per unit; stage 3: one
@@ -406,6 +408,14 @@ class ShardedEngineBase(GPTEngineBase):
 
     gather_async = None
     sqnorms = None
+
+    def _groups(self, cfg, layout, collectives, tp, host_collectives) -> None:
+        """The dp group (tensor Collectives and their HostCollectives), the tp group (None
+        without tensor parallelism)."""
+        self.cfg, self.layout, self.k = cfg, layout, cfg.aggregation.accumulation
+        self.comm, self.ncomm = collectives, host_collectives(collectives)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.tp_ncomm = host_collectives(self.tp.coll) if self.tp else None
 
     def _shard_model(self) -> None:
         """After the backend built the model (self.named, self.comm, self.ncomm, self.tp):

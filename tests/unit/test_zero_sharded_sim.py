@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from simcoll import World, run_group
 
-from hvdllm import placement
+from hvdllm import params, placement
 from hvdllm.config import AggregationConfig, OptimConfig
 from hvdllm.flat import FlatLayout
 from hvdllm.optim import FlatAdamW, clip_coef
@@ -252,3 +252,33 @@ def test_offload_takes_the_same_steps_on_the_host(stage):
         np.testing.assert_allclose(nb, na, rtol=1e-6)
         for n in SHAPES:
             np.testing.assert_allclose(b[n], a[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["parallel.zero=4"], "parallel.zero"),
+    (["parallel.zero=2", "parallel.pp=2"], "parallel.pp"),
+    (["parallel.zero=3", "parallel.zero_unit=layer"], "parallel.zero_unit"),
+    (["parallel.zero=3", "parallel.offload=gpu"], "parallel.offload"),
+    (["parallel.offload=optimizer"], "parallel.offload"),
+    (["parallel.zero=3", "aggregation.op=sum"], "parallel.zero"),
+    (["parallel.zero=2", "ps.servers=1"], "parallel.zero"),
+    (["parallel.zero=3", "localsgd.every=2"], "localsgd.every"),
+])
+def test_what_zero2_and_zero3_refuse_is_named(sets, key):
+    from hvdllm import config
+    from hvdllm.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        config.validate(config.load(None, sets))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(key + ":"), e.value.problems
+
+
+def test_units_of_the_built_in_model():
+    """Embeddings, each block, the head; the tied head borrows wte, an untied one owns lm_head."""
+    from hvdllm.config import ModelConfig
+    from hvdllm.strategies.zero_sharded import units_of
+    uses, owned = units_of(ModelConfig(n_layer=2, vocab_size=16))
+    assert len(uses) == 4 and owned[0] == ["wte", "wpe"] and uses[3][-1] == "wte" and "wte" not in owned[3]
+    llama = ModelConfig(n_layer=2, vocab_size=16, family="llama", tie_embeddings=False)
+    _, owned = units_of(llama)
+    assert owned[0] == ["wte"] and owned[3][-1] == "lm_head"
+    assert sorted(n for names in owned for n in names) == sorted(params.param_shapes(llama))   # each once
