@@ -502,6 +502,10 @@ class ShardedEngineBase(GPTEngineBase):
 
     # state (collective over the dp group; under tp over the tp group too) --------------------
     def host_params(self) -> dict[str, np.ndarray]:
+        """Stage 2: the model's own whole parameters (no communication: role snapshots read them
+        on rank 0 alone); stage 3: gathered over the dp group (collective)."""
+        if self.zero.stage == 2:
+            return GPTEngineBase.host_params(self)
         return self.zero.host_params()
 
     def flat_params(self) -> np.ndarray:

@@ -263,6 +263,7 @@ def test_offload_takes_the_same_steps_on_the_host(stage):
     (["parallel.zero=3", "aggregation.op=sum"], "parallel.zero"),
     (["parallel.zero=2", "ps.servers=1"], "parallel.zero"),
     (["parallel.zero=3", "localsgd.every=2"], "localsgd.every"),
+    (["parallel.zero=3", "roles.evaluators=1"], "roles.evaluators"),
 ])
 def test_what_zero2_and_zero3_refuse_is_named(sets, key):
     from hvdllm import config
