@@ -163,6 +163,8 @@ class TrainConfig:
         "train.steps may change freely. List keys or whole sections, e.g. [\"optim.lr\", "
         "\"train.batch_size\"] or [\"optim\"]; the run prints each change it allows", [])
     progress: bool = doc("show a progress bar on rank 0", True)
+    tensorboard: bool = doc("also write metrics.jsonl's records as TensorBoard scalars under "
+                            "out_dir/tensorboard (the tensorboard package; no TensorFlow needed)", False)
     plot: bool = doc("draw loss.png from metrics.jsonl at the end (rank 0)", True)
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
     precision: str = doc("compute precision: 'fp32', or 'bf16' (matmuls and attention in bfloat16 "
@@ -419,6 +421,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     from .user_model import problems as layers_problems  # model.layers (a user's layer list)
     p.extend(layers_problems(cfg))
     p.extend(_strategy_problems(cfg))
+    if cfg.train.tensorboard:
+        from .events import available
+        if not available():
+            p.append("train.tensorboard: needs the tensorboard package (pip install tensorboard, or make env); "
+                     "or set train.tensorboard = false")
     p.extend(_ps_roles_problems(cfg, world_size))
     from .task import problems as task_problems  # task.kind's rules (hvdllm/task.py)
     p.extend(task_problems(cfg))

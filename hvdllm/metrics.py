@@ -6,8 +6,14 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, out_dir, resume_step: int | None = None):
+    """metrics.jsonl, and with `tensorboard` the same records as TensorBoard scalars (events.py)."""
+
+    def __init__(self, out_dir, resume_step: int | None = None, tensorboard: bool = False):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.events = None
+        if tensorboard:
+            from .events import EventWriter
+            self.events = EventWriter(Path(out_dir) / "tensorboard")
         if resume_step is None:
             self.path.write_text("")
         else:
@@ -19,9 +25,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self.events is not None:
+            self.events.write(record)
 
     def close(self):
         self._f.close()
+        if self.events is not None:
+            self.events.close()
 
 
 def read(path) -> list[dict]:

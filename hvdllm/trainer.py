@@ -36,6 +36,13 @@ def _progress(enabled: bool, total: int, initial: int):
                 mininterval=1.0, dynamic_ncols=True)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (rank 0's, logged each step)."""
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+    return kib / 1024
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, backend):
         self.cfg, self.rt, self.backend = cfg, rt, backend
@@ -63,7 +70,8 @@ class Trainer:
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(to_toml(hf.for_toml(cfg)))
-            self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None)
+            self.log = metrics.MetricsLog(self.out, self.start_step if self.start_step else None,
+                                          tensorboard=t.tensorboard)
         # Task separation (strategies/roles.py): rank 0 offers weight snapshots to role ranks.
         # Under pp / tp every trainer rank helps gather the weights (None where it has no part).
         self.publisher = roles.publisher(cfg, self.layout, rt, backend, self.watchdog,
@@ -174,7 +182,8 @@ class Trainer:
             stopping = not final and stopper is not None and stopper.due(done, dt)
             rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                   "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers)}
+                   "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers),
+                   "peak_rss_mib": peak_rss_mib()}
             if self.is_root and (done % t.log_every == 0 or final or stopping):
                 self.log.write(rec)
             if bar:

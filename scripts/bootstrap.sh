@@ -78,7 +78,7 @@ has torch || { say "installing $TORCH_SPEC"; $PIP install "$TORCH_SPEC"; }
 has tensorflow || { say "installing $TF_SPEC"; $PIP install "$TF_SPEC"; }
 # mpi4py is compiled against the MPI found above (never a wheel bundling another MPI).
 has mpi4py || { say "building mpi4py against $(command -v mpicc)"; $PIP install --no-binary mpi4py mpi4py; }
-$PIP install numpy tokenizers matplotlib tqdm pytest pytest-timeout transformers safetensors pyarrow 'cmake<4' packaging psutil cloudpickle pyyaml 'ruff==0.17.6'
+$PIP install numpy tokenizers matplotlib tqdm pytest pytest-timeout transformers safetensors pyarrow tensorboard 'cmake<4' packaging psutil cloudpickle pyyaml 'ruff==0.17.6'
 
 # 3. Horovod --------------------------------------------------------------------------------------
 versions=$("$PY" - <<'PY'

@@ -27,7 +27,7 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     got = losses(ref)
     assert len(got) == 6 and got[-1] < got[0]
     sets = [b, "train.batch_size=4", *clip]
-    r, dp2 = train(tmp_path, "np2", 2, sets + ["train.plot=true"])
+    r, dp2 = train(tmp_path, "np2", 2, sets + ["train.plot=true", "train.tensorboard=true"])
     assert r.returncode == 0, r.stdout[-4000:]
     # float32 sums in another order: measured 1e-7 relative over 6 AdamW steps, held to 1e-5 as pp and tp are
     same_run(dp2, ref, rtol=1e-5, what="np2")
@@ -35,6 +35,11 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     # MFU against the ranks' measured matmul peak: a figure above 1 would be a measurement bug
     assert all(0 < x["mfu"] <= 1 for x in records(dp2) if "loss" in x), [x.get("mfu") for x in records(dp2)]
     assert "MFU:" in r.stdout and "GFLOP/s per trainer rank x 2" in r.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(dp2 / "tensorboard"))
+    events.Reload()   # the records as TensorBoard scalars (rank 0 only: one writer)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"grad_norm", "mfu", "peak_rss_mib", "val_loss"} <= set(events.Tags()["scalars"])
     assert (dp2 / "checkpoints" / "step_00000006" / "manifest.json").exists()
     if backend == "torch":
         r, dp4 = train(tmp_path, "np4", 4, [b, "train.batch_size=2", NO_CLIP])
