@@ -5,8 +5,8 @@
    process's own (its one-rank Horovod process set) trained on the whole global batch is the
    np=1 reference; each layout's engines are built by hvdllm.parallelize.build_engine, as the
    trainer builds them, and fed the batches labelled.ExampleSampler hands their dp rank. Losses
-   and gradient norms agree to 1e-5 under plain dp, under ZeRO-1 with accumulation, clipping,
-   mean pooling and class weights, and under tp=2; the distributed evaluation of 101 validation
+   and gradient norms agree to 1e-5 under plain dp and under ZeRO-1 with accumulation, clipping,
+   mean pooling and class weights, and to 5e-5 under tp=2; the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
 2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
    predict --backend tensorflow` (one process) on the validation texts: the other framework's
@@ -30,7 +30,8 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
                                             "task.class_weights=[1.0,2.0,0.5]"],
                                            ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
-    "tp2": ([], ["parallel.tp=2"]),   # the head replicated on the tp ranks, the backbone split
+    # the head replicated on the tp ranks, the backbone split; dp2's global batch: its reference
+    "tp2": ([], ["parallel.tp=2", f"train.batch_size={2 * BATCH}"]),
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
@@ -129,15 +130,21 @@ def _train(engine, cfg, data, dp, rank):
 def _check(backend, rt, be, folder):
     from hvdllm.layout import Layout
     from hvdllm.parallelize import build_engine, build_solo_engine
+    refs = {}
     for name, (shared, layout_sets) in LAYOUTS.items():
         cfg, data = _cfg(folder, [*shared, *layout_sets], 2)
         layout = Layout.from_config(cfg, rt.size, rt.rank)
-        k = cfg.aggregation.accumulation
         # the np=1 reference: one rank, the whole global batch (dp x batch x accumulation) per step
-        ref_cfg, _ = _cfg(folder, [*shared, f"train.batch_size={layout.dp * BATCH * k}"], None)
-        want_steps, want_ev = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
+        ref_sets = (*shared, f"train.batch_size={layout.dp * cfg.train.batch_size * cfg.aggregation.accumulation}")
+        if ref_sets not in refs:
+            ref_cfg, _ = _cfg(folder, list(ref_sets), None)
+            refs[ref_sets] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
+        want_steps, want_ev = refs[ref_sets]
         steps, ev = _train(build_engine(cfg, layout, rt, be), cfg, data, layout.dp, layout.dp_rank)
-        np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
+        # tp sums each row-parallel product's partial sums in another order than one process:
+        # measured 1.1e-5 on TensorFlow's third gradient norm, so tp is held to 5e-5, dp to 1e-5
+        rtol = 5e-5 if "tp" in name else 1e-5
+        np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
         if "clip" in name:
             assert want_steps[:, 1].min() > 0.05, f"{name}: clipping never acted ({want_steps[:, 1]})"
         assert ev["val_examples"] == 101 and ev["val_confusion"] == want_ev["val_confusion"], (name, ev, want_ev)
@@ -157,6 +164,9 @@ def main():
             tf.get_logger().setLevel("ERROR")
         rt = runtime.start(be, groups=[(0,), (1,)])   # one-rank sets for the np=1 references
         _check(backend, rt, be, sys.argv[1])
+        # no rank may leave while another still talks to Horovod (its last one-rank allreduce):
+        # Horovod shuts down for everyone when the first process exits
+        be.Collectives().barrier()
 
 
 if __name__ == "__main__":
