@@ -36,6 +36,7 @@ import numpy as np
 class StepResult:
     loss: float        # mean training loss of this step, averaged over the data-parallel group
     grad_norm: float   # global gradient norm before clipping (after aggregation)
+    skipped: bool = False   # train.precision = 'fp16': the gradients overflowed, no update (loss_scale.py)
 
 
 @dataclass

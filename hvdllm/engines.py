@@ -103,7 +103,18 @@ class EngineBase:
     lockstep = True       # every trainer steps together (False: async parameter-server workers)
     max_steps = None      # None: train.steps; async workers: the servers' shared budget
     zero = None           # hvdllm.strategies.zero.Zero1 when parallel.zero = 1
+    scaler = None         # hvdllm.loss_scale.LossScaler when train.precision = 'fp16'
+    inject_overflow = False   # testing aid (train.fail_mode = 'overflow'): this step's gradients overflow
     local = None          # hvdllm.strategies.local_sgd.LocalSGD when localsgd.every > 0
+
+    def _step_scale(self) -> float:
+        """This step's loss scale (train.precision = 'fp16'; 1 otherwise): the scaler's, or an
+        infinite one where the testing aid makes this rank's gradients overflow."""
+        if self.scaler is None:
+            return 1.0
+        self.scale = float("inf") if self.inject_overflow else self.scaler.scale
+        self.inject_overflow = False
+        return self.scale
 
     def host_params(self) -> dict[str, np.ndarray]:
         """This rank's parameters as host copies (they outlive the next update)."""

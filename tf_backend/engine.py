@@ -17,6 +17,7 @@ from hvdllm import aggregation, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
+from hvdllm.loss_scale import LossScaler
 from hvdllm.optim import clip_coef
 from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
@@ -102,7 +103,10 @@ class Engine(GPTEngineBase):
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
         wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True, autograph=False)) \
             if COMPILE else (lambda f, sig: f)
-        self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64)])
+        if cfg.train.precision == "fp16":   # dp / tp only (config validation)
+            self.scaler = LossScaler()
+        self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64),
+                                              tf.TensorSpec([], tf.float32)])
         self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
         self._eval = wrap(self.head.evaluate if self.head is not None else self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
@@ -141,15 +145,17 @@ class Engine(GPTEngineBase):
                                                self.cfg.aggregation.accumulation)
         return from_host(np.stack([p[0] for p in parts])), from_host(np.stack([p[1] for p in parts]))
 
-    def _loss_and_grads(self, xs, ys):
-        """Gradient of the mean loss over all k micro-batches (each contributes loss/k)."""
+    def _loss_and_grads(self, xs, ys, scale=None):
+        """Gradient of the mean loss over all k micro-batches (each contributes loss/k); with
+        `scale` (fp16), of the loss times it."""
         k = self.cfg.aggregation.accumulation
         total, acc = tf.constant(0.0), None
         for i in range(k):  # k is fixed per run: unrolled once at trace time
             with tf.GradientTape() as tape:
                 loss = self._loss(xs[i], ys[i], training=True) / k
+                scaled = loss if scale is None else loss * scale
             # wte's gradient mixes a gather (IndexedSlices) and a matmul: make every one dense
-            g = [tf.convert_to_tensor(t) for t in tape.gradient(loss, self.vars)]
+            g = [tf.convert_to_tensor(t) for t in tape.gradient(scaled, self.vars)]
             acc = g if acc is None else [a + b for a, b in zip(acc, g)]
             total += loss
         return total, acc
@@ -161,8 +167,8 @@ class Engine(GPTEngineBase):
         r = self.reduce
         return self.local is None and self.comm.size > 1 and r.compression == "none" and r.op != "adasum"
 
-    def _train_step(self, xs, ys, lr):
-        loss, grads = self._loss_and_grads(xs, ys)
+    def _train_step(self, xs, ys, lr, scale):
+        loss, grads = self._loss_and_grads(xs, ys, scale if self.scaler is not None else None)
         if self._fold_loss():
             *grads, loss = self.comm.grouped_allreduce(grads + [tf.reshape(loss, [1])], name="grads",
                                                        **self.reduce.kwargs())
@@ -174,6 +180,16 @@ class Engine(GPTEngineBase):
             norm = tf.cast(tf.sqrt(norm_sq(list(zip(self.names, grads)), self.tp)), tf.float32)
         else:  # norm of per-tensor norms: the same reduction order as the torch backend
             norm = tf.norm(tf.stack([tf.norm(g) for g in grads]))
+        if self.scaler is not None:   # fp16: the norm of the true gradients, which clipping sees
+            norm = norm / scale
+            coef = clip_coef(norm, self.cfg.optim.grad_clip, minimum=tf.minimum) / scale
+            grads = [g * coef for g in grads]
+
+            def apply():
+                self.opt.apply(grads, lr)
+                return tf.constant(True)
+            tf.cond(tf.math.is_finite(norm), apply, lambda: tf.constant(False))   # an overflow: no update
+            return loss, norm
         if self.cfg.optim.grad_clip > 0:
             coef = clip_coef(norm, self.cfg.optim.grad_clip, minimum=tf.minimum)
             grads = [g * coef for g in grads]
@@ -188,12 +204,15 @@ class Engine(GPTEngineBase):
             new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr)
             self.set_device_flat_params(new)
         else:
-            loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64))
+            loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64), tf.constant(self._step_scale(), tf.float32))
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if self.comm.size > 1 and (self.zero is not None or not self._fold_loss()):
             loss = self.comm.allreduce(loss, op="average", name="loss")
-        return StepResult(loss=float(loss), grad_norm=float(norm))
+        skipped = self.scaler is not None and not np.isfinite(float(norm))   # the same on every rank
+        if self.scaler is not None:
+            self.scaler.update(not skipped)
+        return StepResult(loss=float(loss), grad_norm=float(norm), skipped=skipped)
 
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies

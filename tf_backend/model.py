@@ -71,14 +71,14 @@ class GPT(tf.Module):
         self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
 
     def _mm(self, a, b, transpose_b=False):
-        """a @ b; under train.precision = 'bf16' computed in bfloat16 from bfloat16 copies of both,
+        """a @ b; under train.precision = 'bf16' / 'fp16' computed in 16 bits from copies of both,
         the result float32 again (TF has no autocast for tf.Module code: the matmuls are what
         Keras' mixed_bfloat16 policy would run in bfloat16; norms, softmax and the loss stay
         float32, as the variables, their gradients and the AdamW state do)."""
-        if self.precision != "bf16":
+        if self.precision == "fp32":
             return tf.matmul(a, b, transpose_b=transpose_b)
-        bf = tf.bfloat16
-        return tf.cast(tf.matmul(tf.cast(a, bf), tf.cast(b, bf), transpose_b=transpose_b), tf.float32)
+        low = tf.bfloat16 if self.precision == "bf16" else tf.float16
+        return tf.cast(tf.matmul(tf.cast(a, low), tf.cast(b, low), transpose_b=transpose_b), tf.float32)
 
     @staticmethod
     def _recomputed(f, *args):

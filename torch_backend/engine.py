@@ -8,6 +8,8 @@ Then one allreduce of the scalar loss, for logging.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -15,6 +17,7 @@ from hvdllm import aggregation, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
+from hvdllm.loss_scale import LossScaler
 from hvdllm.optim import clip_coef
 from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
@@ -81,6 +84,8 @@ class Engine(GPTEngineBase):
             self.local = LocalSGD(cfg.localsgd, self.comm, self.device_flat_params())
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.named, cfg.optim)
+        if cfg.train.precision == "fp16":   # dp / tp only (config validation)
+            self.scaler = LossScaler()
 
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
@@ -122,9 +127,10 @@ class Engine(GPTEngineBase):
             p.grad = None
         k = self.cfg.aggregation.accumulation
         total = torch.zeros(())
+        scale = self._step_scale()
         for xm, ym in aggregation.split_microbatches(x, y, k):
             loss = self._loss(from_host(xm), from_host(ym)) / k
-            loss.backward()
+            (loss if scale == 1.0 else loss * scale).backward()
             total += loss.detach()
         return total
 
@@ -143,13 +149,17 @@ class Engine(GPTEngineBase):
             mean_loss = None
         else:
             norm, mean_loss = self._aggregate_and_clip(loss, reduce=self.local is None)
-            adamw_state.set_lr(self.opt, lr)
-            self.opt.step()
+            skip = self.scaler is not None and not math.isfinite(float(norm))   # the same on every rank
+            if not skip:
+                adamw_state.set_lr(self.opt, lr)
+                self.opt.step()
+            if self.scaler is not None:
+                self.scaler.update(not skip)
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if mean_loss is None:
             mean_loss = self.comm.allreduce(loss, op="average", name="loss")
-        return StepResult(loss=float(mean_loss), grad_norm=float(norm))
+        return StepResult(loss=float(mean_loss), grad_norm=float(norm), skipped=self.scaler is not None and skip)
 
     def _aggregate_and_clip(self, loss: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(gradient norm, mean loss over the dp group or None if not reduced here), both still
@@ -173,7 +183,10 @@ class Engine(GPTEngineBase):
             norm = norm_sq(list(zip(self.flat.names, grads)), self.tp).sqrt().float()
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if self.cfg.optim.grad_clip > 0:
+        if self.scaler is not None:   # fp16: the norm of the true gradients, which clipping sees
+            norm = norm / self.scale
+            torch._foreach_mul_(grads, clip_coef(norm, self.cfg.optim.grad_clip, minimum=_clamp_max) / self.scale)
+        elif self.cfg.optim.grad_clip > 0:
             torch._foreach_mul_(grads, clip_coef(norm, self.cfg.optim.grad_clip, minimum=_clamp_max))
         return norm, mean_loss
 

@@ -153,13 +153,14 @@ class GPT(nn.Module):
 
     def run_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer i: token ids -> hidden (i=0), hidden -> hidden (blocks), hidden -> logits (head).
-        Under train.precision = 'bf16' it computes under torch.autocast (matmuls and attention in
-        bfloat16; norms and softmax in float32) and hands float32 on: the residual stream, the
+        Under train.precision = 'bf16' / 'fp16' it computes under torch.autocast (matmuls and
+        attention in bfloat16 / float16; norms and softmax in float32) and hands float32 on: the residual stream, the
         pipeline's activations and the logits stay float32, as the parameters, their gradients
         and the AdamW state do (the float32 masters)."""
-        if self.precision != "bf16":
+        if self.precision == "fp32":
             return self._layer(i, x)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
             return self._layer(i, x).float()
 
     def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,9 @@ def copy_to_tp(x, group: TPGroup | None):
 def reduce_from_tp(x, group: TPGroup | None):
     if group is None:
         return x
-    # a bfloat16 matmul's partial sums (train.precision) are summed in float32: Horovod's CPU ops
+    # a 16-bit matmul's partial sums (train.precision) are summed in float32: Horovod's CPU ops
     # take no bfloat16, and the sum of tp partial products is where precision is lost
-    return _Reduce.apply(x.float() if x.dtype == torch.bfloat16 else x, group)
+    return _Reduce.apply(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x, group)
 
 
 def vocab_range(vocab: int, group: TPGroup) -> tuple[int, int]:

@@ -2,9 +2,9 @@
 accumulating 2 micro-batches, tp=2 (grouped-query attention, its key/value heads split across the
 tp ranks; tied and untied head) and pp=2 (tied and untied head; interleaved, 2 chunks per stage),
 tp=2 and pp=2 recomputing activations (train.activation_checkpointing), dp=2 and tp=2 in bfloat16
-(train.precision, against np=1 in bfloat16, to BF16_RTOL) give the np=1 losses,
-gradient norms, validation losses and weights, in both frameworks; under tp=2 each block issues 2
-allreduces forward and 2 backward.
+and float16 (train.precision, against np=1 in 16 bits, to LOW_RTOL; fp16 skipping an overflowed
+step on every rank) give the np=1 losses, gradient norms, validation losses and weights, in both
+frameworks; under tp=2 each block issues 2 allreduces forward and 2 backward.
 
 One launch for all of it (each launch pays the imports of torch, TensorFlow and Horovod): this
 file is also the program mpirun runs. On each of the 2 ranks, for each backend, a one-rank
@@ -39,12 +39,17 @@ LAYOUTS = {  # name: settings (2 ranks)
     "pp2_recompute_selective": ["parallel.pp=2", "parallel.microbatches=2",
                                 'train.activation_checkpointing="selective"'],
     # bfloat16 compute (train.precision) against np=1's bfloat16: the batch split and tp's partial
-    # sums change which products are rounded to bfloat16 together, so BF16_RTOL
+    # sums change which products are rounded to bfloat16 together, so LOW_RTOL
     "dp2_bf16": ["parallel.dp=2", 'train.precision="bf16"'],
     "tp2_bf16": ["parallel.tp=2", 'train.precision="bf16"'],
+    # float16 with loss scaling: rank 1's gradients overflow at step 1 (the testing aid), so
+    # every rank must skip that step, as np=1 skips it
+    "dp2_fp16": ["parallel.dp=2", 'train.precision="fp16"'],
+    "tp2_fp16": ["parallel.tp=2", 'train.precision="fp16"'],
 }
-BF16 = ['train.precision="bf16"']
-BF16_RTOL = 2e-2   # a few bfloat16 roundings (2^-8 each) of the gradients, through 3 AdamW steps
+LOW = ['train.precision="bf16"', 'train.precision="fp16"']
+LOW_RTOL = 2e-2   # a few 16-bit roundings (2^-8 each in bfloat16) of the gradients, through 3 AdamW steps
+OVERFLOW_STEP = 1
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
           "train.threads=1", "train.seed=1234"]
 
@@ -108,9 +113,13 @@ def _train(engine, cfg, layout):
     *train, (vx, vy) = _batches()
     per = BATCH // dp
     for step, (x, y) in enumerate(train):
+        fp16 = cfg.train.precision == "fp16"
+        if fp16 and step == OVERFLOW_STEP and (layout.dp * layout.tp == 1 or layout.rank == 1):
+            engine.inject_overflow = True   # np=1's only rank, or rank 1 of two
         res = engine.train_step(x[d * per:(d + 1) * per], y[d * per:(d + 1) * per],
                                 lr_schedule.lr_at(step, cfg.optim, cfg.train.steps))
-        out.append((res.loss, res.grad_norm))
+        assert res.skipped == (fp16 and step == OVERFLOW_STEP), (step, res)
+        out.append((res.loss, res.grad_norm if not res.skipped else -1.0))   # a skipped step's norm is inf or nan
     ev = engine.evaluate(vx[d * per:(d + 1) * per], vy[d * per:(d + 1) * per])
     total = engine.allreduce_sum([ev.loss_sum, ev.tokens]) if dp > 1 else np.array([ev.loss_sum, ev.tokens])
     return np.array(out), float(total[0] / total[1]), engine.full_params()
@@ -123,7 +132,7 @@ def _check(backend, rt, be):
     from hvdllm.parallelize import build_engine, build_solo_engine
     refs = {}
     for name, sets in LAYOUTS.items():
-        key = tuple(s for s in sets if s in UNTIED or s in BF16)   # what the np=1 reference shares
+        key = tuple(s for s in sets if s in UNTIED or s in LOW)   # what the np=1 reference shares
         if key not in refs:
             ref_cfg = _cfg(list(key))
             refs[key] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg,
@@ -132,7 +141,8 @@ def _check(backend, rt, be):
         layout = Layout.from_config(cfg, rt.size, rt.rank)
         steps, val, weights = _train(build_engine(cfg, layout, rt, be), cfg, layout)
         want_steps, want_val, want_weights = refs[key]
-        rtol = BF16_RTOL if BF16[0] in sets else 1e-5
+        low = any(s in LOW for s in sets)
+        rtol = LOW_RTOL if low else 1e-5
         np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
         np.testing.assert_allclose(val, want_val, rtol=rtol, err_msg=f"{backend} {name}: validation loss")
         if layout.pp_rank == 0:   # the stages gathered there, the tp slices joined
@@ -140,7 +150,7 @@ def _check(backend, rt, be):
             for k, a in want_weights.items():
                 scale = float(np.max(np.abs(a)))
                 # bf16: where a gradient is ~0, AdamW turns rounding into moves of up to lr per step
-                atol = STEPS * cfg.optim.lr if BF16[0] in sets else 1e-4 * scale
+                atol = STEPS * cfg.optim.lr if low else 1e-4 * scale
                 np.testing.assert_allclose(weights[k], a, rtol=0, atol=atol, err_msg=f"{backend} {name}: {k}")
         print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()})",
               flush=True)

@@ -1,10 +1,10 @@
-"""train.precision = 'bf16': matmuls and attention in bfloat16 (torch.autocast; TF's casts), float32
-masters. In one process, both frameworks, both families: it does change the numbers (bf16 is
-really used), stays within bfloat16's rounding of float32 at the first step, and after 120 steps
-of learning a pattern (the loss falls to a fraction of its start) its loss is within 2% of the
-starting loss of float32's: the two trajectories part (chaotically, as any two roundings do) but
-learn alike. np=2 equal to np=1 under bf16 (dp and
-tp): tests/integration/test_llama_layouts.py's launch."""
+"""train.precision = 'bf16' / 'fp16': matmuls and attention in 16 bits (torch.autocast; TF's casts),
+float32 masters; fp16 with dynamic loss scaling (hvdllm/loss_scale.py). In one process, both
+frameworks: bf16 does change the numbers (it is really used), stays within bfloat16's rounding of
+float32 at the first step, and after 120 steps of learning a pattern (the loss falls to a fraction
+of its start) its loss is within 2% of the starting loss of float32's: the two trajectories part
+(chaotically, as any two roundings do) but learn alike. fp16 skips an overflowing step. np=2 equal
+to np=1 in bf16 and fp16 (dp, tp): tests/integration/test_llama_layouts.py's launch."""
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
 import numpy as np
@@ -65,6 +65,46 @@ def test_bf16_trains_as_float32_does_within_its_rounding(family, backend):
     assert abs(end16 - end32) <= 0.02 * first32.loss
 
 
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend):
+    """An overflow (the testing aid's infinite scale at step 3) leaves every weight and AdamW's
+    step count as they were, halves the scale, and the run goes on; fp16 trains within its
+    rounding of float32 (11 significant bits)."""
+    e, ref = engine("gpt2", backend, "fp16"), engine("gpt2", backend, "fp32")
+    batches = list(pattern_batches(6))
+    first = e.train_step(*batches[0], lr=3e-3)
+    want = ref.train_step(*batches[0], lr=3e-3)
+    assert first.loss != want.loss and abs(first.loss - want.loss) <= 4 * 2.0 ** -11 * want.loss
+    assert abs(first.grad_norm - want.grad_norm) <= 0.02 * want.grad_norm   # the unscaled norm
+    e.train_step(*batches[1], lr=3e-3)
+    before, scale = e.state_dict(), e.scaler.scale
+    e.inject_overflow = True
+    r = e.train_step(*batches[2], lr=3e-3)
+    assert r.skipped and not np.isfinite(r.grad_norm) and e.scaler.scale == scale / 2
+    after = e.state_dict()
+    assert after["optim.step"] == before["optim.step"] == 2
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    r = e.train_step(*batches[3], lr=3e-3)
+    assert not r.skipped and np.isfinite(r.loss) and e.state_dict()["optim.step"] == 3
+
+
+def test_loss_scaler_rules():
+    from hvdllm.loss_scale import LossScaler
+    s = LossScaler(init=8.0, window=2)
+    s.update(True)
+    assert (s.scale, s.good) == (8.0, 1)
+    s.update(True)
+    assert (s.scale, s.good) == (16.0, 0)    # doubles after `window` finite steps
+    s.update(False)
+    assert (s.scale, s.good) == (8.0, 0)     # halves on an overflow
+    t = LossScaler()
+    t.load(s.state())
+    assert t.state() == s.state()
+
+
 def test_precision_is_validated():
     with pytest.raises(config.ConfigError, match="train.precision"):
         config.validate(config.load(None, ['train.precision="fp8"']))
+    with pytest.raises(config.ConfigError, match="'fp16' .* not with parallel.pp"):
+        config.validate(config.load(None, ['train.precision="fp16"', "parallel.pp=2"]))

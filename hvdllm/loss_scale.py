@@ -1,0 +1,29 @@
+"""Dynamic loss scaling for train.precision = 'fp16' (Micikevicius et al. 2018; the rules of
+torch.amp.GradScaler). The loss is multiplied by `scale` before backward, so that small float16
+gradients do not flush to zero, and the gradients are divided by it again before clipping and
+AdamW. A step whose gradient norm, taken after the dp (and tp) reduction, is not finite is
+skipped and the scale halves; after `window` finite steps in a row it doubles. Every rank holds
+the same reduced gradients, hence the same norm: every rank skips the same step, with no message
+of its own. The scaler's state travels in the checkpoint's manifest (Trainer.save), so a resume
+continues with the scale the interrupted run had."""
+from __future__ import annotations
+
+
+class LossScaler:
+    def __init__(self, init: float = 2.0 ** 16, window: int = 2000, factor: float = 2.0):
+        self.scale, self.window, self.factor = float(init), int(window), float(factor)
+        self.good = 0   # finite steps since the scale last changed
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale, self.good = self.scale / self.factor, 0
+            return
+        self.good += 1
+        if self.good >= self.window:
+            self.scale, self.good = self.scale * self.factor, 0
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good": self.good}
+
+    def load(self, state: dict) -> None:
+        self.scale, self.good = float(state["scale"]), int(state["good"])
