@@ -69,10 +69,9 @@ import numpy as np
 from .. import params, placement
 from ..engines import GPTEngineBase, gather_full
 from ..flat import FlatLayout, ops_of
+from ..memory import zero_state_bytes
 from ..optim import DeviceAdamW, FlatAdamW, clip_coef
 from . import tensor_parallel as tp_plan
-
-UNITS = ("block",)   # parallel.zero_unit: a layer of the built-in model (embeddings, a block, head)
 
 
 class Runner(Protocol):
@@ -99,8 +98,10 @@ class Runner(Protocol):
 
 
 def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
-    """(uses, owned) per unit: the parameter names unit u's computation reads, and those it owns
-    (the first unit to list a name owns it; the tied head borrows wte from the embeddings)."""
+    """(uses, owned) per unit (parallel.zero_unit = "block": each layer of hvdllm.params, the
+    embeddings, every block, the head): the parameter names unit u's computation reads, and
+    those it owns (the first unit to list a name owns it; the tied head borrows wte from the
+    embeddings)."""
     uses = [params.layer_params(model_cfg, i) for i in range(params.n_layers(model_cfg))]
     seen, owned = set(), []
     for names in uses:
@@ -111,7 +112,6 @@ def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
 
 def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0) -> dict:
     """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
-    from ..memory import zero_state_bytes
     return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit)
 
 
