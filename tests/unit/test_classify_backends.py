@@ -121,3 +121,10 @@ def test_init_from_loads_the_backbone_under_a_fresh_head():
         for k in task.HEAD:
             np.testing.assert_array_equal(got[k], want_head[k], err_msg=k)
         assert "lm_head" not in got
+    # a tp rank cuts its slices from it as from a checkpoint: the backbone's split, the head whole
+    from hvdllm.strategies import tensor_parallel as tp_plan
+    fresh = FreshHead(dict(pretrained), want_head)
+    part = tp_plan.shard_state(fresh, 2, 1, keys=list(task.backbone_shapes(c)) + list(task.HEAD))
+    for k, a in part.items():
+        np.testing.assert_array_equal(a, tp_plan.shard(k, fresh[k], 2, 1), err_msg=k)
+    np.testing.assert_array_equal(part["cls.weight"], want_head["cls.weight"])
