@@ -9,7 +9,8 @@ The order, and why:
      creates only its slices;
   3. pipeline stages (PipelineEngine) when parallel.pp > 1, else one data-parallel Engine over
      the dp group; ZeRO-1 and local SGD sit inside either (they replace the optimizer step and
-     its gradient reduction);
+     its gradient reduction); ZeRO-2/3 (parallel.zero >= 2) replace the data-parallel Engine by
+     ShardedEngine (strategies/zero_sharded.py: the step runs unit by unit);
   4. parameter-server workers (ps.servers > 0) wrap the engine last: they take its local
      gradients and replace its reduction and optimizer by the servers' update.
 """
