@@ -110,7 +110,14 @@ def cmd_launch(args) -> int:
     env = [launch.ATTEMPT_ENV] if args.max_restarts else ()   # mpirun forwards it to every rank
 
     def make(argv):
+        if args.elastic:   # horovodrun's elastic Gloo mode (hvdllm/elastic.py)
+            from . import elastic
+            return elastic.command(args.np, argv, args.min_np, args.max_np, args.host_discovery_script)
         return launch.command(args.launcher, args.np, argv, args.hosts, env=env)
+    if args.elastic and args.launcher not in ("mpirun", "horovodrun"):   # mpirun: the default
+        print(f"hvdllm launch: --elastic runs under horovodrun --gloo, not --launcher {args.launcher}",
+              file=sys.stderr)
+        return 2
     launch.check_available(make(rest))
     return launch.run_with_restarts(make, rest, args.max_restarts)
 
@@ -189,6 +196,15 @@ def parser() -> argparse.ArgumentParser:
                     help="when the job ends because a rank died (killed, or failed with an error), run it "
                          "again from the latest checkpoint (train.resume=true), up to K times; with sbatch "
                          "the job script does so inside its allocation (default 0)")
+    la.add_argument("--elastic", action="store_true",
+                    help="Horovod elastic mode (horovodrun --gloo, train.elastic=true): a lost worker is "
+                         "dropped and the rest continue from the last in-memory commit; data parallel only")
+    la.add_argument("--min-np", type=int, help="--elastic: the fewest workers the job continues with "
+                                               "(default -np)")
+    la.add_argument("--max-np", type=int, help="--elastic: the most workers the job takes (default -np)")
+    la.add_argument("--host-discovery-script", metavar="SCRIPT",
+                    help="--elastic: prints the available hosts, one `host:slots` a line (default: this "
+                         "machine's -np or --max-np slots)")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)
     g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")

@@ -169,7 +169,9 @@ class TrainConfig:
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
     precision: str = doc("compute precision: 'fp32', or 'bf16' (matmuls and attention in bfloat16 "
                          "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
-                         "norms, softmax and loss; runs on CPU too)", "fp32")
+                         "norms, softmax and loss; runs on CPU too), or 'fp16' (the same in float16, "
+                         "with dynamic loss scaling: a step whose gradients overflow is skipped on "
+                         "every rank and the scale halves; hvdllm/loss_scale.py)", "fp32")
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
@@ -182,11 +184,18 @@ class TrainConfig:
     stop_signal: str = doc("on this signal (Slurm: #SBATCH --signal=USR1@120, scancel --signal=USR1) "
                            "stop at a step boundary with a checkpoint, exit 75; 'none' = ignore it", "USR1")
     stop_check_s: float = doc("about this many seconds between the ranks' checks for that signal", 5.0)
+    elastic: bool = doc("Horovod elastic mode under `horovodrun --gloo --min-np/--max-np` (hvdllm launch "
+                        "--elastic): a lost worker is dropped and the rest continue from the last "
+                        "in-memory commit, a joining worker gets it; data parallelism only "
+                        "(hvdllm/elastic.py)", False)
+    elastic_commit_every: int = doc("train.elastic: steps between in-memory commits of the state (a lost "
+                                    "worker costs at most this many steps)", 10)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
     fail_rank: int = doc("testing aid: the rank that raises at fail_at_step", 0)
     fail_mode: str = doc("testing aid: how fail_rank fails at fail_at_step: 'raise' an error (every rank "
-                         "ends, naming it) or 'kill' itself with SIGKILL (a lost process: no message, no "
-                         "cleanup); either only on a launch's first attempt ($HVDLLM_ATTEMPT, which "
+                         "ends, naming it), 'kill' itself with SIGKILL (a lost process: no message, no "
+                         "cleanup) or 'overflow' its fp16 gradients (train.precision = 'fp16': the step "
+                         "is skipped everywhere); either only on a launch's first attempt ($HVDLLM_ATTEMPT, which "
                          "`hvdllm launch --max-restarts` sets), so a restarted job runs past it", "raise")
 
 
@@ -237,9 +246,9 @@ CHOICES = {
     "ps.mode": ("sync", "async", "ssp"),
     "ps.stale_lr": ("inverse", "sqrt", "constant"),
     "train.stop_signal": ("USR1", "USR2", "none"),
-    "train.fail_mode": ("raise", "kill"),
+    "train.fail_mode": ("raise", "kill", "overflow"),
     "aggregation.compression": ("none", "fp16", "bf16"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("fp32", "bf16", "fp16"),
     "parallel.zero_unit": ("block",),
     "parallel.offload": ("none", "optimizer"),
 }
@@ -421,6 +430,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     from .user_model import problems as layers_problems  # model.layers (a user's layer list)
     p.extend(layers_problems(cfg))
     p.extend(_strategy_problems(cfg))
+    from .elastic import problems as elastic_problems  # train.elastic's rules (hvdllm/elastic.py)
+    p.extend(elastic_problems(cfg))
     if cfg.train.tensorboard:
         from .events import available
         if not available():
@@ -528,6 +539,14 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
 
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
+    if cfg.train.precision == "fp16":
+        other = [k for k, on in (("parallel.pp", cfg.parallel.pp > 1), ("parallel.zero", cfg.parallel.zero),
+                                 ("localsgd.every", ls.every), ("ps.servers", cfg.ps.servers),
+                                 ("model.layers", cfg.model.layers)) if on]
+        if other:
+            p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under data and tensor "
+                     f"parallelism for now, not with {', '.join(other)}; use train.precision = 'bf16' "
+                     f"(no scaling needed) there")
     ac = cfg.train.activation_checkpointing
     if ac not in ("none", "full", "selective"):
         p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")

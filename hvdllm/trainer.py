@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, hf, launch, metrics, mfu, params, stop, task
+from . import checkpoint, config, data, elastic, hf, launch, metrics, mfu, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -116,6 +116,8 @@ class Trainer:
                   + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
         checkpoint.check_compatible(state, self._model_shapes(), path)
         self.engine.load_state_dict(state)
+        if self.engine.scaler is not None and "loss_scale" in meta:
+            self.engine.scaler.load(meta["loss_scale"])   # fp16: the scale the run had
         text = state.read_file(hf.HF_CONFIG_FILE) if hasattr(state, "read_file") else None
         self.hf_config_text = text.decode("utf-8") if text is not None else None
         if self.is_root:
@@ -139,7 +141,13 @@ class Trainer:
                   f"weights; optimizer fresh)", file=sys.stderr)
 
     # the loop --------------------------------------------------------------------------------
+    on_step = None   # train.elastic: commits the state after each step (hvdllm/elastic.py)
+
     def run(self) -> dict:
+        # train.elastic: the loop runs again from the last commit after each resize
+        return elastic.run(self, self._loop) if self.cfg.train.elastic else self._loop()
+
+    def _loop(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = self.layout.dp * t.batch_size * cfg.aggregation.accumulation * cfg.model.block_size
         flops_per_step = mfu.flops_per_step(cfg.model, tokens_per_step)
@@ -166,10 +174,14 @@ class Trainer:
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
             t0 = time.perf_counter()
             with self.watchdog.deadline(t.step_timeout, f"step {step}"):
-                if step == t.fail_at_step and self.rt.rank == t.fail_rank and launch.attempt() == 0:
+                if step == t.fail_at_step and self.rt.rank == t.fail_rank and (
+                        elastic.should_fail(self, step) if t.elastic else launch.attempt() == 0):
                     if t.fail_mode == "kill":   # as a lost process: no message, no cleanup
                         os.kill(os.getpid(), signal.SIGKILL)
-                    raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
+                    if t.fail_mode == "overflow":   # this rank's fp16 gradients overflow this step
+                        self.engine.inject_overflow = True
+                    else:
+                        raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 res = self.engine.train_step(x, y, lr)
             if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
                 self.publisher.after_step(step + 1, self.engine)
@@ -184,6 +196,8 @@ class Trainer:
                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                    "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers),
                    "peak_rss_mib": peak_rss_mib()}
+            if self.engine.scaler is not None:   # train.precision = 'fp16'
+                rec.update(loss_scale=self.engine.scaler.scale, skipped=res.skipped)
             if self.is_root and (done % t.log_every == 0 or final or stopping):
                 self.log.write(rec)
             if bar:
@@ -194,6 +208,8 @@ class Trainer:
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or final or stopping:
                 self.save(done)
             summary["loss"] = res.loss
+            if self.on_step is not None:
+                self.on_step(done)
             if stopping:
                 summary["stopped_at"] = done
                 break
@@ -243,6 +259,8 @@ class Trainer:
                         "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name,
                         # global batch, tokens' digest, the tokenizer (a file): what resume checks
                         **checkpoint.identity(self.cfg, lay, self.data)}
+                if self.engine.scaler is not None:   # fp16's loss scale
+                    meta["loss_scale"] = self.engine.scaler.state()
                 if self.hf_config_text is not None:   # the imported model's config.json (hf.py)
                     meta[checkpoint.EXTRA_FILES][hf.HF_CONFIG_FILE] = self.hf_config_text
                 checkpoint.finalize(self.out, step, names, meta, self.cfg.train.keep_checkpoints)
