@@ -30,6 +30,7 @@ class ShardedEngine(ShardedEngineBase):
     def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self._groups(cfg, layout, collectives or Collectives(), tp, NumpyCollectives)
         self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp)
+        self.model.configure(cfg.train)   # activation checkpointing, precision: as the Engine's
         self.named = list(self.model.params.items())
         self.shapes = {n: tuple(v.shape) for n, v in self.named}
         self.recompute = cfg.parallel.zero == 3

@@ -32,6 +32,7 @@ class ShardedEngine(ShardedEngineBase):
         self._groups(cfg, layout, collectives or Collectives(), tp, NumpyCollectives)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.model = GPT(cfg.model, cfg.train.seed, tp=self.tp)
+        self.model.configure(cfg.train)   # activation checkpointing, precision: as the Engine's
         self.named = self.model.named()
         self.by_name = dict(self.named)
         if cfg.parallel.zero == 3:
