@@ -83,8 +83,8 @@ class ShardedEngine(ShardedEngineBase):
         self.model.train()
         if u:
             x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.model.run_layer(u, x)
+        with torch.enable_grad():   # run_layers: a block recomputes in backward under 'full' checkpointing
+            out = self.model.run_layers([u], x)
             if target is not None:
                 out = self.model.loss_from_logits(out, target) / self.k
         return out.detach(), (x, out)
