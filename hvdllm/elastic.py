@@ -100,13 +100,15 @@ def make_state(trainer):
             super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
             self.step = trainer.start_step
             self._saved = _state_state(trainer.engine, self.step)
-            self.resets = 0
+            self.resets, self.event = 0, None
 
         def save(self):
             self._saved = _state_state(trainer.engine, self.step)
 
         def restore(self):
-            # the arrays go back into the engine rebuilt by reset (load in run_elastic)
+            # run_fn calls this on HorovodInternalError, from the loop or from sync (outside the
+            # loop's wrapper, which names the event); the arrays go into the rebuilt engine in body
+            self.event = self.event or "a worker was lost"
             self.step = self._saved["step"]
 
         def sync(self):
@@ -135,8 +137,9 @@ def make_state(trainer):
             before = trainer.rt.size
             rebuild(trainer, hvd)   # Horovod was initialised again: new rank, size, engine
             if trainer.rt.rank == 0:
-                _log(f"elastic: resized from {before} to {trainer.rt.size} workers; continuing from "
-                     f"the commit at step {self.step} (reset {self.resets})")
+                _log(f"elastic: resized from {before} to {trainer.rt.size} workers ({self.event}); "
+                     f"continuing from the commit at step {self.step} (reset {self.resets})")
+            self.event = None
 
         def commit_due(self, done: int) -> None:
             self.step = done
@@ -164,29 +167,39 @@ def run(trainer, loop):
 
 
 def _elastic_run(backend: str, hvd):
-    """hvd.elastic.run, with TensorFlow's op errors from a lost peer recognised: horovod.
-    tensorflow.elastic.run turns only HorovodAllreduce/Allgather/Broadcast failures into
-    HorovodInternalError and returns None for any other (a grouped allreduce's
-    'HorovodGroupedAllreduce' among them), so a resize would end the run as if it were done."""
+    """hvd.elastic.run (horovod/common/elastic.py run_fn: sync, run, and on a resize restore or
+    not, re-initialise Horovod, reset, again), noting which event caused each reset for the log,
+    and with TensorFlow's op errors from a lost peer recognised: horovod.tensorflow.elastic.run
+    turns only HorovodAllreduce/Allgather/Broadcast failures into HorovodInternalError and
+    returns None for any other (a grouped allreduce's 'HorovodGroupedAllreduce' among them),
+    so a resize would end the run as if it were done."""
     from horovod.common.elastic import run_fn
-    from horovod.common.exceptions import HorovodInternalError
-    if backend != "tensorflow":
-        return hvd.elastic.run
+    from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-    def reset():   # what horovod.tensorflow.elastic does: a new Horovod over the new workers
+    def reset():   # what horovod.{torch,tensorflow}.elastic do: a new Horovod over the new workers
         hvd.shutdown()
         hvd.init()
 
     def decorate(func):
-        import tensorflow as tf
+        op_error = ()
+        if backend == "tensorflow":
+            import tensorflow as tf
+            op_error = tf.errors.OpError
 
         def wrapper(state, *args, **kwargs):
             try:
                 return func(state, *args, **kwargs)
-            except tf.errors.OpError as e:
-                if "Horovod" in str(e):
-                    raise HorovodInternalError(e) from e
+            except HorovodInternalError:
+                state.event = "a worker was lost"
                 raise
+            except HostsUpdatedInterrupt as e:
+                state.event = "hosts were removed" if e.skip_sync else "hosts were added"
+                raise
+            except op_error as e:
+                if "Horovod" not in str(e):
+                    raise
+                state.event = "a worker was lost"
+                raise HorovodInternalError(e) from e
         return run_fn(wrapper, reset)
     return decorate
 

@@ -7,6 +7,7 @@ Up to the commit the run is the non-elastic one: np=3 x 4 sequences per rank com
 process with 12 does (test_integration.py holds dp to np=1), so its losses up to the commit
 equal the shared np=1 reference's. After the resize the global batch is 2 x 4: no equality is
 claimed there, only that every step is logged once and the run ends with its checkpoint."""
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ def test_a_lost_worker_is_dropped_and_training_continues(tmp_path, reference, ba
     r = run(argv, timeout=240, HOROVOD_GLOO_TIMEOUT_SECONDS=5)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-5000:]
-    assert "elastic: resized from 3 to 2 workers; continuing from the commit at step 3" in r.stdout, \
-        r.stdout[-4000:]
+    # (a lost worker is seen as a failed collective, or as the driver's notice that hosts were removed)
+    assert re.search(r"elastic: resized from 3 to 2 workers \((a worker was lost|hosts were removed)\); "
+                     r"continuing from the commit at step 3", r.stdout), r.stdout[-4000:]
     # every step once: step 4, logged on 3 workers before the kill, is logged again on 2
     assert [x["step"] for x in records(out) if "loss" in x] == list(range(1, STEPS + 1))
     assert checkpoint.latest(out) == out / "checkpoints" / f"step_{STEPS:08d}", checkpoint.latest(out)
