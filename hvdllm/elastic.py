@@ -25,6 +25,12 @@ that step's global batch). The steps continue and the run ends at train.steps wi
 checkpoint, but no sample-exact equivalence with an unresized run is claimed after a resize;
 before it the run is exactly the non-elastic run with the same settings.
 
+Tested: a lost worker (tests/integration/test_elastic.py, both frameworks). A worker that comes
+back (horovodrun --blacklist-cooldown-range, or a host the discovery script adds again) starts
+the resize and the sync, but on one machine Horovod 0.28.1's re-initialisation then loops: one
+process waits in Gloo's rendezvous for a local process set and the others reset again at the same
+step. Rejoining is therefore not claimed yet.
+
 Only data parallelism: one state every rank holds whole, one global process set (validated in
 `problems`). The framework's Horovod module is imported only inside functions (the core never
 imports a framework at module level).
