@@ -239,6 +239,9 @@ def discovery_script(path: Path, slots: int) -> Path:
     return path
 
 
+RESET_LIMIT = 8   # resizes a job may go through (horovodrun --reset-limit)
+
+
 def command(np_: int, args: list[str], min_np: int | None = None, max_np: int | None = None,
             discovery: str | None = None) -> list[str]:
     """`hvdllm launch --elastic`: horovodrun's elastic Gloo mode, starting np_ workers, going on
@@ -247,7 +250,10 @@ def command(np_: int, args: list[str], min_np: int | None = None, max_np: int | 
     hosts to start an elastic job (horovod/runner/gloo_run.py _get_min_start_hosts)."""
     import tempfile
     min_np, max_np = min_np or np_, max_np or np_
-    cmd = ["horovodrun", "-np", str(np_), "--gloo", "--min-np", str(min_np), "--max-np", str(max_np)]
+    cmd = ["horovodrun", "-np", str(np_), "--gloo", "--min-np", str(min_np), "--max-np", str(max_np),
+           # a resize that never settles (Horovod 0.28.1's rejoin loops, see above) ends the job
+           # after this many resets, instead of running forever
+           "--reset-limit", str(RESET_LIMIT)]
     if discovery is None:
         path = Path(tempfile.mkdtemp(prefix="hvdllm-elastic-")) / "hosts.sh"
         cmd += ["--host-discovery-script", str(discovery_script(path, max_np)), "--network-interface", "lo"]

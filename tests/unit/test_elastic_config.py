@@ -26,6 +26,7 @@ def test_launch_command_and_local_discovery_script(tmp_path):
     cmd = elastic.command(3, ["train", "c.toml"], 2, 3)
     assert cmd[:8] == ["horovodrun", "-np", "3", "--gloo", "--min-np", "2", "--max-np", "3"]
     assert cmd[cmd.index("--network-interface") + 1] == "lo"
+    assert cmd[cmd.index("--reset-limit") + 1] == str(elastic.RESET_LIMIT)   # a livelocked resize ends
     assert cmd[-2:] == ["--set", "train.elastic=true"]
     script = cmd[cmd.index("--host-discovery-script") + 1]
     hosts = subprocess.run([script], capture_output=True, text=True, check=True).stdout.split()
