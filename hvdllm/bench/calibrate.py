@@ -103,8 +103,14 @@ def fit_collectives(raw: dict) -> dict:
     for kind, rows in raw["collectives"].items():
         c, k = RING[kind][0](n), RING[kind][1](n)
         a, slope = line_fit([r["bytes"] for r in rows], [r["seconds"] for r in rows])
-        out[kind] = {"busbw": c / slope if slope > 0 else None, "latency_s": a / k, "rows": rows}
+        out[kind] = {"busbw": c / slope if slope > 0 else c * rate(rows), "latency_s": a / k, "rows": rows}
     return out
+
+
+def rate(rows) -> float:
+    """Bytes per second of the best row: where noise gives the size fit no positive slope (a small
+    message timed slower than a large one), what the largest messages reached, a lower bound."""
+    return max(r["bytes"] / r["seconds"] for r in rows if r["seconds"] > 0)
 
 
 def fit_p2p(raw: dict) -> dict | None:
@@ -112,7 +118,7 @@ def fit_p2p(raw: dict) -> dict | None:
     if not rows:
         return None
     a, slope = line_fit([r["bytes"] for r in rows], [r["seconds"] for r in rows])
-    return {"bandwidth": 1.0 / slope if slope > 0 else None, "latency_s": a, "rows": rows}
+    return {"bandwidth": 1.0 / slope if slope > 0 else rate(rows), "latency_s": max(a, 0.0), "rows": rows}
 
 
 def calibration(raw: dict, command: str) -> dict:

@@ -96,6 +96,10 @@ ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.stragg
          "train.steps=20", "train.checkpoint_every=0", "train.eval_every=0", "ps.staleness=1"]
 # initial loss ~5.55 nats/token; the unigram entropy of this corpus is 3.15
 CONVERGED = 4.0
+# async: which pushes are stale, and by how much, depends on timing, and so does the final loss
+# (a quiet CI machine measured 4.01 once): "converged" there is well below the start, a run that
+# learned nothing stays near 5.55
+ASYNC_CONVERGED = 4.3
 
 
 @pytest.mark.integration
@@ -109,7 +113,8 @@ def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path):
         r, out = train(tmp_path, mode, 3 + evaluator, ASYNC + [f"ps.mode={mode}"] + extra)
         assert r.returncode == 0, r.stdout[-4000:]
         val = [x for x in metrics.read(out / "metrics.jsonl") if "val_loss" in x and "role" not in x]
-        assert len(val) == 1 and val[-1]["val_loss"] < CONVERGED, (mode, val)
+        print(f"{mode}: final val_loss {val[-1]['val_loss']:.3f} after {val[-1]['step']} steps of worker 0")
+        assert len(val) == 1 and val[-1]["val_loss"] < (ASYNC_CONVERGED if mode == "async" else CONVERGED), (mode, val)
         logs[mode] = server_log(out)
         applied = [x for x in logs[mode] if x["applied"]]
         assert len(applied) == 2 * 20          # the budget: train.steps x workers pushes
@@ -144,7 +149,7 @@ def test_async_ps_with_tensorflow_workers_and_an_evaluator(tmp_path):
                                                      "roles.evaluators=1", "roles.snapshot_every=4"])
     assert r.returncode == 0, r.stdout[-4000:]
     val = [x for x in metrics.read(out / "metrics.jsonl") if "val_loss" in x and "role" not in x]
-    assert len(val) == 1 and val[-1]["val_loss"] < CONVERGED, val
+    assert len(val) == 1 and val[-1]["val_loss"] < ASYNC_CONVERGED, val
     log = server_log(out)
     assert len([x for x in log if x["applied"]]) == 2 * 20
     pace = [push_interval(log, w) for w in (0, 1)]
