@@ -96,6 +96,9 @@ ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.stragg
          "train.steps=20", "train.checkpoint_every=0", "train.eval_every=0", "ps.staleness=1"]
 # initial loss ~5.55 nats/token; the unigram entropy of this corpus is 3.15
 CONVERGED = 4.0
+# the straggler's pace: 5x the work, but with 4 ranks on 2 cores a quiet CI measured only 1.9x
+# its median push interval, so the tests ask only that it is slower and that the fast worker
+# ran ahead (gap > 1)
 # async: which pushes are stale, and by how much, depends on timing, and so does the final loss
 # (a quiet CI machine measured 4.01 once): "converged" there is well below the start, a run that
 # learned nothing stays near 5.55
@@ -124,7 +127,7 @@ def test_async_and_ssp_converge_and_ssp_bounds_staleness(tmp_path):
             np.testing.assert_allclose(ev[-1]["val_loss"], val[-1]["val_loss"], rtol=1e-5)
     # async: the fast worker is not held back, so it runs ahead of the straggler well past tau
     pace = [push_interval(logs["async"], w) for w in (0, 1)]
-    assert 2 * pace[0] < pace[1] and max(x["gap"] for x in logs["async"]) > 1, pace
+    assert pace[0] < pace[1] and max(x["gap"] for x in logs["async"]) > 1, pace
     # the lr each push got: the schedule's at global step (t-1) // W, over 1+s (async, 'inverse')
     # or over sqrt(1+s) (ssp run, ps.stale_lr = 'sqrt')
     from hvdllm.lr import lr_at
@@ -153,7 +156,7 @@ def test_async_ps_with_tensorflow_workers_and_an_evaluator(tmp_path):
     log = server_log(out)
     assert len([x for x in log if x["applied"]]) == 2 * 20
     pace = [push_interval(log, w) for w in (0, 1)]
-    assert 2 * pace[0] < pace[1] and max(x["gap"] for x in log) > 1, pace
+    assert pace[0] < pace[1] and max(x["gap"] for x in log) > 1, pace
     ev = [x for x in metrics.read(out / "metrics.jsonl") if x.get("role") == "evaluator"]
     assert ev[-1]["step"] == val[-1]["step"]
     np.testing.assert_allclose([ev[-1]["val_loss"], ev[-1]["val_acc"]], [val[-1]["val_loss"], val[-1]["val_acc"]],
