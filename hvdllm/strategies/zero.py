@@ -26,6 +26,19 @@ from ..flat import FlatLayout, ops_of
 from ..optim import DeviceAdamW, clip_coef
 
 
+def kind_spans(pieces, kind=None) -> dict[str, list[tuple[int, int]]]:
+    """[start, end) ranges of a rank's shard per kind ('sharded', 'replicated', 'skip'; all
+    'sharded' without `kind`), adjacent ones merged. `pieces` yields (name, _, (start, end))."""
+    spans = {"sharded": [], "replicated": [], "skip": []}
+    for n, _, (s, e) in pieces:
+        out = spans[kind(n) if kind else "sharded"]
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return spans
+
+
 class Zero1:
     """`comm`: the Collectives of the dp group (a backend's, on its tensors; HostCollectives or
     the unit tier's simulator on numpy), whose `ops` make and measure the vectors. `flat` holds
@@ -46,13 +59,7 @@ class Zero1:
         self.tp, self.pp_sum = tp, pp_sum
         # [start, end) of this shard's elements per kind, adjacent ones merged: the norm is a few
         # dots over slices, no temporaries and no per-element masks
-        self.spans = {"sharded": [], "replicated": [], "skip": []}
-        for n, _, (s, e) in self._pieces():
-            spans = self.spans[kind(n) if kind else "sharded"]
-            if spans and spans[-1][1] == s:
-                spans[-1] = (spans[-1][0], e)
-            else:
-                spans.append((s, e))
+        self.spans = kind_spans(self._pieces(), kind)
         self.plain = tp is None and pp_sum is None and not self.spans["skip"]
 
     def step(self, flat_grad, flat_params, lr: float) -> tuple:

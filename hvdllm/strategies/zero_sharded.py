@@ -68,10 +68,12 @@ import numpy as np
 
 from .. import params, placement
 from ..engines import GPTEngineBase, gather_full
+from ..errors import ConfigError
 from ..flat import FlatLayout, ops_of
 from ..memory import zero_state_bytes
 from ..optim import DeviceAdamW, FlatAdamW, clip_coef
 from . import tensor_parallel as tp_plan
+from .zero import kind_spans
 
 
 class Runner(Protocol):
@@ -150,13 +152,7 @@ class ZeroSharded:
         mask = np.concatenate(masks)
         self.opt = FlatAdamW(self.size, mask, optim_cfg) if offload == "optimizer" \
             else DeviceAdamW(self.size, mask, optim_cfg, self.ops)
-        self.spans = {"sharded": [], "replicated": [], "skip": []}
-        for n, _, (s, e) in self._pieces():
-            spans = self.spans[kind(n) if kind else "sharded"]
-            if spans and spans[-1][1] == s:
-                spans[-1] = (spans[-1][0], e)
-            else:
-                spans.append((s, e))
+        self.spans = kind_spans(self._pieces(), kind)
         self.p = None          # this rank's shard of every unit, concatenated (the backend's vector)
         self.p_host = None     # offload: the master shard on the host
         self.live, self.pending = set(), {}
@@ -497,8 +493,9 @@ class ShardedEngineBase(GPTEngineBase):
         return EvalResult(float(loss_sum), int(correct), int(n))
 
     def local_gradients(self, x, y):
-        raise NotImplementedError("parallel.zero >= 2 reduces its gradients per unit; parameter servers "
-                                  "need parallel.zero <= 1")
+        # config validation refuses ps.servers with parallel.zero; this guards direct engine use
+        raise ConfigError("parallel.zero >= 2 reduces its gradients per unit; parameter servers "
+                          "need parallel.zero <= 1")
 
     # state (collective over the dp group; under tp over the tp group too) --------------------
     def host_params(self) -> dict[str, np.ndarray]:
