@@ -38,7 +38,8 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
   optimizer AdamW reads and writes 32 bytes per parameter it updates, at memory bandwidth
             (offloaded: the host's, plus the shard's gradient down and parameters up the host link)
 A group's link is the node's (intra) when its ranks fit one node, else the network's (inter):
-rank order puts tp fastest, then pp, then dp (hvdllm/layout.py).
+rank order puts tp fastest, then pp, then dp (hvdllm/layout.py). A dp group with g members on
+each node reduces over min(g, the system's inter_node_ports) ports at once (_link_for).
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class System:
     intra: Link
     inter: Link
     devices_per_node: int | None = None
+    inter_node_ports: int = 1     # network ports per node, each of inter's bandwidth
 
     def peak(self, precision: str) -> float:
         peaks = self.device["peak_flops"]
@@ -136,7 +138,7 @@ def load_calibration(path: str | None = None, system: str | None = None) -> Syst
     s = systems[name]
     dev = data["devices"][s["device"]]
     return System(name, s["device"], dev, _link(data["links"], s["intra_node"]),
-                  _link(data["links"], s["inter_node"]), s.get("devices_per_node"))
+                  _link(data["links"], s["inter_node"]), s.get("devices_per_node"), s.get("inter_node_ports", 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +277,34 @@ def _model_flops(m) -> tuple:
     return tuple(per), params.flops_per_token(m)
 
 
-def _link_for(span: int, devices_per_node: int, system: System) -> Link:
-    return system.intra if span <= devices_per_node else system.inter
+def _link_for(span: int, devices_per_node: int, system: System, per_node: int = 1) -> Link:
+    """The link of a group spanning `span` consecutive ranks, `per_node` of its members on each
+    node. Across nodes a ring's only slow hop is the one leaving a node; NCCL runs one ring
+    (channel) per network port and spreads them over the node's ports, so a group with g members
+    per node reduces over min(g, ports) ports at once (nccl-tests on DGX A100, 8 HDR ports: all_reduce
+    bus bandwidth about 190 GB/s across nodes, 8 ports' worth, not one's), never faster than the
+    node's own link."""
+    if span <= devices_per_node:
+        return system.intra
+    ports = min(per_node, system.inter_node_ports)
+    if ports <= 1 or system.inter.collectives:
+        return system.inter
+    bw = min(system.inter.bandwidth * system.inter.efficiency * ports, system.intra.bandwidth * system.intra.efficiency)
+    return dataclasses.replace(system.inter, name=f"{system.inter.name} x{ports}", bandwidth=bw, efficiency=1.0)
+
+
+OVERLAPPABLE = ("tp", "pp", "dp")
 
 
 def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precision: str = "fp32",
-            reserve: float = 0.1, cal_layers: dict | None = None) -> dict:
+            reserve: float = 0.1, cal_layers: dict | None = None, overlap: tuple = ()) -> dict:
     """Memory and step time of one layout (cfg already has its settings: apply()). Returns a
-    dict of the terms (seconds, bytes) and the totals."""
+    dict of the terms (seconds, bytes) and the totals.
+
+    overlap: communication another system hides behind compute, which hvdllm's engines do not
+    (`bench plan --published` compares with such runs): "tp" and "pp" per micro-batch behind its
+    compute, "dp" behind the last micro-batch's forward and backward (gradients reduced as the
+    backward makes them, parameters gathered as the forward needs them); only the excess shows."""
     m = cfg.model
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     mem = memory.rank_memory(cfg, cand.dp, checkpointing=cand.checkpointing, offload=cand.offload,
@@ -295,7 +317,8 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
     L = m.n_layer
     tp_link = _link_for(cand.tp, devices_per_node, system)
     pp_link = _link_for(cand.tp * cand.pp, devices_per_node, system)
-    dp_link = _link_for(cand.tp * cand.pp * cand.dp, devices_per_node, system)
+    dp_link = _link_for(cand.tp * cand.pp * cand.dp, devices_per_node, system,
+                        max(1, min(cand.dp, devices_per_node // (cand.tp * cand.pp))))
     act_msg = tokens_mb * m.n_embd * act_bytes
     stages = []
     for chunks in memory.stage_chunks(m, cand.pp, v, cfg.parallel.partition):
@@ -309,8 +332,10 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
         if cand.tp > 1 and L + 1 in layers:   # vocabulary-parallel cross-entropy: 3 small ones
             tp_s += 3 * ring_allreduce_s(tokens_mb * 4, cand.tp, tp_link)
         pp_s = 2 * p2p_s(act_msg, pp_link) * len(chunks) if cand.pp > 1 else 0.0
+        hidden = (tp_s if "tp" in overlap else 0.0) + (pp_s if "pp" in overlap else 0.0)
+        t_mb = compute + tp_s + pp_s - min(hidden, compute)
         stages.append({"layers": layers, "flops": flops, "compute_s": compute, "tp_s": tp_s, "pp_s": pp_s,
-                       "t_mb": compute + tp_s + pp_s})
+                       "t_mb": t_mb})
     slow = max(stages, key=lambda s: s["t_mb"])
     bubble = (cand.pp - 1) / (v * cand.k + cand.pp - 1) if cand.pp > 1 else 0.0
     pipeline_s = cand.k * slow["t_mb"] / (1 - bubble)
@@ -341,6 +366,9 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
         if cand.zero:
             dp_terms["norm"] = ring_allreduce_s(8, cand.dp, dp_link)
     dp_s = sum(dp_terms.values())
+    if "dp" in overlap and dp_s:
+        dp_terms["hidden"] = -min(dp_s, slow["t_mb"])
+        dp_s += dp_terms["hidden"]
     tied_s = 0.0
     if cand.pp > 1 and params.tied(m):
         tied_s = 2 * p2p_s(m.vocab_size * m.n_embd / cand.tp * 4, _link_for(cand.tp * cand.pp, devices_per_node,

@@ -22,6 +22,17 @@ Definitions:
                   then take turns on the cores), which the planner itself does not know
 Goals (issue 17): median |time error| <= 15 %, median |memory error| <= 10 %.
 A benchmark, not a test: nothing fails on a missed goal.
+
+    hvdllm bench plan --published [FILE] [--out runs/bench/plan_published.json]
+
+measures nothing: for each row of a published table (hvdllm/published.json: layouts and
+throughputs of large runs on GPU clusters, with their source) the planner's prediction at that
+exact layout with the table's system defaults (hvdllm/calibration.json), against the published
+TFLOP/s per GPU: error = predicted / published - 1, per row and the median |error|. Two
+predictions per row: as hvdllm's engines would run the layout (no communication overlapped),
+and with the overlaps the published run states (plan.predict's `overlap`), the like-for-like one.
+It is a flag of `bench plan` (not of `hvdllm plan`) because it is the same predicted-vs-measured
+check with someone else's measurements; `hvdllm plan` plans a config and stays about that.
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ import time
 from pathlib import Path
 
 from hvdllm import config as config_mod
+from hvdllm import memory
 from hvdllm import plan as planner
 from hvdllm.bench import common
 from hvdllm.launch import command
@@ -50,6 +62,7 @@ BASE = ["data.max_bytes=400000", "train.eval_every=0", "train.eval_batches=1", "
         "train.progress=false", "train.plot=false", "train.checkpoint_every=0", "train.threads=1",
         "optim.warmup_steps=2", "backend=torch"]
 GLOBAL = 8   # sequences per step, every layout
+PUBLISHED = Path(planner.__file__).with_name("published.json")
 # name: (dp, pp, tp, zero, micro-batch sequences, micro-batches per step)
 LAYOUTS = {
     "np1": (1, 1, 1, 0, 8, 1), "np1-acc2": (1, 1, 1, 0, 4, 2),
@@ -72,13 +85,87 @@ def parse(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more settings for every run (e.g. a model.* override)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
-    p.add_argument("--out", default="runs/bench/plan.json")
+    p.add_argument("--out", default=None, help="JSON written (default runs/bench/plan.json, "
+                                               "runs/bench/plan_published.json with --published)")
+    p.add_argument("--published", nargs="?", const=str(PUBLISHED), default=None, metavar="FILE",
+                   help="compare with published large-scale runs instead (default table: hvdllm/published.json); "
+                        "runs nothing")
     a = p.parse_args(argv)
+    a.out = a.out or ("runs/bench/plan_published.json" if a.published else "runs/bench/plan.json")
     a.names = list(LAYOUTS) if a.layouts == "all" else [n.strip() for n in a.layouts.split(",") if n.strip()]
     bad = [n for n in a.names if n not in LAYOUTS]
     if bad or a.steps <= a.warmup:
         p.error(f"--layouts: unknown {bad}" if bad else "--steps must exceed --warmup")
     return a
+
+
+def published_model(table: dict, row: dict) -> list[str]:
+    """The `--set` overrides of a published row's model (the table's common settings + the row's shape)."""
+    return [*(f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in table["model"].items()),
+            f"model.n_layer={row['layers']}", f"model.n_head={row['heads']}", f"model.n_embd={row['hidden']}",
+            f"model.block_size={table['sequence_length']}", f"model.vocab_size={table['vocab_size']}",
+            f"train.precision={table['precision']}"]
+
+
+def compare_published(path: str | None = None, calibration: str | None = None) -> dict:
+    """Every published row against the planner at its layout: {table name: {"rows", "median_abs_error",
+    "median_abs_error_no_overlap", "source", ...}}. Deterministic: nothing is run."""
+    data = json.loads(Path(path or PUBLISHED).read_text())
+    out = {}
+    for name, t in data["tables"].items():
+        system = planner.load_calibration(calibration, t["system"])
+        dpn = system.devices_per_node
+        assumed, peak = t["assumed"], system.peak(t["precision"])
+        rows = []
+        for values in t["rows"]:
+            r = dict(zip(t["columns"], values))
+            cfg = config_mod.load(None, [*published_model(t, r), f"parallel.schedule={assumed['schedule']}",
+                                        *t.get("sets", ())])
+            per_rank, micro = r["batch"] // r["dp"], assumed["micro_batch"]
+            cand = planner.Candidate(r["dp"], r["pp"], r["tp"], assumed["zero"], micro, per_rank // micro)
+            c = planner.apply(cfg, cand)
+            problems = planner.valid(c, r["gpus"])
+            if r["dp"] * r["pp"] * r["tp"] != r["gpus"] or r["batch"] % (r["dp"] * micro):
+                problems.append("the row's layout does not multiply out to its GPUs / batch")
+            # model FLOPs as the table counts them (Narayanan et al. 2021: 72 B s l h^2 (1 + s/6h + V/12lh)
+            # for a 4h MLP): the multiplied matrices and attention, not the embedding lookup
+            flops = sum(planner._model_flops(memory._frozen(c.model))[0]) * cand.dp * cand.micro * cand.k \
+                * c.model.block_size
+            row = {"model": r["model"], "gpus": r["gpus"], "tp": r["tp"], "pp": r["pp"], "dp": r["dp"],
+                   "batch": r["batch"], "layout": cand.label(), "problems": problems,
+                   "published_tflops": r["tflops_per_gpu"], "published_mfu": r["mfu"]}
+            for key, overlap in (("no_overlap", ()), ("overlap", tuple(t.get("overlapped", ())))):
+                pred = planner.predict(c, cand, system, dpn, t["precision"], overlap=overlap)
+                tflops = flops / (pred["step_s"] * r["gpus"]) / 1e12
+                row[key] = {"step_s": pred["step_s"], "tflops": tflops, "mfu": tflops * 1e12 / peak,
+                            "error": tflops / r["tflops_per_gpu"] - 1, "bubble": pred["bubble"],
+                            "compute_s": pred["compute_s"], "tp_s": pred["tp_s"], "pp_s": pred["pp_s"],
+                            "dp_s": pred["dp_s"], "fits": pred["fits"],
+                            "memory_gib": pred["memory"]["device"] / planner.GiB}
+            rows.append(row)
+        out[name] = {"source": t["source"], "assumed": assumed, "system": system.name, "rows": rows,
+                     **{f"median_abs_error{suffix}": statistics.median(abs(r[key]["error"]) for r in rows)
+                        for key, suffix in (("overlap", ""), ("no_overlap", "_no_overlap"))}}
+    return out
+
+
+def print_published(result: dict) -> None:
+    for name, t in result.items():
+        print(f"\n{TAG} {name} ({t['system']}); source: {t['source']}")
+        print(f"{TAG} assumed: {t['assumed']['why']}; not represented: {t['assumed']['not_represented']}")
+        table = [{"model": r["model"], "gpus": r["gpus"], "layout": r["layout"],
+                  "pub": f"{r['published_tflops']:.1f}", "pub_mfu": f"{r['published_mfu']:.2f}",
+                  "pred": f"{r['overlap']['tflops']:.1f}", "mfu": f"{r['overlap']['mfu']:.3f}",
+                  "err": f"{r['overlap']['error']:+.1%}", "pred0": f"{r['no_overlap']['tflops']:.1f}",
+                  "err0": f"{r['no_overlap']['error']:+.1%}", "bubble": f"{r['overlap']['bubble']:.3f}",
+                  "mem": f"{r['overlap']['memory_gib']:.1f}" + ("" if r["overlap"]["fits"] else " NO"),
+                  "note": "; ".join(r["problems"]) or "-"} for r in t["rows"]]
+        common.print_table(table, ["model", "gpus", "layout", ("pub", "pub TF/s"), ("pub_mfu", "pub MFU"),
+                                   ("pred", "pred TF/s"), ("mfu", "pred MFU"), ("err", "error"),
+                                   ("pred0", "no-overlap TF/s"), ("err0", "no-overlap err"), "bubble",
+                                   ("mem", "GiB/dev"), "note"])
+        print(f"median |error| {t['median_abs_error']:.1%} with the run's overlaps, "
+              f"{t['median_abs_error_no_overlap']:.1%} as hvdllm's engines would run it (nothing overlapped)")
 
 
 def _descendants(root: int) -> list[int]:
@@ -156,6 +243,13 @@ def measure(name: str, sets: list[str], np_: int, out_dir: Path, a) -> dict:
 def main(argv=None) -> int:
     a = parse(argv)
     out = Path(a.out)
+    if a.published:
+        result = compare_published(a.published, a.calibration)
+        print_published(result)
+        common.write_json(out, {"benchmark": "plan --published", "tables": result,
+                                "command": "hvdllm bench plan " + " ".join(argv or [])})
+        print(f"{TAG} wrote {out}")
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
