@@ -297,14 +297,17 @@ OVERLAPPABLE = ("tp", "pp", "dp")
 
 
 def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precision: str = "fp32",
-            reserve: float = 0.1, cal_layers: dict | None = None, overlap: tuple = ()) -> dict:
+            reserve: float = 0.1, cal_layers: dict | None = None, overlap: tuple = (),
+            param_bytes: int = 4) -> dict:
     """Memory and step time of one layout (cfg already has its settings: apply()). Returns a
     dict of the terms (seconds, bytes) and the totals.
 
     overlap: communication another system hides behind compute, which hvdllm's engines do not
     (`bench plan --published` compares with such runs): "tp" and "pp" per micro-batch behind its
     compute, "dp" behind the last micro-batch's forward and backward (gradients reduced as the
-    backward makes them, parameters gathered as the forward needs them); only the excess shows."""
+    backward makes them, parameters gathered as the forward needs them); only the excess shows.
+    param_bytes: per parameter in ZeRO's allgathers (hvdllm's engines gather their fp32
+    parameters; a system keeping bf16 parameters beside fp32 master copies gathers 2)."""
     m = cfg.model
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     mem = memory.rank_memory(cfg, cand.dp, checkpointing=cand.checkpointing, offload=cand.offload,
@@ -353,14 +356,14 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
             dp_terms["allreduce"] = ring_allreduce_s(grad_bytes, cand.dp, dp_link)
         elif cand.zero == 1:
             dp_terms["reducescatter"] = ring_half_s("reducescatter", grad_bytes, cand.dp, dp_link)
-            dp_terms["allgather"] = ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+            dp_terms["allgather"] = ring_half_s("allgather", param_bytes * psi, cand.dp, dp_link)
         else:
             dp_terms["reducescatter"] = cand.k * (ring_half_s("reducescatter", grad_bytes, cand.dp, dp_link)
                                                   + per_unit * dp_link.busbw("reducescatter")[1])
             if cand.zero == 2:
-                dp_terms["allgather"] = ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+                dp_terms["allgather"] = ring_half_s("allgather", param_bytes * psi, cand.dp, dp_link)
             else:   # a gather per unit for its forward and again for its backward, one unit ahead
-                gathers = 2 * cand.k * (ring_half_s("allgather", 4 * psi, cand.dp, dp_link)
+                gathers = 2 * cand.k * (ring_half_s("allgather", param_bytes * psi, cand.dp, dp_link)
                                         + per_unit * dp_link.busbw("allgather")[1])
                 dp_terms["gathers_exposed"] = max(0.0, gathers - pipeline_s)
         if cand.zero:

@@ -119,8 +119,7 @@ def compare_published(path: str | None = None, calibration: str | None = None) -
         rows = []
         for values in t["rows"]:
             r = dict(zip(t["columns"], values))
-            cfg = config_mod.load(None, [*published_model(t, r), f"parallel.schedule={assumed['schedule']}",
-                                        *t.get("sets", ())])
+            cfg = config_mod.load(None, [*published_model(t, r), f"parallel.schedule={assumed['schedule']}"])
             per_rank, micro = r["batch"] // r["dp"], assumed["micro_batch"]
             cand = planner.Candidate(r["dp"], r["pp"], r["tp"], assumed["zero"], micro, per_rank // micro)
             c = planner.apply(cfg, cand)
@@ -134,8 +133,10 @@ def compare_published(path: str | None = None, calibration: str | None = None) -
             row = {"model": r["model"], "gpus": r["gpus"], "tp": r["tp"], "pp": r["pp"], "dp": r["dp"],
                    "batch": r["batch"], "layout": cand.label(), "problems": problems,
                    "published_tflops": r["tflops_per_gpu"], "published_mfu": r["mfu"]}
-            for key, overlap in (("no_overlap", ()), ("overlap", tuple(t.get("overlapped", ())))):
-                pred = planner.predict(c, cand, system, dpn, t["precision"], overlap=overlap)
+            # no_overlap: the layout as hvdllm's engines run it; overlap: as the published run did
+            for key, kw in (("no_overlap", {}), ("overlap", {"overlap": tuple(t.get("overlapped", ())),
+                                                             "param_bytes": t.get("param_gather_bytes", 4)})):
+                pred = planner.predict(c, cand, system, dpn, t["precision"], **kw)
                 tflops = flops / (pred["step_s"] * r["gpus"]) / 1e12
                 row[key] = {"step_s": pred["step_s"], "tflops": tflops, "mfu": tflops * 1e12 / peak,
                             "error": tflops / r["tflops_per_gpu"] - 1, "bubble": pred["bubble"],
