@@ -107,6 +107,15 @@ def published_model(table: dict, row: dict) -> list[str]:
             f"train.precision={table['precision']}"]
 
 
+def _holds(condition: str, row: dict) -> bool:
+    """A row note's condition, 'COLUMN>N' or 'COLUMN=N' (published.json's row_notes)."""
+    for op, test in ((">", lambda a, b: a > b), ("=", lambda a, b: a == b)):
+        if op in condition:
+            col, value = condition.split(op)
+            return test(row[col], float(value))
+    raise ValueError(f"published.json: row note condition {condition!r} is not COLUMN>N or COLUMN=N")
+
+
 def compare_published(path: str | None = None, calibration: str | None = None) -> dict:
     """Every published row against the planner at its layout: {table name: {"rows", "median_abs_error",
     "median_abs_error_no_overlap", "source", ...}}. Deterministic: nothing is run."""
@@ -132,6 +141,7 @@ def compare_published(path: str | None = None, calibration: str | None = None) -
                 * c.model.block_size
             row = {"model": r["model"], "gpus": r["gpus"], "tp": r["tp"], "pp": r["pp"], "dp": r["dp"],
                    "batch": r["batch"], "layout": cand.label(), "problems": problems,
+                   "notes": [n for cond, n in assumed.get("row_notes", {}).items() if _holds(cond, r)],
                    "published_tflops": r["tflops_per_gpu"], "published_mfu": r["mfu"]}
             # no_overlap: the layout as hvdllm's engines run it; overlap: as the published run did
             for key, kw in (("no_overlap", {}), ("overlap", {"overlap": tuple(t.get("overlapped", ())),
@@ -160,7 +170,7 @@ def print_published(result: dict) -> None:
                   "err": f"{r['overlap']['error']:+.1%}", "pred0": f"{r['no_overlap']['tflops']:.1f}",
                   "err0": f"{r['no_overlap']['error']:+.1%}", "bubble": f"{r['overlap']['bubble']:.3f}",
                   "mem": f"{r['overlap']['memory_gib']:.1f}" + ("" if r["overlap"]["fits"] else " NO"),
-                  "note": "; ".join(r["problems"]) or "-"} for r in t["rows"]]
+                  "note": "; ".join([*r["problems"], *r["notes"]]) or "-"} for r in t["rows"]]
         common.print_table(table, ["model", "gpus", "layout", ("pub", "pub TF/s"), ("pub_mfu", "pub MFU"),
                                    ("pred", "pred TF/s"), ("mfu", "pred MFU"), ("err", "error"),
                                    ("pred0", "no-overlap TF/s"), ("err0", "no-overlap err"), "bubble",

@@ -24,6 +24,8 @@ def test_published_rows_are_layouts_the_planner_accepts_and_the_median_error_is_
         for row, values in zip(t["rows"], source["rows"]):
             r = dict(zip(source["columns"], values))
             assert row["problems"] == [], (row["model"], row["problems"])   # `hvdllm train` accepts it
+            # what the model cannot represent is said in the row
+            assert bool(row["notes"]) == (r["tp"] > 1)
             assert row["tp"] * row["pp"] * row["dp"] == r["gpus"] and row["published_tflops"] == r["tflops_per_gpu"]
             cfg = config_mod.load(None, bench_plan.published_model(source, r))
             assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (r["layers"], r["hidden"], r["heads"])
