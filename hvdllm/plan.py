@@ -281,9 +281,10 @@ def _link_for(span: int, devices_per_node: int, system: System, per_node: int = 
     """The link of a group spanning `span` consecutive ranks, `per_node` of its members on each
     node. Across nodes a ring's only slow hop is the one leaving a node; NCCL runs one ring
     (channel) per network port and spreads them over the node's ports, so a group with g members
-    per node reduces over min(g, ports) ports at once (nccl-tests on DGX A100, 8 HDR ports: all_reduce
-    bus bandwidth about 190 GB/s across nodes, 8 ports' worth, not one's), never faster than the
-    node's own link."""
+    per node reduces over min(g, ports) ports at once, never faster than the node's own link
+    (NVIDIA/nccl issue 412, NCCL's maintainer: more NICs give more inter-node bus bandwidth "up to
+    160GB/s which is the NVLink intra-node bandwidth of your system"; issue 1168: on one cluster,
+    about 45 GB/s with 4 GPUs per node and 90 GB/s with 8)."""
     if span <= devices_per_node:
         return system.intra
     ports = min(per_node, system.inter_node_ports)
