@@ -219,7 +219,7 @@ def _progress(items, rank: int):
     return tqdm(items, desc="tokenising", unit="file", file=sys.stderr, leave=False)
 
 
-CHUNK_TOKENS = 1 << 20         # tokens copied at a time when the parts are joined
+CHUNK_TOKENS = 1 << 18         # tokens copied at a time when the parts are joined (bounded memory)
 
 
 def _make_tokenizer(data_cfg, files, folder: Path):
@@ -273,9 +273,9 @@ def _join(data_cfg, files, counts: dict, tok, parts: Path, folder: Path) -> None
             with open(parts / _part(i), "rb") as f:
                 while len(chunk := np.fromfile(f, dtype, CHUNK_TOKENS)):
                     cut = max(0, min(len(chunk), total - n_val - written))
-                    train.write(chunk[:cut].tobytes())
-                    val.write(chunk[cut:].tobytes())
-                    sha.update(chunk.tobytes())
+                    train.write(chunk[:cut])     # buffers, not copies
+                    val.write(chunk[cut:])
+                    sha.update(chunk)
                     written += len(chunk)
     if written != total:
         raise HvdllmError(f"the token parts in {parts} hold {written} tokens, {total} were written: "
