@@ -11,6 +11,7 @@ by rank 0, with a message.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from .tokenizer import BPE_FILE, from_serialized, get_tokenizer
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 # files read as records, one document each (data.text_field): anywhere else a file is one document
-RECORD_SUFFIXES = {".jsonl", ".ndjson", ".parquet", ".arrow"}
+RECORD_SUFFIXES = {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow"}
 SEPARATOR = "\n\n"          # between documents, so the model sees where one file ends
 FORMAT_VERSION = 2          # bump when the cache layout or tokenisation changes (2: tokens_sha256)
 
@@ -83,6 +84,15 @@ def _list_files(paths) -> list[tuple[str, Path]]:
     out = []
     for given in paths:
         p = Path(given).expanduser()
+        if not p.exists() and glob.has_magic(str(p)):
+            # a pattern ("shards/*.jsonl"): its matches, sorted, as if each were named (folders
+            # are searched for text files only, so a pattern is how a folder of shards is given)
+            matches = sorted(glob.glob(str(p)))
+            if not matches:
+                raise HvdllmError(f"data.corpus: the pattern {given!r} matches no file; fix the pattern "
+                                  f"or the folder it names")
+            out += _list_files(matches)
+            continue
         if p.is_file():             # an explicit file is taken whatever its suffix
             out.append((p.name, p))
         elif p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
@@ -91,7 +101,9 @@ def _list_files(paths) -> list[tuple[str, Path]]:
             out += [(f"{p.name}/{f.relative_to(p).as_posix()}", f) for f in _walk(p)]
         else:
             raise HvdllmError(f"data.corpus: {given!r} does not exist; set data.corpus to text files "
-                              f"or folders (or [] for the Python standard library)")
+                              f"or folders, JSONL / CSV / Parquet files, saved Hugging Face dataset "
+                              f"folders or patterns like 'shards/*.jsonl' (or [] for the Python "
+                              f"standard library)")
     return out
 
 
@@ -135,6 +147,8 @@ def _record_texts(path: Path, text_field: str):
         found = records.parquet_records(path, (text_field,), keys)
     elif path.suffix == ".arrow":
         found = records.arrow_stream_records(path, (text_field,), keys)
+    elif path.suffix in (".csv", ".tsv"):
+        found = records.csv_records(path, (text_field,), keys)
     else:
         found = records.json_records(path)
     n = 0
@@ -270,6 +284,10 @@ def _join(data_cfg, files, counts: dict, tok, parts: Path, folder: Path) -> None
     sha, written = hashlib.sha256(), 0
     with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val:
         for i in range(len(files)):
+            if not (parts / _part(i)).exists():
+                raise HvdllmError(f"{files[i][0]} was tokenised by another rank into {parts}, and that "
+                                  f"part is not there: data.cache_dir (or HVDLLM_CACHE) must be a folder "
+                                  f"every rank shares")
             with open(parts / _part(i), "rb") as f:
                 while len(chunk := np.fromfile(f, dtype, CHUNK_TOKENS)):
                     cut = max(0, min(len(chunk), total - n_val - written))

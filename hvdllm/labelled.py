@@ -26,7 +26,6 @@ hvdllm/task.py). `ExampleSampler` hands out training batches in data.Sampler's o
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 from . import data
 from .errors import HvdllmError
 from .records import JSON_SUFFIXES
+from .records import csv_records as _csv_records
 from .records import err as _err
 from .records import json_records as _json_records
 from .records import pyarrow as _pyarrow
@@ -49,17 +49,6 @@ FORMATS = "JSONL (.jsonl), CSV (.csv / .tsv), Parquet (.parquet) or a saved Hugg
 # ---------------------------------------------------------------------------------------------
 # Reading: (where, record) pairs, `where` the line ("line 12") or row ("row 12") for messages
 # (the readers it shares with corpora live in hvdllm/records.py).
-
-def _csv_records(path: Path, fields):
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        missing = [k for k in fields if k not in (reader.fieldnames or [])]
-        if reader.fieldnames and missing:
-            raise _err(path, "line 1", f"the header has no column {missing[0]!r} (columns: "
-                                       f"{', '.join(reader.fieldnames)}); set task.text_field / task.label_field")
-        for row in reader:
-            yield f"line {reader.line_num}", row
-
 
 def _saved_dataset(path: Path, fields):
     """A `save_to_disk` folder: (records, ClassLabel names of the label field or None)."""

@@ -6,6 +6,7 @@ messages name; none holds a whole file in memory except a *.json array (one JSON
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def json_records(path: Path):
                 yield f"line {i}", json.loads(line)
             except ValueError as e:
                 raise err(path, f"line {i}", f"not a JSON object ({e}); a JSONL file holds one object a line") from e
+
+
+def csv_records(path: Path, fields, keys: str = "task.text_field / task.label_field"):
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        missing = [k for k in fields if k not in (reader.fieldnames or [])]
+        if reader.fieldnames and missing:
+            raise err(path, "line 1", f"the header has no column {missing[0]!r} (columns: "
+                                      f"{', '.join(reader.fieldnames)}); set {keys}")
+        for row in reader:
+            yield f"line {reader.line_num}", row
 
 
 def pyarrow(path: Path):

@@ -1,5 +1,6 @@
 """Language-model corpora of records (JSONL, Parquet, saved Hugging Face datasets): one document a
 record, tokenised in one streaming pass into the token cache (hvdllm/data.py)."""
+import csv
 import json
 import tracemalloc
 
@@ -49,12 +50,21 @@ def tokens(td):
     return np.concatenate([np.asarray(td.train), np.asarray(td.val)])
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "dataset"])
+def write_csv(path, docs):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows(enumerate(docs))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "dataset"])
 def test_each_record_is_a_document_after_the_text_files_before_it(tmp_path, fmt, monkeypatch):
     monkeypatch.setattr(records, "ROWS_PER_BATCH", 5)      # several batches, numbered across them
     docs, head = texts(23), "a text file, one document\n"
     (tmp_path / "a.txt").write_text(head, encoding="utf-8")
     src = {"jsonl": lambda: write_jsonl(tmp_path / "b.jsonl", docs),
+           "csv": lambda: write_csv(tmp_path / "b.csv", docs),
            "parquet": lambda: write_parquet(tmp_path / "b.parquet", docs),
            "dataset": lambda: write_saved_dataset(tmp_path / "ds", docs, list(range(len(docs))))}[fmt]()
     td = data.prepare(cfg([tmp_path / "a.txt", src]), 0, cache_dir=tmp_path / "cache")
@@ -117,6 +127,17 @@ def test_fingerprint_follows_the_field_and_the_records(tmp_path):
     # a corpus of text files has no field: its cache key (and existing caches) stay as they were
     assert data.corpus_fingerprint(cfg([tmp_path / "a.txt"], text_field="body")) == \
         data.corpus_fingerprint(cfg([tmp_path / "a.txt"]))
+
+
+def test_a_pattern_names_a_folder_of_shards_in_sorted_order(tmp_path):
+    (tmp_path / "shards").mkdir()
+    parts = [texts(4, seed=s) for s in range(3)]
+    for i in (2, 0, 1):
+        write_jsonl(tmp_path / "shards" / f"part-{i}.jsonl", parts[i])
+    td = data.prepare(cfg([tmp_path / "shards" / "*.jsonl"]), 0, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(tokens(td), byte_tokens(parts[0] + parts[1] + parts[2]))
+    with pytest.raises(HvdllmError, match=r"data.corpus: the pattern '.*\*.parquet' matches no file"):
+        data.prepare(cfg([tmp_path / "shards" / "*.parquet"]), 0, cache_dir=tmp_path / "cache")
 
 
 def test_a_saved_dataset_dict_names_its_splits(tmp_path):
