@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import HvdllmError
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
-ROWS_PER_BATCH = 1024           # Parquet / Arrow rows read at a time: bounded memory per file
+ROWS_PER_BATCH = 256            # Parquet / Arrow rows read at a time: bounded memory per file
 
 
 def err(path, where, what: str) -> HvdllmError:
@@ -85,15 +85,19 @@ def table_records(table, path: Path, fields, keys: str = "task.text_field / task
 
 
 def parquet_records(path: Path, fields, keys: str):
-    """A Parquet file's rows, a batch at a time (row groups are never read whole into Python)."""
+    """A Parquet file's rows, a batch at a time, a row group at a time: iter_batches over the whole
+    file reads ahead (Arrow's pool held more than the file), over one row group it holds that
+    group's pages at most."""
     pa = pyarrow(path)
     try:
-        pf = pa.parquet.ParquetFile(path)
+        pf = pa.parquet.ParquetFile(path, memory_map=True)
     except (OSError, pa.ArrowException) as e:
         raise err(path, None, f"not a readable Parquet file ({e})") from e
     check_columns(pf.schema_arrow.names, path, fields, keys)
+    batches = (b for g in range(pf.metadata.num_row_groups)
+               for b in pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[g], columns=list(fields)))
     try:
-        yield from batch_records(pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=list(fields)), path, fields)
+        yield from batch_records(batches, path, fields)
     except (OSError, pa.ArrowException) as e:
         raise err(path, None, f"a damaged Parquet file ({e})") from e
 

@@ -147,22 +147,48 @@ def test_a_saved_dataset_dict_names_its_splits(tmp_path):
         data.prepare(cfg([tmp_path / "dd"]), 0, cache_dir=tmp_path / "cache")
 
 
-def test_streaming_pass_stays_under_a_memory_allowance(tmp_path):
-    """A JSONL corpus 4x larger than the allowance is tokenised with Python-heap peak (tracemalloc
-    counts numpy's buffers too) under it: neither the corpus nor its tokens are held at once."""
-    allowance = 3 << 20
-    docs = texts(200, seed=1, size=400)            # ~100 KB of distinct texts, repeated
-    src = tmp_path / "big.jsonl"
-    with open(src, "w", encoding="utf-8") as f:
-        for i in range(9000):
-            f.write(json.dumps({"text": docs[i % len(docs)] + f" {i}"}) + "\n")
-    assert src.stat().st_size > 4 * allowance
+ALLOWANCE = 3 << 20
+
+
+def big_corpus(tmp_path, fmt, n=11000):
+    """~17 MB of distinct records (~1.6 KB each) as JSONL, or as Parquet in row groups of 500 rows
+    written a group at a time (uncompressed, no dictionary: the file is as big as its texts)."""
+    docs = texts(200, seed=1, size=400)
+    if fmt == "jsonl":
+        src = tmp_path / "big.jsonl"
+        with open(src, "w", encoding="utf-8") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": docs[i % len(docs)] + f" {i}"}) + "\n")
+        return src
+    src = tmp_path / "big.parquet"
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(src, schema, compression="NONE", use_dictionary=False) as w:
+        for lo in range(0, n, 500):
+            w.write_table(pa.table({"text": [docs[i % len(docs)] + f" {i}" for i in range(lo, min(n, lo + 500))]},
+                                   schema=schema))
+    return src
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_streaming_pass_stays_under_a_memory_allowance(tmp_path, fmt):
+    """A corpus over 4x the allowance is tokenised with the Python heap's peak (tracemalloc counts
+    numpy's buffers too) and, for Parquet, Arrow's own pool's peak under it: neither the corpus
+    nor its tokens are ever held at once."""
+    src = big_corpus(tmp_path, fmt)
+    assert src.stat().st_size > 4 * ALLOWANCE
+    # a pool of its own for the build: the default pool's peak is lifelong (other tests, the writing)
+    default_pool = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(default_pool)
+    pa.set_memory_pool(pool)
     tracemalloc.start()
     try:
         td = data.prepare(cfg([src]), 0, cache_dir=tmp_path / "cache")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    n = td.meta["n_train"] + td.meta["n_val"]
-    assert n * 2 > 2 * allowance, n                # the tokens alone would not fit either
-    assert peak < allowance, f"peak {peak / 1e6:.1f} MB for a {src.stat().st_size / 1e6:.1f} MB corpus"
+        pa.set_memory_pool(default_pool)
+    assert td.meta["n_bytes"] > 4 * ALLOWANCE and (td.meta["n_train"] + td.meta["n_val"]) * 2 > 4 * ALLOWANCE
+    assert peak < ALLOWANCE, f"peak {peak / 1e6:.1f} MB for a {src.stat().st_size / 1e6:.1f} MB corpus"
+    if fmt == "parquet":
+        arrow_peak = pool.max_memory()
+        assert 0 < arrow_peak < ALLOWANCE, f"Arrow's pool peaked at {arrow_peak / 1e6:.1f} MB"
