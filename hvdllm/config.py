@@ -57,9 +57,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: list = doc("text files or folders, JSONL / Parquet files and saved Hugging Face dataset folders "
-                       "(one document a record, hvdllm/data.py); empty means the Python standard library's "
-                       "sources", [])
+    corpus: list = doc("text files or folders, JSONL / CSV / Parquet files, saved Hugging Face dataset "
+                       "folders (one document a record, hvdllm/data.py) or patterns like 'shards/*.jsonl'; "
+                       "empty means the Python standard library's sources", [])
     text_field: str = doc("the field (column) of a JSONL / Parquet / saved-dataset corpus that holds each "
                           "document's text", "text")
     tokenizer: str = doc("'byte' (256 symbols) or 'bpe' (trained locally, cached)", "byte")

@@ -1,7 +1,20 @@
 """Corpus -> cached token files -> deterministic, rank-disjoint batches.
 
-`prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/` (rank 0 writes,
-the others wait); `Sampler` and `eval_batches` cut per-rank batches from the memory-mapped tokens.
+`prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/`; `Sampler` and
+`eval_batches` cut per-rank batches from the memory-mapped tokens.
+
+The corpus (data.corpus) is a list of files, in order: text files (one document each; folders are
+searched for them), record files (*.jsonl / *.ndjson / *.csv / *.tsv / *.parquet, and the Arrow
+shards of a saved Hugging Face dataset folder: one document per record, its data.text_field), and
+patterns like 'shards/*.jsonl' (their matches, sorted). Every document is followed by SEPARATOR.
+Tokenising is one streaming pass: each file's documents are read (JSONL a line at a time, Parquet
+a row group and batch at a time, Arrow a batch at a time) and their tokens appended to that file's
+part on disk; the parts are joined in file order, in chunks, into train.bin / val.bin, so neither
+the corpus nor its tokens is ever held in memory. Under MPI the ranks tokenise disjoint files
+(file i on rank i % size) into a staging folder beside the cache and rank 0 joins and publishes
+them: the tokens are a one-process build's, byte for byte, whatever the rank count. One process
+(or no MPI) builds alone and the other ranks wait. A bad record is one HvdllmError naming the file
+and line (row), on every rank, and nothing is cached.
 
 Under MPI every rank first compares its corpus with rank 0's (names, sizes, mtimes; where mtimes
 differ, a digest of the bytes each file contributes): nodes that see different files fail at once,
