@@ -565,8 +565,10 @@ def prepare(data_cfg, rank: int, cache_dir=None, timeout_s: float = 600, comm="a
             _build_together(data_cfg, files, fingerprint, final, comm, timeout_s)
         elif rank == 0:
             _publish(data_cfg, files, final, rank)
-        else:
-            _wait_for(final, timeout_s)
+    if _damage(final) is not None:
+        # a rank without MPI waits for rank 0's build; one under MPI whose cache folder is not
+        # rank 0's (not shared) waits too, to a deadline whose message says so
+        _wait_for(final, timeout_s)
     meta = json.loads((final / "meta.json").read_text())
     meta["cache"] = str(final)
     tok = get_tokenizer(data_cfg, None, final)     # BPE: the one rank 0 trained and saved
