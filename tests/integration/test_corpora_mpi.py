@@ -45,12 +45,13 @@ def test_a_build_across_ranks_is_the_one_process_build_and_a_bad_record_fails_ev
     bad.write_text('{"text": "fine"}\n{"txt": "a typo"}\n', encoding="utf-8")
     kinds = {"byte": dict(corpus=files, max_bytes=0, val_fraction=0.1),
              "bpe": dict(corpus=files, max_bytes=0, val_fraction=0.1, tokenizer="bpe", bpe_vocab_size=300),
-             "bad": dict(corpus=[files[0], str(bad), *files[1:]], max_bytes=0)}
+             "bad": dict(corpus=[files[0], str(bad), *files[1:]], max_bytes=0),
+             "unshared": dict(corpus=files, max_bytes=0, own_cache=True, timeout_s=3)}
     (tmp_path / "corpora.json").write_text(json.dumps(kinds))
     r = run(mpirun_argv(3) + [sys.executable, "tests/parallel/check_corpus_build.py", str(tmp_path)], timeout=120)
     assert r.returncode == 0, r.stdout[-4000:]
     got = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
-    assert len(got) == 9, r.stdout[-4000:]
+    assert len(got) == 12, r.stdout[-4000:]
     for name in ("byte", "bpe"):
         ref = data.prepare(DataConfig(**kinds[name]), 0, cache_dir=tmp_path / f"np1-{name}", comm=None).meta
         caches = {g["cache"] for g in got if g["corpus"] == name}
@@ -63,8 +64,14 @@ def test_a_build_across_ranks_is_the_one_process_build_and_a_bad_record_fails_ev
         assert {k: v for k, v in meta.items()} == {k: v for k, v in ref.items() if k != "cache"}, name
         assert not list(cache.parent.glob(".*")), list(cache.parent.iterdir())     # no parts left
     errors = [g.get("error") for g in got if g["corpus"] == "bad"]
-    assert errors == [f"{bad}, line 2: no 'text' field (set data.text_field if the records call it otherwise)"] * 3
+    assert errors == [f"HvdllmError: {bad}, line 2: no 'text' field (set data.text_field if the records call "
+                      f"it otherwise)"] * 3
     assert not list((tmp_path / "np3-bad").iterdir())
+    # nodes that do not share the cache folder: rank 0 misses the others' parts, they time out; all say why
+    unshared = {g["rank"]: g.get("error", "") for g in got if g["corpus"] == "unshared"}
+    assert "b.jsonl was tokenised by another rank" in unshared[0] and "every rank shares" in unshared[0], unshared
+    for rank in (1, 2):
+        assert unshared[rank].startswith("PeerTimeout: waited 3s") and "must be a shared folder" in unshared[rank]
 
 
 @pytest.mark.integration
