@@ -497,6 +497,10 @@ def agree_on_corpus(data_cfg, files, fingerprint: str, comm, timeout_s: float) -
     return ref["fingerprint"]
 
 
+def _failure(e: Exception, rank: int) -> str:
+    return str(e) if isinstance(e, HvdllmError) else f"rank {rank} tokenising the corpus: {e!r}"
+
+
 def _build_together(data_cfg, files, fingerprint: str, final: Path, comm, timeout_s: float) -> None:
     """Collective: the ranks of `comm` tokenise disjoint files (file i on rank i % size) into
     parts in a staging folder beside the cache, then rank 0 joins them in file order and publishes
@@ -513,16 +517,16 @@ def _build_together(data_cfg, files, fingerprint: str, final: Path, comm, timeou
             _announce(data_cfg, files)
             try:
                 tok_text = _make_tokenizer(data_cfg, files, parts).serialize()
-            except HvdllmError as e:
-                failure = str(e)
+            except (HvdllmError, OSError) as e:     # told to every rank, which then fail at once
+                failure = _failure(e, rank)
         shared = _allgather(comm, {"tokenizer": tok_text, "error": failure}, timeout_s, what)[0]
         if shared["error"]:
             raise HvdllmError(shared["error"])
         tok = get_tokenizer(data_cfg) if data_cfg.tokenizer == "byte" else from_serialized(shared["tokenizer"])
         try:
             done = _tokenise_files(data_cfg, files, range(rank, len(files), size), tok, parts, rank)
-        except HvdllmError as e:
-            failure = str(e)
+        except (HvdllmError, OSError) as e:         # a bad record, a full disk: every rank says so
+            failure = _failure(e, rank)
         everyone = _allgather(comm, {"error": failure, "done": done}, timeout_s, what)
         errors = [d["error"] for d in everyone if d["error"]]
         if errors:
