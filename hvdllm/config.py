@@ -57,7 +57,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: list = doc("text files or folders; empty means the Python standard library's sources", [])
+    corpus: list = doc("text files or folders, JSONL / CSV / Parquet files, saved Hugging Face dataset "
+                       "folders (one document a record, hvdllm/data.py) or patterns like 'shards/*.jsonl'; "
+                       "empty means the Python standard library's sources", [])
+    text_field: str = doc("the field (column) of a JSONL / Parquet / saved-dataset corpus that holds each "
+                          "document's text", "text")
     tokenizer: str = doc("'byte' (256 symbols) or 'bpe' (trained locally, cached)", "byte")
     bpe_vocab_size: int = doc("vocabulary size of the BPE tokenizer", 2048)
     val_fraction: float = doc("fraction of tokens held out for validation", 0.05)
@@ -516,6 +520,9 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
     if bad:
         p.append(f"data.corpus: entries must be paths as non-empty strings, got {bad[0]!r}; e.g. "
                  f"data.corpus = [\"texts/\", \"more.txt\"]")
+    if not isinstance(cfg.data.text_field, str) or not cfg.data.text_field:
+        p.append(f"data.text_field: {cfg.data.text_field!r} is not a field name; set it to the field that "
+                 f"holds the text in the corpus's records, e.g. data.text_field = \"text\"")
     for entry in t.resume_allow:
         if not isinstance(entry, str) or not (entry in RESUME_CHECKED or
                                               entry in {k.split(".")[0] for k in RESUME_CHECKED}):

@@ -1,7 +1,20 @@
 """Corpus -> cached token files -> deterministic, rank-disjoint batches.
 
-`prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/` (rank 0 writes,
-the others wait); `Sampler` and `eval_batches` cut per-rank batches from the memory-mapped tokens.
+`prepare` tokenises once per corpus/tokenizer setting into `<cache>/<fingerprint>/`; `Sampler` and
+`eval_batches` cut per-rank batches from the memory-mapped tokens.
+
+The corpus (data.corpus) is a list of files, in order: text files (one document each; folders are
+searched for them), record files (*.jsonl / *.ndjson / *.csv / *.tsv / *.parquet, and the Arrow
+shards of a saved Hugging Face dataset folder: one document per record, its data.text_field), and
+patterns like 'shards/*.jsonl' (their matches, sorted). Every document is followed by SEPARATOR.
+Tokenising is one streaming pass: each file's documents are read (JSONL a line at a time, Parquet
+a row group and batch at a time, Arrow a batch at a time) and their tokens appended to that file's
+part on disk; the parts are joined in file order, in chunks, into train.bin / val.bin, so neither
+the corpus nor its tokens is ever held in memory. Under MPI the ranks tokenise disjoint files
+(file i on rank i % size) into a staging folder beside the cache and rank 0 joins and publishes
+them: the tokens are a one-process build's, byte for byte, whatever the rank count. One process
+(or no MPI) builds alone and the other ranks wait. A bad record is one HvdllmError naming the file
+and line (row), on every rank, and nothing is cached.
 
 Under MPI every rank first compares its corpus with rank 0's (names, sizes, mtimes; where mtimes
 differ, a digest of the bytes each file contributes): nodes that see different files fail at once,
@@ -11,6 +24,7 @@ by rank 0, with a message.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -24,10 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import records
 from .errors import HvdllmError, PeerTimeout
-from .tokenizer import get_tokenizer
+from .tokenizer import BPE_FILE, from_serialized, get_tokenizer
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
+# files read as records, one document each (data.text_field): anywhere else a file is one document
+RECORD_SUFFIXES = {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow"}
 SEPARATOR = "\n\n"          # between documents, so the model sees where one file ends
 FORMAT_VERSION = 2          # bump when the cache layout or tokenisation changes (2: tokens_sha256)
 
@@ -55,6 +72,23 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _dataset_shards(p: Path) -> list[tuple[str, Path]]:
+    """A `save_to_disk` folder's Arrow files, in state.json's order: each a file of the corpus
+    (so the ranks split a dataset by shard, and the fingerprint sees each shard's size and mtime)."""
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        raise HvdllmError(f"data.corpus: {p} is a DatasetDict with splits {', '.join(splits)}: name a "
+                          f"split's folder, e.g. {p / (splits or ['train'])[0]}")
+    try:
+        entries = json.loads((p / "state.json").read_text()).get("_data_files", [])
+        out = [(f"{p.name}/{e['filename']}", p / e["filename"]) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HvdllmError(f"data.corpus: {p / 'state.json'} does not list the dataset's files ({e!r})") from e
+    if not out:
+        raise HvdllmError(f"data.corpus: the saved dataset {p} lists no data files (state.json)")
+    return out
+
+
 def _list_files(paths) -> list[tuple[str, Path]]:
     """(name, path) for every input file, in a fixed order. Names are relative, for the cache key."""
     if not paths:
@@ -63,13 +97,26 @@ def _list_files(paths) -> list[tuple[str, Path]]:
     out = []
     for given in paths:
         p = Path(given).expanduser()
+        if not p.exists() and glob.has_magic(str(p)):
+            # a pattern ("shards/*.jsonl"): its matches, sorted, as if each were named (folders
+            # are searched for text files only, so a pattern is how a folder of shards is given)
+            matches = sorted(glob.glob(str(p)))
+            if not matches:
+                raise HvdllmError(f"data.corpus: the pattern {given!r} matches no file; fix the pattern "
+                                  f"or the folder it names")
+            out += _list_files(matches)
+            continue
         if p.is_file():             # an explicit file is taken whatever its suffix
             out.append((p.name, p))
+        elif p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+            out += _dataset_shards(p)
         elif p.is_dir():
             out += [(f"{p.name}/{f.relative_to(p).as_posix()}", f) for f in _walk(p)]
         else:
             raise HvdllmError(f"data.corpus: {given!r} does not exist; set data.corpus to text files "
-                              f"or folders (or [] for the Python standard library)")
+                              f"or folders, JSONL / CSV / Parquet files, saved Hugging Face dataset "
+                              f"folders or patterns like 'shards/*.jsonl' (or [] for the Python "
+                              f"standard library)")
     return out
 
 
@@ -94,23 +141,63 @@ def _corpus(paths, max_bytes: int):
     return files
 
 
-def _read(files, max_bytes: int) -> list[tuple[str, str]]:
-    docs, total = [], 0
-    for name, path, _ in files:
-        raw = path.read_bytes()
-        if max_bytes:
-            raw = raw[:max_bytes - total]
-        total += len(raw)
-        # errors="replace": one stray Latin-1 file must not stop a run
-        docs.append((name, raw.decode("utf-8", errors="replace")))
-        if max_bytes and total >= max_bytes:
-            break
-    return docs
+def _budgets(files, max_bytes: int) -> list[int | None]:
+    """The bytes the cap lets each file contribute (None = all), from the sizes alone, so every
+    rank knows any file's share without reading the files before it. A record file the cap
+    reaches is read whole (a record is never cut)."""
+    out, total = [], 0
+    for _, path, st in files:
+        left = max_bytes - total if max_bytes else None
+        out.append(None if left is None or path.suffix in RECORD_SUFFIXES else min(st.st_size, left))
+        total += st.st_size
+    return out
 
 
-def load_corpus(paths: list[str], max_bytes: int) -> list[tuple[str, str]]:
-    """(name, text) per file; empty `paths` = the stdlib's own *.py. Stops at max_bytes (0 = all)."""
-    return _read(_corpus(paths, max_bytes), max_bytes)
+def _record_texts(path: Path, text_field: str):
+    """Each record's text, streamed; a bad record is one message naming the file and line/row."""
+    keys = "data.text_field"
+    if path.suffix == ".parquet":
+        found = records.parquet_records(path, (text_field,), keys)
+    elif path.suffix == ".arrow":
+        found = records.arrow_stream_records(path, (text_field,), keys)
+    elif path.suffix in (".csv", ".tsv"):
+        found = records.csv_records(path, (text_field,), keys)
+    else:
+        found = records.json_records(path)
+    n = 0
+    for where, rec in found:
+        if not isinstance(rec, dict) or rec.get(text_field) is None:
+            raise records.err(path, where, f"no {text_field!r} field (set data.text_field if the records "
+                                           f"call it otherwise)")
+        if not isinstance(rec[text_field], str):
+            raise records.err(path, where, f"{text_field!r} is {rec[text_field]!r:.60}, not a text")
+        n += 1
+        yield rec[text_field]
+    if not n:
+        raise records.err(path, None, "no records (the file is empty); remove it from data.corpus")
+
+
+def _documents(path: Path, budget: int | None, text_field: str):
+    """The texts one corpus file contributes, in order: its records', or its bytes as one text."""
+    if path.suffix in RECORD_SUFFIXES:
+        yield from _record_texts(path, text_field)
+        return
+    with open(path, "rb") as f:
+        raw = f.read() if budget is None else f.read(budget)
+    # errors="replace": one stray Latin-1 file must not stop a run
+    yield raw.decode("utf-8", errors="replace")
+
+
+def _read(files, max_bytes: int, text_field: str = "text") -> list[tuple[str, str]]:
+    return [(name, text) for (name, path, _), budget in zip(files, _budgets(files, max_bytes))
+            for text in _documents(path, budget, text_field)]
+
+
+def load_corpus(paths: list[str], max_bytes: int, text_field: str = "text") -> list[tuple[str, str]]:
+    """(name, text) per document (a text file, or a record of a JSONL / Parquet / saved-dataset
+    file); empty `paths` = the stdlib's own *.py. Stops at max_bytes (0 = all). In memory: for tests
+    and small corpora; prepare streams."""
+    return _read(_corpus(paths, max_bytes), max_bytes, text_field)
 
 
 def corpus_fingerprint(data_cfg, files=None) -> str:
@@ -124,6 +211,8 @@ def corpus_fingerprint(data_cfg, files=None) -> str:
            "tokenizer": data_cfg.tokenizer, "max_bytes": data_cfg.max_bytes,
            "val_fraction": data_cfg.val_fraction, "separator": SEPARATOR,
            "bpe_vocab_size": data_cfg.bpe_vocab_size if data_cfg.tokenizer == "bpe" else None}
+    if any(p.suffix in RECORD_SUFFIXES for _, p, _ in files):   # text-only corpora keep their key
+        key["text_field"] = data_cfg.text_field
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -157,30 +246,97 @@ def _progress(items, rank: int):
     return tqdm(items, desc="tokenising", unit="file", file=sys.stderr, leave=False)
 
 
-def _build(data_cfg, files, folder: Path, rank: int) -> None:
-    """Tokenise the corpus into `folder` (train.bin, val.bin, tokenizer.json?, meta.json last)."""
-    docs = _read(files, data_cfg.max_bytes)
-    print(f"[hvdllm] tokenising {len(docs)} files ({sum(len(t) for _, t in docs) / 1e6:.1f} M chars) "
-          f"with the {data_cfg.tokenizer} tokenizer", file=sys.stderr)
-    tok = get_tokenizer(data_cfg, [t for _, t in docs], folder)
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    sep = tok.encode_array(SEPARATOR)
-    parts = [np.concatenate([tok.encode_array(text), sep]) for _, text in _progress(docs, rank)]
-    tokens = np.concatenate(parts).astype(dtype)
-    n_val = max(1, int(len(tokens) * data_cfg.val_fraction))
-    if len(tokens) - n_val < 2:
-        raise HvdllmError(f"data.corpus: only {len(tokens)} tokens, too few to train on")
-    tokens[:-n_val].tofile(folder / "train.bin")
-    tokens[-n_val:].tofile(folder / "val.bin")
-    meta = {"n_train": len(tokens) - n_val, "n_val": n_val, "vocab_size": tok.vocab_size,
-            "tokenizer": tok.name, "dtype": np.dtype(dtype).name, "n_files": len(docs),
+CHUNK_TOKENS = 1 << 18         # tokens copied at a time when the parts are joined (bounded memory)
+
+
+def _make_tokenizer(data_cfg, files, folder: Path):
+    """The run's tokenizer; a BPE is trained on the corpus's documents, streamed, and saved in
+    `folder` (as an hf: tokenizer is, for reference)."""
+    docs = None
+    if data_cfg.tokenizer == "bpe":
+        docs = (t for (_, path, _), budget in zip(files, _budgets(files, data_cfg.max_bytes))
+                for t in _documents(path, budget, data_cfg.text_field))
+    return get_tokenizer(data_cfg, docs, folder)
+
+
+def _dtype(tok):
+    return np.uint16 if tok.vocab_size <= 65535 else np.uint32
+
+
+def _part(i: int) -> str:
+    return f"part-{i:06d}.bin"
+
+
+def _tokenise_files(data_cfg, files, which, tok, parts: Path, rank: int) -> dict:
+    """Tokenise the files numbered `which` into parts/part-<i>.bin, one document at a time (each
+    followed by the separator, as between text files); {i: [tokens, text bytes]}."""
+    dtype, sep = _dtype(tok), tok.encode_array(SEPARATOR)
+    budgets = _budgets(files, data_cfg.max_bytes)
+    done = {}
+    for i in _progress(list(which), rank):
+        path, n_tok, n_bytes = files[i][1], 0, 0
+        tmp = parts / (_part(i) + ".tmp")
+        with open(tmp, "wb") as f:
+            for text in _documents(path, budgets[i], data_cfg.text_field):
+                ids = np.concatenate([tok.encode_array(text), sep]).astype(dtype)
+                ids.tofile(f)
+                n_tok += len(ids)
+                n_bytes += len(text.encode("utf-8", errors="replace"))
+        os.rename(tmp, parts / _part(i))
+        done[i] = [n_tok, n_bytes]
+    return done
+
+
+def _join(data_cfg, files, counts: dict, tok, parts: Path, folder: Path) -> None:
+    """train.bin and val.bin from the parts in file order, copied in chunks; meta.json last."""
+    dtype = _dtype(tok)
+    total = sum(counts[i][0] for i in range(len(files)))
+    n_val = max(1, int(total * data_cfg.val_fraction))
+    if total - n_val < 2:
+        raise HvdllmError(f"data.corpus: only {total} tokens, too few to train on")
+    sha, written = hashlib.sha256(), 0
+    with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val:
+        for i in range(len(files)):
+            if not (parts / _part(i)).exists():
+                raise HvdllmError(f"{files[i][0]} was tokenised by another rank into {parts}, and that "
+                                  f"part is not there: data.cache_dir (or HVDLLM_CACHE) must be a folder "
+                                  f"every rank shares")
+            with open(parts / _part(i), "rb") as f:
+                while len(chunk := np.fromfile(f, dtype, CHUNK_TOKENS)):
+                    cut = max(0, min(len(chunk), total - n_val - written))
+                    train.write(chunk[:cut])     # buffers, not copies
+                    val.write(chunk[cut:])
+                    sha.update(chunk)
+                    written += len(chunk)
+    if written != total:
+        raise HvdllmError(f"the token parts in {parts} hold {written} tokens, {total} were written: "
+                          f"is the cache folder's disk full?")
+    meta = {"n_train": total - n_val, "n_val": n_val, "vocab_size": tok.vocab_size,
+            "tokenizer": tok.name, "dtype": np.dtype(dtype).name, "n_files": len(files),
             # what a checkpoint records of its data: a resume compares it (checkpoint.check_resume)
-            "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-            "n_bytes": sum(len(t.encode("utf-8", errors="replace")) for _, t in docs),
+            "tokens_sha256": sha.hexdigest(),
+            "n_bytes": sum(counts[i][1] for i in range(len(files))),
             "source": ", ".join(map(str, data_cfg.corpus)) or
             f"Python standard library ({sysconfig.get_paths()['stdlib']})"}
     # meta.json is written last: its presence marks a complete folder.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _announce(data_cfg, files) -> None:
+    print(f"[hvdllm] tokenising {len(files)} files ({sum(st.st_size for *_, st in files) / 1e6:.1f} MB) "
+          f"with the {data_cfg.tokenizer} tokenizer", file=sys.stderr)
+
+
+def _build(data_cfg, files, folder: Path, rank: int) -> None:
+    """Tokenise the corpus into `folder` (train.bin, val.bin, tokenizer.json?, meta.json last), one
+    process, streaming: a file's tokens go to disk as they are made."""
+    _announce(data_cfg, files)
+    tok = _make_tokenizer(data_cfg, files, folder)
+    parts = folder / ".parts"
+    parts.mkdir()
+    counts = _tokenise_files(data_cfg, files, range(len(files)), tok, parts, rank)
+    _join(data_cfg, files, counts, tok, parts, folder)
+    shutil.rmtree(parts)
 
 
 def _damage(folder: Path) -> str | None:
@@ -204,7 +360,9 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
-def _publish(data_cfg, files, final: Path, rank: int) -> None:
+def _publish(data_cfg, files, final: Path, rank: int, build=None) -> None:
+    """Build into a temp folder beside `final` and rename it into place. `build(folder)` fills
+    the folder (default: _build, this process alone)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and _damage(final) is not None:
         # Incomplete or damaged (not as _publish's atomic rename left it): move aside, then delete.
@@ -217,7 +375,7 @@ def _publish(data_cfg, files, final: Path, rank: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o755)        # mkdtemp makes it private; a shared cache must be readable
     try:
-        _build(data_cfg, files, tmp, rank)
+        (build or (lambda folder: _build(data_cfg, files, folder, rank)))(tmp)
         try:
             os.rename(tmp, final)   # atomic: readers see no folder or a complete one
         except OSError:
@@ -252,9 +410,8 @@ def _wait_for(folder: Path, timeout_s: float) -> None:
 def corpus_listing(files, max_bytes: int) -> list[list]:
     """[name, size, sha256 prefix] per file, the digest over the bytes the cap lets the file
     contribute (what _read takes): equal listings tokenise equally, whatever the files' mtimes."""
-    out, total = [], 0
-    for name, path, st in files:
-        want = max(0, max_bytes - total) if max_bytes else None
+    out = []
+    for (name, path, st), want in zip(files, _budgets(files, max_bytes)):
         sha, got = hashlib.sha256(), 0
         with open(path, "rb") as f:
             while want is None or got < want:
@@ -263,7 +420,6 @@ def corpus_listing(files, max_bytes: int) -> list[list]:
                     break
                 sha.update(chunk)
                 got += len(chunk)
-        total += got
         out.append([name, st.st_size, sha.hexdigest()[:16]])
     return out
 
@@ -341,6 +497,55 @@ def agree_on_corpus(data_cfg, files, fingerprint: str, comm, timeout_s: float) -
     return ref["fingerprint"]
 
 
+def _failure(e: Exception, rank: int) -> str:
+    return str(e) if isinstance(e, HvdllmError) else f"rank {rank} tokenising the corpus: {e!r}"
+
+
+def _build_together(data_cfg, files, fingerprint: str, final: Path, comm, timeout_s: float) -> None:
+    """Collective: the ranks of `comm` tokenise disjoint files (file i on rank i % size) into
+    parts in a staging folder beside the cache, then rank 0 joins them in file order and publishes
+    (so the tokens are a one-rank build's, byte for byte). A bad file on any rank fails every rank
+    with its message. The cache folder must be shared by the ranks (as for any cached corpus)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    what = "tokenising the corpus across ranks"
+    nonce = _allgather(comm, os.urandom(6).hex(), timeout_s, what)[0]     # this build's own parts
+    parts = final.parent / f".parts-{fingerprint}-{nonce}"
+    parts.mkdir(parents=True, exist_ok=True)
+    try:
+        failure, tok_text, done = None, None, {}
+        if rank == 0:
+            _announce(data_cfg, files)
+            try:
+                tok_text = _make_tokenizer(data_cfg, files, parts).serialize()
+            except (HvdllmError, OSError) as e:     # told to every rank, which then fail at once
+                failure = _failure(e, rank)
+        shared = _allgather(comm, {"tokenizer": tok_text, "error": failure}, timeout_s, what)[0]
+        if shared["error"]:
+            raise HvdllmError(shared["error"])
+        tok = get_tokenizer(data_cfg) if data_cfg.tokenizer == "byte" else from_serialized(shared["tokenizer"])
+        try:
+            done = _tokenise_files(data_cfg, files, range(rank, len(files), size), tok, parts, rank)
+        except (HvdllmError, OSError) as e:         # a bad record, a full disk: every rank says so
+            failure = _failure(e, rank)
+        everyone = _allgather(comm, {"error": failure, "done": done}, timeout_s, what)
+        errors = [d["error"] for d in everyone if d["error"]]
+        if errors:
+            raise HvdllmError(errors[0])
+        if rank == 0:
+            counts = {int(i): c for d in everyone for i, c in d["done"].items()}
+
+            def join(folder):
+                if (parts / BPE_FILE).exists():
+                    shutil.copy(parts / BPE_FILE, folder / BPE_FILE)
+                _join(data_cfg, files, counts, tok, parts, folder)
+            _publish(data_cfg, files, final, rank, build=join)
+        else:
+            _wait_for(final, timeout_s)
+    finally:
+        if rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
 def prepare(data_cfg, rank: int, cache_dir=None, timeout_s: float = 600, comm="auto") -> TokenData:
     """Tokenise the corpus once (rank 0) into the cache and memory-map it (every rank).
 
@@ -354,14 +559,20 @@ def prepare(data_cfg, rank: int, cache_dir=None, timeout_s: float = 600, comm="a
         fingerprint = agree_on_corpus(data_cfg, files, fingerprint, comm, timeout_s)
     final = Path(cache_dir or default_cache_dir(data_cfg)) / fingerprint
     problem = _damage(final)
+    if comm is not None:    # rank 0's view decides whether to build, so all ranks take part or none
+        problem = _allgather(comm, problem, timeout_s, "checking the token cache")[0]
     if problem is not None:
-        if rank == 0:
-            if problem != "missing":
-                print(f"[hvdllm] the token cache {final} is damaged ({problem}): rebuilding it",
-                      file=sys.stderr, flush=True)
+        if rank == 0 and problem != "missing":
+            print(f"[hvdllm] the token cache {final} is damaged ({problem}): rebuilding it",
+                  file=sys.stderr, flush=True)
+        if comm is not None:
+            _build_together(data_cfg, files, fingerprint, final, comm, timeout_s)
+        elif rank == 0:
             _publish(data_cfg, files, final, rank)
-        else:
-            _wait_for(final, timeout_s)
+    if _damage(final) is not None:
+        # a rank without MPI waits for rank 0's build; one under MPI whose cache folder is not
+        # rank 0's (not shared) waits too, to a deadline whose message says so
+        _wait_for(final, timeout_s)
     meta = json.loads((final / "meta.json").read_text())
     meta["cache"] = str(final)
     tok = get_tokenizer(data_cfg, None, final)     # BPE: the one rank 0 trained and saved

@@ -26,7 +26,6 @@ hvdllm/task.py). `ExampleSampler` hands out training batches in data.Sampler's o
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
@@ -37,67 +36,19 @@ import numpy as np
 
 from . import data
 from .errors import HvdllmError
+from .records import JSON_SUFFIXES
+from .records import csv_records as _csv_records
+from .records import err as _err
+from .records import json_records as _json_records
+from .records import pyarrow as _pyarrow
+from .records import table_records as _table_records
 
-JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 FORMATS = "JSONL (.jsonl), CSV (.csv / .tsv), Parquet (.parquet) or a saved Hugging Face dataset folder"
 
 
-def _err(path, where, what: str) -> HvdllmError:
-    return HvdllmError(f"{path}{f', {where}' if where else ''}: {what}")
-
-
 # ---------------------------------------------------------------------------------------------
-# Reading: (where, record) pairs, `where` the line ("line 12") or row ("row 12") for messages.
-
-def _json_records(path: Path):
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError as e:
-            raise _err(path, None, f"not valid JSON ({e})") from e
-        for i, item in enumerate(items, 1):
-            yield f"record {i}", item
-        return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {i}", json.loads(line)
-        except ValueError as e:
-            raise _err(path, f"line {i}", f"not a JSON object ({e}); a JSONL file holds one object a line") from e
-
-
-def _csv_records(path: Path, fields):
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        missing = [k for k in fields if k not in (reader.fieldnames or [])]
-        if reader.fieldnames and missing:
-            raise _err(path, "line 1", f"the header has no column {missing[0]!r} (columns: "
-                                       f"{', '.join(reader.fieldnames)}); set task.text_field / task.label_field")
-        for row in reader:
-            yield f"line {reader.line_num}", row
-
-
-def _table_records(table, path: Path, fields):
-    missing = [k for k in fields if k not in table.column_names]
-    if missing:
-        raise _err(path, None, f"no column {missing[0]!r} (columns: {', '.join(table.column_names)}); set "
-                               f"task.text_field / task.label_field")
-    cols = [table.column(k).to_pylist() for k in fields]
-    for i, values in enumerate(zip(*cols), 1):
-        yield f"row {i}", dict(zip(fields, values))
-
-
-def _pyarrow(path: Path):
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401  (pyarrow.parquet is a submodule, not loaded by pyarrow)
-    except ImportError as e:
-        raise _err(path, None, "reading Parquet and Arrow files needs the `pyarrow` package "
-                               "(pip install pyarrow); or export the data as JSONL or CSV") from e
-    return pyarrow
-
+# Reading: (where, record) pairs, `where` the line ("line 12") or row ("row 12") for messages
+# (the readers it shares with corpora live in hvdllm/records.py).
 
 def _saved_dataset(path: Path, fields):
     """A `save_to_disk` folder: (records, ClassLabel names of the label field or None)."""
