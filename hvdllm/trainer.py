@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, elastic, hf, launch, metrics, mfu, params, stop, task
+from . import checkpoint, config, data, elastic, hf, launch, lora, metrics, mfu, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import HvdllmError, InjectedFailure
@@ -64,8 +64,13 @@ class Trainer:
         t = cfg.train
         self.sampler = self.make_sampler()
         self.hf_config_text = None
+        # LoRA: the frozen base is train.init_from's at every start; a resume then loads the
+        # adapters (and a classifier's head) and their optimizer state on it (hvdllm/lora.py)
+        frozen_base = lora.enabled(cfg) and bool(t.init_from)
+        if frozen_base:
+            self._init_from(t.init_from)
         self.start_step = self._maybe_resume()
-        if self.start_step == 0 and t.init_from:
+        if self.start_step == 0 and t.init_from and not frozen_base:
             self._init_from(t.init_from)
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,9 @@ class Trainer:
         if self.is_root and changes:
             print("[hvdllm] resuming with changed settings (train.resume_allow):\n"
                   + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
-        checkpoint.check_compatible(state, self._model_shapes(), path)
+        # LoRA: a checkpoint holds the trainable set only (the engine's param_shapes)
+        checkpoint.check_compatible(state, self.engine.param_shapes if lora.enabled(self.cfg) else
+                                    self._model_shapes(), path)
         self.engine.load_state_dict(state)
         if self.engine.scaler is not None and "loss_scale" in meta:
             self.engine.scaler.load(meta["loss_scale"])   # fp16: the scale the run had
