@@ -256,13 +256,12 @@ class GPTEngineBase(EngineBase):
         """LoRA: the frozen parameters `state` holds (train.init_from's weights) go into the model;
         returns `state` with the trainable arrays it lacks (a fresh start's adapters, kept at
         their seeded values) added, for the common path to load."""
-        from .finetune import FreshHead  # (finetune imports the trainer, which builds engines)
         trainable = {n for n, _ in self.named}
         for n, p in self.base_named:
             if n not in trainable and n in state:
                 self.assign(p, np.asarray(state[n], np.float32))
         fresh = {n: np.array(self.to_host(p)) for n, p in self.named if n not in state}
-        return FreshHead(state, fresh) if fresh else state
+        return task.FreshHead(state, fresh) if fresh else state
 
 
 class PipelineStageBase(GPTEngineBase):
