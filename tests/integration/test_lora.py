@@ -2,7 +2,8 @@
 run, then a LoRA run on it (train.init_from) at np=2 and the same at np=1 that fails after its
 step-3 checkpoint and is resumed (the base read again from train.init_from, the adapters from
 the checkpoint): the np=1 run's losses and gradient norms are the np=2 run's, the checkpoints
-hold only the adapters, and `convert --merge-lora` (.npz and --to-hf) writes base + s A^T B^T.
+hold only the adapters, and `convert --merge-lora` (.npz and --to-hf) writes base + s A^T B^T,
+which is also what `hvdllm generate` / `predict` load from a LoRA run.
 Four launches (~10 s each); the layouts' equality to one process in detail, both frameworks:
 test_classify.py's launch and tests/unit/test_lora.py."""
 import json
@@ -60,4 +61,11 @@ def test_lora_train_resume_and_merge(tmp_path):
     hf = load_file(str(Path(tmp_path) / "hf" / "model.safetensors"))
     np.testing.assert_array_equal(hf["transformer.h.1.mlp.c_proj.weight"], want["h.1.mlp.c_proj.weight"])
     assert cli.main(["convert", str(base), str(tmp_path / "x.npz"), "--merge-lora"]) != 0   # not a LoRA run
+    # hvdllm generate / predict read a LoRA run as its merged model
+    from argparse import Namespace
+
+    from hvdllm.generate import generate_inputs
+    gcfg, _, gstate, _, _ = generate_inputs(Namespace(out_dir=str(out), backend=None))
+    assert gcfg.finetune.lora_rank == 0 and sorted(gstate) == sorted(want)
+    assert all(np.array_equal(gstate[k], w) for k, w in want.items())
 
