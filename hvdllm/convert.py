@@ -94,7 +94,9 @@ def merged(path, state, meta) -> dict:
     if not lora.enabled(cfg):
         raise CheckpointError(f"{path}: not a LoRA run (its finetune.lora_rank is 0), so it has no adapters "
                               f"to merge; convert it without --merge-lora")
-    base = hf.fit_vocab_tables(hf.open_source(cfg.train.init_from).weights(), cfg.model)
+    # the exact base the run read (a run folder's newest checkpoint may have moved on since)
+    src = hf.open_source(meta.get("lora_base") or cfg.train.init_from)
+    base = hf.fit_vocab_tables(src.weights(), cfg.model)
     return lora.merge(base, state, cfg)
 
 

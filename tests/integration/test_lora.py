@@ -43,6 +43,7 @@ def test_lora_train_resume_and_merge(tmp_path):
     # the checkpoint: adapters and their moments only (the base stays in the base run)
     state, meta = checkpoint.load(checkpoint.latest(out))
     cfg = config_mod.from_dict(meta["config"])
+    assert meta["lora_base"] == str(checkpoint.latest(base).resolve())   # the exact base it was trained on
     assert {k for k in state if not k.startswith("optim.")} == set(lora.adapter_shapes(cfg))
     base_state, _ = checkpoint.load(checkpoint.latest(base))
     want = lora.merge(base_state, state, cfg)
