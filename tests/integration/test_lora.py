@@ -2,9 +2,10 @@
 run, then a LoRA run on it (train.init_from) at np=2 and the same at np=1 that fails after its
 step-3 checkpoint and is resumed (the base read again from train.init_from, the adapters from
 the checkpoint): the np=1 run's losses and gradient norms are the np=2 run's, the checkpoints
-hold only the adapters, and `convert --merge-lora` (.npz and --to-hf) writes base + s A^T B^T,
+hold only the adapters and name their exact base (a resume onto another is refused), and
+`convert --merge-lora` (.npz and --to-hf) writes base + s A^T B^T,
 which is also what `hvdllm generate` / `predict` load from a LoRA run.
-Four launches (~10 s each); the layouts' equality to one process in detail, both frameworks:
+Five short launches (26-43 s in all); the layouts' equality to one process in detail, both frameworks:
 test_classify.py's launch and tests/unit/test_lora.py."""
 import json
 from pathlib import Path
@@ -36,6 +37,12 @@ def test_lora_train_resume_and_merge(tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stdout and "(step 3)" in r.stdout, r.stdout[-3000:]
     assert [x["step"] for x in records(out) if "loss" in x][-3:] == [4, 5, 6]
     same_run(out, ref, rtol=1e-5, keys=("loss", "grad_norm"), what="LoRA np=1 resumed vs np=2")
+    # a resume onto another base (a copy elsewhere stands for a base that moved on) is refused
+    import shutil
+    shutil.copytree(base, tmp_path / "other_base")
+    moved = [*TINY, f"train.out_dir={out}", *one, f"train.init_from={tmp_path / 'other_base'}"]   # the last wins
+    r = hvdllm(1, ["train"] + [a for kv in moved for a in ("--set", kv)], HVDLLM_ATTEMPT=1)
+    assert r.returncode != 0 and "adapters were trained on the base" in r.stdout, r.stdout[-3000:]
     norms = [x["grad_norm"] for x in records(ref) if "grad_norm" in x]
     print("LoRA np=2 grad norms", norms)
     assert max(norms) > 0.05   # clipping acted
