@@ -181,3 +181,21 @@ def test_resume_equals_uninterrupted(be, zero, tmp_path):
     end, ref = again.state_dict(), whole.state_dict()
     for k in ref:
         np.testing.assert_array_equal(end[k], ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("precision,checkpointing", [("bf16", "none"), ("fp32", "full")])
+def test_precision_and_recompute_keep_the_base_frozen(be, precision, checkpointing):
+    """bf16 autocast / the TF twin's 16-bit matmuls, and recomputed blocks, read the adapted
+    weight through the same hook: they train the adapters and nothing else."""
+    c = cfg()
+    c.train.precision, c.train.activation_checkpointing = precision, checkpointing
+    e = engine(c, be)
+    before = base_now(e)
+    steps = train(e, c, 2)
+    assert np.isfinite(steps).all()
+    after = base_now(e)
+    assert all(np.array_equal(after[n], before[n]) for n in before)
+    if checkpointing == "full":   # recomputation changes no number: the plain run's steps
+        plain = engine(cfg(), be)
+        np.testing.assert_allclose(steps, train(plain, cfg(), 2), rtol=1e-6)
