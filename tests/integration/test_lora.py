@@ -5,7 +5,7 @@ the checkpoint): the np=1 run's losses and gradient norms are the np=2 run's, th
 hold only the adapters and name their exact base (a resume onto another is refused), and
 `convert --merge-lora` (.npz and --to-hf) writes base + s A^T B^T,
 which is also what `hvdllm generate` / `predict` load from a LoRA run.
-Five short launches (26-43 s in all); the layouts' equality to one process in detail, both frameworks:
+Five short launches; the layouts' equality to one process in detail, both frameworks:
 test_classify.py's launch and tests/unit/test_lora.py."""
 import json
 from pathlib import Path
