@@ -241,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                     help="--from-hf: the backend the run's config.toml names (default torch)")
     cv.add_argument("--optimizer", action="store_true",
                     help="keep AdamW moments and step: a single-file checkpoint any layout resumes from")
+    cv.add_argument("--merge-lora", action="store_true",
+                    help="a LoRA run (finetune.lora_rank > 0): fold its adapters into its base "
+                         "(train.init_from) and write the plain model (.npz or --to-hf)")
     cv.set_defaults(fn=cmd_convert)
     b = sub.add_parser("bench", help="benchmarks (not tests): dp, aggregation, pipeline, ps, tensor, hf")
     b.add_argument("what")

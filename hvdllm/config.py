@@ -223,6 +223,19 @@ class TaskConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # A section of its own, not task.*: LoRA applies to either task.kind (a language model or a
+    # classifier), as train.init_from does (hvdllm/lora.py).
+    lora_rank: int = doc("LoRA: the adapters' rank r (0 = off: every parameter trains); the base weights "
+                         "from train.init_from stay frozen and only the adapters (and a classifier's "
+                         "head) train, are reduced and are stored (hvdllm/lora.py)", 0)
+    lora_alpha: float = doc("LoRA: the adapters' output is scaled by lora_alpha / lora_rank", 16.0)
+    lora_targets: list = doc("LoRA: patterns over the blocks' linear weights, e.g. 'attn.c_attn', 'mlp.*', "
+                             "'h.0.attn.q' ([] = the family's default, PEFT's: gpt2 'attn.c_attn', "
+                             "llama 'attn.q' and 'attn.v')", [])
+
+
+@dataclass
 class Config:
     backend: str = doc("'torch' or 'tensorflow'", "torch")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -235,6 +248,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -444,6 +458,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     p.extend(_ps_roles_problems(cfg, world_size))
     from .task import problems as task_problems  # task.kind's rules (hvdllm/task.py)
     p.extend(task_problems(cfg))
+    from .lora import problems as lora_problems  # finetune.lora_* (hvdllm/lora.py)
+    p.extend(lora_problems(cfg))
     if not cfg.train.out_dir:
         p.append("train.out_dir: must name a folder")
     if world_size is not None:
@@ -463,7 +479,8 @@ RESUME_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_
                   "optim.warmup_steps",
                   "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
                   "train.seed", "train.batch_size", "data.tokenizer", "data.corpus",
-                  "task.kind", "task.num_labels", "task.labels", "task.pooling", "task.class_weights")
+                  "task.kind", "task.num_labels", "task.labels", "task.pooling", "task.class_weights",
+                  "finetune.lora_rank", "finetune.lora_alpha", "finetune.lora_targets")
 
 
 def resume_allowed(cfg: Config, key: str) -> bool:

@@ -14,6 +14,10 @@ Hugging Face folders (hvdllm/hf.py):
                                         -> OUT, an hvdllm run folder (config.toml, checkpoint step 0)
     hvdllm convert RUN --to-hf DIR      a run (any layout, either framework) -> config.json,
                                         model.safetensors, tokenizer.json that transformers loads
+
+A LoRA run (finetune.lora_rank > 0, hvdllm/lora.py) checkpoints only its adapters (and a
+classifier's head); `--merge-lora` reads its base (the run's train.init_from) and writes the plain
+model W + s * A^T B^T, with .npz or --to-hf. Without it, a LoRA run converts to its adapters.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ def resolve(src) -> Path:
 def usage_problem(args) -> str | None:
     """Which positional arguments each form takes (checked before anything is read or written)."""
     paths = list(args.paths)
+    if getattr(args, "merge_lora", False) and (args.from_hf or args.optimizer):
+        return ("--merge-lora writes the merged parameters of a LoRA run (SRC OUT.npz or SRC --to-hf DIR); "
+                "the adapters' AdamW moments (--optimizer) have no merged form")
     if args.from_hf and args.to_hf:
         return "--from-hf and --to-hf go one way each: give one of them"
     if args.from_hf:
@@ -74,16 +81,31 @@ def run(args) -> int:
               f"hvdllm generate {args.paths[0]}, or hvdllm train --set train.init_from={args.paths[0]}")
         return 0
     if args.to_hf:
-        return to_hf(args.paths[0], args.to_hf)
+        return to_hf(args.paths[0], args.to_hf, getattr(args, "merge_lora", False))
     args.src, args.out = args.paths
     return to_npz(args)
 
 
-def to_hf(src, out_dir) -> int:
+def merged(path, state, meta) -> dict:
+    """--merge-lora: the LoRA run's adapters folded into its base (the run's train.init_from,
+    read as the run read it)."""
+    from . import config, hf, lora
+    cfg = config.from_dict(meta.get("config") or {})
+    if not lora.enabled(cfg):
+        raise CheckpointError(f"{path}: not a LoRA run (its finetune.lora_rank is 0), so it has no adapters "
+                              f"to merge; convert it without --merge-lora")
+    # the exact base the run read (a run folder's newest checkpoint may have moved on since)
+    src = hf.open_source(meta.get("lora_base") or cfg.train.init_from)
+    base = hf.fit_vocab_tables(src.weights(), cfg.model)
+    return lora.merge(base, state, cfg)
+
+
+def to_hf(src, out_dir, merge_lora=False) -> int:
     """A run's newest intact checkpoint (or a checkpoint folder) as a Hugging Face folder."""
     from . import hf, tokenizer
     path = resolve(src)
     state, meta = checkpoint.load(path)
+    params = merged(path, state, meta) if merge_lora else state
     config = meta.get("config") or {}
     model = dict(config.get("model") or {})
     if not model:
@@ -100,7 +122,7 @@ def to_hf(src, out_dir) -> int:
         source = json.loads(source) if source is not None else None
     except ValueError:
         source = None
-    out = hf.export(state, model, text, out_dir, float(model.get("dropout", 0.0)), source)
+    out = hf.export(params, model, text, out_dir, float(model.get("dropout", 0.0)), source)
     print(f"[hvdllm] wrote {out}: {hf.CONFIG}, {hf.WEIGHTS}, {hf.TOKENIZER} from {path} (step "
           f"{meta.get('step')}); load with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -111,6 +133,9 @@ def to_npz(args) -> int:
     state, meta = checkpoint.load(src)
     keep_all = getattr(args, "optimizer", False) and not args.hf
     params = {k: state[k] for k in state if keep_all or not k.startswith(("optim.", "localsgd."))}
+    if getattr(args, "merge_lora", False):   # a plain model now: its config says so
+        params = merged(src, state, meta)
+        meta = {**meta, "config": {**meta["config"], "finetune": {**meta["config"]["finetune"], "lora_rank": 0}}}
     if args.hf:   # hvdllm/hf.py's table: GPT-2 or Llama keys and orientation, the head spelled out
         from . import hf
         model = dict((meta.get("config") or {}).get("model") or {})

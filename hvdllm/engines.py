@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import aggregation, params, sampling, task
+from . import aggregation, lora, params, sampling, task
 from .flat import NUMPY
 from .strategies import pipeline as pl
 from .strategies import tensor_parallel as tp_plan
@@ -150,10 +150,16 @@ class GPTEngineBase(EngineBase):
     pp_comm = None
     tp = None
     tp_ncomm = None
+    # finetune.lora_rank > 0 (hvdllm/lora.py): True, `named` is the trainable set (adapters, a
+    # classifier's head) and `base_named` every model parameter, the frozen ones included
+    lora = False
 
     @property
     def param_shapes(self) -> dict[str, tuple]:
-        """The whole model's parameter shapes (what a checkpoint must match)."""
+        """The whole model's parameter shapes (what a checkpoint must match); under LoRA the
+        trainable set's, which is all a checkpoint holds."""
+        if self.lora:
+            return lora.trainable_shapes(self.cfg)
         return params.param_shapes(task.model_config(self.cfg))   # a classifier's head too
 
     def _broadcast_parameters(self) -> None:
@@ -224,6 +230,8 @@ class GPTEngineBase(EngineBase):
     def load_state_dict(self, state) -> None:
         """From whole arrays (a dict) or a checkpoint.Sharded; a state without optim.* keys
         loads parameters only."""
+        if self.lora:
+            state = self._load_frozen_base(state)
         names = [n for n, _ in self.named]
         if self.tp is not None or self.pp_comm is not None:   # only this rank's slices
             keys = [*names, *(f"optim.{mv}.{n}" for mv in "mv" for n in names), "optim.step",
@@ -242,6 +250,18 @@ class GPTEngineBase(EngineBase):
             self.load_optimizer_state(state, step)
         if self.local is not None:
             self.local.load(state)
+
+
+    def _load_frozen_base(self, state):
+        """LoRA: the frozen parameters `state` holds (train.init_from's weights) go into the model;
+        returns `state` with the trainable arrays it lacks (a fresh start's adapters, kept at
+        their seeded values) added, for the common path to load."""
+        trainable = {n for n, _ in self.named}
+        for n, p in self.base_named:
+            if n not in trainable and n in state:
+                self.assign(p, np.asarray(state[n], np.float32))
+        fresh = {n: np.array(self.to_host(p)) for n, p in self.named if n not in state}
+        return task.FreshHead(state, fresh) if fresh else state
 
 
 class PipelineStageBase(GPTEngineBase):

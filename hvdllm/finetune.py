@@ -8,48 +8,10 @@ resume (a resume loads the head too), stop signals and the final barrier.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
-from functools import cached_property
-
-import numpy as np
 
 from . import checkpoint, classify_eval, config, labelled, params, task
+from .task import FreshHead
 from .trainer import Trainer
-
-
-class FreshHead(Mapping):
-    """A pretrained model's weights (a checkpoint, or a Hugging Face folder's HFWeights) with the
-    classifier's head added from its seeded initial values: the engines load it as any state
-    (`slice` and `shapes` pass through, so each rank still reads only what it holds)."""
-
-    def __init__(self, weights, head: dict):
-        self.weights, self.head = weights, head
-
-    @cached_property
-    def shapes(self) -> dict:
-        """{name: whole shape}, as a sharded checkpoint has them (a tp rank cuts its slices by them)."""
-        inner = getattr(self.weights, "shapes", None)
-        inner = dict(inner) if inner is not None else {k: np.shape(self.weights[k]) for k in self.weights}
-        return {**inner, **{k: np.shape(v) for k, v in self.head.items()}}
-
-    def __getitem__(self, name):
-        return self.head[name] if name in self.head else self.weights[name]
-
-    def slice(self, name, pl):
-        if name not in self.head and hasattr(self.weights, "slice"):
-            return self.weights.slice(name, pl)   # only the slice is read from its file
-        from . import placement
-        return placement.take(np.asarray(self[name]), pl)
-
-    def __iter__(self):
-        yield from (k for k in self.weights if k not in self.head)
-        yield from self.head
-
-    def __len__(self):
-        return sum(1 for _ in self)
-
-    def __contains__(self, name):
-        return name in self.head or name in self.weights
 
 
 class ClassifyTrainer(Trainer):

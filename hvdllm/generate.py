@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from . import backends, config, task
+from . import backends, config, lora, task
 
 # What a checkpoint's weights mean: `generate` refuses an out_dir/config.toml that disagrees with
 # the checkpoint's own record of these (e.g. a later run in the same out_dir changed them).
@@ -51,6 +51,12 @@ def generate_inputs(args):
     if tok.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"checkpoint {path}: its tokenizer ({tok.name}) has {tok.vocab_size} ids, "
                               f"more than model.vocab_size={cfg.model.vocab_size}")
+    if lora.enabled(cfg):   # a LoRA run's checkpoint holds its adapters: merged into its base, a plain model
+        import dataclasses
+
+        from .convert import merged
+        state = merged(path, state, meta)
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
     if not cfg.model.layers:
         checkpoint.check_compatible(state, param_shapes(task.model_config(cfg)), path)   # a classifier's too
     return cfg, path, state, meta, tok

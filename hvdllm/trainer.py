@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, elastic, hf, launch, metrics, mfu, params, stop, task
+from . import checkpoint, config, data, elastic, hf, launch, lora, metrics, mfu, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
-from .errors import HvdllmError, InjectedFailure
+from .errors import CheckpointError, HvdllmError, InjectedFailure
 from .layout import Layout
 from .parallelize import build_engine
 from .runtime import Runtime, Watchdog, cores
@@ -64,8 +64,13 @@ class Trainer:
         t = cfg.train
         self.sampler = self.make_sampler()
         self.hf_config_text = None
+        # LoRA: the frozen base is train.init_from's at every start; a resume then loads the
+        # adapters (and a classifier's head) and their optimizer state on it (hvdllm/lora.py)
+        frozen_base = lora.enabled(cfg) and bool(t.init_from)
+        if frozen_base:
+            self._init_from(t.init_from)
         self.start_step = self._maybe_resume()
-        if self.start_step == 0 and t.init_from:
+        if self.start_step == 0 and t.init_from and not frozen_base:
             self._init_from(t.init_from)
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +84,7 @@ class Trainer:
 
     # what a task changes (hvdllm/finetune.py's ClassifyTrainer overrides these) -----------------
     samples = True   # a language model writes a sample at the end (train.sample_tokens)
+    lora_base = None   # LoRA: the resolved train.init_from checkpoint or folder the base came from
 
     def prepare_data(self, cfg):
         return data.prepare(cfg.data, self.rt.rank, timeout_s=cfg.train.step_timeout * 2)
@@ -114,7 +120,13 @@ class Trainer:
         if self.is_root and changes:
             print("[hvdllm] resuming with changed settings (train.resume_allow):\n"
                   + "\n".join(f"  - {c}" for c in changes), file=sys.stderr)
-        checkpoint.check_compatible(state, self._model_shapes(), path)
+        # LoRA: a checkpoint holds the trainable set only (the engine's param_shapes)
+        checkpoint.check_compatible(state, self.engine.param_shapes if lora.enabled(self.cfg) else
+                                    self._model_shapes(), path)
+        if lora.enabled(self.cfg) and meta.get("lora_base", self.lora_base) != self.lora_base:
+            raise CheckpointError(f"{path}: its LoRA adapters were trained on the base {meta['lora_base']}, but "
+                                  f"train.init_from now reads {self.lora_base}; set train.init_from = "
+                                  f"{meta['lora_base']}")
         self.engine.load_state_dict(state)
         if self.engine.scaler is not None and "loss_scale" in meta:
             self.engine.scaler.load(meta["loss_scale"])   # fp16: the scale the run had
@@ -136,6 +148,8 @@ class Trainer:
         self.hf_config_text = src.hf_config_text()   # kept with every checkpoint, for --to-hf
         weights = src.weights() if self.cfg.model.layers else hf.fit_vocab_tables(src.weights(), self.cfg.model)
         self.load_pretrained(weights, src.path)
+        if lora.enabled(self.cfg):   # the exact base, recorded with every checkpoint (convert --merge-lora)
+            self.lora_base = str(Path(src.path).resolve())
         if self.is_root:
             print(f"[hvdllm] initialised from {src.path} ({'Hugging Face' if src.kind == 'hf' else 'hvdllm'} "
                   f"weights; optimizer fresh)", file=sys.stderr)
@@ -259,6 +273,8 @@ class Trainer:
                         "backend": self.cfg.backend, "tokenizer": self.data.tokenizer.name,
                         # global batch, tokens' digest, the tokenizer (a file): what resume checks
                         **checkpoint.identity(self.cfg, lay, self.data)}
+                if self.lora_base is not None:
+                    meta["lora_base"] = self.lora_base
                 if self.engine.scaler is not None:   # fp16's loss scale
                     meta["loss_scale"] = self.engine.scaler.state()
                 if self.hf_config_text is not None:   # the imported model's config.json (hf.py)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from hvdllm import aggregation, task
+from hvdllm import aggregation, lora, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
@@ -23,6 +23,7 @@ from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
+from . import lora as lora_backend
 from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .model import GPT
@@ -88,9 +89,12 @@ class Engine(GPTEngineBase):
         # task.kind = 'classify': the head's loss and evaluation (tf_backend/classify.py)
         self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self._loss = self.head.loss if self.head is not None else self.model.loss
-        self.names = list(self.model.params)
-        self.vars = list(self.model.params.values())
-        self.named = list(zip(self.names, self.vars))
+        self.named = list(self.model.params.items())
+        if lora.enabled(cfg):   # only the adapters (and a classifier's head) train
+            self.base_named, self.lora = self.named, True
+            self.named = lora_backend.attach(self.model, cfg)
+        self.names = [n for n, _ in self.named]
+        self.vars = [v for _, v in self.named]
         self._broadcast_parameters()
         self.flat = FlatLayout(tp_plan.local_shapes(self.param_shapes, self.tp.size if self.tp else 1))
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)

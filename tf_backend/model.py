@@ -90,8 +90,11 @@ class GPT(tf.Module):
     def variables_list(self) -> list[tf.Variable]:
         return list(self.params.values())
 
+    adapters = None   # tf_backend/lora.Adapters when finetune.lora_rank > 0
+
     def p(self, name: str) -> tf.Variable:
-        return self.params[name]
+        w = self.params[name]
+        return w if self.adapters is None else self.adapters.weight(name, w)
 
     # building blocks ----------------------------------------------------------------------------
     def _ln(self, x, prefix):

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from hvdllm import aggregation, task
+from hvdllm import aggregation, lora, task
 from hvdllm.engine import EvalResult, StepResult
 from hvdllm.engines import GPTEngineBase
 from hvdllm.flat import FlatLayout
@@ -24,6 +24,7 @@ from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
 from . import adamw_state
+from . import lora as lora_backend
 from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .model import GPT
@@ -72,6 +73,9 @@ class Engine(GPTEngineBase):
         self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self._loss = self.head.loss if self.head is not None else self.model.loss
         self.named = self.model.named()
+        if lora.enabled(cfg):   # only the adapters (and a classifier's head) train
+            self.base_named, self.lora = self.named, True
+            self.named = lora_backend.attach(self.model, cfg)
         self._broadcast_parameters()
         self.params = [p for _, p in self.named]
         self.flat = FlatLayout(tp_plan.local_shapes(self.param_shapes, self.tp.size if self.tp else 1))

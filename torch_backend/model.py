@@ -35,6 +35,7 @@ class GPT(nn.Module):
 
     def __init__(self, model_cfg, seed: int, layers=None, tp: TPGroup | None = None):
         super().__init__()
+        self.adapters = None   # torch_backend/lora.Adapters when finetune.lora_rank > 0
         self.cfg = model_cfg
         self.tp = tp if tp is not None and tp.size > 1 else None
         n = self.tp.size if self.tp else 1
@@ -70,7 +71,8 @@ class GPT(nn.Module):
         self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
 
     def p(self, name: str) -> torch.Tensor:
-        return self.plist[self.index[name]]
+        w = self.plist[self.index[name]]
+        return w if self.adapters is None else self.adapters.weight(name, w)
 
     @staticmethod
     def _recomputed(f, *args):

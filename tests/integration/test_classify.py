@@ -6,7 +6,8 @@
    np=1 reference; each layout's engines are built by hvdllm.parallelize.build_engine, as the
    trainer builds them, and fed the batches labelled.ExampleSampler hands their dp rank. Losses
    and gradient norms agree to 1e-5 under plain dp and under ZeRO-1 with accumulation, clipping,
-   mean pooling and class weights, and to 5e-5 under tp=2; the distributed evaluation of 101 validation
+   mean pooling and class weights, with LoRA adapters (finetune.lora_rank) under dp and ZeRO-1,
+   and to 5e-5 under tp=2; the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
 2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
    predict --backend tensorflow` (one process) on the validation texts: the other framework's
@@ -25,6 +26,8 @@ BACKENDS = ("torch", "tensorflow")
 T, BATCH, STEPS = 24, 4, 3   # BATCH: per rank and micro-batch
 MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={T}", "model.vocab_size=256"]
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=1", f"train.steps={STEPS}", "train.threads=1", "train.seed=5"]
+LORA = ["finetune.lora_rank=4", 'finetune.lora_targets=["attn.c_attn","mlp.c_fc"]', "train.init_from=base",
+        "optim.grad_clip=0.05"]
 LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     "dp2": ([], ["parallel.dp=2"]),
     "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
@@ -32,6 +35,10 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
                                            ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
     # the head replicated on the tp ranks, the backbone split; dp2's global batch: its reference
     "tp2": ([], ["parallel.tp=2", f"train.batch_size={2 * BATCH}"]),
+    # LoRA (hvdllm/lora.py): only the adapters and the head are reduced and stepped; the frozen
+    # base is the seeded model here (the engines are built directly, train.init_from is not read)
+    "dp2_lora_clip": (LORA, ["parallel.dp=2"]),
+    "dp2_zero1_accum2_lora_clip": (LORA, ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
