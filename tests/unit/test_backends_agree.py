@@ -42,9 +42,10 @@ def batch(seed, b=4):
     return rng.integers(0, V, (b, T)), rng.integers(0, V, (b, T))
 
 
-def close_params(a: dict, b: dict, rtol=1e-4, atol=1e-5):
-    """Compare two state dicts. atol 1e-5 (1e-3 of the lr): where a gradient is ~0, Adam's
-    m / sqrt(v) magnifies float32 rounding differences into ~1e-6..1e-5 moves. The key bias
+def close_params(a: dict, b: dict, rtol=1e-4, atol=2e-5):
+    """Compare two state dicts. atol 2e-5 (2e-3 of the first lr): where a gradient is ~0, Adam's
+    m / sqrt(v) magnifies float32 rounding differences into ~1e-6..1e-5 moves (1.35e-5 on one of
+    3072 elements with clipping at 0.05, after numpy / Keras updates changed the rounding). The key bias
     (c_attn.bias[C:2C]) is left out: its true gradient is
     exactly 0 (softmax ignores a per-query constant), so Adam turns each framework's rounding
     noise into +-lr moves there; it has no effect on any output."""
