@@ -26,14 +26,18 @@ from .tensor_parallel import norm_sq
 def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
     """Forward+backward seconds per layer on this process (for parallel.partition='time')."""
     model = GPT(model_cfg, seed)
-    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size))
+    dev = model.plist[0].device
+    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=dev)
     times = []
     for i in model.layers:
-        inp = x if i == 0 else torch.randn(batch, model_cfg.block_size, model_cfg.n_embd, requires_grad=True)
+        inp = x if i == 0 else torch.randn(batch, model_cfg.block_size, model_cfg.n_embd, requires_grad=True,
+                                           device=dev)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
             model.run_layer(i, inp).float().pow(2).mean().backward()
+            if dev.type == "cuda":   # the layer's kernels done, not only queued
+                torch.cuda.synchronize(dev)
             best = min(best, time.perf_counter() - t0)
         times.append(best)
     return times

@@ -1,0 +1,128 @@
+"""train.device: the decision (hvdllm/device.py) on simulated device lists, every error path, and
+on this machine (no GPU) 'auto' computing exactly what 'cpu' does in both backends."""
+import json
+
+import horovod.tensorflow  # noqa: F401  (installed by make env)
+import horovod.torch  # noqa: F401  (installed by make env)
+import pytest
+
+import tf_backend
+import torch_backend
+from hvdllm import config, device
+from hvdllm.engine import StepResult
+from hvdllm.errors import ConfigError
+from hvdllm.runtime import Runtime
+
+# -- the decision ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("requested, local_rank, local_size, gpus, want", [
+    ("cpu", 0, 1, 0, "cpu"),
+    ("cpu", 3, 4, 8, "cpu"),          # asked for: the GPUs are left alone
+    ("auto", 0, 1, 0, "cpu"),         # nothing visible: the CPU
+    ("auto", 0, 4, 0, "cpu"),         # any number of CPU ranks per node
+    ("auto", 1, 2, 2, "cuda:1"),      # one GPU per local rank
+    ("auto", 0, 1, 8, "cuda:0"),      # fewer ranks than GPUs is fine
+    ("cuda", 3, 4, 4, "cuda:3"),
+])
+def test_choice(requested, local_rank, local_size, gpus, want):
+    assert device.choose(requested, local_rank, local_size, gpus, "h") == want
+
+
+def test_cpu_needs_no_gpu_operations():
+    assert device.choose("cpu", 0, 1, 2, "h", gpu_ops=False) == "cpu"
+    assert device.choose("auto", 0, 1, 0, "h", gpu_ops=False) == "cpu"
+
+
+def error(*args, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        device.choose(*args, **kw)
+    return str(e.value)
+
+
+def test_cuda_without_a_gpu():
+    msg = error("cuda", 0, 1, 0, "node7")
+    assert "'cuda' asked, but the framework sees no GPU on host node7" in msg
+    assert "train.device = 'auto' or 'cpu'" in msg
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+def test_more_ranks_than_gpus(requested):
+    msg = error(requested, 0, 4, 2, "h")
+    assert "4 ranks on host h but 2 GPUs: launch at most 2 per node (-np / --ntasks-per-node) or set " \
+           "train.device = 'cpu'" in msg
+    assert "1 GPU:" in error(requested, 1, 2, 1, "h")
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+def test_horovod_without_gpu_operations(requested):
+    msg = error(requested, 0, 1, 1, "h", gpu_ops=False)
+    assert "built without GPU operations" in msg and "HOROVOD_GPU_OPERATIONS=NCCL" in msg
+    assert "train.device = 'cpu'" in msg
+
+
+def test_setting_validated():
+    assert config.Config().train.device == "auto"
+    with pytest.raises(ConfigError) as e:
+        config.validate(config.load(None, ["train.device=gpu"]), 1)
+    assert "train.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'" in str(e.value)
+    for v in ("auto", "cpu", "cuda"):   # 'cuda' is judged where the GPUs are: at start
+        config.validate(config.load(None, [f"train.device={v}"]), 1)
+
+
+# -- StepResult: loss and gradient norm read only when looked at ---------------------------------
+
+class Reading:
+    """A value that counts how often it is converted (as a device tensor's read would sync)."""
+
+    def __init__(self, v):
+        self.v, self.reads = v, 0
+
+    def __float__(self):
+        self.reads += 1
+        return self.v
+
+
+def test_step_result_reads_once_and_only_when_asked():
+    loss, norm = Reading(2.5), Reading(0.5)
+    r = StepResult(loss=loss, grad_norm=norm)
+    assert (loss.reads, norm.reads) == (0, 0)
+    assert r.loss == 2.5 and r.loss == 2.5 and loss.reads == 1 and norm.reads == 0
+    assert r.grad_norm == 0.5 and norm.reads == 1 and not r.skipped
+
+
+# -- on this machine: 'auto' is the CPU, and computes what 'cpu' does ------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    from mpi4py import MPI
+    tf_backend.init_horovod(MPI.COMM_WORLD)
+    torch_backend.init_horovod(MPI.COMM_WORLD)
+    return MPI.COMM_WORLD
+
+
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=2",
+        "data.max_bytes=60000", "train.steps=3", "train.eval_every=0", "train.eval_batches=1",
+        "train.threads=1", "train.sample_tokens=0", "train.progress=false", "train.plot=false",
+        "train.checkpoint_every=0", "optim.warmup_steps=0"]
+
+
+def train(backend, dev, out, horovod):
+    from hvdllm.trainer import Trainer
+    cfg = config.validate(config.load(None, TINY + [f"backend={backend}", f"train.device={dev}",
+                                                    f"train.out_dir={out}"]), 1)
+    be = torch_backend if backend == "torch" else tf_backend
+    rt = Runtime("single", 0, 1, 0, 1, horovod, {})
+    trainer = Trainer(cfg, rt, be)
+    trainer.run()
+    assert trainer.device == "cpu"
+    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_auto_equals_cpu_here(backend, tmp_path, monkeypatch, capfd, horovod):
+    monkeypatch.setenv("HVDLLM_CACHE", str(tmp_path / "cache"))
+    on_cpu = train(backend, "cpu", tmp_path / "cpu", horovod)
+    auto = train(backend, "auto", tmp_path / "auto", horovod)
+    assert len(on_cpu) == 3 and on_cpu == auto   # bit for bit: the same device, the same arithmetic
+    assert "rank 0 (local 0/1): device cpu" in capfd.readouterr().err
