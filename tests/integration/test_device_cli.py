@@ -18,3 +18,13 @@ def test_cuda_without_a_gpu_is_one_message_and_nothing_written(tmp_path):
     assert "invalid configuration (1 problem(s))" in r.stdout, r.stdout[-3000:]
     assert "train.device: 'cuda' asked, but the framework sees no GPU on host" in r.stdout, r.stdout[-3000:]
     assert "Traceback" not in r.stdout and not out.exists() and not cache.exists()
+
+
+@pytest.mark.integration
+def test_gpu_check_driver_dry_part():
+    """scripts/gpu_check.py's cuda-vs-cpu part in its dry mode (the CPU twice): the driver builds
+    hvdllm's engine from configs/gpt2_124m.toml and reports one RESULT line that agrees."""
+    r = run([sys.executable, "scripts/gpu_check.py", "--part", "devices"], 240, GPU_CHECK_DRY="1")
+    assert r.returncode == 0, r.stdout[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(line) == 1 and '"ok": true' in line[0], r.stdout[-3000:]
