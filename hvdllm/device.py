@@ -50,3 +50,12 @@ def select(requested: str, rt, backend) -> str:
     print(f"[hvdllm] host {host} rank {rt.rank} (local {rt.local_rank}/{rt.local_size}): device {dev}",
           file=sys.stderr, flush=True)
     return dev
+
+
+def p2p_transport(on_gpu: bool, cuda_aware: bool) -> str:
+    """How a pipeline's activations travel over mpi4py, in words for the start-up log."""
+    if not on_gpu:
+        return "host arrays (CPU)"
+    if cuda_aware:   # device buffers over a CUDA-aware MPI are not wired yet (see the NOTE)
+        return "pinned host buffers (this MPI is CUDA-aware; device buffers are not used yet)"
+    return "pinned host buffers (this MPI is not CUDA-aware)"

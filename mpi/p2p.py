@@ -65,6 +65,38 @@ def tag_ub(comm) -> int:
     return ub
 
 
+# -- device buffers: does this MPI read GPU memory itself? ---------------------------------------
+def parse_ompi_info(text: str) -> bool | None:
+    """Open MPI's answer in `ompi_info --parsable --all` output (None: the line is not there)."""
+    for line in text.splitlines():
+        if line.startswith("mca:mpi:base:param:mpi_built_with_cuda_support:value:"):
+            return line.rsplit(":", 1)[1].strip() == "true"
+    return None
+
+
+_CUDA_AWARE = None
+
+
+def cuda_aware() -> bool:
+    """Whether this MPI takes GPU buffers (CUDA-aware): mpi4py's MPIX_Query_cuda_support where it
+    has one, else Open MPI's build setting from ompi_info; anything else is taken as not. Asked
+    once per process: an MPI that says yes at build time may still say no at run time, which is
+    why mpi4py's run-time query wins when present."""
+    global _CUDA_AWARE
+    if _CUDA_AWARE is None:
+        query = getattr(_MPI(), "Query_cuda_support", None)
+        if query is not None:
+            _CUDA_AWARE = bool(query())
+        else:
+            import shutil
+            import subprocess
+            exe = shutil.which("ompi_info")
+            out = subprocess.run([exe, "--parsable", "--all"], capture_output=True, text=True,
+                                 timeout=60).stdout if exe else ""
+            _CUDA_AWARE = bool(parse_ompi_info(out))
+    return _CUDA_AWARE
+
+
 # -- requests and deadlines --------------------------------------------------------------------
 @dataclass
 class Request:
@@ -217,13 +249,15 @@ def isend_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, chun
     return [isend(comm, encode_header(array), dest, t), isend(comm, array, dest, t)]
 
 
-def recv_array(comm, source: int, tag_kind: str, mb: int, timeout_s: float, chunk: int = 0) -> np.ndarray:
-    """Receive what send_array sent: header, allocate, payload. The deadline covers both."""
+def recv_array(comm, source: int, tag_kind: str, mb: int, timeout_s: float, chunk: int = 0,
+               alloc=np.empty) -> np.ndarray:
+    """Receive what send_array sent: header, allocate, payload. The deadline covers both.
+    `alloc(shape, dtype)` makes the payload's array (e.g. in pinned memory, for a GPU's copy)."""
     t, what = tag(tag_kind, mb, chunk), f"recv_array {tag_kind} mb={mb}"
     deadline = time.monotonic() + timeout_s
     shape, dtype = decode_header(recv_into(comm, np.empty(HEADER_LEN, np.int64), source, t,
                                            timeout_s, what))
-    out = np.empty(shape, dtype)
+    out = alloc(shape, dtype)
     return recv_into(comm, out, source, t, max(deadline - time.monotonic(), 0.0), what)
 
 

@@ -194,6 +194,24 @@ def to_host(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def pinned_empty(shape, dtype) -> np.ndarray:
+    """A numpy array in page-locked memory (a received activation): its copy to the GPU is one
+    DMA that need not wait, and torch's pinned allocator keeps it until that copy is done."""
+    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
+
+
+def to_host_pinned(t) -> np.ndarray:
+    """to_host for what MPI sends from a GPU: one DMA into a pinned buffer, complete before the
+    array is returned (MPI reads host memory, and knows nothing of CUDA streams)."""
+    if t.device.type != "cuda":
+        return to_host(t)
+    TRANSFERS["to_host"] += 1
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t.detach(), non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return buf.numpy()
+
+
 def from_host(a, device=None) -> torch.Tensor:
     """A numpy array as a tensor on `device` (default: the engines' DEVICE). From pageable memory
     a non_blocking copy still returns only once the array is read, so the caller may reuse it."""

@@ -9,15 +9,18 @@ over the pipeline (MPI) for global clipping; then AdamW. Loss: broadcast from th
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 import torch
 
+from hvdllm import device
 from hvdllm.engines import PipelineStageBase
+from mpi import p2p
 
-from . import adamw_state
-from .collectives import Collectives, NumpyCollectives, from_host, to_host
+from . import adamw_state, collectives
+from .collectives import Collectives, NumpyCollectives, from_host, pinned_empty, to_host, to_host_pinned
 from .engine import Engine
 from .model import GPT
 from .tensor_parallel import norm_sq
@@ -55,6 +58,15 @@ class PipelineEngine(PipelineStageBase):
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: adamw_state.make_adamw(self.named, cfg.optim))
+        # activations and their gradients cross to the next stage over MPI as host arrays: from a
+        # GPU through pinned buffers, one DMA each way
+        on_gpu = collectives.DEVICE is not None
+        self.send_form = to_host_pinned if on_gpu else to_host
+        if on_gpu:
+            self.pipe.alloc = pinned_empty
+        if layout.dp_rank == 0:
+            print(f"[hvdllm] rank {layout.rank} (pipeline stage {layout.pp_rank}): activations over MPI as "
+                  f"{device.p2p_transport(on_gpu, on_gpu and p2p.cuda_aware())}", file=sys.stderr, flush=True)
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
@@ -92,7 +104,7 @@ class PipelineEngine(PipelineStageBase):
         out = self.model.run_layers(layers, x)
         if target is None:
             self.saved[(mb, chunk)] = (x, out)
-            return to_host(out)
+            return self.send_form(out)
         loss = self.model.loss_from_logits(out, from_host(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
         return float(loss.detach())
@@ -100,7 +112,7 @@ class PipelineEngine(PipelineStageBase):
     def backward(self, chunk, mb, grad):
         x, out = self.saved.pop((mb, chunk))
         out.backward(None if grad is None else from_host(grad))
-        return to_host(x.grad) if x.requires_grad else None
+        return self.send_form(x.grad) if x.requires_grad else None
 
     # evaluation and generation ---------------------------------------------------------------
     @torch.no_grad()

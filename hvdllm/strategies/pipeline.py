@@ -38,6 +38,7 @@ class Pipeline:
     def __init__(self, comm, p: int, stage: int, m: int, v: int, schedule: str, timeout_s: float):
         self.comm, self.p, self.stage, self.m, self.v = comm, p, stage, m, v
         self.timeout = timeout_s
+        self.alloc = np.empty   # received activations' arrays; a GPU engine pins them (p2p.recv_array)
         self.last_vs = p * v - 1
         self.instrs = schedules.build(schedule, p, m, stage, v)
         self.trace = None  # set to a list to record (start, end, op, mb, chunk) per instruction
@@ -54,7 +55,8 @@ class Pipeline:
             vs = ins.chunk * self.p + self.stage
             key = (ins.mb, ins.chunk)
             if ins.op == "recv_act":
-                inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk)
+                inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk,
+                                            self.alloc)
             elif ins.op == "forward":
                 inp = xs[ins.mb] if vs == 0 else inbox.pop(key)
                 out = runner.forward(ins.chunk, ins.mb, inp, ys[ins.mb] if vs == self.last_vs else None)
@@ -67,7 +69,7 @@ class Pipeline:
                                          (vs + 1) // self.p)
             elif ins.op == "recv_grad":
                 inbox[("g",) + key] = p2p.recv_array(self.comm, self.owner(vs + 1), "grad", ins.mb,
-                                                     self.timeout, ins.chunk)
+                                                     self.timeout, ins.chunk, self.alloc)
             elif ins.op == "backward":
                 g = runner.backward(ins.chunk, ins.mb, None if vs == self.last_vs else inbox.pop(("g",) + key))
                 if vs > 0:

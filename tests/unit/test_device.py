@@ -12,6 +12,7 @@ from hvdllm import config, device
 from hvdllm.engine import StepResult
 from hvdllm.errors import ConfigError
 from hvdllm.runtime import Runtime
+from mpi import p2p
 
 # -- the decision ------------------------------------------------------------------------------
 
@@ -67,6 +68,24 @@ def test_setting_validated():
     assert "train.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'" in str(e.value)
     for v in ("auto", "cpu", "cuda"):   # 'cuda' is judged where the GPUs are: at start
         config.validate(config.load(None, [f"train.device={v}"]), 1)
+
+
+# -- pipeline activations: how they travel, and whether this MPI takes GPU buffers ---------------
+
+def test_p2p_transport_words():
+    assert device.p2p_transport(False, False) == "host arrays (CPU)"
+    assert device.p2p_transport(True, False) == "pinned host buffers (this MPI is not CUDA-aware)"
+    assert device.p2p_transport(True, True).startswith("pinned host buffers (this MPI is CUDA-aware")
+
+
+def test_ompi_info_parsed():
+    line = "mca:mpi:base:param:mpi_built_with_cuda_support:value:{}"
+    other = "mca:btl:base:param:btl_base_verbose:value:0"
+    assert p2p.parse_ompi_info("\n".join([other, line.format("true")])) is True
+    assert p2p.parse_ompi_info(line.format("false")) is False
+    assert p2p.parse_ompi_info(other) is None
+    # this machine's MPI answers without raising (Debian's Open MPI: built without CUDA)
+    assert p2p.cuda_aware() in (True, False)
 
 
 # -- StepResult: loss and gradient norm read only when looked at ---------------------------------
