@@ -172,6 +172,7 @@ class Trainer:
         if t.stop_signal != "none" and not cfg.ps.servers:
             coll = self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer")))
             stopper = stop.Agreement(self.backend.NumpyCollectives(coll), t.stop_check_s, self.start_step)
+        window, window_steps = 0.0, 0   # seconds and steps since the last logged step
         for step in range(self.start_step, last):
             x, y = self.sampler.batch(step)
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
@@ -186,15 +187,22 @@ class Trainer:
                     else:
                         raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 res = self.engine.train_step(x, y, lr)
+                if (step + 1) % t.log_every == 0 or step + 1 == last:
+                    res.loss   # read inside the timing: the device's queued work is done by now
             if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
                 self.publisher.after_step(step + 1, self.engine)
             dt = time.perf_counter() - t0
+            # a step whose loss is not read may end before its device work does: the steps
+            # between two logs are timed together, ending where the logged step's read waited
+            window += dt
+            window_steps += 1
             done = step + 1
             final = done == last or getattr(res, "final", False)
             stopping = not final and stopper is not None and stopper.due(done, dt)
             # the loss and gradient norm are read (a device sync on a GPU) only on logged steps
             if done % t.log_every == 0 or final or stopping:
-                self._log_step(res, step, lr, dt, tokens_per_step, flops_per_step, trainers, bar)
+                self._log_step(res, step, lr, window / window_steps, tokens_per_step, flops_per_step, trainers, bar)
+                window, window_steps = 0.0, 0
             if bar:
                 bar.update(1)
             if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
@@ -220,7 +228,8 @@ class Trainer:
         return summary
 
     def _log_step(self, res, step, lr, dt, tokens_per_step, flops_per_step, trainers, bar) -> None:
-        """Check and record one step's loss (every rank checks: each must stop on a bad loss)."""
+        """Check and record one step's loss (every rank checks: each must stop on a bad loss);
+        `dt`: seconds per step since the last logged one."""
         if not math.isfinite(res.loss):
             raise HvdllmError(f"loss became {res.loss} at step {step}; lower optim.lr "
                               f"or set optim.grad_clip")

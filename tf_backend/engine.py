@@ -212,7 +212,8 @@ class Engine(GPTEngineBase):
         skipped = self.scaler is not None and not np.isfinite(float(norm))   # the same on every rank
         if self.scaler is not None:
             self.scaler.update(not skipped)
-        return StepResult(loss=float(loss), grad_norm=float(norm), skipped=skipped)
+        # tensors, read only when someone looks (the trainer: when it logs): no device sync here
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped)
 
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies
