@@ -52,10 +52,10 @@ class Trainer:
         self.watchdog = Watchdog(rt)
         self.is_root = rt.rank == 0
         self.out = Path(cfg.train.out_dir)
-        backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
-        # train.device, before any tensor exists or a file is written; every rank logs host, rank
-        # and device
+        # train.device, before any tensor exists or a file is written (and before TensorFlow's
+        # runtime starts: its visible GPUs are fixed then); every rank logs host, rank and device
         self.device = device.select(cfg.train.device, rt, backend)
+        backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
             self.data = self.prepare_data(cfg)
         # derived settings filled in once, then frozen (rules that need the vocabulary run here)
