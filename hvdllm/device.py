@@ -56,6 +56,6 @@ def p2p_transport(on_gpu: bool, cuda_aware: bool) -> str:
     """How a pipeline's activations travel over mpi4py, in words for the start-up log."""
     if not on_gpu:
         return "host arrays (CPU)"
-    if cuda_aware:   # device buffers over a CUDA-aware MPI are not wired yet (see the NOTE)
-        return "pinned host buffers (this MPI is CUDA-aware; device buffers are not used yet)"
+    if cuda_aware:
+        return "device buffers (this MPI is CUDA-aware)"
     return "pinned host buffers (this MPI is not CUDA-aware)"

@@ -46,6 +46,25 @@ def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
     return times
 
 
+def device_empty(shape, dtype) -> torch.Tensor:
+    """A received activation's buffer on this rank's GPU (a CUDA-aware MPI writes it there)."""
+    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=collectives.DEVICE)
+
+
+def device_send(t) -> torch.Tensor:
+    """A GPU tensor as a CUDA-aware MPI may read it: detached (the array interface refuses a
+    tensor that needs grad), contiguous, and computed (MPI knows nothing of CUDA streams)."""
+    t = t.detach().contiguous()
+    torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
+def received(a) -> torch.Tensor:
+    """An activation from the previous stage on this rank's device: a tensor already there, or a
+    host array copied over."""
+    return a if torch.is_tensor(a) else from_host(a)
+
+
 class PipelineEngine(PipelineStageBase):
     """This rank's stage of the built-in GPT; the step itself is PipelineStageBase's."""
 
@@ -58,15 +77,17 @@ class PipelineEngine(PipelineStageBase):
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: adamw_state.make_adamw(self.named, cfg.optim))
-        # activations and their gradients cross to the next stage over MPI as host arrays: from a
-        # GPU through pinned buffers, one DMA each way
+        # activations and their gradients cross to the next stage over MPI: host arrays on a CPU;
+        # from a GPU the device tensors themselves where the MPI is CUDA-aware, else pinned host
+        # buffers (one DMA each way)
         on_gpu = collectives.DEVICE is not None
-        self.send_form = to_host_pinned if on_gpu else to_host
+        aware = on_gpu and p2p.cuda_aware()
+        self.send_form = device_send if aware else to_host_pinned if on_gpu else to_host
         if on_gpu:
-            self.pipe.alloc = pinned_empty
+            self.pipe.alloc = device_empty if aware else pinned_empty
         if layout.dp_rank == 0:
             print(f"[hvdllm] rank {layout.rank} (pipeline stage {layout.pp_rank}): activations over MPI as "
-                  f"{device.p2p_transport(on_gpu, on_gpu and p2p.cuda_aware())}", file=sys.stderr, flush=True)
+                  f"{device.p2p_transport(on_gpu, aware)}", file=sys.stderr, flush=True)
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
@@ -98,7 +119,7 @@ class PipelineEngine(PipelineStageBase):
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
         layers = self.chunks[chunk]
-        x = from_host(inp)
+        x = received(inp)
         if layers[0] != 0:
             x.requires_grad_(True)
         out = self.model.run_layers(layers, x)
@@ -111,7 +132,7 @@ class PipelineEngine(PipelineStageBase):
 
     def backward(self, chunk, mb, grad):
         x, out = self.saved.pop((mb, chunk))
-        out.backward(None if grad is None else from_host(grad))
+        out.backward(None if grad is None else received(grad))
         return self.send_form(x.grad) if x.requires_grad else None
 
     # evaluation and generation ---------------------------------------------------------------
