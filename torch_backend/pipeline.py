@@ -128,7 +128,7 @@ class PipelineEngine(PipelineStageBase):
             return self.send_form(out)
         loss = self.model.loss_from_logits(out, from_host(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
-        return float(loss.detach())
+        return loss.detach().double()   # summed over micro-batches in float64, as a float would be
 
     def backward(self, chunk, mb, grad):
         x, out = self.saved.pop((mb, chunk))

@@ -28,7 +28,8 @@ class StageRunner(Protocol):
     """What a backend supplies for one pipeline rank (it holds this rank's chunks)."""
 
     def forward(self, chunk: int, mb: int, inp: np.ndarray, target: np.ndarray | None) -> np.ndarray | float:
-        """Run chunk's layers; return the activation, or (last virtual stage) the mb's loss."""
+        """Run chunk's layers; return the activation, or (last virtual stage) the mb's loss (a
+        float, or a 0-d tensor left unread until the step's end)."""
 
     def backward(self, chunk: int, mb: int, grad: np.ndarray | None) -> np.ndarray | None:
         """Backward of a saved forward; return d(input) (None on the first virtual stage)."""
@@ -60,8 +61,8 @@ class Pipeline:
             elif ins.op == "forward":
                 inp = xs[ins.mb] if vs == 0 else inbox.pop(key)
                 out = runner.forward(ins.chunk, ins.mb, inp, ys[ins.mb] if vs == self.last_vs else None)
-                if vs == self.last_vs:
-                    loss += float(out) / self.m
+                if vs == self.last_vs:   # a float, or a 0-d tensor read once at the end (no sync here)
+                    loss = loss + out / self.m
                 else:
                     outbox[key] = out
             elif ins.op == "send_act":
@@ -92,7 +93,7 @@ class Pipeline:
 
     def broadcast_loss(self, loss: float) -> float:
         """The last stage knows the loss; every stage reports it."""
-        buf = np.array([loss], np.float64)
+        buf = np.array([float(loss)], np.float64)
         self.comm.Bcast(buf, root=self.owner(self.last_vs))
         return float(buf[0])
 
