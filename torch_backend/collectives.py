@@ -196,7 +196,7 @@ def to_host(t) -> np.ndarray:
 
 def pinned_empty(shape, dtype) -> np.ndarray:
     """A numpy array in page-locked memory (a received activation): its copy to the GPU is one
-    DMA that need not wait, and torch's pinned allocator keeps it until that copy is done."""
+    DMA, without a staging copy (from_host(..., wait=True))."""
     return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
 
 
@@ -212,10 +212,12 @@ def to_host_pinned(t) -> np.ndarray:
     return buf.numpy()
 
 
-def from_host(a, device=None) -> torch.Tensor:
+def from_host(a, device=None, wait=False) -> torch.Tensor:
     """A numpy array as a tensor on `device` (default: the engines' DEVICE). From pageable memory
-    a non_blocking copy still returns only once the array is read, so the caller may reuse it."""
+    a non_blocking copy still returns only once the array is read, so the caller may reuse it.
+    `wait`: return only when the copy is done, for a pinned array (pinned_empty): its copy would
+    otherwise run after this returns, and nothing would keep its buffer from being reused."""
     TRANSFERS["from_host"] += 1
     t = torch.from_numpy(np.ascontiguousarray(a))
     device = device or DEVICE
-    return t if device is None else t.to(device, non_blocking=True)
+    return t if device is None else t.to(device, non_blocking=not wait)

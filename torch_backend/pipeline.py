@@ -62,7 +62,7 @@ def device_send(t) -> torch.Tensor:
 def received(a) -> torch.Tensor:
     """An activation from the previous stage on this rank's device: a tensor already there, or a
     host array copied over."""
-    return a if torch.is_tensor(a) else from_host(a)
+    return a if torch.is_tensor(a) else from_host(a, wait=True)
 
 
 class PipelineEngine(PipelineStageBase):
