@@ -52,6 +52,13 @@ def select(requested: str, rt, backend) -> str:
     return dev
 
 
+def log_transport(layout, words: str) -> None:
+    """A pipeline stage says how its activations travel (once per stage: its dp rank 0)."""
+    if layout.dp_rank == 0:
+        print(f"[hvdllm] rank {layout.rank} (pipeline stage {layout.pp_rank}): activations over MPI as {words}",
+              file=sys.stderr, flush=True)
+
+
 def p2p_transport(on_gpu: bool, cuda_aware: bool) -> str:
     """How a pipeline's activations travel over mpi4py, in words for the start-up log."""
     if not on_gpu:

@@ -9,7 +9,6 @@ over the pipeline (MPI) for global clipping; then AdamW. Loss: broadcast from th
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -85,9 +84,7 @@ class PipelineEngine(PipelineStageBase):
         self.send_form = device_send if aware else to_host_pinned if on_gpu else to_host
         if on_gpu:
             self.pipe.alloc = device_empty if aware else pinned_empty
-        if layout.dp_rank == 0:
-            print(f"[hvdllm] rank {layout.rank} (pipeline stage {layout.pp_rank}): activations over MPI as "
-                  f"{device.p2p_transport(on_gpu, aware)}", file=sys.stderr, flush=True)
+        device.log_transport(layout, device.p2p_transport(on_gpu, aware))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
