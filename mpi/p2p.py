@@ -1,4 +1,5 @@
-"""Point-to-point between two ranks: numpy buffers, tags that say what a message is, deadlines.
+"""Point-to-point between two ranks: numpy buffers (or GPU arrays, through a CUDA-aware MPI:
+cuda_aware), tags that say what a message is, deadlines.
 
 Every wait here ends in completion or `PeerTimeout`, never a hang: a lost peer must become an
 error the CLI can report (and end the job on), not a stuck job. `mpi4py.MPI` is imported only
