@@ -170,6 +170,9 @@ class TrainConfig:
     tensorboard: bool = doc("also write metrics.jsonl's records as TensorBoard scalars under "
                             "out_dir/tensorboard (the tensorboard package; no TensorFlow needed)", False)
     plot: bool = doc("draw loss.png from metrics.jsonl at the end (rank 0)", True)
+    device: str = doc("where each rank computes: 'auto' (cuda:<local rank> when the framework sees a GPU, "
+                      "else the CPU), 'cpu', or 'cuda' (an error where no GPU is visible); one GPU per "
+                      "rank, so more ranks on a node than GPUs is an error (hvdllm/device.py)", "auto")
     threads: int = doc("compute threads per rank (0 = cores / ranks on this node)", 0)
     precision: str = doc("compute precision: 'fp32', or 'bf16' (matmuls and attention in bfloat16 "
                          "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
@@ -267,6 +270,7 @@ CHOICES = {
     "train.fail_mode": ("raise", "kill", "overflow"),
     "aggregation.compression": ("none", "fp16", "bf16"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
     "parallel.zero_unit": ("block",),
     "parallel.offload": ("none", "optimizer"),
 }

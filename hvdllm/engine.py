@@ -32,11 +32,27 @@ from typing import Protocol
 import numpy as np
 
 
-@dataclass
 class StepResult:
-    loss: float        # mean training loss of this step, averaged over the data-parallel group
-    grad_norm: float   # global gradient norm before clipping (after aggregation)
-    skipped: bool = False   # train.precision = 'fp16': the gradients overflowed, no update (loss_scale.py)
+    """loss: mean training loss of this step, averaged over the data-parallel group; grad_norm:
+    global gradient norm before clipping (after aggregation); skipped: train.precision = 'fp16',
+    the gradients overflowed, no update (loss_scale.py).
+
+    An engine may hand loss and grad_norm over as 0-d tensors still on its device: reading one
+    (`res.loss`) converts it to a float once, which waits for the device. So a step nobody reads
+    is never synchronised for them; the trainer reads them only on the steps it logs."""
+
+    def __init__(self, loss, grad_norm, skipped: bool = False):
+        self._raw = {"loss": loss, "grad_norm": grad_norm}
+        self.skipped = skipped
+
+    def _read(self, key: str) -> float:
+        v = self._raw[key]
+        if not isinstance(v, float):
+            v = self._raw[key] = float(v)
+        return v
+
+    loss = property(lambda self: self._read("loss"))
+    grad_norm = property(lambda self: self._read("grad_norm"))
 
 
 @dataclass

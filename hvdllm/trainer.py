@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, elastic, hf, launch, lora, metrics, mfu, params, stop, task
+from . import checkpoint, config, data, device, elastic, hf, launch, lora, metrics, mfu, params, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import CheckpointError, HvdllmError, InjectedFailure
@@ -52,11 +52,14 @@ class Trainer:
         self.watchdog = Watchdog(rt)
         self.is_root = rt.rank == 0
         self.out = Path(cfg.train.out_dir)
+        # train.device, before any tensor exists or a file is written (and before TensorFlow's
+        # runtime starts: its visible GPUs are fixed then); every rank logs host, rank and device
+        self.device = device.select(cfg.train.device, rt, backend)
+        backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
             self.data = self.prepare_data(cfg)
         # derived settings filled in once, then frozen (rules that need the vocabulary run here)
         self.cfg = cfg = self.resolve(cfg)
-        backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         # every strategy is composed in one place (parallelize.py), parameter-server workers too
         self.engine = build_engine(cfg, self.layout, rt, backend)
         # the peak each trainer rank's MFU is measured against, measured by all of them at once
@@ -183,6 +186,7 @@ class Trainer:
         if t.stop_signal != "none" and not cfg.ps.servers:
             coll = self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer")))
             stopper = stop.Agreement(self.backend.NumpyCollectives(coll), t.stop_check_s, self.start_step)
+        window, window_steps = 0.0, 0   # seconds and steps since the last logged step
         for step in range(self.start_step, last):
             x, y = self.sampler.batch(step)
             lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
@@ -197,31 +201,28 @@ class Trainer:
                     else:
                         raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
                 res = self.engine.train_step(x, y, lr)
+                if (step + 1) % t.log_every == 0 or step + 1 == last:
+                    res.loss   # read inside the timing: the device's queued work is done by now
             if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
                 self.publisher.after_step(step + 1, self.engine)
             dt = time.perf_counter() - t0
-            if not math.isfinite(res.loss):
-                raise HvdllmError(f"loss became {res.loss} at step {step}; lower optim.lr "
-                                         f"or set optim.grad_clip")
+            # a step whose loss is not read may end before its device work does: the steps
+            # between two logs are timed together, ending where the logged step's read waited
+            window += dt
+            window_steps += 1
             done = step + 1
             final = done == last or getattr(res, "final", False)
             stopping = not final and stopper is not None and stopper.due(done, dt)
-            rec = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                   "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers),
-                   "peak_rss_mib": peak_rss_mib()}
-            if self.engine.scaler is not None:   # train.precision = 'fp16'
-                rec.update(loss_scale=self.engine.scaler.scale, skipped=res.skipped)
-            if self.is_root and (done % t.log_every == 0 or final or stopping):
-                self.log.write(rec)
+            # the loss and gradient norm are read (a device sync on a GPU) only on logged steps
+            if done % t.log_every == 0 or final or stopping:
+                self._log_step(res, step, lr, window / window_steps, tokens_per_step, flops_per_step, trainers, bar)
+                window, window_steps = 0.0, 0
             if bar:
-                bar.set_postfix(loss=f"{res.loss:.3f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
                 bar.update(1)
             if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
                 summary.update(self.evaluate(done))
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or final or stopping:
                 self.save(done)
-            summary["loss"] = res.loss
             if self.on_step is not None:
                 self.on_step(done)
             if stopping:
@@ -231,12 +232,31 @@ class Trainer:
                 break
         if bar:
             bar.close()
+        if self.start_step < last:
+            summary["loss"] = res.loss
         summary = self.finish(summary)
         # No rank may leave while another still talks to it: Horovod shuts down for everyone
         # when the first process exits (e.g. a pipeline stage done before its peers).
         with self.watchdog.deadline(t.step_timeout, "the final barrier"):
             self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer"))).barrier()
         return summary
+
+    def _log_step(self, res, step, lr, dt, tokens_per_step, flops_per_step, trainers, bar) -> None:
+        """Check and record one step's loss (every rank checks: each must stop on a bad loss);
+        `dt`: seconds per step since the last logged one."""
+        if not math.isfinite(res.loss):
+            raise HvdllmError(f"loss became {res.loss} at step {step}; lower optim.lr "
+                              f"or set optim.grad_clip")
+        rec = {"step": step + 1, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+               "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+               "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers),
+               "peak_rss_mib": peak_rss_mib()}
+        if self.engine.scaler is not None:   # train.precision = 'fp16'
+            rec.update(loss_scale=self.engine.scaler.scale, skipped=res.skipped)
+        if self.is_root:
+            self.log.write(rec)
+        if bar:
+            bar.set_postfix(loss=f"{res.loss:.3f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
 
     def evaluate(self, step: int) -> dict:
         t, m = self.cfg.train, self.cfg.model

@@ -1,4 +1,5 @@
-"""Point-to-point between two ranks: numpy buffers, tags that say what a message is, deadlines.
+"""Point-to-point between two ranks: numpy buffers (or GPU arrays, through a CUDA-aware MPI:
+cuda_aware), tags that say what a message is, deadlines.
 
 Every wait here ends in completion or `PeerTimeout`, never a hang: a lost peer must become an
 error the CLI can report (and end the job on), not a stuck job. `mpi4py.MPI` is imported only
@@ -65,6 +66,38 @@ def tag_ub(comm) -> int:
     return ub
 
 
+# -- device buffers: does this MPI read GPU memory itself? ---------------------------------------
+def parse_ompi_info(text: str) -> bool | None:
+    """Open MPI's answer in `ompi_info --parsable --all` output (None: the line is not there)."""
+    for line in text.splitlines():
+        if line.startswith("mca:mpi:base:param:mpi_built_with_cuda_support:value:"):
+            return line.rsplit(":", 1)[1].strip() == "true"
+    return None
+
+
+_CUDA_AWARE = None
+
+
+def cuda_aware() -> bool:
+    """Whether this MPI takes GPU buffers (CUDA-aware): mpi4py's MPIX_Query_cuda_support where it
+    has one, else Open MPI's build setting from ompi_info; anything else is taken as not. Asked
+    once per process: an MPI that says yes at build time may still say no at run time, which is
+    why mpi4py's run-time query wins when present."""
+    global _CUDA_AWARE
+    if _CUDA_AWARE is None:
+        query = getattr(_MPI(), "Query_cuda_support", None)
+        if query is not None:
+            _CUDA_AWARE = bool(query())
+        else:
+            import shutil
+            import subprocess
+            exe = shutil.which("ompi_info")
+            out = subprocess.run([exe, "--parsable", "--all"], capture_output=True, text=True,
+                                 timeout=60).stdout if exe else ""
+            _CUDA_AWARE = bool(parse_ompi_info(out))
+    return _CUDA_AWARE
+
+
 # -- requests and deadlines --------------------------------------------------------------------
 @dataclass
 class Request:
@@ -91,8 +124,19 @@ def _as_request(r) -> Request:
     return r if isinstance(r, Request) else Request(r, peer=-1, tag=-1, op="request")
 
 
+def _device_meta(array) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a GPU array (one with __cuda_array_interface__: a torch CUDA tensor,
+    detached), which mpi4py hands a CUDA-aware MPI as a device pointer; None for anything else."""
+    cai = getattr(array, "__cuda_array_interface__", None)
+    if cai is None:
+        return None
+    if cai.get("strides") is not None:   # None is how the interface says C-contiguous
+        raise ValueError("MPI device buffers must be C-contiguous (use .contiguous())")
+    return tuple(int(d) for d in cai["shape"]), np.dtype(cai["typestr"])
+
+
 def _buffer(array: np.ndarray):
-    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+    if _device_meta(array) is None and (not isinstance(array, np.ndarray) or not array.flags.c_contiguous):
         raise ValueError("MPI buffers must be C-contiguous numpy arrays (use np.ascontiguousarray)")
     return [array, _MPI().BYTE]  # bytes on the wire: any dtype, no MPI type mapping needed
 
@@ -165,9 +209,11 @@ def recv_into(comm, array_out: np.ndarray, source: int, tag: int, timeout_s: flo
     """Blocking receive into `array_out`; a message of another size is an error, not a partial fill."""
     st = wait(irecv(comm, array_out, source, tag), timeout_s, f"{what} from rank {source}")
     got = st.Get_count(_MPI().BYTE)
-    if got != array_out.nbytes:
-        raise ValueError(f"{what}: rank {source} sent {got} bytes, expected {array_out.nbytes} "
-                         f"({array_out.dtype}{list(array_out.shape)}) on {describe_tag(tag)}")
+    shape, dtype = _device_meta(array_out) or (array_out.shape, array_out.dtype)
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if got != want:
+        raise ValueError(f"{what}: rank {source} sent {got} bytes, expected {want} "
+                         f"({dtype}{list(shape)}) on {describe_tag(tag)}")
     return array_out
 
 
@@ -179,16 +225,24 @@ HEADER_LEN = 3 + MAX_NDIM                  # magic, dtype code, ndim, dims (zero
 
 
 def encode_header(array: np.ndarray) -> np.ndarray:
-    """Fixed-size int64 header (so the receiver can preallocate it) describing `array`."""
-    code = _DTYPE_CODE.get(array.dtype)
-    if code is None or array.dtype.byteorder == ">":
-        raise TypeError(f"cannot send dtype {array.dtype}; supported: {[np.dtype(d).name for d in DTYPES]}")
-    if array.ndim > MAX_NDIM:
-        raise ValueError(f"cannot send a {array.ndim}-d array (at most {MAX_NDIM} dims)")
+    """Fixed-size int64 header (so the receiver can preallocate it) describing `array` (a numpy
+    array, or a GPU array: _device_meta)."""
+    shape, dtype = _device_meta(array) or (array.shape, array.dtype)
+    code = _DTYPE_CODE.get(dtype)
+    if code is None or dtype.byteorder == ">":
+        raise TypeError(f"cannot send dtype {dtype}; supported: {[np.dtype(d).name for d in DTYPES]}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"cannot send a {len(shape)}-d array (at most {MAX_NDIM} dims)")
     h = np.zeros(HEADER_LEN, np.int64)
-    h[:3] = _MAGIC, code, array.ndim
-    h[3:3 + array.ndim] = array.shape
+    h[:3] = _MAGIC, code, len(shape)
+    h[3:3 + len(shape)] = shape
     return h
+
+
+def _contiguous(array):
+    """A numpy view of `array` in C order (0-d stays 0-d, as ascontiguousarray would not keep
+    it); a GPU array as it is (_device_meta checks its layout)."""
+    return array if _device_meta(array) is not None else np.asarray(array, order="C")
 
 
 def decode_header(h: np.ndarray) -> tuple[tuple[int, ...], np.dtype]:
@@ -203,7 +257,7 @@ def send_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, timeo
                chunk: int = 0) -> None:
     """Send header then payload on the same tag: MPI's non-overtaking rule keeps them in order,
     and sharing the tag means headers of different kinds can never be confused."""
-    array = np.asarray(array, order="C")   # keeps 0-d arrays 0-d (ascontiguousarray would not)
+    array = _contiguous(array)
     t = tag(tag_kind, mb, chunk)
     reqs = [isend(comm, encode_header(array), dest, t), isend(comm, array, dest, t)]
     waitall(reqs, timeout_s, f"send_array {tag_kind} mb={mb} to rank {dest}")
@@ -212,18 +266,20 @@ def send_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, timeo
 def isend_array(comm, array: np.ndarray, dest: int, tag_kind: str, mb: int, chunk: int = 0) -> list:
     """Non-blocking send_array: returns the two requests (header, payload); the caller waits
     for them later with a deadline. Pipeline schedules post these and keep computing."""
-    array = np.asarray(array, order="C")
+    array = _contiguous(array)
     t = tag(tag_kind, mb, chunk)
     return [isend(comm, encode_header(array), dest, t), isend(comm, array, dest, t)]
 
 
-def recv_array(comm, source: int, tag_kind: str, mb: int, timeout_s: float, chunk: int = 0) -> np.ndarray:
-    """Receive what send_array sent: header, allocate, payload. The deadline covers both."""
+def recv_array(comm, source: int, tag_kind: str, mb: int, timeout_s: float, chunk: int = 0,
+               alloc=np.empty) -> np.ndarray:
+    """Receive what send_array sent: header, allocate, payload. The deadline covers both.
+    `alloc(shape, dtype)` makes the payload's array (e.g. in pinned memory, for a GPU's copy)."""
     t, what = tag(tag_kind, mb, chunk), f"recv_array {tag_kind} mb={mb}"
     deadline = time.monotonic() + timeout_s
     shape, dtype = decode_header(recv_into(comm, np.empty(HEADER_LEN, np.int64), source, t,
                                            timeout_s, what))
-    out = np.empty(shape, dtype)
+    out = alloc(shape, dtype)
     return recv_into(comm, out, source, t, max(deadline - time.monotonic(), 0.0), what)
 
 

@@ -215,4 +215,23 @@ def from_host(a, dtype=None) -> tf.Tensor:
     return tf.constant(a, dtype=dtype)
 
 
-__all__ = ["Collectives", "NumpyCollectives", "TFOps", "from_host", "init_horovod", "to_host"]
+def device_info() -> tuple[int, bool]:
+    """(GPUs TensorFlow sees, Horovod built with NCCL): what hvdllm.device.choose decides from."""
+    return len(tf.config.list_physical_devices("GPU")), bool(hvd.nccl_built())
+
+
+def use_device(name: str) -> None:
+    """Compute on `name` ('cpu' or 'cuda:i'); before any TF op runs. TF places every op on its
+    visible GPU by itself, so a rank sees only its own GPU, and grows its memory as needed
+    instead of taking all of it at start (the other ranks' GPUs stay untouched)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:   # nothing to hide (and the runtime may be started already, e.g. in tests)
+        return
+    mine = [] if name == "cpu" else [gpus[int(name.split(":")[1])]]
+    tf.config.set_visible_devices(mine, "GPU")
+    for gpu in mine:
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+__all__ = ["Collectives", "NumpyCollectives", "TFOps", "device_info", "from_host", "init_horovod", "to_host",
+           "use_device"]

@@ -61,6 +61,8 @@ def matmul_flops(precision: str = "fp32", n: int = 512) -> float:
     """FLOP/s of an n x n matrix product on this rank's compute threads, in the run's precision
     (hvdllm/mfu.py: the peak a CPU run's MFU is measured against); the best of 5 timings."""
     import time
+    if tf.config.list_logical_devices("GPU"):   # a GPU: a product big enough to reach its peak
+        n = max(n, 4096)
     dtype = tf.bfloat16 if precision == "bf16" else tf.float32
     rng = np.random.default_rng(0)
     a, b = (tf.cast(tf.constant(rng.standard_normal((n, n)), tf.float32), dtype) for _ in range(2))
@@ -216,7 +218,8 @@ class Engine(GPTEngineBase):
         skipped = self.scaler is not None and not np.isfinite(float(norm))   # the same on every rank
         if self.scaler is not None:
             self.scaler.update(not skipped)
-        return StepResult(loss=float(loss), grad_norm=float(norm), skipped=skipped)
+        # tensors, read only when someone looks (the trainer: when it logs): no device sync here
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped)
 
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies

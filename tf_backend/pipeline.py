@@ -14,6 +14,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from hvdllm import device
 from hvdllm.engines import PipelineStageBase
 from hvdllm.params import names_for_layers
 
@@ -59,6 +60,10 @@ class PipelineEngine(PipelineStageBase):
         self.saved, self.grads = {}, {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: AdamW(self.vars, cfg.optim))
+        # activations cross to the next stage as numpy arrays; from a GPU, TensorFlow's .numpy()
+        # and its tensor constructor copy through TF's own staging buffers
+        device.log_transport(layout, "host arrays (TensorFlow copies from and to its GPU itself)"
+                             if tf.config.list_logical_devices("GPU") else device.p2p_transport(False, False))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)

@@ -21,8 +21,8 @@ def export(opt, named_params) -> dict[str, np.ndarray]:
     for n, p in named_params:
         s = opt.state.get(p)
         if s:
-            out[f"optim.m.{n}"] = s["exp_avg"].numpy().copy()
-            out[f"optim.v.{n}"] = s["exp_avg_sq"].numpy().copy()
+            out[f"optim.m.{n}"] = s["exp_avg"].cpu().numpy().copy()
+            out[f"optim.v.{n}"] = s["exp_avg_sq"].cpu().numpy().copy()
             step = int(s["step"])
     out["optim.step"] = np.array(step, dtype=np.int64)
     return out
@@ -34,9 +34,10 @@ def load(opt, named_params, state: dict) -> None:
         return
     for n, p in named_params:
         if f"optim.m.{n}" in state:
+            # the moments where the parameter is; the step count stays on the CPU (foreach AdamW)
             opt.state[p] = {"step": torch.tensor(float(step)),
-                            "exp_avg": torch.from_numpy(np.array(state[f"optim.m.{n}"], np.float32)),
-                            "exp_avg_sq": torch.from_numpy(np.array(state[f"optim.v.{n}"], np.float32))}
+                            "exp_avg": torch.from_numpy(np.array(state[f"optim.m.{n}"], np.float32)).to(p.device),
+                            "exp_avg_sq": torch.from_numpy(np.array(state[f"optim.v.{n}"], np.float32)).to(p.device)}
 
 
 def set_lr(opt, lr: float) -> None:

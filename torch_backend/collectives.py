@@ -36,7 +36,7 @@ class TorchOps:
         self.device = device
 
     def zeros(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=torch.float32, device=self.device)
+        return torch.zeros(n, dtype=torch.float32, device=self.device or DEVICE)
 
     @staticmethod
     def concat(xs) -> torch.Tensor:
@@ -162,6 +162,27 @@ class NumpyCollectives(HostCollectives):
         super().__init__(coll, from_host, to_host)
 
 
+# The device every engine computes on (train.device through use_device); None: the CPU. One per
+# process: a rank owns one GPU (hvdllm/device.py), and a module value reaches every engine,
+# optimizer and collective without threading a device argument through each of them.
+DEVICE = None
+
+
+def device_info() -> tuple[int, bool]:
+    """(GPUs torch sees, Horovod built with NCCL): what hvdllm.device.choose decides from."""
+    return torch.cuda.device_count(), bool(hvd.nccl_built())
+
+
+def use_device(name: str) -> None:
+    """Compute on `name` ('cpu' or 'cuda:i') from now on; call before any engine is built."""
+    global DEVICE
+    if name == "cpu":
+        DEVICE = None
+        return
+    DEVICE = torch.device(name)
+    torch.cuda.set_device(DEVICE)   # Horovod's NCCL communicator and caching allocator use it
+
+
 # The host boundary: every host <-> tensor conversion of the engines goes through these two,
 # so a test can count them per step (tests: host transfers per step).
 TRANSFERS = {"to_host": 0, "from_host": 0}
@@ -173,7 +194,30 @@ def to_host(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def from_host(a, device=None) -> torch.Tensor:
+def pinned_empty(shape, dtype) -> np.ndarray:
+    """A numpy array in page-locked memory (a received activation): its copy to the GPU is one
+    DMA, without a staging copy (from_host(..., wait=True))."""
+    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
+
+
+def to_host_pinned(t) -> np.ndarray:
+    """to_host for what MPI sends from a GPU: one DMA into a pinned buffer, complete before the
+    array is returned (MPI reads host memory, and knows nothing of CUDA streams)."""
+    if t.device.type != "cuda":
+        return to_host(t)
+    TRANSFERS["to_host"] += 1
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t.detach(), non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return buf.numpy()
+
+
+def from_host(a, device=None, wait=False) -> torch.Tensor:
+    """A numpy array as a tensor on `device` (default: the engines' DEVICE). From pageable memory
+    a non_blocking copy still returns only once the array is read, so the caller may reuse it.
+    `wait`: return only when the copy is done, for a pinned array (pinned_empty): its copy would
+    otherwise run after this returns, and nothing would keep its buffer from being reused."""
     TRANSFERS["from_host"] += 1
     t = torch.from_numpy(np.ascontiguousarray(a))
-    return t if device is None else t.to(device, non_blocking=True)
+    device = device or DEVICE
+    return t if device is None else t.to(device, non_blocking=not wait)

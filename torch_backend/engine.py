@@ -23,7 +23,7 @@ from hvdllm.strategies import tensor_parallel as tp_plan
 from hvdllm.strategies.local_sgd import LocalSGD
 from hvdllm.strategies.zero import Zero1
 
-from . import adamw_state
+from . import adamw_state, collectives
 from . import lora as lora_backend
 from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
@@ -45,13 +45,18 @@ def matmul_flops(precision: str = "fp32", n: int = 512) -> float:
     """FLOP/s of an n x n matrix product on this rank's compute threads, in the run's precision
     (hvdllm/mfu.py: the peak a CPU run's MFU is measured against); the best of 5 timings."""
     import time
+    dev = collectives.DEVICE
+    if dev is not None:   # a GPU: a product big enough to reach its peak, timed to completion
+        n = max(n, 4096)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         a @ b
+        if dev is not None:
+            torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
 
@@ -130,7 +135,7 @@ class Engine(GPTEngineBase):
         for p in self.params:
             p.grad = None
         k = self.cfg.aggregation.accumulation
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.params[0].device)
         scale = self._step_scale()
         for xm, ym in aggregation.split_microbatches(x, y, k):
             loss = self._loss(from_host(xm), from_host(ym)) / k
@@ -163,7 +168,8 @@ class Engine(GPTEngineBase):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if mean_loss is None:
             mean_loss = self.comm.allreduce(loss, op="average", name="loss")
-        return StepResult(loss=float(mean_loss), grad_norm=float(norm), skipped=self.scaler is not None and skip)
+        # 0-d tensors, read only when someone looks (the trainer: when it logs): no device sync here
+        return StepResult(loss=mean_loss.reshape(()), grad_norm=norm, skipped=self.scaler is not None and skip)
 
     def _aggregate_and_clip(self, loss: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(gradient norm, mean loss over the dp group or None if not reduced here), both still

@@ -16,6 +16,7 @@ from hvdllm import params as params_mod
 from hvdllm.params import init_params, n_layers, names_for_layers
 from hvdllm.strategies import tensor_parallel as tp_plan
 
+from . import collectives
 from .tensor_parallel import (
     TPGroup,
     copy_to_tp,
@@ -61,6 +62,8 @@ class GPT(nn.Module):
         values = init_params(model_cfg, seed, self.names, cut)   # this rank's part only
         self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
+        if collectives.DEVICE is not None:   # train.device: parameters and buffers live there
+            self.to(collectives.DEVICE)
 
     # the engine's compute settings (configure): train.activation_checkpointing ('full' recomputes
     # each block in backward, 'selective' each block's attention core) and train.precision

@@ -14,10 +14,12 @@ import time
 import numpy as np
 import torch
 
+from hvdllm import device
 from hvdllm.engines import PipelineStageBase
+from mpi import p2p
 
-from . import adamw_state
-from .collectives import Collectives, NumpyCollectives, from_host, to_host
+from . import adamw_state, collectives
+from .collectives import Collectives, NumpyCollectives, from_host, pinned_empty, to_host, to_host_pinned
 from .engine import Engine
 from .model import GPT
 from .tensor_parallel import norm_sq
@@ -26,17 +28,40 @@ from .tensor_parallel import norm_sq
 def measure_layer_times(model_cfg, seed: int, batch: int) -> list[float]:
     """Forward+backward seconds per layer on this process (for parallel.partition='time')."""
     model = GPT(model_cfg, seed)
-    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size))
+    dev = model.plist[0].device
+    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=dev)
     times = []
     for i in model.layers:
-        inp = x if i == 0 else torch.randn(batch, model_cfg.block_size, model_cfg.n_embd, requires_grad=True)
+        inp = x if i == 0 else torch.randn(batch, model_cfg.block_size, model_cfg.n_embd, requires_grad=True,
+                                           device=dev)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
             model.run_layer(i, inp).float().pow(2).mean().backward()
+            if dev.type == "cuda":   # the layer's kernels done, not only queued
+                torch.cuda.synchronize(dev)
             best = min(best, time.perf_counter() - t0)
         times.append(best)
     return times
+
+
+def device_empty(shape, dtype) -> torch.Tensor:
+    """A received activation's buffer on this rank's GPU (a CUDA-aware MPI writes it there)."""
+    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=collectives.DEVICE)
+
+
+def device_send(t) -> torch.Tensor:
+    """A GPU tensor as a CUDA-aware MPI may read it: detached (the array interface refuses a
+    tensor that needs grad), contiguous, and computed (MPI knows nothing of CUDA streams)."""
+    t = t.detach().contiguous()
+    torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
+def received(a) -> torch.Tensor:
+    """An activation from the previous stage on this rank's device: a tensor already there, or a
+    host array copied over."""
+    return a if torch.is_tensor(a) else from_host(a, wait=True)
 
 
 class PipelineEngine(PipelineStageBase):
@@ -51,6 +76,15 @@ class PipelineEngine(PipelineStageBase):
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: adamw_state.make_adamw(self.named, cfg.optim))
+        # activations and their gradients cross to the next stage over MPI: host arrays on a CPU;
+        # from a GPU the device tensors themselves where the MPI is CUDA-aware, else pinned host
+        # buffers (one DMA each way)
+        on_gpu = collectives.DEVICE is not None
+        aware = on_gpu and p2p.cuda_aware()
+        self.send_form = device_send if aware else to_host_pinned if on_gpu else to_host
+        if on_gpu:
+            self.pipe.alloc = device_empty if aware else pinned_empty
+        device.log_transport(layout, device.p2p_transport(on_gpu, aware))
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)
@@ -82,21 +116,21 @@ class PipelineEngine(PipelineStageBase):
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
         layers = self.chunks[chunk]
-        x = from_host(inp)
+        x = received(inp)
         if layers[0] != 0:
             x.requires_grad_(True)
         out = self.model.run_layers(layers, x)
         if target is None:
             self.saved[(mb, chunk)] = (x, out)
-            return to_host(out)
+            return self.send_form(out)
         loss = self.model.loss_from_logits(out, from_host(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
-        return float(loss.detach())
+        return loss.detach().double()   # summed over micro-batches in float64, as a float would be
 
     def backward(self, chunk, mb, grad):
         x, out = self.saved.pop((mb, chunk))
-        out.backward(None if grad is None else from_host(grad))
-        return to_host(x.grad) if x.requires_grad else None
+        out.backward(None if grad is None else received(grad))
+        return self.send_form(x.grad) if x.requires_grad else None
 
     # evaluation and generation ---------------------------------------------------------------
     @torch.no_grad()

@@ -33,7 +33,7 @@ from hvdllm.engines import SequentialBase
 from hvdllm.optim import clip_coef
 from hvdllm.strategies import pipeline as pl
 
-from . import adamw_state, user_tp
+from . import adamw_state, collectives, user_tp
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 
 
@@ -120,6 +120,9 @@ class SequentialEngine(SequentialBase):
         self.split = {n for n, pl in placements.items() if pl is not None}
         self.placements = user_model.with_moments(placements)
         layers = inputs = None   # the other ranks' layers and the probe's activations are freed
+        if collectives.DEVICE is not None:   # train.device: checked on the CPU above, run there
+            for layer in self.layers.values():
+                layer.to(collectives.DEVICE)
         self.named = [(f"{i}.{n}", p) for i in mine for n, p in self.layers[i].named_parameters()]
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
         self.comm = Collectives(rt.process_set(layout.group("dp")))

@@ -118,10 +118,9 @@ def norm_sq(named_grads, group: TPGroup | None) -> torch.Tensor:
     """Squared global gradient norm of a tp-sharded model: sharded parameters summed over the
     group, replicated ones (identical on every tp rank) counted once."""
     from hvdllm.strategies.tensor_parallel import style
-    sharded = sum(((g.double() ** 2).sum() for n, g in named_grads if style(n) != "replicate"),
-                  torch.zeros((), dtype=torch.float64))
-    replicated = sum(((g.double() ** 2).sum() for n, g in named_grads if style(n) == "replicate"),
-                     torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64, device=named_grads[0][1].device if named_grads else None)
+    sharded = sum(((g.double() ** 2).sum() for n, g in named_grads if style(n) != "replicate"), zero)
+    replicated = sum(((g.double() ** 2).sum() for n, g in named_grads if style(n) == "replicate"), zero)
     if group is not None:
         sharded = group.coll.allreduce(sharded.reshape(1), op="sum", name="tp.normsq")[0]
     return sharded + replicated

@@ -28,7 +28,8 @@ class StageRunner(Protocol):
     """What a backend supplies for one pipeline rank (it holds this rank's chunks)."""
 
     def forward(self, chunk: int, mb: int, inp: np.ndarray, target: np.ndarray | None) -> np.ndarray | float:
-        """Run chunk's layers; return the activation, or (last virtual stage) the mb's loss."""
+        """Run chunk's layers; return the activation, or (last virtual stage) the mb's loss (a
+        float, or a 0-d tensor left unread until the step's end)."""
 
     def backward(self, chunk: int, mb: int, grad: np.ndarray | None) -> np.ndarray | None:
         """Backward of a saved forward; return d(input) (None on the first virtual stage)."""
@@ -38,6 +39,7 @@ class Pipeline:
     def __init__(self, comm, p: int, stage: int, m: int, v: int, schedule: str, timeout_s: float):
         self.comm, self.p, self.stage, self.m, self.v = comm, p, stage, m, v
         self.timeout = timeout_s
+        self.alloc = np.empty   # received activations' arrays; a GPU engine pins them (p2p.recv_array)
         self.last_vs = p * v - 1
         self.instrs = schedules.build(schedule, p, m, stage, v)
         self.trace = None  # set to a list to record (start, end, op, mb, chunk) per instruction
@@ -54,12 +56,13 @@ class Pipeline:
             vs = ins.chunk * self.p + self.stage
             key = (ins.mb, ins.chunk)
             if ins.op == "recv_act":
-                inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk)
+                inbox[key] = p2p.recv_array(self.comm, self.owner(vs - 1), "act", ins.mb, self.timeout, ins.chunk,
+                                            self.alloc)
             elif ins.op == "forward":
                 inp = xs[ins.mb] if vs == 0 else inbox.pop(key)
                 out = runner.forward(ins.chunk, ins.mb, inp, ys[ins.mb] if vs == self.last_vs else None)
-                if vs == self.last_vs:
-                    loss += float(out) / self.m
+                if vs == self.last_vs:   # a float, or a 0-d tensor read once at the end (no sync here)
+                    loss = loss + out / self.m
                 else:
                     outbox[key] = out
             elif ins.op == "send_act":
@@ -67,7 +70,7 @@ class Pipeline:
                                          (vs + 1) // self.p)
             elif ins.op == "recv_grad":
                 inbox[("g",) + key] = p2p.recv_array(self.comm, self.owner(vs + 1), "grad", ins.mb,
-                                                     self.timeout, ins.chunk)
+                                                     self.timeout, ins.chunk, self.alloc)
             elif ins.op == "backward":
                 g = runner.backward(ins.chunk, ins.mb, None if vs == self.last_vs else inbox.pop(("g",) + key))
                 if vs > 0:
@@ -90,7 +93,7 @@ class Pipeline:
 
     def broadcast_loss(self, loss: float) -> float:
         """The last stage knows the loss; every stage reports it."""
-        buf = np.array([loss], np.float64)
+        buf = np.array([float(loss)], np.float64)
         self.comm.Bcast(buf, root=self.owner(self.last_vs))
         return float(buf[0])
 

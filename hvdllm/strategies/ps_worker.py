@@ -19,8 +19,6 @@ servers apply the schedule at the global step (param_server.py) and log every pu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from mpi import p2p
@@ -31,9 +29,10 @@ from . import param_server as ps
 from .param_server import HDR, PULL_TAG, PUSH_TAG, ProtocolError
 
 
-@dataclass
 class PSStepResult(StepResult):
-    final: bool = False   # the servers' step budget is spent: this worker's training is over
+    def __init__(self, loss, grad_norm, final: bool = False):
+        super().__init__(loss, grad_norm)
+        self.final = final   # the servers' step budget is spent: this worker's training is over
 
 
 class PSWorker(EngineBase):
