@@ -173,6 +173,15 @@ def to_host(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def pin_batch(x, y):
+    """The prefetcher's hook (hvdllm/prefetch.py): on CUDA the batch in page-locked memory, still
+    as numpy arrays (the engines' interface; each holds its pinned tensor), so from_host's copy
+    to the device is non-blocking; elsewhere the batch as it is."""
+    if not torch.cuda.is_available():
+        return x, y
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).pin_memory().numpy() for a in (x, y))
+
+
 def from_host(a, device=None) -> torch.Tensor:
     TRANSFERS["from_host"] += 1
     t = torch.from_numpy(np.ascontiguousarray(a))
