@@ -28,8 +28,9 @@ from hvdllm.bench.compute_worker import SETTINGS
 
 TAG = "[bench compute]"
 # glibc hands freed blocks of 64 KiB and more back to the system at once: the resident memory a
-# step adds is then what it holds, not what an earlier step left cached (compute_worker.memory)
-MALLOC_ENV = ["MALLOC_MMAP_THRESHOLD_=65536", "MALLOC_TRIM_THRESHOLD_=0"]
+# step adds is then what it holds, not what an earlier step left cached; TensorFlow's CPU
+# allocator as BFC, which counts its bytes in use and their peak (compute_worker.memory)
+MEMORY_ENV = ["MALLOC_MMAP_THRESHOLD_=65536", "MALLOC_TRIM_THRESHOLD_=0", "TF_CPU_ALLOCATOR_USE_BFC=true"]
 
 
 def parse(argv):
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                  "--width", args.width, "--heads", args.heads, "--seq", args.seq, "--batch", args.batch,
                  "--threads", args.threads, "--steps", args.steps, "--warmup", args.warmup,
                  "--per-round", args.per_round],
-                env=MALLOC_ENV)
+                env=MEMORY_ENV)
             result["commands"].append(shlex.join(cmd))
             run, rc, wall = common.run_worker(cmd, part, args.timeout, TAG, f"{backend}")
             if run is None:

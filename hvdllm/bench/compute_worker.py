@@ -11,11 +11,14 @@ clip) in this process:
 The two are timed interleaved (common.interleaved: one step of each in turn), so a load change
 on the shared machine hits both; `paired` is the median of the per-round ratios.
 
-Memory: after the timing, one more step of each loop with the resident anonymous memory sampled
-every 5 ms (hf_worker.AnonPeak); `act_mib` = its peak minus its value just before the step
-(activations, gradients and temporaries; glibc returns freed large blocks to the system at once,
-MALLOC_MMAP_THRESHOLD_ set by the driver, so memory freed by an earlier step is not counted as
-already held). A step must last well over 5 ms for the sampling to see its peak.
+Memory: after the timing, one more step of each loop; `act_mib` = the memory the step adds at
+its peak over what was held just before it (activations, gradients and temporaries), `peak_mib`
+that peak. torch: the resident anonymous memory, sampled every 5 ms (hf_worker.AnonPeak; glibc
+returns freed large blocks to the system at once, MALLOC_MMAP_THRESHOLD_ set by the driver, so
+memory an earlier step freed is not counted as held; a step must last well over 5 ms for the
+sampling to see its peak). TensorFlow keeps freed memory in its own pool, so RSS cannot show
+it: its CPU allocator's counters (tf.config.experimental.get_memory_info, with the BFC
+allocator on CPU, TF_CPU_ALLOCATOR_USE_BFC set by the driver), reset before the step.
 """
 from __future__ import annotations
 
@@ -100,7 +103,14 @@ def plain_tf(cfg):
     return lambda x, y: float(step_fn(tf.constant(x), tf.constant(y), lr))
 
 
-def memory(fn) -> dict:
+def memory(fn, backend_name: str) -> dict:
+    if backend_name == "tensorflow":   # TF's own allocator counts (its pool never shrinks RSS)
+        import tensorflow as tf
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        fn()
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        return {"act_mib": (peak - before) / MIB, "peak_mib": peak / MIB}
     before = rss_anon()
     with AnonPeak() as anon:
         fn()
@@ -126,7 +136,7 @@ def run_setting(args, rt, backend, setting: str) -> list[dict]:
         s = common.summarize(times[loop])
         rows.append({"setting": setting, "loop": loop, "params": params.count(cfg.model), **s,
                      "tokens_per_s": tokens / s["median_s"],
-                     "mfu": mfu.utilisation(flops, s["median_s"], peak, 1), **memory(fn)})
+                     "mfu": mfu.utilisation(flops, s["median_s"], peak, 1), **memory(fn, args.backend)})
     rows[0]["vs_plain"] = rows[0]["median_s"] / rows[1]["median_s"]
     rows[0]["paired"] = statistics.median(ratio)
     return rows
