@@ -9,11 +9,12 @@ import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
 import numpy as np
 import pytest
-from test_activation_checkpointing import trajectory
+from test_activation_checkpointing import make_cfg, trajectory
 
 import tf_backend
 import torch_backend
 from hvdllm import config
+from hvdllm.layout import Layout
 
 RTOL = 2e-5
 
@@ -42,6 +43,12 @@ def test_compiled_equals_eager(backend):
     if backend == "torch":
         assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
         check_close(trajectory("gpt2", backend, "full", train__compile="true"), ref, "torch compiled + full")
+    else:   # the loss and gradients really are one XLA module, and it holds no Horovod op
+        cfg = make_cfg("gpt2", backend, "none", train__compile="true")
+        engine = tf_backend.Engine(cfg, Layout.build(cfg.parallel, 1, 0))
+        xs, ys = engine._micro(np.zeros((4, 32), np.int64), np.zeros((4, 32), np.int64))
+        hlo = engine._compute.experimental_get_compiler_ir(xs, ys, None)(stage="hlo")
+        assert hlo.startswith("HloModule") and "horovod" not in hlo.lower()
 
 
 def test_compile_where_not_wired_names_the_fix():
