@@ -12,7 +12,8 @@ hvdllm/mfu.py), the step's peak resident memory and its activation memory; for h
 ratio of medians to the plain loop (`vs plain`) and the median of the per-round ratios
 (`paired`, which survives a changing machine load better).
 Goals (CPU): hvdllm / plain <= 1.02 for each setting; full checkpointing (fp32+ckpt) keeps at
-least 2x less activation memory than fp32 at <= 1.4x its step time.
+least 2x less activation memory than fp32 at <= 1.4x its step time (`ckpt cost`: the step
+against the same step without checkpointing, timed in the same rounds).
 
 A benchmark, not a test: nothing fails on a slow result.
 """
@@ -67,9 +68,9 @@ def goals(rows: list[dict]) -> list[str]:
         out.append("full checkpointing: activation memory under 1 MiB, too small for the 5 ms sampling "
                    "to see (a larger --width / --seq / --batch)")
     elif base and ck:
-        mem, slow = base["act_mib"] / max(ck["act_mib"], 1e-9), ck["median_s"] / base["median_s"]
+        mem, slow = base["act_mib"] / max(ck["act_mib"], 1e-9), ck["vs_keep_paired"]
         out.append(f"full checkpointing: {mem:.2f}x less activation memory (goal >= 2), "
-                   f"{slow:.2f}x the step time (goal <= 1.4)")
+                   f"{slow:.2f}x the step time, paired (goal <= 1.4)")
     return out
 
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         common.print_table(result["rows"], [
             ("backend", "backend"), ("setting", "setting"), ("loop", "loop"), ("median_s", "median step s"),
             ("p25_s", "p25"), ("p75_s", "p75"), ("vs_plain", "vs plain"), ("paired", "paired"),
-            ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peak_mib", "peak MiB"), ("act_mib", "act MiB")])
+            ("vs_keep_paired", "ckpt cost"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peak_mib", "peak MiB"), ("act_mib", "act MiB")])
         for backend, lines in result["goals"].items():
             for line in lines:
                 print(f"{TAG} {backend} {line}")

@@ -9,7 +9,9 @@ clip) in this process:
   TF: one tf.function (jit_compile under compile: there is no Horovod op to keep out of XLA)
   of GradientTape, clip_by_global_norm and the backend's AdamW.
 The two are timed interleaved (common.interleaved: one step of each in turn), so a load change
-on the shared machine hits both; `paired` is the median of the per-round ratios.
+on the shared machine hits both; `paired` is the median of the per-round ratios. Under
+checkpointing a third engine, the same without it, runs in the same rounds: `vs_keep_paired`
+is checkpointing's step-time cost, paired the same way.
 
 Memory: after the timing, one more step of each loop; `act_mib` = the memory the step adds at
 its peak over what was held just before it (activations, gradients and temporaries), `peak_mib`
@@ -50,9 +52,11 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def make_cfg(args, setting: str):
+def make_cfg(args, setting: str, keep: bool = False):
+    """The setting's config; `keep`: the same without activation checkpointing."""
     from hvdllm import config
     precision, ckpt, compiled = SETTINGS[setting]
+    ckpt = "none" if keep else ckpt
     cfg = common.gpt_config((args.layers, args.width, args.heads, args.seq, 256, args.batch), args.seed, args.threads)
     cfg.backend = args.backend
     cfg.train.precision, cfg.train.activation_checkpointing, cfg.train.compile = precision, ckpt, compiled
@@ -126,7 +130,12 @@ def run_setting(args, rt, backend, setting: str) -> list[dict]:
     plain = (plain_torch if args.backend == "torch" else plain_tf)(cfg)
     nxt = common.cycle(common.random_batches(cfg, np.random.default_rng(args.seed)))
     fns = {"hvdllm": lambda: engine.train_step(*nxt(), LR), "plain": lambda: plain(*nxt())}
-    times = common.interleaved(fns, args.steps, args.warmup, args.per_round)
+    timed = dict(fns)
+    if cfg.train.activation_checkpointing != "none":   # its cost paired with the same step keeping all
+        keep = make_cfg(args, setting, keep=True)
+        eager = build_engine(keep, Layout.from_config(keep, 1, 0), rt, backend)
+        timed["keep"] = lambda: eager.train_step(*nxt(), LR)
+    times = common.interleaved(timed, args.steps, args.warmup, args.per_round)
     tokens = cfg.train.batch_size * cfg.model.block_size
     flops = mfu.flops_per_step(cfg.model, tokens)
     peak = backend.matmul_flops(cfg.train.precision)
@@ -139,6 +148,8 @@ def run_setting(args, rt, backend, setting: str) -> list[dict]:
                      "mfu": mfu.utilisation(flops, s["median_s"], peak, 1), **memory(fn, args.backend)})
     rows[0]["vs_plain"] = rows[0]["median_s"] / rows[1]["median_s"]
     rows[0]["paired"] = statistics.median(ratio)
+    if "keep" in times:
+        rows[0]["vs_keep_paired"] = statistics.median(a / b for a, b in zip(times["hvdllm"], times["keep"]))
     return rows
 
 

@@ -26,5 +26,6 @@ def test_bench_compute_smoke(tmp_path):
         assert r["peak_mib"] > 0 and math.isfinite(r["act_mib"]), r
     for hv, plain in zip(d["rows"][::2], d["rows"][1::2]):
         assert hv["vs_plain"] == pytest.approx(hv["median_s"] / plain["median_s"]) and hv["paired"] > 0
+        assert ("vs_keep_paired" in hv) == (hv["setting"] == "fp32+ckpt") and hv.get("vs_keep_paired", 1) > 0
     assert set(d["goals"]) == {"torch", "tensorflow"} and "full checkpointing" in d["goals"]["torch"][-1]
     assert "plain" in p.stdout and "act MiB" in p.stdout
