@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         common.print_table(result["rows"], [
             ("backend", "backend"), ("setting", "setting"), ("loop", "loop"), ("median_s", "median step s"),
             ("p25_s", "p25"), ("p75_s", "p75"), ("vs_plain", "vs plain"), ("paired", "paired"),
-            ("vs_keep_paired", "ckpt cost"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peak_mib", "peak MiB"), ("act_mib", "act MiB")])
+            ("vs_keep_paired", "ckpt cost"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
+            ("peak_mib", "peak MiB"), ("act_mib", "act MiB")])
         for backend, lines in result["goals"].items():
             for line in lines:
                 print(f"{TAG} {backend} {line}")
