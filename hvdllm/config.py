@@ -184,6 +184,13 @@ class TrainConfig:
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
         "softmax and the weighted sum, whose activations grow with the context squared, is run again; "
         "the rest is kept). The built-in GPT, either backend, under dp, ZeRO-1, pp and tp", "none")
+    compile: bool = doc(
+        "compile the training step: torch.compile of each transformer block (inductor; on CPU it "
+        "needs a C++ compiler), TensorFlow's XLA (jit_compile) on the loss-and-gradients function, "
+        "Horovod's collectives outside it; the built-in GPT, not with parallel.tp > 1, parallel.zero "
+        ">= 2 or model.layers; TensorFlow also not with parallel.pp > 1", False)
+    prefetch: int = doc("batches made ahead on a background thread (pinned memory on CUDA); 0 = "
+                        "each batch made in the loop", 2)
     sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
     sample_prompt: str = doc("prompt for the final sample", "def ")
     step_timeout: float = doc("seconds a step (or evaluation, checkpoint) may take before the job is "
@@ -565,6 +572,21 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
     return p
 
 
+def _compile_problems(cfg: Config) -> list[str]:
+    """train.compile where it is not wired yet: a user's layer list (its modules are the user's),
+    tensor parallelism (Horovod's autograd functions sit inside each block), ZeRO-2/3 (its
+    gather / free hooks run around each block); in TensorFlow also pipeline stages (their
+    per-micro-batch tapes are eager)."""
+    if not cfg.train.compile:
+        return []
+    other = [k for k, on in (("model.layers", cfg.model.layers), ("parallel.tp", cfg.parallel.tp > 1),
+                             ("parallel.zero", cfg.parallel.zero >= 2),
+                             ("parallel.pp", cfg.backend == "tensorflow" and cfg.parallel.pp > 1)) if on]
+    if not other:
+        return []
+    return [f"train.compile: not wired with {', '.join(other)} yet; set train.compile = false there"]
+
+
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
     if cfg.train.precision == "fp16":
@@ -584,6 +606,9 @@ def _strategy_problems(cfg: Config) -> list[str]:
     elif ac != "none" and cfg.backend == "tensorflow" and cfg.model.dropout > 0:
         p.append("train.activation_checkpointing: TensorFlow's recomputation draws new dropout masks "
                  "(its generator is stateful); set model.dropout = 0 or use the torch backend")
+    p.extend(_compile_problems(cfg))
+    if cfg.train.prefetch < 0:
+        p.append(f"train.prefetch: must be >= 0 (0 = no background batches), got {cfg.train.prefetch}")
     if a.accumulation < 1:
         p.append(f"aggregation.accumulation: must be >= 1, got {a.accumulation}")
     if a.predivide <= 0:

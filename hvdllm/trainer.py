@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, device, elastic, hf, launch, lora, metrics, mfu, params, stop, task
+from . import checkpoint, config, data, device, elastic, hf, launch, lora, metrics, mfu, params, prefetch, stop, task
 from . import lr as lr_schedule
 from .config import Config, to_toml
 from .errors import CheckpointError, HvdllmError, InjectedFailure
@@ -187,49 +187,54 @@ class Trainer:
             coll = self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer")))
             stopper = stop.Agreement(self.backend.NumpyCollectives(coll), t.stop_check_s, self.start_step)
         window, window_steps = 0.0, 0   # seconds and steps since the last logged step
-        for step in range(self.start_step, last):
-            x, y = self.sampler.batch(step)
-            lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
-            t0 = time.perf_counter()
-            with self.watchdog.deadline(t.step_timeout, f"step {step}"):
-                if step == t.fail_at_step and self.rt.rank == t.fail_rank and (
-                        elastic.should_fail(self, step) if t.elastic else launch.attempt() == 0):
-                    if t.fail_mode == "kill":   # as a lost process: no message, no cleanup
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    if t.fail_mode == "overflow":   # this rank's fp16 gradients overflow this step
-                        self.engine.inject_overflow = True
-                    else:
-                        raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
-                res = self.engine.train_step(x, y, lr)
-                if (step + 1) % t.log_every == 0 or step + 1 == last:
-                    res.loss   # read inside the timing: the device's queued work is done by now
-            if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
-                self.publisher.after_step(step + 1, self.engine)
-            dt = time.perf_counter() - t0
-            # a step whose loss is not read may end before its device work does: the steps
-            # between two logs are timed together, ending where the logged step's read waited
-            window += dt
-            window_steps += 1
-            done = step + 1
-            final = done == last or getattr(res, "final", False)
-            stopping = not final and stopper is not None and stopper.due(done, dt)
-            # the loss and gradient norm are read (a device sync on a GPU) only on logged steps
-            if done % t.log_every == 0 or final or stopping:
-                self._log_step(res, step, lr, window / window_steps, tokens_per_step, flops_per_step, trainers, bar)
-                window, window_steps = 0.0, 0
-            if bar:
-                bar.update(1)
-            if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
-                summary.update(self.evaluate(done))
-            if (t.checkpoint_every and done % t.checkpoint_every == 0) or final or stopping:
-                self.save(done)
-            if self.on_step is not None:
-                self.on_step(done)
-            if stopping:
-                summary["stopped_at"] = done
-                break
-            if final:
-                break
+        # train.prefetch: the next batches made on a background thread (hvdllm/prefetch.py); the
+        # backend may pin them (torch on CUDA) for a non-blocking copy to the device
+        prepare = getattr(self.backend, "pin_batch", None)
+        with prefetch.Prefetcher(self.sampler.batch, range(self.start_step, last), t.prefetch,
+                                 t.step_timeout, prepare) as batches:
+            for step in range(self.start_step, last):
+                x, y = batches.get(step)
+                lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
+                t0 = time.perf_counter()
+                with self.watchdog.deadline(t.step_timeout, f"step {step}"):
+                    if step == t.fail_at_step and self.rt.rank == t.fail_rank and (
+                            elastic.should_fail(self, step) if t.elastic else launch.attempt() == 0):
+                        if t.fail_mode == "kill":   # as a lost process: no message, no cleanup
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        if t.fail_mode == "overflow":   # this rank's fp16 gradients overflow this step
+                            self.engine.inject_overflow = True
+                        else:
+                            raise InjectedFailure(f"injected failure at step {step} (train.fail_at_step)")
+                    res = self.engine.train_step(x, y, lr)
+                    if (step + 1) % t.log_every == 0 or step + 1 == last:
+                        res.loss   # read inside the timing: the device's queued work is done by now
+                if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
+                    self.publisher.after_step(step + 1, self.engine)
+                dt = time.perf_counter() - t0
+                # a step whose loss is not read may end before its device work does: the steps
+                # between two logs are timed together, ending where the logged step's read waited
+                window += dt
+                window_steps += 1
+                done = step + 1
+                final = done == last or getattr(res, "final", False)
+                stopping = not final and stopper is not None and stopper.due(done, dt)
+                # the loss and gradient norm are read (a device sync on a GPU) only on logged steps
+                if done % t.log_every == 0 or final or stopping:
+                    self._log_step(res, step, lr, window / window_steps, tokens_per_step, flops_per_step, trainers, bar)
+                    window, window_steps = 0.0, 0
+                if bar:
+                    bar.update(1)
+                if (lockstep and t.eval_every and done % t.eval_every == 0) or final:
+                    summary.update(self.evaluate(done))
+                if (t.checkpoint_every and done % t.checkpoint_every == 0) or final or stopping:
+                    self.save(done)
+                if self.on_step is not None:
+                    self.on_step(done)
+                if stopping:
+                    summary["stopped_at"] = done
+                    break
+                if final:
+                    break
         if bar:
             bar.close()
         if self.start_step < last:

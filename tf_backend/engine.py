@@ -32,7 +32,8 @@ from .tensor_parallel import TPGroup, norm_sq
 
 # Measured per train_step on 2 CPU threads, 1 rank: tiny model (2x32, T=16, B=8) eager 62.5 ms,
 # tf.function 6.0 ms; demo model (4x128, T=128, B=16) eager 309 ms, tf.function 124 ms. XLA
-# (jit_compile) on the forward/backward was slower on CPU (119 vs 102 ms), so it is not used.
+# (jit_compile) on the forward/backward was slower on CPU (119 vs 102 ms), so it is opt-in:
+# train.compile = true (below, _compute).
 COMPILE = True
 
 _MICRO = tf.TensorSpec([None, None, None], tf.int64)  # (accumulation k, batch, T)
@@ -111,9 +112,13 @@ class Engine(GPTEngineBase):
             if COMPILE else (lambda f, sig: f)
         if cfg.train.precision == "fp16":   # dp / tp only (config validation)
             self.scaler = LossScaler()
+        # train.compile: XLA on the loss and gradients only. Horovod's ops have no XLA kernels,
+        # so the collectives, clipping and AdamW stay in the outer (plain) tf.function.
+        self._compute = (tf.function(self._loss_and_grads, jit_compile=True, autograph=False)
+                         if cfg.train.compile else self._loss_and_grads)
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64),
                                               tf.TensorSpec([], tf.float32)])
-        self._grads = wrap(self._loss_and_grads, [_MICRO, _MICRO])
+        self._grads = wrap(lambda xs, ys: self._compute(xs, ys), [_MICRO, _MICRO])
         self._eval = wrap(self.head.evaluate if self.head is not None else self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
 
@@ -174,7 +179,7 @@ class Engine(GPTEngineBase):
         return self.local is None and self.comm.size > 1 and r.compression == "none" and r.op != "adasum"
 
     def _train_step(self, xs, ys, lr, scale):
-        loss, grads = self._loss_and_grads(xs, ys, scale if self.scaler is not None else None)
+        loss, grads = self._compute(xs, ys, scale if self.scaler is not None else None)
         if self._fold_loss():
             *grads, loss = self.comm.grouped_allreduce(grads + [tf.reshape(loss, [1])], name="grads",
                                                        **self.reduce.kwargs())

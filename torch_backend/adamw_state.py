@@ -13,7 +13,9 @@ def make_adamw(named_params, optim_cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+        # on CUDA the fused kernel (one launch for every tensor); elsewhere the foreach one
+        **({"fused": True} if params and all(p.is_cuda for p in params) else {"foreach": True}),
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def export(opt, named_params) -> dict[str, np.ndarray]:

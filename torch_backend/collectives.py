@@ -5,6 +5,8 @@ and calls. `process_set=None` means Horovod's global set, passed explicitly, nev
 """
 from __future__ import annotations
 
+import collections
+
 import horovod.torch as hvd
 import numpy as np
 import torch
@@ -192,6 +194,23 @@ def to_host(t) -> np.ndarray:
     """A tensor as a numpy array (shares memory on CPU; copy it if it must outlive the tensor)."""
     TRANSFERS["to_host"] += 1
     return t.detach().cpu().numpy()
+
+
+def pin_batch(x, y):
+    """The prefetcher's hook (hvdllm/prefetch.py): on CUDA the batch in page-locked memory, still
+    as numpy arrays (the engines' interface; each holds its pinned tensor), so from_host's copy
+    to the device is non-blocking; elsewhere the batch as it is."""
+    if not torch.cuda.is_available():
+        return x, y
+    pinned = tuple(torch.from_numpy(np.ascontiguousarray(a)).pin_memory() for a in (x, y))
+    # the engines copy from a numpy view, which torch's pinned-memory cache does not track: were
+    # the block freed when the trainer drops the batch, it could be reused while its copy is still
+    # queued. The last few batches stay alive here; a step's collectives wait for its device work.
+    _PINNED.append(pinned)
+    return tuple(t.numpy() for t in pinned)
+
+
+_PINNED: collections.deque = collections.deque(maxlen=8)
 
 
 def pinned_empty(shape, dtype) -> np.ndarray:

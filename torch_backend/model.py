@@ -69,9 +69,18 @@ class GPT(nn.Module):
     # each block in backward, 'selective' each block's attention core) and train.precision
     checkpointing = "none"
     precision = "fp32"
+    compiled_block = None
 
     def configure(self, train_cfg) -> None:
         self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
+        if train_cfg.compile:
+            # train.compile: each block's run_layer compiled on its own (per block, not the whole
+            # model: a pipeline stage compiles only the blocks it holds, and checkpointing's
+            # recomputation wraps a compiled block). Dynamo specialises on the block index, one
+            # graph per block: the recompile limit must not send later blocks back to eager.
+            import torch._dynamo.config as dynamo_cfg
+            dynamo_cfg.recompile_limit = max(dynamo_cfg.recompile_limit, self.cfg.n_layer + 1)
+            self.compiled_block = torch.compile(self.run_layer)
 
     def p(self, name: str) -> torch.Tensor:
         w = self.plist[self.index[name]]
@@ -190,7 +199,8 @@ class GPT(nn.Module):
         full = self.checkpointing == "full"
         for i in layers:
             block = 1 <= i <= self.cfg.n_layer
-            x = self._recomputed(self.run_layer, i, x) if full and block else self.run_layer(i, x)
+            run = self.compiled_block if block and self.compiled_block is not None else self.run_layer
+            x = self._recomputed(run, i, x) if full and block else run(i, x)
         return x
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

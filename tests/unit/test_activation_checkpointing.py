@@ -35,8 +35,8 @@ def make_cfg(family: str, backend: str, mode: str, **extra):
     return config.validate(config.load(None, sets))
 
 
-def trajectory(family, backend, mode):
-    cfg = make_cfg(family, backend, mode)
+def trajectory(family, backend, mode, **extra):
+    cfg = make_cfg(family, backend, mode, **extra)
     engine = (torch_backend if backend == "torch" else tf_backend).Engine(cfg, Layout.build(cfg.parallel, 1, 0))
     rng = np.random.default_rng(0)
     out = []
