@@ -242,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--optimizer", action="store_true",
                     help="keep AdamW moments and step: a single-file checkpoint any layout resumes from")
     cv.set_defaults(fn=cmd_convert)
-    b = sub.add_parser("bench", help="benchmarks (not tests): dp, aggregation, pipeline, ps, tensor, hf")
+    b = sub.add_parser("bench", help="benchmarks (not tests): dp, aggregation, pipeline, ps, tensor, hf, memory")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
