@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from hvdllm.bench import common
+from hvdllm.bench.memory_worker import add_model_options
 
 TAG = "[bench memory]"
 MB = 1e6
@@ -54,13 +55,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="hvdllm bench memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--np", type=int, default=2)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--rows", default="0,1,2,3,3o")
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--backends", default="torch")
     p.add_argument("--headline", action="store_true", help="also search the largest depth per stage")

@@ -31,8 +31,8 @@ MODULE = "hvdllm.bench.memory_worker"
 OVER_BUDGET = 7   # a rank's exit status when the watchdog ended it
 
 
-def parse(argv=None):
-    p = common.worker_parser(MODULE, __doc__, default="torch", steps=3, warmup=1)
+def add_model_options(p) -> None:
+    """The model and rows options, the driver's and the worker's alike."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -40,6 +40,11 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=4, help="sequences per rank")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--rows", default="0,1,2,3,3o", help="ZeRO stages; '3o': stage 3 with the optimizer offloaded")
+
+
+def parse(argv=None):
+    p = common.worker_parser(MODULE, __doc__, default="torch", steps=3, warmup=1)
+    add_model_options(p)
     p.add_argument("--budget-gib", type=float, default=0.0, help="per-rank resident memory budget (0: none)")
     return p.parse_args(argv)
 
