@@ -50,6 +50,14 @@ recomputes the unit's forward under a tape in the backward (activation checkpoin
 one more forward per unit, for no weights or tape held between forward and backward). Its
 collectives are synchronous: no prefetch in TensorFlow.
 
+Start-up (stage 3): the backend builds its model without values (torch: parameters of 0 bytes'
+storage, TensorFlow: no variables); each unit's initial values are drawn alone (unit_values:
+params.init_groups, one pass over the whole-model init's generator, so the values are the same),
+sent from dp rank 0, sharded, and dropped before the next unit is drawn. A rank never holds the
+whole model: its peak is its shards (twice, while they are joined) and one unit, beside the
+optimizer's state. Loading a checkpoint or train.init_from's weights (a Hugging Face folder or a
+run) reads only this rank's ranges, one parameter at a time (load, checkpoint.Sharded.slice).
+
 Offload (parallel.offload = "optimizer"): the master shard and its AdamW moments live on the
 host as numpy (optim.FlatAdamW, the in-place numpy path); per step the clipped gradient shard
 crosses to_host once and the new parameter shard from_host once.
@@ -274,7 +282,7 @@ class ZeroSharded:
             if self.stage == 3:
                 self.release(run, needs[j + 1])
         assert not held, f"borrowed gradients {sorted(held)} were never reduced"
-        norm = self._update(self.ops.concat(gshard), lr)
+        norm = self._update(gshard, lr)
         if self.stage == 2:
             self.publish(run)
         return loss, norm
@@ -290,9 +298,14 @@ class ZeroSharded:
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
 
-    def _update(self, g, lr: float) -> float:
-        """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm."""
+    def _update(self, gshard: list, lr: float) -> float:
+        """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm.
+        `gshard`, each unit's gradient shard, is emptied once joined: no reference but `g` stays
+        (an argument lives on in its caller's frame), so clipping's scaled copy replaces the
+        gradient rather than joining it and the pieces: one gradient shard alive, not three."""
         ops = self.ops
+        g = ops.concat(gshard)
+        gshard.clear()
         sq = self.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
         if self.k > 1:
             sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
