@@ -28,7 +28,9 @@ The headline (--headline): for each of zero=0, zero=3, zero=3 + offload, the lar
 --headline-width that trains 2 steps with a finite loss with every rank's peak resident memory
 under --budget-gib, found with real runs (depth doubled until a run does not fit, then
 bisected); a watchdog in every rank ends a run at once when it passes the budget, and every run
-has a deadline (--timeout). On a CPU machine "offload" moves nothing off a device: the
+has a deadline (--timeout). Every rank runs with glibc returning freed allocations of 64 KiB or
+more at once (memory_worker.return_freed_memory: by default its heaps keep what ZeRO-3 frees,
+and the peak measures the allocator, not the strategy). On a CPU machine "offload" moves nothing off a device: the
 optimizer lives in the same memory, so it cannot fit more than zero=3.
 A benchmark, not a test: nothing fails on a slow result.
 """
