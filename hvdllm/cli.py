@@ -245,7 +245,8 @@ def parser() -> argparse.ArgumentParser:
                     help="a LoRA run (finetune.lora_rank > 0): fold its adapters into its base "
                          "(train.init_from) and write the plain model (.npz or --to-hf)")
     cv.set_defaults(fn=cmd_convert)
-    b = sub.add_parser("bench", help="benchmarks (not tests): dp, aggregation, pipeline, ps, tensor, hf, compute")
+    b = sub.add_parser("bench", help="benchmarks (not tests): dp, aggregation, pipeline, ps, tensor, hf, compute, "
+                                     "memory, calibrate, plan")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)

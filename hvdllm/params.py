@@ -189,18 +189,11 @@ def _residual_projection(name: str) -> bool:
     return name.endswith(("c_proj.weight", "attn.o.weight", "mlp.down.weight"))
 
 
-def init_params(model_cfg, seed: int, names=None, cut=None) -> dict[str, np.ndarray]:
-    """GPT-2 initialisation (as nanoGPT), for both families: N(0, 0.02), residual projections
-    scaled by 1/sqrt(2L), norm gains 1, biases 0; drawn in canonical order from one generator.
-
-    `names`: keep only these (a pipeline stage's); `cut(name, value)`: keep that part of each
-    (a tp rank's slice). The others are still drawn, in order, so every part has the values the
-    whole model would, but each array is dropped as soon as it is cut: a rank never holds more
-    than its own part plus the one array being drawn."""
+def _draws(model_cfg, seed: int):
+    """(name, float64 value) of every parameter in canonical order, one at a time, from one
+    generator: the one sequence both init_params and init_groups read."""
     rng = np.random.default_rng(seed)
     m = model_cfg
-    keep = None if names is None else set(names)
-    out = {}
     for name, shape in param_shapes(m).items():
         if name.endswith(".bias"):
             value = np.zeros(shape)
@@ -209,10 +202,46 @@ def init_params(model_cfg, seed: int, names=None, cut=None) -> dict[str, np.ndar
         else:
             std = 0.02 / np.sqrt(2 * m.n_layer) if _residual_projection(name) else 0.02
             value = rng.normal(0.0, std, size=shape)
-        if keep is None or name in keep:
-            value = value.astype(np.float32)
-            out[name] = value if cut is None else np.array(cut(name, value))   # a copy, not a view
-    return out
+        yield name, value
+
+
+def _kept(name, value, cut):
+    value = value.astype(np.float32)
+    return value if cut is None else np.array(cut(name, value))   # a copy, not a view
+
+
+def init_params(model_cfg, seed: int, names=None, cut=None) -> dict[str, np.ndarray]:
+    """GPT-2 initialisation (as nanoGPT), for both families: N(0, 0.02), residual projections
+    scaled by 1/sqrt(2L), norm gains 1, biases 0; drawn in canonical order from one generator.
+
+    `names`: keep only these (a pipeline stage's); `cut(name, value)`: keep that part of each
+    (a tp rank's slice). The others are still drawn, in order, so every part has the values the
+    whole model would, but each array is dropped as soon as it is cut: a rank never holds more
+    than its own part plus the one array being drawn."""
+    keep = None if names is None else set(names)
+    return {name: _kept(name, value, cut) for name, value in _draws(model_cfg, seed)
+            if keep is None or name in keep}
+
+
+def init_groups(model_cfg, seed: int, groups, cut=None):
+    """The values init_params gives, group by group: for each list of names in `groups`
+    (disjoint, in canonical order: a group's names are all drawn before the next group's
+    last), the dict {name: value} yielded as soon as its last name is drawn, in one pass over
+    the generator (init_params per group would draw the whole model once per group). ZeRO-3
+    builds its shards from these, so a rank holds one group plus its shards, never the model."""
+    groups = [list(g) for g in groups]
+    wanted = {n for g in groups for n in g}
+    g, held = 0, {}
+    for name, value in _draws(model_cfg, seed):
+        if name in wanted:
+            held[name] = _kept(name, value, cut)
+        del value
+        while g < len(groups) and all(n in held for n in groups[g]):
+            yield {n: held.pop(n) for n in groups[g]}
+            g += 1
+    if g < len(groups):
+        raise ValueError(f"init_groups: names {sorted(set(groups[g]) - set(held))} are not parameters "
+                         "of this model, or the groups are not in canonical order")
 
 
 def count(model_cfg) -> int:

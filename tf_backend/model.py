@@ -35,7 +35,7 @@ class GPT(tf.Module):
     model_cfg.family picks the architecture (hvdllm/params.py); the class keeps its name."""
 
     def __init__(self, model_cfg, seed: int, dropout_seed: int | None = None, layers=None,
-                 tp: TPGroup | None = None):
+                 tp: TPGroup | None = None, materialise: bool = True):
         super().__init__(name="gpt")
         self.cfg = model_cfg
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
@@ -53,11 +53,15 @@ class GPT(tf.Module):
         mask = params_mod.padded_vocab_mask(model_cfg, lo, hi)
         self.vocab_mask = None if mask is None else tf.constant(mask)   # padded logits never win
         names = names_for_layers(model_cfg, self.layers)
-        cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
-        values = init_params(model_cfg, seed, names, cut)   # this rank's part only
-        # Variable names may not contain '.' in every TF API, so the dict key is the real name.
-        self.params = collections.OrderedDict(
-            (n, tf.Variable(values.pop(n), name=n.replace(".", "_"), trainable=True)) for n in names)
+        # a tp rank's slice of a whole value (ZeRO-3 cuts its units' values with it too)
+        self.cut = cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
+        if materialise:
+            values = init_params(model_cfg, seed, names, cut)   # this rank's part only
+            # Variable names may not contain '.' in every TF API, so the dict key is the real name.
+            self.params = collections.OrderedDict(
+                (n, tf.Variable(values.pop(n), name=n.replace(".", "_"), trainable=True)) for n in names)
+        else:   # ZeRO-3 puts each unit's weights here while it runs, from its shards
+            self.params = collections.OrderedDict((n, None) for n in names)
         # A stateful generator keeps dropout masks reproducible inside tf.function.
         self._rng = tf.random.Generator.from_seed(seed if dropout_seed is None else dropout_seed)
 

@@ -29,14 +29,15 @@ class ShardedEngine(ShardedEngineBase):
 
     def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self._groups(cfg, layout, collectives or Collectives(), tp, NumpyCollectives)
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp)
+        self.recompute = cfg.parallel.zero == 3
+        # ZeRO-3: no variables at all (only the names): the weights live in the shards
+        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp,
+                         materialise=not self.recompute)
         self.model.configure(cfg.train)   # activation checkpointing, precision: as the Engine's
         self.named = list(self.model.params.items())
-        self.shapes = {n: tuple(v.shape) for n, v in self.named}
-        self.recompute = cfg.parallel.zero == 3
+        shapes = self.local_shapes()
+        self.shapes = {n: shapes[n] for n, _ in self.named}
         self._shard_model()
-        if self.recompute:   # only the names stay: the weights live in the shards
-            self.named = [(n, None) for n, _ in self.named]
 
     # backend primitives (hvdllm/engines.py, zero_sharded.py) --------------------------------
     to_host = staticmethod(to_host)

@@ -28,13 +28,21 @@ from .tensor_parallel import (
 )
 
 
+def _storageless(shape) -> torch.Tensor:
+    """A float32 tensor of `shape` whose storage has 0 bytes (ZeRO-3's freed state; the untouched
+    allocation of torch.empty is returned before any page of it is written)."""
+    t = torch.empty(shape)
+    t.untyped_storage().resize_(0)
+    return t
+
+
 class GPT(nn.Module):
     """The whole model, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
     L+1 = head. A partial model holds only its layers' parameters, under their global names.
     With a TPGroup, each parameter is this rank's tensor-parallel slice (see tensor_parallel.py).
     model_cfg.family picks the architecture (hvdllm/params.py); the class keeps its name."""
 
-    def __init__(self, model_cfg, seed: int, layers=None, tp: TPGroup | None = None):
+    def __init__(self, model_cfg, seed: int, layers=None, tp: TPGroup | None = None, materialise: bool = True):
         super().__init__()
         self.adapters = None   # torch_backend/lora.Adapters when finetune.lora_rank > 0
         self.cfg = model_cfg
@@ -58,9 +66,15 @@ class GPT(nn.Module):
         self.layers = list(range(n_layers(model_cfg))) if layers is None else list(layers)
         # ParameterDict keys may not contain '.', so parameters live in a list and names map to it.
         self.names = names_for_layers(model_cfg, self.layers)
-        cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
-        values = init_params(model_cfg, seed, self.names, cut)   # this rank's part only
-        self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
+        # a tp rank's slice of a whole value (ZeRO-3 cuts its units' values with it too)
+        self.cut = cut = (lambda k, v: tp_plan.shard(k, v, self.tp.size, self.tp.rank)) if self.tp else None
+        if materialise:
+            values = init_params(model_cfg, seed, self.names, cut)   # this rank's part only
+            self.plist = nn.ParameterList([nn.Parameter(torch.from_numpy(values.pop(n))) for n in self.names])
+        else:   # ZeRO-3 fills the parameters unit by unit from its shards: no values drawn here
+            shapes = params_mod.param_shapes(model_cfg)
+            shapes = tp_plan.local_shapes(shapes, self.tp.size) if self.tp else shapes
+            self.plist = nn.ParameterList([nn.Parameter(_storageless(shapes[n])) for n in self.names])
         self.index = {n: i for i, n in enumerate(self.names)}
         if collectives.DEVICE is not None:   # train.device: parameters and buffers live there
             self.to(collectives.DEVICE)

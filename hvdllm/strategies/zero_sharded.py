@@ -50,6 +50,14 @@ recomputes the unit's forward under a tape in the backward (activation checkpoin
 one more forward per unit, for no weights or tape held between forward and backward). Its
 collectives are synchronous: no prefetch in TensorFlow.
 
+Start-up (stage 3): the backend builds its model without values (torch: parameters of 0 bytes'
+storage, TensorFlow: no variables); each unit's initial values are drawn alone (unit_values:
+params.init_groups, one pass over the whole-model init's generator, so the values are the same),
+sent from dp rank 0, sharded, and dropped before the next unit is drawn. A rank never holds the
+whole model: its peak is its shards (twice, while they are joined) and one unit, beside the
+optimizer's state. Loading a checkpoint or train.init_from's weights (a Hugging Face folder or a
+run) reads only this rank's ranges, one parameter at a time (load, checkpoint.Sharded.slice).
+
 Offload (parallel.offload = "optimizer"): the master shard and its AdamW moments live on the
 host as numpy (optim.FlatAdamW, the in-place numpy path); per step the clipped gradient shard
 crosses to_host once and the new parameter shard from_host once.
@@ -112,6 +120,14 @@ def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
     return uses, owned
 
 
+def unit_values(model_cfg, seed: int, owned, cut=None):
+    """Each unit's initial values as one flat float32 vector of its owned (tp-local, `cut`)
+    parameters, one unit at a time (params.init_groups: the whole-model init's values, in one
+    pass): ZeRO-3 shards each and drops it, so a rank never holds the whole model."""
+    for names, values in zip(owned, params.init_groups(model_cfg, seed, owned, cut)):
+        yield np.concatenate([values.pop(n).reshape(-1) for n in names])
+
+
 def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0) -> dict:
     """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
     return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit)
@@ -160,14 +176,21 @@ class ZeroSharded:
 
     # parameters ------------------------------------------------------------------------------
     def init_params(self, unit_flats) -> None:
-        """This rank's shards from each unit's whole flat vector (backend tensors)."""
-        shards = [lay.shard(f, self.k, self.i, self.ops) for lay, f in zip(self.layouts, unit_flats)]
-        self._set_shard(self.ops.concat(shards))
+        """This rank's shards from each unit's whole flat vector (backend tensors), read one unit
+        at a time (an iterator may build each just before it is read): a copy of its shard is
+        kept (through the host: a device slice may be a view that keeps the whole unit alive),
+        the unit's vector dropped before the next one is built; then one concatenation, so at
+        most two copies of the shards exist at once."""
+        ops, pieces = self.ops, []
+        for lay, flat in zip(self.layouts, unit_flats):
+            pieces.append(ops.from_host(ops.to_host(lay.shard(flat, self.k, self.i, ops))))
+            del flat
+        self._set_shard(ops.concat(pieces))
 
     def _set_shard(self, p) -> None:
         self.p = p
         if self.offload == "optimizer":
-            self.p_host = self.ops.to_host(p).astype(np.float32)
+            self.p_host = self.ops.to_host(p).astype(np.float32, copy=False)
 
     def unit_shard(self, u: int):
         return self.p[int(self.off[u]):int(self.off[u + 1])]
@@ -259,7 +282,7 @@ class ZeroSharded:
             if self.stage == 3:
                 self.release(run, needs[j + 1])
         assert not held, f"borrowed gradients {sorted(held)} were never reduced"
-        norm = self._update(self.ops.concat(gshard), lr)
+        norm = self._update(gshard, lr)
         if self.stage == 2:
             self.publish(run)
         return loss, norm
@@ -275,9 +298,14 @@ class ZeroSharded:
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
 
-    def _update(self, g, lr: float) -> float:
-        """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm."""
+    def _update(self, gshard: list, lr: float) -> float:
+        """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm.
+        `gshard`, each unit's gradient shard, is emptied once joined: no reference but `g` stays
+        (an argument lives on in its caller's frame), so clipping's scaled copy replaces the
+        gradient rather than joining it and the pieces: one gradient shard alive, not three."""
         ops = self.ops
+        g = ops.concat(gshard)
+        gshard.clear()
         sq = self.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
         if self.k > 1:
             sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
@@ -420,7 +448,8 @@ class ShardedEngineBase(GPTEngineBase):
         cfg = self.cfg
         par = cfg.parallel
         self._agree_on_model()
-        self._broadcast_parameters()
+        if par.zero == 2:   # stage 3 built no weights: its units come from _unit_flats
+            self._broadcast_parameters()
         self.steps_done = 0
         self.uses, self.owned = units_of(cfg.model)
         shapes = {n: tuple(self.shape_of(n)) for n, _ in self.named}
@@ -428,13 +457,26 @@ class ShardedEngineBase(GPTEngineBase):
         self.zero = ZeroSharded(self.uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
                                 gather_async=self.gather_async, offload=par.offload, sqnorms=self.sqnorms,
                                 **tp_args)
-        by_name = dict(self.named)
-        self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
         if par.zero == 3:
-            self.zero.release(self, ())
-            for names in self.owned:
-                self.free_unit(names)
+            self.zero.init_params(self._unit_flats())
+        else:
+            by_name = dict(self.named)
+            self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
         self._log_memory()
+
+    def _unit_flats(self):
+        """ZeRO-3's start-up: unit_values on the device, rank 0's sent to the dp group (as
+        _broadcast_parameters sends the whole model: ranks agree whatever they drew)."""
+        for flat in unit_values(self.cfg.model, self.cfg.train.seed, self.owned, self.model.cut):
+            flat = self.from_host(flat)
+            if self.comm.size > 1:
+                flat = self.comm.broadcast(flat, root=0, name="init.unit")
+            yield flat
+
+    def local_shapes(self) -> dict[str, tuple]:
+        """This rank's (tp-local) shape of every parameter of the model."""
+        shapes = params.param_shapes(self.cfg.model)
+        return tp_plan.local_shapes(shapes, self.tp.size) if self.tp else shapes
 
     def _agree_on_model(self) -> None:
         """Every dp rank built the same model (units, shapes): a rank that differs gets an error
