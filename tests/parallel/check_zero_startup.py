@@ -1,5 +1,5 @@
 """ZeRO-3's start-up memory on the real engines, under mpirun -np 2, both backends: run by
-tests/integration/test_zero_startup.py, which reads the lines it prints.
+tests/integration/test_zero_startup_mpi.py, which reads the lines it prints.
 
 Per backend, on each rank: the peak resident memory (VmHWM, reset through /proc/self/clear_refs
 so that the imports' peak does not hide the build's) grown while the engine is built, for a
