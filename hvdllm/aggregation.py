@@ -62,6 +62,20 @@ def horovod_op(hvd, name: str):
     return getattr(hvd, HOROVOD_OPS[name])
 
 
+BF16_FALLBACK_MAX_DP = 4
+
+
+def bf16_wire_problem(compression: str, dp: int, device: str) -> str | None:
+    """Off a GPU, Horovod's ops take no bfloat16, so the bf16 wire is an allgather of 16-bit
+    patterns summed locally: n/4 times an fp32 allreduce's bytes at dp=n, no saving above dp=4.
+    On a GPU (NCCL) it is a real bfloat16 allreduce."""
+    if compression != "bf16" or device.startswith("cuda") or dp <= BF16_FALLBACK_MAX_DP:
+        return None
+    return (f"aggregation.compression: 'bf16' off a GPU travels as an allgather (Horovod's CPU ops take "
+            f"no bfloat16), which at dp={dp} sends {dp / 4:g}x the bytes of an fp32 allreduce; use "
+            f"aggregation.compression = 'fp16' or 'none', or dp <= {BF16_FALLBACK_MAX_DP}")
+
+
 def wire_dtype(compression: str, fp16, bf16):
     """The framework dtype a tensor travels in (None: as it is)."""
     if compression not in COMPRESSIONS:

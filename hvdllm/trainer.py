@@ -15,10 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, device, elastic, hf, launch, lora, metrics, mfu, params, prefetch, stop, task
+from . import (
+    aggregation,
+    checkpoint,
+    config,
+    data,
+    device,
+    elastic,
+    hf,
+    launch,
+    lora,
+    metrics,
+    mfu,
+    params,
+    prefetch,
+    stop,
+    task,
+)
 from . import lr as lr_schedule
 from .config import Config, to_toml
-from .errors import CheckpointError, HvdllmError, InjectedFailure
+from .errors import CheckpointError, ConfigError, HvdllmError, InjectedFailure
 from .layout import Layout
 from .parallelize import build_engine
 from .runtime import Runtime, Watchdog, cores
@@ -55,6 +71,9 @@ class Trainer:
         # train.device, before any tensor exists or a file is written (and before TensorFlow's
         # runtime starts: its visible GPUs are fixed then); every rank logs host, rank and device
         self.device = device.select(cfg.train.device, rt, backend)
+        wire = aggregation.bf16_wire_problem(cfg.aggregation.compression, self.layout.dp, self.device)
+        if wire:
+            raise ConfigError(wire)
         backend.configure(cfg.train.threads or max(1, cores() // max(1, rt.local_size)), cfg.train.seed)
         with self.watchdog.deadline(cfg.train.step_timeout * 2, "preparing the corpus"):
             self.data = self.prepare_data(cfg)

@@ -105,6 +105,10 @@ class Collectives:
     def _bf16_allreduce(self, tensor, op, name, prescale, postscale):
         if op == "adasum":
             raise ValueError("aggregation.compression='bf16' cannot be combined with aggregation.op='adasum'")
+        if "GPU" in tensor.device.upper():   # NCCL reduces bfloat16 itself
+            out = hvd.allreduce(tf.cast(tensor, tf.bfloat16), op=_op(op), name=name, prescale_factor=prescale,
+                                postscale_factor=postscale, process_set=self.process_set)
+            return tf.cast(out, tensor.dtype)
         bits = tf.bitcast(tf.cast(tf.cast(tensor, tf.float32) * prescale, tf.bfloat16), tf.int16)
         every = hvd.allgather(tf.reshape(bits, [1, -1]), name=name, process_set=self.process_set)
         total = tf.reduce_sum(tf.cast(tf.bitcast(every, tf.bfloat16), tf.float32), axis=0)

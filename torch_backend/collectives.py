@@ -89,6 +89,10 @@ class Collectives:
     def _bf16_allreduce(self, tensor, op, name, prescale, postscale):
         if op == "adasum":
             raise ValueError("aggregation.compression='bf16' cannot be combined with aggregation.op='adasum'")
+        if tensor.is_cuda:   # NCCL reduces bfloat16 itself
+            out = hvd.allreduce(tensor.to(torch.bfloat16), op=_op(op), name=name, prescale_factor=prescale,
+                                postscale_factor=postscale, process_set=self.process_set)
+            return out.to(tensor.dtype)
         bits = (tensor.float() * prescale).to(torch.bfloat16).view(torch.int16).reshape(1, -1)
         every = hvd.allgather(bits, name=name, process_set=self.process_set)
         total = every.view(torch.bfloat16).float().sum(0).reshape(tensor.shape)
