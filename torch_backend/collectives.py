@@ -51,6 +51,19 @@ class TorchOps:
     sqrt = staticmethod(torch.sqrt)
 
     @staticmethod
+    def adamw_(p, g, m, v, runs, lr: float, t: int, o) -> None:
+        """optim.DeviceAdamW's step in place through torch's fused AdamW kernel (what
+        torch.optim.AdamW(fused=True) runs), on views of the flat vectors: `runs` = (decayed,
+        undecayed) spans, the two parameter groups. One pass over the four vectors, no
+        temporaries."""
+        step = torch.tensor(float(t), device=p.device)
+        for spans, wd in zip(runs, (o.weight_decay, 0.0)):
+            if spans:
+                views = [[x[s:e] for s, e in spans] for x in (p, g, m, v)]
+                torch._fused_adamw_(*views, [], [step] * len(spans), lr=lr, beta1=o.beta1, beta2=o.beta2,
+                                    weight_decay=wd, eps=o.eps, amsgrad=False, maximize=False)
+
+    @staticmethod
     def minimum(x, c):
         return x.clamp(max=c)
 
