@@ -44,8 +44,9 @@ this strategy exists to avoid; stage 3 re-gathers each unit per micro-batch anyw
 
 How a backend keeps a unit's autograd state while its weights are freed (stage 3) is its own
 choice: torch keeps the forward's graph and frees the weights' storage in between (PyTorch
-FSDP1's trick: the storage is resized to 0 and restored through `.data`, so autograd's version
-counters do not move); TensorFlow's GradientTape would hold the gathered weights alive, so it
+FSDP1's trick: the parameters are pointed through `.data` at a storage-less husk and back into
+the gathered vector, so autograd's version counters do not move, and nothing is copied);
+TensorFlow's GradientTape would hold the gathered weights alive, so it
 recomputes the unit's forward under a tape in the backward (activation checkpointing per unit:
 one more forward per unit, for no weights or tape held between forward and backward). Its
 collectives are synchronous: no prefetch in TensorFlow.
