@@ -71,6 +71,11 @@ class TorchOps:
     def scale(x, s):
         return x * (s.to(x.dtype) if torch.is_tensor(s) else float(np.float32(s)))
 
+    @staticmethod
+    def scale_(x, s):
+        """scale's product written into x (a vector its caller owns): no fresh vector to fault in."""
+        return x.mul_(s.to(x.dtype) if torch.is_tensor(s) else float(np.float32(s)))
+
     def from_host(self, a) -> torch.Tensor:
         return from_host(np.array(a, np.float32), self.device)
 

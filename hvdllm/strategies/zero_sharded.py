@@ -321,8 +321,8 @@ class ZeroSharded:
             return norm
         norm = ops.sqrt(total)
         coef = clip_coef(norm, self.optim_cfg.grad_clip, ops.minimum)
-        if not (isinstance(coef, float) and coef == 1.0):
-            g = ops.scale(g, coef)
+        if not (isinstance(coef, float) and coef == 1.0):   # g is concat's own: in place where ops can
+            g = getattr(ops, "scale_", ops.scale)(g, coef)
         self.p = self.opt.step(self.p, g, lr)
         return float(norm)
 
