@@ -107,6 +107,9 @@ class Runner(Protocol):
     def free_unit(self, names: list[str]) -> None:
         """Stage 3: drop the unit's whole parameters (only its shard stays)."""
 
+    # optional: grad_flat(tensors), concat_flat's vector in a buffer the backend reuses (called
+    # only at dp > 1, once per unit, its result consumed by the reduce-scatter before the next)
+
 
 def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
     """(uses, owned) per unit (parallel.zero_unit = "block": each layer of hvdllm.params, the
@@ -294,7 +297,10 @@ class ZeroSharded:
         for n in self.borrowed[u]:
             held[n] = grads[n] if n not in held else held[n] + grads[n]
         own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
-        flat = self.layouts[u].pad(run.concat_flat(own), self.k, self.ops)
+        # a backend's grad_flat may write into a buffer it reuses per unit: only where the
+        # reduce-scatter makes a vector of its own (k > 1), since alone `g` is `flat` and is kept
+        join = getattr(run, "grad_flat", None) if self.k > 1 else None
+        flat = self.layouts[u].pad((join or run.concat_flat)(own), self.k, self.ops)
         g = flat if self.k == 1 else self.comm.reducescatter(flat, op="average", name="zero.grads",
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
