@@ -8,9 +8,10 @@ servers) run, with torch.optim.AdamW's arithmetic exactly:
 
 The formula is written once, in `adamw_update`, with Python's operators only, so it runs on numpy
 arrays, torch tensors and tf tensors alike: DeviceAdamW applies it to a backend's tensors (ZeRO-1's
-shard stays on the device). FlatAdamW is the same operations in the same order, in place on
-numpy with one scratch vector, for the parameter servers (see its step for why); the unit tier
-proves the two bit-identical.
+shard stays on the device), unless the backend's ops bring the framework's own fused kernel
+(torch: `TorchOps.adamw_`, the arithmetic of torch.optim.AdamW(fused=True)). FlatAdamW is the
+same operations in the same order, in place on numpy with one scratch vector, for the parameter
+servers (see its step for why); the unit tier proves the two bit-identical.
 """
 from __future__ import annotations
 
@@ -49,19 +50,41 @@ def adamw_update(p, g, m, v, wd, lr: float, t: int, o, sqrt):
     return p, m, v
 
 
+def decay_runs(decay_mask: np.ndarray) -> tuple[list, list]:
+    """The mask's contiguous runs as ([(start, end) decayed], [(start, end) not decayed]): the two
+    parameter groups a framework's own AdamW takes, as views of one flat vector."""
+    mask = np.asarray(decay_mask, bool)
+    cuts = np.concatenate([[0], np.flatnonzero(mask[1:] != mask[:-1]) + 1, [mask.size]]).astype(int)
+    runs = ([], [])
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        if e > s:
+            runs[0 if mask[s] else 1].append((int(s), int(e)))
+    return runs
+
+
 class DeviceAdamW:
     """AdamW on flat vectors of any backend (`ops`: hvdllm.flat.NumpyOps or a backend's): the
     moments live where the ops put them. `step` returns the new parameters; on numpy and torch it
-    updates `p` in place too (adamw_update), so hand it a vector the caller may lose."""
+    updates `p` in place too, so hand it a vector the caller may lose. Ops with an `adamw_`
+    (torch: its fused AdamW kernel on views of the flat vectors, the decayed and the undecayed
+    runs as two groups) run that: one pass over p, g, m, v instead of adamw_update's dozen
+    (measured 12x faster on a CPU for 12.7M elements); other ops run adamw_update."""
 
     def __init__(self, n: int, decay_mask: np.ndarray, optim_cfg, ops=NUMPY):
         self.cfg, self.ops = optim_cfg, ops
         self.m, self.v = ops.zeros(n), ops.zeros(n)
-        self.wd = ops.from_host(decay_mask.astype(np.float32) * optim_cfg.weight_decay)
+        self.fused = getattr(ops, "adamw_", None)
+        if self.fused is not None:
+            self.runs = decay_runs(decay_mask)
+        else:
+            self.wd = ops.from_host(decay_mask.astype(np.float32) * optim_cfg.weight_decay)
         self.t = 0
 
     def step(self, p, g, lr: float):
         self.t += 1
+        if self.fused is not None:
+            self.fused(p, g, self.m, self.v, self.runs, lr, self.t, self.cfg)
+            return p
         p, self.m, self.v = adamw_update(p, g, self.m, self.v, self.wd, lr, self.t, self.cfg, self.ops.sqrt)
         return p
 

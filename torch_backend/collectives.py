@@ -51,12 +51,30 @@ class TorchOps:
     sqrt = staticmethod(torch.sqrt)
 
     @staticmethod
+    def adamw_(p, g, m, v, runs, lr: float, t: int, o) -> None:
+        """optim.DeviceAdamW's step in place through torch's fused AdamW kernel (what
+        torch.optim.AdamW(fused=True) runs), on views of the flat vectors: `runs` = (decayed,
+        undecayed) spans, the two parameter groups. One pass over the four vectors, no
+        temporaries."""
+        step = torch.tensor(float(t), device=p.device)
+        for spans, wd in zip(runs, (o.weight_decay, 0.0)):
+            if spans:
+                views = [[x[s:e] for s, e in spans] for x in (p, g, m, v)]
+                torch._fused_adamw_(*views, [], [step] * len(spans), lr=lr, beta1=o.beta1, beta2=o.beta2,
+                                    weight_decay=wd, eps=o.eps, amsgrad=False, maximize=False)
+
+    @staticmethod
     def minimum(x, c):
         return x.clamp(max=c)
 
     @staticmethod
     def scale(x, s):
         return x * (s.to(x.dtype) if torch.is_tensor(s) else float(np.float32(s)))
+
+    @staticmethod
+    def scale_(x, s):
+        """scale's product written into x (a vector its caller owns): no fresh vector to fault in."""
+        return x.mul_(s.to(x.dtype) if torch.is_tensor(s) else float(np.float32(s)))
 
     def from_host(self, a) -> torch.Tensor:
         return from_host(np.array(a, np.float32), self.device)

@@ -44,8 +44,9 @@ this strategy exists to avoid; stage 3 re-gathers each unit per micro-batch anyw
 
 How a backend keeps a unit's autograd state while its weights are freed (stage 3) is its own
 choice: torch keeps the forward's graph and frees the weights' storage in between (PyTorch
-FSDP1's trick: the storage is resized to 0 and restored through `.data`, so autograd's version
-counters do not move); TensorFlow's GradientTape would hold the gathered weights alive, so it
+FSDP1's trick: the parameters are pointed through `.data` at a storage-less husk and back into
+the gathered vector, so autograd's version counters do not move, and nothing is copied);
+TensorFlow's GradientTape would hold the gathered weights alive, so it
 recomputes the unit's forward under a tape in the backward (activation checkpointing per unit:
 one more forward per unit, for no weights or tape held between forward and backward). Its
 collectives are synchronous: no prefetch in TensorFlow.
@@ -105,6 +106,9 @@ class Runner(Protocol):
 
     def free_unit(self, names: list[str]) -> None:
         """Stage 3: drop the unit's whole parameters (only its shard stays)."""
+
+    # optional: grad_flat(tensors), concat_flat's vector in a buffer the backend reuses (called
+    # only at dp > 1, once per unit, its result consumed by the reduce-scatter before the next)
 
 
 def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
@@ -293,7 +297,10 @@ class ZeroSharded:
         for n in self.borrowed[u]:
             held[n] = grads[n] if n not in held else held[n] + grads[n]
         own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
-        flat = self.layouts[u].pad(run.concat_flat(own), self.k, self.ops)
+        # a backend's grad_flat may write into a buffer it reuses per unit: only where the
+        # reduce-scatter makes a vector of its own (k > 1), since alone `g` is `flat` and is kept
+        join = getattr(run, "grad_flat", None) if self.k > 1 else None
+        flat = self.layouts[u].pad((join or run.concat_flat)(own), self.k, self.ops)
         g = flat if self.k == 1 else self.comm.reducescatter(flat, op="average", name="zero.grads",
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
@@ -320,8 +327,8 @@ class ZeroSharded:
             return norm
         norm = ops.sqrt(total)
         coef = clip_coef(norm, self.optim_cfg.grad_clip, ops.minimum)
-        if not (isinstance(coef, float) and coef == 1.0):
-            g = ops.scale(g, coef)
+        if not (isinstance(coef, float) and coef == 1.0):   # g is concat's own: in place where ops can
+            g = getattr(ops, "scale_", ops.scale)(g, coef)
         self.p = self.opt.step(self.p, g, lr)
         return float(norm)
 

@@ -1,7 +1,8 @@
 """hvdllm/optim.py: FlatAdamW (numpy in place: parameter servers) and DeviceAdamW (the same
 formula, adamw_update, on any backend's flat vectors: ZeRO-1's shard) against torch.optim.AdamW,
 step by step, with decay only where the mask says, a changing lr and the moments compared too;
-the two bit-identical on numpy, DeviceAdamW on torch and tf tensors equal to them; clip_coef
+the two bit-identical on numpy, DeviceAdamW on tf tensors equal to them, on torch tensors (its
+fused kernel) equal to torch.optim.AdamW(fused=True); clip_coef
 against torch.nn.utils.clip_grad_norm_."""
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from hvdllm.config import OptimConfig
 from hvdllm.flat import NUMPY
-from hvdllm.optim import DeviceAdamW, FlatAdamW, clip_coef
+from hvdllm.optim import DeviceAdamW, FlatAdamW, clip_coef, decay_runs
 
 CONFIGS = [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.8, 0.999), 1e-6), (0.5, (0.9, 0.95), 1e-3)]
 LRS = [1e-3, 3e-3, 1e-2, 5e-3, 2e-3, 1e-4]
@@ -108,17 +109,51 @@ def backend_ops(name):
     return TFOps(), lambda a: tf.constant(a), lambda t: t.numpy()
 
 
+def torch_fused_trajectory(mask, p, gs, lrs, cfg):
+    """torch.optim.AdamW(fused=True) on the mask's runs as parameters, decayed and undecayed runs
+    as two groups: (parameters after each step, final m, final v), as flat numpy."""
+    decayed, undecayed = decay_runs(mask)
+    order = sorted(decayed + undecayed)
+    ts = {r: torch.tensor(p[r[0]:r[1]], requires_grad=True) for r in order}
+    opt = torch.optim.AdamW([{"params": [ts[r] for r in decayed], "weight_decay": cfg.weight_decay},
+                             {"params": [ts[r] for r in undecayed], "weight_decay": 0.0}],
+                            lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    out = []
+    for g, lr in zip(gs, lrs):
+        for r in order:
+            ts[r].grad = torch.from_numpy(g[r[0]:r[1]].copy())
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        out.append(np.concatenate([ts[r].detach().numpy() for r in order]))
+    m, v = (np.concatenate([opt.state[ts[r]][k].numpy() for r in order]) for k in ("exp_avg", "exp_avg_sq"))
+    return out, m, v
+
+
+def test_decay_runs_cover_the_mask():
+    mask = np.array([1, 1, 0, 1, 0, 0, 1], bool)
+    assert decay_runs(mask) == ([(0, 2), (3, 4), (6, 7)], [(2, 3), (4, 6)])
+    assert decay_runs(np.zeros(3, bool)) == ([], [(0, 3)])
+
+
 @pytest.mark.parametrize("name", ["torch", "tensorflow"])
 @pytest.mark.parametrize("wd,betas,eps", CONFIGS)
-def test_device_adamw_on_backend_tensors_equals_flat_adamw(name, wd, betas, eps):
-    """The backends' own tensors through the same formula: FlatAdamW's trajectory and moments bit
-    for bit (every operation is one elementwise IEEE float32 operation, in every framework, on
-    the CPU), the state read back to the host as numpy, and loaded back."""
+def test_device_adamw_on_backend_tensors_equals_reference(name, wd, betas, eps):
+    """The backends' own tensors, bit for bit against their reference: TensorFlow runs
+    adamw_update, FlatAdamW's trajectory and moments (every operation is one elementwise IEEE
+    float32 operation, in every framework, on the CPU); torch runs its fused AdamW kernel on the
+    flat vector's runs (TorchOps.adamw_), torch.optim.AdamW(fused=True)'s trajectory and moments
+    over the same runs as parameters. The state read back to the host as numpy, and loaded back."""
     ops, tensor, numpy = backend_ops(name)
     cfg = OptimConfig(weight_decay=wd, beta1=betas[0], beta2=betas[1], eps=eps)
     mask, p, gs = problem()
-    flat, dev = FlatAdamW(p.size, mask, cfg), DeviceAdamW(p.size, mask, cfg, ops)
-    want = trajectory(flat, p.copy(), gs, LRS, True)
+    dev = DeviceAdamW(p.size, mask, cfg, ops)
+    if name == "torch":
+        want, want_m, want_v = torch_fused_trajectory(mask, p, gs, LRS, cfg)
+    else:
+        flat = FlatAdamW(p.size, mask, cfg)
+        want = trajectory(flat, p.copy(), gs, LRS, True)
+        want_m, want_v = flat.m, flat.v
     q = tensor(p)
     for t, (g, lr) in enumerate(zip(gs, LRS)):
         q = dev.step(q, tensor(g), lr)
@@ -126,8 +161,8 @@ def test_device_adamw_on_backend_tensors_equals_flat_adamw(name, wd, betas, eps)
         np.testing.assert_array_equal(numpy(q), want[t], err_msg=f"step {t + 1}")
     st = dev.state()
     assert isinstance(st["m"], np.ndarray) and st["t"] == len(LRS)
-    np.testing.assert_array_equal(st["m"], flat.m)
-    np.testing.assert_array_equal(st["v"], flat.v)
+    np.testing.assert_array_equal(st["m"], want_m)
+    np.testing.assert_array_equal(st["v"], want_v)
     again = DeviceAdamW(p.size, mask, cfg, ops)
     again.load(st["m"], st["v"], st["t"])
     g, lr, q = gs[0], 1e-3, numpy(q)   # (step may update its p in place: each gets its own)
