@@ -44,6 +44,15 @@ GPT_MODELS = {
 }
 
 
+def proc_status(key: str, pid="self") -> int:
+    """A /proc/PID/status figure (VmRSS, VmHWM, RssAnon) in bytes; KeyError where it is absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def say(tag: str, msg: str) -> None:
     print(f"{tag} {msg}", file=sys.stderr, flush=True)
 

@@ -39,11 +39,10 @@ def rss() -> int:
 def rss_anon() -> int:
     """Resident anonymous memory (what the process allocated: not the safetensors file's pages,
     which a memory-mapped read makes resident too and the kernel can drop)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    try:
+        return common.proc_status("RssAnon")
+    except KeyError:
+        return 0
 
 
 class AnonPeak:

@@ -49,13 +49,7 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def status(key: str) -> int:
-    """A /proc/self/status figure (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+status = common.proc_status   # this process's VmRSS / VmHWM in bytes
 
 
 def reset_peak() -> None:

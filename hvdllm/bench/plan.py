@@ -202,13 +202,9 @@ def _peak_rss(pid: int) -> int | None:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"hvdllm" not in f.read():
                 return None
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return common.proc_status("VmHWM", pid)
+    except (OSError, KeyError):
+        return None
 
 
 def run_measured(cmd: list[str], timeout: float) -> tuple[int, dict[int, int], str]:

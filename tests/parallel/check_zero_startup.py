@@ -29,11 +29,8 @@ COMMON = ["train.steps=1", "train.batch_size=4", "train.threads=1", "train.seed=
 
 
 def status(key: str) -> int:
-    """A /proc/self/status figure in bytes."""
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    from hvdllm.bench.common import proc_status  # after the frameworks' imports (see build)
+    return proc_status(key)
 
 
 def build_measured(rt, be, zero: int, extra=()):
