@@ -42,7 +42,7 @@ def test_a_lost_worker_is_dropped_and_one_that_comes_back_rejoins(tmp_path, refe
     t0 = time.monotonic()
     # a survivor learns of the lost peer when its Gloo receive times out (default 30 s; 5 here);
     # from then on the rendezvous waits train.elastic_join_timeout for the newcomer's start
-    r = run(argv, timeout=400, HOROVOD_GLOO_TIMEOUT_SECONDS=5)
+    r = run(argv, timeout=600, HOROVOD_GLOO_TIMEOUT_SECONDS=5)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-5000:]
     # (a lost worker is seen as a failed collective, or as the driver's notice that hosts were removed)
@@ -61,4 +61,5 @@ def test_a_lost_worker_is_dropped_and_one_that_comes_back_rejoins(tmp_path, refe
     same_run(out, ref, rtol=2e-4, keys=("loss", "grad_norm", "val_loss"), what="3 -> 2 -> 3 workers")
     loss = by_step(out, "loss")
     assert loss[STEPS] < loss[1], loss
-    assert elapsed < 240, f"{elapsed:.0f} s"
+    # TensorFlow under load ~30 on 2 cores: 297 s (its imports and retracing after each resize)
+    assert elapsed < 480, f"{elapsed:.0f} s"
