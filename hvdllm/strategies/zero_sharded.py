@@ -134,9 +134,10 @@ def unit_values(model_cfg, seed: int, owned, cut=None):
         yield np.concatenate([values.pop(n).reshape(-1) for n in names])
 
 
-def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0) -> dict:
+def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0,
+                prefetch: int = 1) -> dict:
     """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
-    return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit)
+    return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit, prefetch=prefetch)
 
 
 class ZeroSharded:
@@ -577,7 +578,9 @@ class ShardedEngineBase(GPTEngineBase):
         z, par = self.zero, self.cfg.parallel
         psi = sum(lay.total for lay in z.layouts)
         unit = max(lay.total for lay in z.layouts)
-        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit)
+        # a pipeline stage gathers no unit ahead, and keeps its tied unit's gradient (memory.py)
+        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit, prefetch=0 if self.layout.pp > 1 else 1)
+        want["live"] += 4 * sum(z.layouts[u].total for u in z.defer)
         have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
         where = f"pipeline stage {self.layout.pp_rank}, " if self.layout.pp > 1 else ""
         print(f"[hvdllm] {where}zero={z.stage} dp={z.k} offload={par.offload}: this rank holds "
