@@ -63,6 +63,14 @@ Offload (parallel.offload = "optimizer"): the master shard and its AdamW moments
 host as numpy (optim.FlatAdamW, the in-place numpy path); per step the clipped gradient shard
 crosses to_host once and the new parameter shard from_host once.
 
+Pipelines (parallel.pp > 1, ShardedStageBase below): each stage shards its own units (its
+blocks, the embeddings on the first stage, the head on the last, each stage's unit owning its
+copy of a tied wte) over its dp group; the schedule (pipeline.py) calls each chunk's forward and
+backward per micro-batch, which run its units one at a time (stage_forward / stage_backward),
+each unit's gradient reduce-scattered as above. The two units holding the tied wte keep their
+gradient whole over the step instead, so that the end stages can sum their wte gradients (the
+unsharded pipeline's exchange) before its reduce-scatter: identical shards, identical steps.
+
 Checkpoints stay sharded: every dp rank saves the ranges of every parameter and both moments
 that its shards hold, as placement.ranged pieces of its tp slice; nothing is gathered, and a
 loader joins the ranges (checkpoint.Sharded), so they load at any layout, ZeRO or not.
