@@ -645,9 +645,6 @@ def _zero_sharded_problems(cfg: Config) -> list[str]:
     """ZeRO-2/3 (strategies/zero_sharded.py) runs the built-in GPT's layers as units over one dp
     group; model.layers, ps.servers and localsgd.every are refused where they are checked."""
     par, p = cfg.parallel, []
-    if par.zero >= 2 and par.pp > 1:
-        p.append(f"parallel.pp: ZeRO-{par.zero} inside pipeline stages is not supported yet, set "
-                 f"parallel.zero <= 1 (or parallel.pp = 1)")
     if par.offload != "none" and par.zero < 2:
         p.append("parallel.offload: offloads ZeRO-2/3's sharded optimizer; set parallel.zero = 2 or 3")
     if par.zero == 3 and (cfg.roles.evaluators or cfg.roles.generators):

@@ -67,7 +67,8 @@ class Engine(Protocol):
     """Everything the core (trainer.py, strategies/roles.py, strategies/ps_worker.py, generate.py,
     the benchmarks) calls on an engine. Engines are built only by hvdllm/parallelize.py:
     `backend.Engine(cfg, layout, collectives, tp)` (`backend.ShardedEngine`, the same arguments,
-    for parallel.zero >= 2), `backend.PipelineEngine(cfg, layout, rt, tp)`,
+    for parallel.zero >= 2), `backend.PipelineEngine(cfg, layout, rt, tp)` (`backend.ShardedPipelineEngine`
+    for parallel.zero >= 2),
     `backend.SequentialEngine(cfg, layout, rt)`, and `PSWorker(engine, cfg, layout, rt)` around any
     of them. What they share is written once in hvdllm/engines.py; each backend supplies the
     primitives listed there."""

@@ -13,7 +13,9 @@ activations' width, not the master state):
   offload="optimizer" the optimizer term moves to host memory ("host"). Stage 2 and 3 also hold
   "live" full-size units while they work (stage 2: the largest unit's gradient before its
   reduce-scatter; stage 3: the gathered unit, the next one prefetched, and the unit's gradient):
-  the unit is a transformer block or the embedding / head.
+  the unit is a transformer block or the embedding / head. Inside pipeline stages stage 3
+  prefetches none, and the two stages holding a tied wte keep that unit's gradient whole over
+  the step (summed with the other stage's before its reduce-scatter): one unit more, "live".
 - activations kept for the backward, per micro-batch of b sequences of s tokens, per layer
   (C = n_embd, F = ffn_hidden, V = the head's rows, t = tp), in
   elements; each is a tensor autograd saves in this repo's models (torch_backend/model.py):
@@ -152,6 +154,16 @@ def count_params(model_cfg, layers=None, tp: int = 1) -> int:
     return n
 
 
+def tied_unit(model_cfg, layers, pp: int, zero: int, tp: int = 1) -> int:
+    """Parameters of the unit whose gradient a ZeRO-2/3 pipeline stage keeps whole over the step
+    (strategies/zero_sharded.py ShardedStageBase): the first stage's embeddings and the last
+    stage's head, which hold the two copies of a tied wte; 0 elsewhere."""
+    if zero < 2 or pp < 2 or not params.tied(model_cfg):
+        return 0
+    counts, head = layer_param_counts(model_cfg, tp), model_cfg.n_layer + 1
+    return sum(counts[i] for i in (0, head) if i in layers and (0 in layers) != (head in layers))
+
+
 def layer_param_counts(model_cfg, tp: int = 1) -> list[int]:
     """Parameters of each layer on one tp rank (the head counts a tied wte again: the last
     stage holds its copy)."""
@@ -258,7 +270,11 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
         layers = [i for c in chunks for i in c]
         psi = count_params(m, layers, tp)
         unit = max(layer_param_counts(m, tp)[i] for i in layers)
-        state = zero_state_bytes(psi, dp, zero, off, live_unit=unit)
+        # a pipeline's ZeRO-3 gathers no unit ahead (ZeroSharded.stage_forward says why)
+        state = zero_state_bytes(psi, dp, zero, off, live_unit=unit, prefetch=0 if pp > 1 else 1)
+        tied = tied_unit(m, layers, pp, zero, tp)
+        if tied:   # ZeRO-2/3 stage holding the tied wte: that unit's gradient whole over the step
+            state = {**state, "live": state["live"] + FP32 * tied, "device": state["device"] + FP32 * tied}
         chunk_act = max(layers_activation_bytes(m, c, tokens, tp, ckpt, dtype_bytes, fused_attention)
                         for c in chunks)
         held = inflight(par.schedule, pp, micro, s, v)

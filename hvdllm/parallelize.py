@@ -10,7 +10,8 @@ The order, and why:
   3. pipeline stages (PipelineEngine) when parallel.pp > 1, else one data-parallel Engine over
      the dp group; ZeRO-1 and local SGD sit inside either (they replace the optimizer step and
      its gradient reduction); ZeRO-2/3 (parallel.zero >= 2) replace the data-parallel Engine by
-     ShardedEngine (strategies/zero_sharded.py: the step runs unit by unit);
+     ShardedEngine and a stage by ShardedPipelineEngine (strategies/zero_sharded.py: the step
+     runs unit by unit, each stage's units sharded over its dp group);
   4. parameter-server workers (ps.servers > 0) wrap the engine last: they take its local
      gradients and replace its reduction and optimizer by the servers' update.
 """
@@ -27,8 +28,9 @@ def build_engine(cfg, layout: Layout, rt, backend, *, wrap_ps: bool = True) -> E
     else:
         tp = backend.TPGroup(backend.Collectives(rt.process_set(layout.group("tp")))) \
             if layout.tp > 1 else None                             # 2. tensor parallelism
-        if layout.pp > 1:                                          # 3. pipeline stages
-            engine = backend.PipelineEngine(cfg, layout, rt, tp)
+        if layout.pp > 1:                                          # 3. pipeline stages (ZeRO-2/3:
+            cls = backend.ShardedPipelineEngine if cfg.parallel.zero >= 2 else backend.PipelineEngine  # per stage)
+            engine = cls(cfg, layout, rt, tp)
         else:                                                      # 3. data parallel (ZeRO-2/3:
             cls = backend.ShardedEngine if cfg.parallel.zero >= 2 else backend.Engine   # zero_sharded.py)
             engine = cls(cfg, layout, backend.Collectives(rt.process_set(layout.group("dp"))), tp)

@@ -33,7 +33,8 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
             (strategies/zero_sharded.py) reduce-scatter each unit's gradient per micro-batch as
             the backward makes it (synchronous: not overlapped), ZeRO 2 allgathers the
             parameters once per step, ZeRO 3 gathers each unit for its forward and again for its
-            backward, one unit ahead: hidden behind compute as far as compute lasts
+            backward, one unit ahead: hidden behind compute as far as compute lasts (inside
+            pipeline stages, which gather none ahead, all exposed)
   tied wte  pp > 1, tied head: the embedding gradient between first and last stage (p2p)
   optimizer AdamW reads and writes 32 bytes per parameter it updates, at memory bandwidth
             (offloaded: the host's, plus the shard's gradient down and parameters up the host link)
@@ -366,7 +367,8 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
             else:   # a gather per unit for its forward and again for its backward, one unit ahead
                 gathers = 2 * cand.k * (ring_half_s("allgather", param_bytes * psi, cand.dp, dp_link)
                                         + per_unit * dp_link.busbw("allgather")[1])
-                dp_terms["gathers_exposed"] = max(0.0, gathers - pipeline_s)
+                # inside pipeline stages none is issued ahead (ZeroSharded.stage_forward): exposed
+                dp_terms["gathers_exposed"] = gathers if cand.pp > 1 else max(0.0, gathers - pipeline_s)
         if cand.zero:
             dp_terms["norm"] = ring_allreduce_s(8, cand.dp, dp_link)
     dp_s = sum(dp_terms.values())

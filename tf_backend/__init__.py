@@ -6,10 +6,11 @@ from .engine import Engine, configure, matmul_flops
 from .model import GPT
 from .pipeline import PipelineEngine
 from .sequential import SequentialEngine
-from .sharded import ShardedEngine
+from .sharded import ShardedEngine, ShardedPipelineEngine
 from .tensor_parallel import TPGroup
 
 __all__ = ["GPT", "Collectives", "Engine", "NumpyCollectives", "PipelineEngine", "SequentialEngine", "ShardedEngine",
+           "ShardedPipelineEngine",
            "TPGroup",
            "configure", "device_info", "from_host", "matmul_flops", "init_horovod", "tensor_parallel", "to_host",
            "use_device"]

@@ -16,11 +16,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from hvdllm.strategies.zero_sharded import ShardedEngineBase
+from hvdllm.strategies.zero_sharded import ShardedEngineBase, ShardedStageBase
 
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .engine import Engine
 from .model import GPT
+from .pipeline import PipelineEngine, measure_layer_times
 from .tensor_parallel import TPGroup
 
 
@@ -131,3 +132,44 @@ class ShardedEngine(ShardedEngineBase):
     def last_logits(self, ids) -> np.ndarray:
         logits = self.model.full_logits(self.logits(np.array([ids], dtype=np.int64)))
         return to_host(logits[0, -1]).astype(np.float64)
+
+
+class ShardedPipelineEngine(ShardedStageBase):
+    """A pipeline stage of the built-in GPT under parallel.zero = 2 or 3 (ShardedStageBase):
+    ShardedEngine's unit primitives on the stage's layers; activations cross as host arrays."""
+
+    def __init__(self, cfg, layout, rt, tp=None):
+        layers = self._place(cfg, layout, rt, tp, measure_layer_times)
+        self.recompute = cfg.parallel.zero == 3
+        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, layers=layers,
+                         tp=self.tp, materialise=not self.recompute)
+        self.model.configure(cfg.train)
+        self.named = list(self.model.params.items())
+        shapes = self.local_shapes()
+        self.shapes = {n: shapes[n] for n, _ in self.named}
+        self._stage_strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives)
+
+    to_host = staticmethod(to_host)
+    from_host = staticmethod(from_host)
+    stage_input = staticmethod(from_host)
+    stage_output = staticmethod(to_host)
+    concat_flat = staticmethod(Engine.concat_flat)
+    assign_flat = staticmethod(Engine.assign_flat)
+    sqnorms = staticmethod(ShardedEngine.sqnorms)
+    shape_of = ShardedEngine.shape_of
+    load_unit = ShardedEngine.load_unit
+    free_unit = ShardedEngine.free_unit
+    _run = ShardedEngine._run
+    _dropout_state = ShardedEngine._dropout_state
+    unit_forward = ShardedEngine.unit_forward
+    unit_backward = ShardedEngine.unit_backward
+    tokens = ShardedEngine.tokens
+    eval_unit = ShardedEngine.eval_unit
+    whole_model_logits = PipelineEngine.whole_model_logits
+
+    @staticmethod
+    def loss_value(t):
+        return float(t)
+
+    def score(self, out, y):
+        return ShardedEngine.score(self, from_host(out), y)

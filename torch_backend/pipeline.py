@@ -64,6 +64,18 @@ def received(a) -> torch.Tensor:
     return a if torch.is_tensor(a) else from_host(a, wait=True)
 
 
+def set_transport(engine, layout) -> None:
+    """How a stage's activations and their gradients cross to the next stage over MPI: host
+    arrays on a CPU; from a GPU the device tensors themselves where the MPI is CUDA-aware, else
+    pinned host buffers (one DMA each way). Sets engine.send_form and its pipe's alloc."""
+    on_gpu = collectives.DEVICE is not None
+    aware = on_gpu and p2p.cuda_aware()
+    engine.send_form = device_send if aware else to_host_pinned if on_gpu else to_host
+    if on_gpu:
+        engine.pipe.alloc = device_empty if aware else pinned_empty
+    device.log_transport(layout, device.p2p_transport(on_gpu, aware))
+
+
 class PipelineEngine(PipelineStageBase):
     """This rank's stage of the built-in GPT; the step itself is PipelineStageBase's."""
 
@@ -76,15 +88,7 @@ class PipelineEngine(PipelineStageBase):
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: adamw_state.make_adamw(self.named, cfg.optim))
-        # activations and their gradients cross to the next stage over MPI: host arrays on a CPU;
-        # from a GPU the device tensors themselves where the MPI is CUDA-aware, else pinned host
-        # buffers (one DMA each way)
-        on_gpu = collectives.DEVICE is not None
-        aware = on_gpu and p2p.cuda_aware()
-        self.send_form = device_send if aware else to_host_pinned if on_gpu else to_host
-        if on_gpu:
-            self.pipe.alloc = device_empty if aware else pinned_empty
-        device.log_transport(layout, device.p2p_transport(on_gpu, aware))
+        set_transport(self, layout)
 
     # backend primitives (hvdllm/engines.py) --------------------------------------------------
     to_host = staticmethod(to_host)

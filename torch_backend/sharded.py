@@ -18,11 +18,12 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
-from hvdllm.strategies.zero_sharded import ShardedEngineBase
+from hvdllm.strategies.zero_sharded import ShardedEngineBase, ShardedStageBase
 
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .engine import Engine
 from .model import GPT
+from .pipeline import PipelineEngine, measure_layer_times, received, set_transport
 from .tensor_parallel import TPGroup
 
 
@@ -140,3 +141,46 @@ class ShardedEngine(ShardedEngineBase):
     def last_logits(self, ids) -> np.ndarray:
         logits = self.model.full_logits(self.logits(np.array([ids], dtype=np.int64)))
         return to_host(logits[0, -1].double())
+
+
+class ShardedPipelineEngine(ShardedStageBase):
+    """A pipeline stage of the built-in GPT under parallel.zero = 2 or 3 (ShardedStageBase):
+    ShardedEngine's unit primitives on the stage's layers, PipelineEngine's transport."""
+
+    def __init__(self, cfg, layout, rt, tp=None):
+        layers = self._place(cfg, layout, rt, tp, measure_layer_times)
+        torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
+        self.model = GPT(cfg.model, cfg.train.seed, layers=layers, tp=self.tp, materialise=cfg.parallel.zero == 2)
+        self.model.configure(cfg.train)
+        self.named = self.model.named()
+        self.by_name = dict(self.named)
+        comm = Collectives(rt.process_set(layout.group("dp")))
+        # ZeRO-3 over dp ranks: parameters point into each gathered vector (ShardedEngine says why)
+        self.husks = {n: p.data for n, p in self.named} if cfg.parallel.zero == 3 and comm.size > 1 else {}
+        self._stage_strategies(comm, NumpyCollectives)
+        set_transport(self, layout)
+
+    to_host = staticmethod(to_host)
+    from_host = staticmethod(from_host)
+    concat_flat = staticmethod(Engine.concat_flat)
+    assign_flat = staticmethod(Engine.assign_flat)
+    grad_flat = ShardedEngine.grad_flat
+    shape_of = ShardedEngine.shape_of
+    load_unit = ShardedEngine.load_unit
+    free_unit = ShardedEngine.free_unit
+    unit_forward = ShardedEngine.unit_forward
+    unit_backward = ShardedEngine.unit_backward
+    tokens = ShardedEngine.tokens
+    eval_unit = ShardedEngine.eval_unit
+    whole_model_logits = PipelineEngine.whole_model_logits
+    stage_input = staticmethod(received)
+
+    def stage_output(self, t):
+        return self.send_form(t)
+
+    @staticmethod
+    def loss_value(t):
+        return t.double()   # summed over micro-batches in float64 (PipelineEngine.forward's)
+
+    def score(self, out, y):
+        return ShardedEngine.score(self, from_host(out), y)

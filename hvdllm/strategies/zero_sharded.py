@@ -63,6 +63,14 @@ Offload (parallel.offload = "optimizer"): the master shard and its AdamW moments
 host as numpy (optim.FlatAdamW, the in-place numpy path); per step the clipped gradient shard
 crosses to_host once and the new parameter shard from_host once.
 
+Pipelines (parallel.pp > 1, ShardedStageBase below): each stage shards its own units (its
+blocks, the embeddings on the first stage, the head on the last, each stage's unit owning its
+copy of a tied wte) over its dp group; the schedule (pipeline.py) calls each chunk's forward and
+backward per micro-batch, which run its units one at a time (stage_forward / stage_backward),
+each unit's gradient reduce-scattered as above. The two units holding the tied wte keep their
+gradient whole over the step instead, so that the end stages can sum their wte gradients (the
+unsharded pipeline's exchange) before its reduce-scatter: identical shards, identical steps.
+
 Checkpoints stay sharded: every dp rank saves the ranges of every parameter and both moments
 that its shards hold, as placement.ranged pieces of its tp slice; nothing is gathered, and a
 loader joins the ranges (checkpoint.Sharded), so they load at any layout, ZeRO or not.
@@ -76,11 +84,12 @@ from typing import Protocol
 import numpy as np
 
 from .. import params, placement
-from ..engines import GPTEngineBase, gather_full
+from ..engines import GPTEngineBase, PipelineStageBase, gather_full
 from ..errors import ConfigError
 from ..flat import FlatLayout, ops_of
 from ..memory import zero_state_bytes
 from ..optim import DeviceAdamW, FlatAdamW, clip_coef
+from . import pipeline as pl
 from . import tensor_parallel as tp_plan
 from .zero import kind_spans
 
@@ -111,12 +120,13 @@ class Runner(Protocol):
     # only at dp > 1, once per unit, its result consumed by the reduce-scatter before the next)
 
 
-def units_of(model_cfg) -> tuple[list[list[str]], list[list[str]]]:
+def units_of(model_cfg, layers=None) -> tuple[list[list[str]], list[list[str]]]:
     """(uses, owned) per unit (parallel.zero_unit = "block": each layer of hvdllm.params, the
-    embeddings, every block, the head): the parameter names unit u's computation reads, and
-    those it owns (the first unit to list a name owns it; the tied head borrows wte from the
-    embeddings)."""
-    uses = [params.layer_params(model_cfg, i) for i in range(params.n_layers(model_cfg))]
+    embeddings, every block, the head; `layers`: a pipeline stage's, default all): the parameter
+    names unit u's computation reads, and those it owns (the first unit to list a name owns it;
+    the tied head borrows wte from the embeddings, or owns the last stage's copy of it)."""
+    layers = range(params.n_layers(model_cfg)) if layers is None else layers
+    uses = [params.layer_params(model_cfg, i) for i in layers]
     seen, owned = set(), []
     for names in uses:
         owned.append([n for n in names if n not in seen])
@@ -132,9 +142,10 @@ def unit_values(model_cfg, seed: int, owned, cut=None):
         yield np.concatenate([values.pop(n).reshape(-1) for n in names])
 
 
-def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0) -> dict:
+def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_unit: int = 0,
+                prefetch: int = 1) -> dict:
     """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
-    return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit)
+    return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit, prefetch=prefetch)
 
 
 class ZeroSharded:
@@ -147,10 +158,15 @@ class ZeroSharded:
     where its float32 dot over a long span is not accurate enough for the norm (TensorFlow)."""
 
     def __init__(self, uses, owned, shapes, comm, optim_cfg, agg_cfg, stage: int, tp=None, kind=None,
-                 gather_async=None, offload: str = "none", sqnorms=None):
+                 gather_async=None, offload: str = "none", sqnorms=None, ids=None, pp_sum=None, defer=()):
         if stage not in (2, 3):
             raise ValueError(f"ZeroSharded is ZeRO stage 2 or 3, got {stage}")
         self.uses, self.owned, self.stage = uses, owned, stage
+        # a pipeline stage (ShardedStageBase): `ids` the model's index of each unit (the runner's
+        # u), `pp_sum` the norm's float summed over the pipeline, `defer` the units whose
+        # gradients wait whole for the step's end (the tied wte's exchange between the stages)
+        self.ids = list(range(len(uses))) if ids is None else list(ids)
+        self.pp_sum, self.defer, self.deferred = pp_sum, set(defer), {}
         self.comm, self.optim_cfg, self.agg, self.tp = comm, optim_cfg, agg_cfg, tp
         self.ops = ops_of(comm)
         self.k, self.i = comm.size, comm.rank
@@ -297,6 +313,14 @@ class ZeroSharded:
         for n in self.borrowed[u]:
             held[n] = grads[n] if n not in held else held[n] + grads[n]
         own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
+        if u in self.defer:   # summed whole over the micro-batches: reduced in finish_stage
+            acc = self.deferred.get(u)
+            self.deferred[u] = own if acc is None else [a + b for a, b in zip(acc, own)]
+            return
+        self._scatter(run, u, own, gshard)
+
+    def _scatter(self, run, u: int, own: list, gshard: list) -> None:
+        """Unit u's owned gradients joined, padded, reduce-scattered; this rank's shard summed."""
         # a backend's grad_flat may write into a buffer it reuses per unit: only where the
         # reduce-scatter makes a vector of its own (k > 1), since alone `g` is `flat` and is kept
         join = getattr(run, "grad_flat", None) if self.k > 1 else None
@@ -318,6 +342,8 @@ class ZeroSharded:
             sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
         sharded = sq[0] if self.tp is None else self.tp.allreduce(sq[:1], op="sum", name="zero.norm.tp")[0]
         total = sharded + sq[1]
+        if self.pp_sum is not None:   # the pipeline's sum is an MPI float: the one scalar read here
+            total = self.pp_sum(float(total))
         if self.offload == "optimizer":   # the update runs on the host: the norm is read here
             norm = math.sqrt(float(total))
             g_host = ops.to_host(g).astype(np.float32)
@@ -325,12 +351,57 @@ class ZeroSharded:
             self.opt.step(self.p_host, g_host, lr)
             self.p = ops.from_host(self.p_host)
             return norm
-        norm = ops.sqrt(total)
-        coef = clip_coef(norm, self.optim_cfg.grad_clip, ops.minimum)
+        norm = math.sqrt(total) if isinstance(total, float) else ops.sqrt(total)
+        coef = clip_coef(norm, self.optim_cfg.grad_clip, min if isinstance(total, float) else ops.minimum)
         if not (isinstance(coef, float) and coef == 1.0):   # g is concat's own: in place where ops can
             g = getattr(ops, "scale_", ops.scale)(g, coef)
         self.p = self.opt.step(self.p, g, lr)
         return float(norm)
+
+    # one unit at a time, as a pipeline's schedule calls for them (ShardedStageBase) ----------
+    # Stage 3 gathers a unit for each micro-batch's forward and again for its backward, and
+    # frees it after each: the schedule interleaves micro-batches and chunks, so keeping a unit
+    # across them would hold the stage's whole weights (1F1B keeps up to p micro-batches in
+    # flight). The trade: 2 allgathers per unit per micro-batch for 1 unit's weights held.
+    # No gather ahead (gather_async): the next unit is known only to the schedule.
+    def begin_stage(self) -> None:
+        """A step's start: no gradient shard yet."""
+        self.gshard, self.held, self.deferred = [None] * len(self.layouts), {}, {}
+
+    def stage_forward(self, run, j: int, x, target):
+        """Unit j's forward (the runner's unit_forward) -> (output, handle)."""
+        if self.stage == 3:
+            self.materialise(run, self.needs[j], (), "f")
+        out = run.unit_forward(self.ids[j], x, target)
+        if self.stage == 3:
+            self.release(run, ())
+        return out
+
+    def stage_backward(self, run, j: int, handle, dy):
+        """Unit j's backward; its gradients reduce-scattered (or deferred). -> d(input)."""
+        if self.stage == 3:
+            self.materialise(run, self.needs[j], (), "b")
+        dx, grads = run.unit_backward(self.ids[j], handle, dy)
+        self._reduce(run, j, dict(zip(self.uses[j], grads)), self.held, self.gshard)
+        if self.stage == 3:
+            self.release(run, ())
+        return dx
+
+    def finish_stage(self, run, lr: float, exchange=None) -> float:
+        """After the stage's last backward: each deferred unit's whole gradient, its tied names
+        passed through `exchange(name, gradient)` (summed with the other stage's copy), then
+        reduce-scattered; the norm over the pipeline, AdamW; stage 2 publishes. -> the norm."""
+        for u, own in sorted(self.deferred.items()):
+            own = [exchange(n, g) if exchange else g for n, g in zip(self.owned[u], own)]
+            self._scatter(run, u, own, self.gshard)
+        self.deferred = {}
+        assert not self.held, f"borrowed gradients {sorted(self.held)} were never reduced"
+        missing = [self.ids[u] for u, g in enumerate(self.gshard) if g is None]
+        assert not missing, f"units {missing} got no gradient this step"
+        norm = self._update(self.gshard, lr)
+        if self.stage == 2:
+            self.publish(run)
+        return norm
 
     def forward_only(self, run_unit, x, run):
         """Every unit's forward without gradients (evaluation, generation); stage 3 gathers each
@@ -448,22 +519,25 @@ class ShardedEngineBase(GPTEngineBase):
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.tp_ncomm = host_collectives(self.tp.coll) if self.tp else None
 
-    def _shard_model(self) -> None:
+    def _shard_model(self, layers=None, **stage) -> None:
         """After the backend built the model (self.named, self.comm, self.ncomm, self.tp):
         check that every rank built the same model, rank 0's weights to all, this rank's shards
-        (stage 3: the whole weights freed), the memory log."""
+        (stage 3: the whole weights freed), the memory log. `layers`, `stage`: a pipeline
+        stage's units and ZeroSharded's pipeline arguments (ShardedStageBase)."""
         cfg = self.cfg
         par = cfg.parallel
         self._agree_on_model()
         if par.zero == 2:   # stage 3 built no weights: its units come from _unit_flats
             self._broadcast_parameters()
         self.steps_done = 0
-        self.uses, self.owned = units_of(cfg.model)
+        ids = list(range(params.n_layers(cfg.model))) if layers is None else list(layers)
+        uses, self.owned = units_of(cfg.model, ids)
+        self.uses = dict(zip(ids, uses))   # the runner's, by the model's layer index
         shapes = {n: tuple(self.shape_of(n)) for n, _ in self.named}
         tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
-        self.zero = ZeroSharded(self.uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
+        self.zero = ZeroSharded(uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
                                 gather_async=self.gather_async, offload=par.offload, sqnorms=self.sqnorms,
-                                **tp_args)
+                                ids=ids, **{**tp_args, **stage})
         if par.zero == 3:
             self.zero.init_params(self._unit_flats())
         else:
@@ -505,16 +579,19 @@ class ShardedEngineBase(GPTEngineBase):
                 + " (or the same counts in other shapes). Every rank must run the same model.* settings.")
 
     def _log_memory(self) -> None:
-        """Rank 0: bytes this rank holds of parameters, gradients and optimizer state, beside the
-        ZeRO paper's formula (hvdllm/memory.py)."""
-        if self.layout.rank != 0:
+        """Rank 0 (in a pipeline each stage's first rank): bytes this rank holds of parameters,
+        gradients and optimizer state, beside the ZeRO paper's formula (hvdllm/memory.py)."""
+        if self.layout.dp_rank != 0 or self.layout.tp_rank != 0:
             return
         z, par = self.zero, self.cfg.parallel
         psi = sum(lay.total for lay in z.layouts)
         unit = max(lay.total for lay in z.layouts)
-        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit)
+        # a pipeline stage gathers no unit ahead, and keeps its tied unit's gradient (memory.py)
+        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit, prefetch=0 if self.layout.pp > 1 else 1)
+        want["live"] += 4 * sum(z.layouts[u].total for u in z.defer)
         have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
-        print(f"[hvdllm] zero={z.stage} dp={z.k} offload={par.offload}: this rank holds "
+        where = f"pipeline stage {self.layout.pp_rank}, " if self.layout.pp > 1 else ""
+        print(f"[hvdllm] {where}zero={z.stage} dp={z.k} offload={par.offload}: this rank holds "
               + ", ".join(f"{k} {v} B (paper {want[k]} B)" for k, v in have.items())
               + f"; live units up to {want['live']} B; {'host' if want['host'] else 'device'} optimizer",
               file=sys.stderr)
@@ -579,3 +656,97 @@ class ShardedEngineBase(GPTEngineBase):
         local = self.host_params()
         local.update(self.zero.moments())
         return gather_full(local, self.tp_ncomm)
+
+
+class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
+    """A pipeline stage of the built-in GPT under ZeRO-2 / ZeRO-3 (parallel.pp > 1, parallel.zero
+    >= 2), for both backends' ShardedPipelineEngine: the stage's units (its layers) sharded over
+    its dp group, as ShardedEngineBase shards the whole model's. The schedule (pipeline.py) calls
+    forward / backward per (chunk, micro-batch); each runs the chunk's units one at a time
+    (ZeroSharded.stage_forward / stage_backward: stage 3 gathers each for it), each unit's
+    gradients reduce-scattered as its backward makes them, summed over the micro-batches.
+
+    The tied `wte` (first stage's embeddings, last stage's head: each stage's unit owns its copy)
+    keeps the unsharded pipeline's numbers: the unit holding it keeps its gradient whole over the
+    step (one unit's gradient more on those two stages: memory.rank_memory counts it), and at
+    the step's end the two stages sum their wte gradients (pipeline.sum_with_peer, the exchange
+    the unsharded stages make) before that unit's reduce-scatter; identical shards on both
+    stages then take identical AdamW steps. The norm counts wte once (skipped on the last stage)
+    and sums the stages over the pipeline. Backend primitives beyond ShardedEngineBase's:
+    `stage_input(a)` (an activation or its gradient from the pipeline, on the device),
+    `stage_output(t)` (what goes to the next stage) and `loss_value(t)` (the loss the Pipeline
+    sums: a float or a float64 0-d tensor)."""
+
+    train_step = PipelineStageBase.train_step
+    evaluate = PipelineStageBase.evaluate
+    generate = PipelineStageBase.generate
+
+    def _stage_strategies(self, collectives, host_collectives) -> None:
+        """The dp group, the schedule, the tied-embedding peer, this stage's ZeroSharded."""
+        cfg, layout = self.cfg, self.layout
+        self.tp_ncomm = host_collectives(self.tp.coll) if self.tp else None
+        self.comm, self.ncomm = collectives, host_collectives(collectives)
+        self.k = self.m   # the runner's loss is divided by the micro-batches, as the Pipeline's
+        self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
+                                cfg.parallel.schedule, self.timeout)
+        self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer) \
+            if params.tied(cfg.model) else None
+        self.saved, self.opt = {}, None
+
+        def kind(n):   # the last stage's wte is the first stage's, counted there
+            if n == "wte" and self.tied_peer == 0:
+                return "skip"
+            return tp_plan.norm_kind(n) if self.tp else "sharded"
+        layers = list(self.model.layers)
+        tied = [j for j, i in enumerate(layers) if "wte" in params.layer_params(cfg.model, i)] \
+            if self.tied_peer is not None else []
+        self._shard_model(layers, kind=kind, defer=tied, pp_sum=lambda x: pl.allreduce_sum(
+            self.pp_comm, x, self.timeout, "pipeline grad-norm allreduce"))
+        self.index = {u: j for j, u in enumerate(layers)}
+
+    def start_step(self) -> None:
+        self.zero.begin_stage()
+
+    # StageRunner (strategies/pipeline.py) ----------------------------------------------------
+    def forward(self, chunk, mb, inp, target):
+        layers, handles = self.chunks[chunk], []
+        x = self.tokens(inp) if layers[0] == 0 else self.stage_input(inp)
+        for u in layers:
+            last = target is not None and u == layers[-1]
+            x, h = self.zero.stage_forward(self, self.index[u], x, self.tokens(target) if last else None)
+            handles.append(h)
+        self.saved[(mb, chunk)] = handles
+        if target is None:
+            return self.stage_output(x)
+        return self.loss_value(x) * self.m   # the runner's loss / m; the Pipeline divides by m
+
+    def backward(self, chunk, mb, grad):
+        layers, handles = self.chunks[chunk], self.saved.pop((mb, chunk))
+        dy = None if grad is None else self.stage_input(grad)
+        for u, h in zip(reversed(layers), reversed(handles)):
+            dy = self.zero.stage_backward(self, self.index[u], h, dy)
+        return None if layers[0] == 0 else self.stage_output(dy)
+
+    def reduce_and_step(self, lr: float) -> float:
+        def exchange(n, g):   # the tied wte: both stages' gradients summed (as the unsharded step)
+            if n != "wte":
+                return g
+            return self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(g), self.timeout))
+        return self.zero.finish_stage(self, lr, exchange if self.tied_peer is not None else None)
+
+    # evaluation, state ------------------------------------------------------------------------
+    def forward_chunk(self, chunk, a) -> np.ndarray:
+        layers = self.chunks[chunk]
+        x = self.tokens(a) if layers[0] == 0 else self.stage_input(a)
+        for u in layers:
+            j = self.index[u]
+            if self.zero.stage == 3:
+                self.zero.materialise(self, self.zero.needs[j], (), "e")
+            x = self.eval_unit(u, x)
+            if self.zero.stage == 3:
+                self.zero.release(self, ())
+        return self.to_host(x)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The whole parameters and moments on the first stage (the others get their own)."""
+        return self._to_first_stage(ShardedEngineBase.state_dict(self))

@@ -6,15 +6,17 @@ On each rank, for each backend, one-rank engines of the process's own (its one-r
 process set) train the np=1 references at zero=0, and each layout's engines are built by
 hvdllm.parallelize.build_engine, as the trainer builds them, and fed the batches the trainer
 would feed them. Checked, each printed as one line:
-  - zero=2 and zero=3 at dp=4, and zero=3 at dp=2 x tp=2, equal np=1: losses and gradient
+  - zero=2 and zero=3 at dp=4, zero=3 at dp=2 x tp=2, and zero=2 / zero=3 inside pp=2 x dp=2
+    pipeline stages (1F1B; zero=3 also interleaved), equal np=1: losses and gradient
     norms per step to 1e-5 relative (as DP), the validation loss, the whole weights; with
     clipping that binds and without, with accumulation (2 micro-batches per rank), with the
     optimizer offloaded to the host;
   - zero=3's peak parameter bytes per rank (its engine's count of the shards and the units
     materialised) <= the shards + the two largest units' needs, and below the whole model;
-  - resume across stages and dp sizes: a sharded checkpoint saved at zero=3 dp=4 (every rank its
-    ranges, nothing gathered) loads at zero=0 np=1 and at zero=3 dp=4; a zero=0 np=1 state loads
-    at zero=3 dp=4; each continues with the uninterrupted run's loss and norm;
+  - resume across stages and dp sizes: a sharded checkpoint saved at zero=3 dp=4, and one at
+    pp=2 zero=3 dp=2 (every rank its ranges, nothing gathered) loads at zero=0 np=1 and at its own
+    layout; a zero=0 np=1 state loads at each; each continues with the uninterrupted run's loss
+    and norm;
   - a rank whose model differs gets an error naming it, on every rank, not a hang.
 """
 import os
@@ -32,6 +34,7 @@ COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"tra
           "train.threads=1", "train.seed=1234"]
 NO_CLIP = ["optim.grad_clip=0"]            # else optim.grad_clip=1 binds at every step (norms ~2)
 ACC = ["aggregation.accumulation=2"] + NO_CLIP
+PP = ["parallel.pp=2", "parallel.microbatches=2"]    # 1F1B (the default schedule), dp=2
 LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero2_dp4": (["parallel.zero=2"], []),
     "zero3_dp4": (["parallel.zero=3"], []),
@@ -40,11 +43,17 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero3_dp4_accumulation": (["parallel.zero=3", *ACC], NO_CLIP),
     "zero3_dp4_offload": (["parallel.zero=3", "parallel.offload=optimizer"], []),
     "zero3_dp2_tp2": (["parallel.zero=3", "parallel.tp=2"], []),
+    # each pipeline stage's units sharded over its dp group (ShardedStageBase): 1F1B, interleaved
+    "zero2_pp2_dp2": (["parallel.zero=2", *PP], []),
+    "zero3_pp2_dp2": (["parallel.zero=3", *PP], []),
+    "zero3_pp2_dp2_interleaved_noclip": (["parallel.zero=3", *PP, "parallel.schedule=interleaved",
+                                          "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
 }
 # TensorFlow's eager unit steps cost ~10x torch's here, so these run in torch alone: clip-free
-# zero=2 / 3 (the accumulation layout is zero=3 without clipping in both) and offload (the core's
-# host path, the same in both backends but for to_host / from_host)
-TORCH_ONLY = ("zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_offload")
+# zero=2 / 3 (the accumulation layout is zero=3 without clipping in both), offload (the core's
+# host path, the same in both backends but for to_host / from_host) and the interleaved pipeline
+# (the schedule is the core's; TensorFlow's stage runs 1F1B in zero2_pp2_dp2 / zero3_pp2_dp2)
+TORCH_ONLY = ("zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_offload", "zero3_pp2_dp2_interleaved_noclip")
 
 
 def cfg_of(sets, world=None):
@@ -142,18 +151,28 @@ def check_layouts(backend, rt, be):
             continue
         t0 = time.perf_counter()
         engine, cfg, layout = built(rt, be, sets)
-        assert type(engine).__name__ == "ShardedEngine", type(engine)
+        assert type(engine).__name__ == ("ShardedPipelineEngine" if layout.pp > 1 else "ShardedEngine"), \
+            type(engine)
         steps, val = train(engine, cfg, layout)
-        runs[name] = (steps, val, engine.full_params(), engine.zero, cfg, time.perf_counter() - t0)
+        runs[name] = (steps, val, engine.full_params(), engine.zero, cfg, layout, time.perf_counter() - t0)
     make_references(rt, be, [LAYOUTS[name][1] for name in runs])
-    for name, (steps, val, weights, z, cfg, seconds) in runs.items():
+    for name, (steps, val, weights, z, cfg, layout, seconds) in runs.items():
         ref_sets = LAYOUTS[name][1]
         want_steps, want_val, want_weights, _ = reference(rt, be, ref_sets)
         np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
         np.testing.assert_allclose(val, want_val, rtol=1e-5, err_msg=f"{backend} {name}: validation loss")
+        if set(weights) != set(want_weights):   # a later pipeline stage: its own layers
+            assert cfg.parallel.pp > 1 and set(weights) < set(want_weights), (name, sorted(weights))
+            want_weights = {k: want_weights[k] for k in weights}
         same_weights(weights, want_weights, f"{backend} {name}")
         if not ref_sets:
             assert want_steps[:, 1].min() > cfg.optim.grad_clip, (name, want_steps)   # clipping bound
+        if cfg.parallel.pp > 1:   # this stage's state: what memory.rank_memory predicts for it
+            from hvdllm import memory
+            pred = memory.rank_memory(cfg, z.k)["stages"][layout.pp_rank]
+            have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
+            assert have == {k: pred[k] for k in have}, (name, have, pred)
+            assert pred["live"] >= 4 * sum(z.layouts[u].total for u in z.defer) > 0 or not z.defer, (name, pred)
         if z.stage == 3:
             needs = sorted((4 * sum(z.layouts[v].total for v in z.needs[u]) for u in range(len(z.layouts))),
                            reverse=True)
@@ -166,42 +185,52 @@ def check_layouts(backend, rt, be):
               f"{seconds:.1f} s)", flush=True)
 
 
-def check_resume(backend, rt, be, folder):
-    """zero=3 dp=4 (2 steps) -> a sharded checkpoint -> zero=0 np=1 and zero=3 dp=4, step 3; and
-    zero=0 np=1 (2 steps) -> its whole state -> zero=3 dp=4, step 3: the uninterrupted run's."""
+RESUMES = {  # the sharded layout's settings and name: its checkpoint -> zero=0 np=1 and itself; np=1 -> it
+    "zero=3 dp=4": ["parallel.zero=3"],
+    "pp=2 zero=3 dp=2": ["parallel.zero=3", *PP],
+}
+# the pipeline's resume in torch alone (TensorFlow's took 38 s of a 625 s launch at load 30): its
+# sharded save and load are the core's (ZeroSharded.shard_state / load), which TensorFlow runs at dp=4
+RESUMES_TF = ("zero=3 dp=4",)
+
+
+def check_resume(backend, rt, be, folder, what, sets):
+    """`sets` (2 steps) -> a sharded checkpoint (every rank its ranges, nothing gathered) ->
+    zero=0 np=1 and `sets`, step 3; and zero=0 np=1 (2 steps) -> its whole state -> `sets`,
+    step 3: the uninterrupted run's."""
     from hvdllm import checkpoint
     t0 = time.perf_counter()
     want, _, _, whole = reference(rt, be, [])
-    z3, cfg, layout = built(rt, be, ["parallel.zero=3"])
+    z3, cfg, layout = built(rt, be, sets)
     train(z3, cfg, layout, steps=range(2))
     local, where = z3.shard_state()
     assert not [k for k, pl in where.items() if k != "optim.step" and (pl is None or "range" not in pl)], where
-    out = Path(folder) / backend
-    names = [checkpoint.shard_name(0, 0, d) for d in range(layout.dp)]
-    checkpoint.write_shard(out, 2, names[layout.dp_rank], local, where)
-    z3.comm.barrier()
+    out = Path(folder) / backend / what.replace(" ", "_")
+    names = [checkpoint.shard_name(p, 0, d) for p in range(layout.pp) for d in range(layout.dp)]
+    checkpoint.write_shard(out, 2, checkpoint.shard_name(layout.pp_rank, 0, layout.dp_rank), local, where)
+    idle_barrier(rt)
     if rt.rank == 0:
         checkpoint.finalize(out, 2, names, {"config": {}})
-    z3.comm.barrier()
+    idle_barrier(rt)
     state, _ = checkpoint.load(checkpoint.path_for(out, 2))
     assert sorted(state) == sorted(whole) and int(state["optim.step"]) == 2, sorted(set(state) ^ set(whole))
     for k, a in whole.items():   # moments of ~0 gradients move by float32 noise: 1e-3 of the scale
         np.testing.assert_allclose(state[k], a, rtol=0, atol=1e-3 * max(float(np.max(np.abs(a))), 1e-12),
-                                   err_msg=f"{backend} zero3 checkpoint: {k}")
-    for what, make, source in (
-            ("zero=3 dp=4 -> zero=0 np=1", lambda: solo(rt, be, []), state),
-            ("zero=3 dp=4 -> zero=3 dp=4", lambda: built(rt, be, ["parallel.zero=3"]), state),
-            ("zero=0 np=1 -> zero=3 dp=4", lambda: built(rt, be, ["parallel.zero=3"]), whole)):
+                                   err_msg=f"{backend} {what} checkpoint: {k}")
+    for case, make, source in (
+            (f"{what} -> zero=0 np=1", lambda: solo(rt, be, []), state),
+            (f"{what} -> {what}", lambda: built(rt, be, sets), state),
+            (f"zero=0 np=1 -> {what}", lambda: built(rt, be, sets), whole)):
         # one rank is np=1; in torch only: the TF checkpoint equals the np=1 state (above), and
         # its loading at zero=0 is the core's placement code, the same in both backends
-        if what.endswith("np=1") and (rt.rank != 0 or backend != "torch"):
+        if case.endswith("np=1") and (rt.rank != 0 or backend != "torch"):
             continue
         engine, c, lay = make()
         engine.load_state_dict(source)
         got, _ = train(engine, c, lay, steps=[2])
-        np.testing.assert_allclose(got[0], want[2], rtol=1e-5, err_msg=f"{backend} resume {what}")
-        print(f"{backend} resume {what}: step 3 equals the uninterrupted run", flush=True)
-    print(f"{backend} resume: {time.perf_counter() - t0:.1f} s", flush=True)
+        np.testing.assert_allclose(got[0], want[2], rtol=1e-5, err_msg=f"{backend} resume {case}")
+        print(f"{backend} resume {case}: step 3 equals the uninterrupted run", flush=True)
+    print(f"{backend} resume {what}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def check_mismatch(backend, rt, be):
@@ -232,7 +261,9 @@ def main():
             tf.get_logger().setLevel("ERROR")
         rt = runtime.start(be, groups=groups)
         check_layouts(backend, rt, be)
-        check_resume(backend, rt, be, folder)
+        for what, sets in RESUMES.items():
+            if backend == "torch" or what in RESUMES_TF:
+                check_resume(backend, rt, be, folder, what, sets)
         check_mismatch(backend, rt, be)
 
 

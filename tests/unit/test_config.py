@@ -8,6 +8,16 @@ def test_defaults_validate():
     config.validate(config.load(), world_size=1)
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero2_and_zero3_validate_inside_pipeline_stages(zero):
+    """parallel.pp > 1 with ZeRO-2/3 (strategies/zero_sharded.py ShardedStageBase: each stage's
+    units sharded over its dp group) was refused until it was built; now any schedule takes it."""
+    for schedule in (["parallel.schedule=1f1b"], ["parallel.schedule=interleaved", "parallel.virtual_stages=2"]):
+        sets = [f"parallel.zero={zero}", "parallel.pp=2", "parallel.microbatches=2", "train.batch_size=4", *schedule]
+        cfg = config.validate(config.load(None, sets), world_size=4)
+        assert cfg.parallel.zero == zero and cfg.parallel.pp == 2
+
+
 def test_toml_then_set_precedence(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('backend = "tensorflow"\n[train]\nsteps = 7\nbatch_size = 3\n')

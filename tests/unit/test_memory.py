@@ -172,3 +172,20 @@ def test_rank_memory_splits_with_tp_and_pp_and_shards_with_zero():
     c.parallel.zero = 1
     z = memory.rank_memory(c, 2)
     assert z["optimizer"] == memory.zero_state_bytes(z["psi"], 2, 1)["optimizer"] < pp2["optimizer"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_zero3_pipeline_stages_count_the_tied_units_gradient_and_no_prefetch(tied):
+    """ZeRO-2/3 inside pipeline stages (zero_sharded.ShardedStageBase): a stage gathers no unit
+    ahead, and the end stages, which hold the two copies of a tied wte, keep the embedding / head
+    unit's gradient whole over the step; a middle stage (pp=3) and an untied model hold none."""
+    c = Config()
+    for k, v in (GPT2 if tied else LLAMA).items():
+        setattr(c.model, k, v)
+    c.train.batch_size = 4
+    c.parallel.pp, c.parallel.microbatches, c.parallel.zero = 3, 2, 3
+    counts = memory.layer_param_counts(c.model)
+    ends = {0: counts[0], 2: counts[c.model.n_layer + 1]} if tied else {}
+    for s, (st, layers) in enumerate(zip(memory.rank_memory(c, 2)["stages"], memory.stage_layers(c.model, 3))):
+        unit = max(counts[i] for i in layers)
+        assert st["live"] == 4 * unit * 2 + 4 * ends.get(s, 0), (s, st)   # gathered + gradient, no prefetch

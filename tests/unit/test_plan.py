@@ -29,6 +29,8 @@ def test_every_proposed_layout_passes_trains_validation(nodes, g):
         config_mod.validate(c, nodes * g)             # raises if `hvdllm train` would refuse it
         assert r["candidate"].dp * r["candidate"].pp * r["candidate"].tp == nodes * g
         assert r["tokens_per_step"] == 4 * nodes * g * cfg.model.block_size
+    # ZeRO-2/3 inside pipeline stages (zero_sharded.ShardedStageBase) validate, so they are proposed
+    assert any(r["candidate"].pp > 1 and r["candidate"].dp > 1 and r["candidate"].zero >= 2 for r in results)
 
 
 def test_refused_layouts_are_never_proposed():

@@ -256,7 +256,6 @@ def test_offload_takes_the_same_steps_on_the_host(stage):
 
 @pytest.mark.parametrize("sets,key", [
     (["parallel.zero=4"], "parallel.zero"),
-    (["parallel.zero=2", "parallel.pp=2"], "parallel.pp"),
     (["parallel.zero=3", "parallel.zero_unit=layer"], "parallel.zero_unit"),
     (["parallel.zero=3", "parallel.offload=gpu"], "parallel.offload"),
     (["parallel.offload=optimizer"], "parallel.offload"),
