@@ -28,10 +28,10 @@ MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_s
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=1", f"train.steps={STEPS}", "train.threads=1", "train.seed=5"]
 LORA = ["finetune.lora_rank=4", 'finetune.lora_targets=["attn.c_attn","mlp.c_fc"]', "train.init_from=base",
         "optim.grad_clip=0.05"]
+CLIP_MEAN_WEIGHTS = ["optim.grad_clip=0.05", "task.pooling=mean", "task.class_weights=[1.0,2.0,0.5]"]
 LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     "dp2": ([], ["parallel.dp=2"]),
-    "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
-                                            "task.class_weights=[1.0,2.0,0.5]"],
+    "dp2_zero1_accum2_clip_mean_weights": (CLIP_MEAN_WEIGHTS,
                                            ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
     # the head replicated on the tp ranks, the backbone split; dp2's global batch: its reference
     "tp2": ([], ["parallel.tp=2", f"train.batch_size={2 * BATCH}"]),
@@ -39,6 +39,11 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     # base is the seeded model here (the engines are built directly, train.init_from is not read)
     "dp2_lora_clip": (LORA, ["parallel.dp=2"]),
     "dp2_zero1_accum2_lora_clip": (LORA, ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
+    # the head on the last stage (it gets the labels and lengths), layers 0..2 split over 2 stages;
+    # each shares an np=1 reference above (the same global batch)
+    "pp2": ([], ["parallel.pp=2", f"train.batch_size={2 * BATCH}", "parallel.microbatches=2"]),
+    "pp2_clip_mean_weights": (CLIP_MEAN_WEIGHTS, ["parallel.pp=2", f"train.batch_size={4 * BATCH}",
+                                                  "parallel.microbatches=4"]),
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
