@@ -9,10 +9,13 @@
    mean pooling and class weights, with LoRA adapters (finetune.lora_rank) under dp and ZeRO-1,
    and to 5e-5 under tp=2; the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
-2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
-   predict --backend tensorflow` (one process) on the validation texts: the other framework's
-   predictions give the confusion matrix the run's distributed evaluation logged, and the run
-   holds labels.json and confusion.png.
+   The pipeline layouts (pp=2: the head on the last stage) share those references.
+2. `hvdllm train` (torch, np=3: dp=2 and an evaluator rank, roles.evaluators = 1) on JSONL
+   training data and CSV validation data, then `hvdllm predict --backend tensorflow` (one
+   process) on the validation texts: the other framework's predictions give the confusion matrix
+   the run's distributed evaluation logged, the evaluator's record of the final snapshot equals
+   the trainers' final evaluation exactly (loss, accuracy, macro-F1, per-class scores, confusion
+   matrix), and the run holds labels.json, confusion.png and the evaluator's PNG.
 """
 import json
 import sys
@@ -81,19 +84,26 @@ def test_classify_layouts_equal_single_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_train_at_np2_then_predict_with_the_other_framework(tmp_path):
+def test_train_at_np2_with_an_evaluator_then_predict_with_the_other_framework(tmp_path):
     from launch_util import hvdllm, run
     train, val = write_data(tmp_path / "data")
     out = tmp_path / "run"
     sets = [*MODEL, "optim.lr=3e-3", "optim.warmup_steps=1", "train.threads=1", "task.kind=classify",
             f"task.train_file={train}", f"task.validation_file={val}", "train.steps=12", "train.batch_size=8",
-            "train.eval_every=0", "train.progress=false", f"train.out_dir={out}"]
-    r = hvdllm(2, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
+            "train.eval_every=0", "train.progress=false", f"train.out_dir={out}", "roles.evaluators=1",
+            "roles.snapshot_every=6"]
+    r = hvdllm(3, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     assert "majority-class baseline" in r.stdout, r.stdout[-2000:]
     assert json.loads((out / "labels.json").read_text()) == {"labels": ["neg", "neu", "pos"]}
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    final = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in x][-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [x for x in records if "val_acc" in x and "role" not in x][-1]
+    # the evaluator (rank 2) scored the final snapshot on the trainers' shares: the same numbers
+    mine = [x for x in records if x.get("role") == "evaluator" and x["step"] == final["step"]]
+    assert len(mine) == 1 and mine[0]["rank"] == 2, records
+    assert {k: mine[0][k] for k in final if k != "step"} == {k: v for k, v in final.items() if k != "step"}
+    assert (out / "confusion_evaluator2.png").read_bytes()[:4] == b"\x89PNG"
     p = run([sys.executable, "-m", "hvdllm", "predict", str(out), "--input", str(val), "--backend", "tensorflow",
              "--batch-size", "7", "--output", str(tmp_path / "pred.jsonl")], timeout=300)
     assert p.returncode == 0, p.stdout[-4000:]
