@@ -9,7 +9,9 @@
    mean pooling and class weights, with LoRA adapters (finetune.lora_rank) under dp and ZeRO-1,
    and to 5e-5 under tp=2; the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
-   The pipeline layouts (pp=2: the head on the last stage) share those references.
+   The pipeline layouts (pp=2: the head on the last stage) share those references; their
+   weights, gathered as a snapshot for an evaluator rank and scored as it scores them, give the
+   pipeline's own evaluation exactly.
 2. `hvdllm train` (torch, np=3: dp=2 and an evaluator rank, roles.evaluators = 1) on JSONL
    training data and CSV validation data, then `hvdllm predict --backend tensorflow` (one
    process) on the validation texts: the other framework's predictions give the confusion matrix
@@ -162,7 +164,15 @@ def _check(backend, rt, be, folder):
             ref_cfg, _ = _cfg(folder, list(ref_sets), None)
             refs[ref_sets] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
         want_steps, want_ev = refs[ref_sets]
-        steps, ev = _train(build_engine(cfg, layout, rt, be), cfg, data, layout.dp, layout.dp_rank)
+        engine = build_engine(cfg, layout, rt, be)
+        steps, ev = _train(engine, cfg, data, layout.dp, layout.dp_rank)
+        if layout.pp > 1:   # what an evaluator rank records of these weights: the same counts
+            got = _evaluator_record(engine, cfg, layout, data, rt, be)
+            if got is not None:
+                # the loss to float32 rounding: the activations a stage receives sit in other
+                # buffers than one process's (measured 2.4e-8 relative on torch)
+                np.testing.assert_allclose(got.pop("val_loss"), ev["val_loss"], rtol=1e-6, err_msg=name)
+                assert got == {k: v for k, v in ev.items() if k != "val_loss"}, (name, got, ev)
         # tp sums each row-parallel product's partial sums in another order than one process:
         # measured 1.1e-5 on TensorFlow's third gradient norm, so tp is held to 5e-5, dp to 1e-5
         rtol = 5e-5 if "tp" in name else 1e-5
@@ -174,6 +184,25 @@ def _check(backend, rt, be, folder):
         np.testing.assert_allclose(ev["val_loss"], want_ev["val_loss"], rtol=1e-5, err_msg=f"{backend} {name}")
         print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()}, "
               f"val_acc {ev['val_acc']:.3f})", flush=True)
+
+
+def _evaluator_record(engine, cfg, layout, data, rt, be):
+    """On rank 0, an evaluator's record (finetune.ClassifyEvaluator) of the engine's weights,
+    gathered and flattened as trainer rank 0 sends a snapshot (strategies/roles.py) and loaded into
+    a one-rank engine as the evaluator's own; None on the other ranks (they join the gather)."""
+    import dataclasses
+
+    from hvdllm import task
+    from hvdllm.finetune import ClassifyEvaluator
+    from hvdllm.parallelize import build_solo_engine
+    from hvdllm.strategies import param_server
+    full = engine.full_params()   # collective over the pipeline: the stages' parts to rank 0
+    if layout.rank != 0:
+        return None
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, plot=False))
+    solo = build_solo_engine(cfg, rt, be, ranks=[rt.rank])
+    solo.set_flat_params(param_server.flat_layout(task.model_config(cfg)).flatten(full))
+    return ClassifyEvaluator(cfg, layout, None, solo, data).work(STEPS)
 
 
 def main():
