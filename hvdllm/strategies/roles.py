@@ -28,7 +28,8 @@ and sends SHUTDOWN: the final model is always evaluated.
 
 metrics.jsonl keeps one writer: the role's records travel with READY and rank 0 writes them
 (`{"step", "role": "evaluator", "rank", "val_loss", "val_ppl", "val_acc", "eval_time_s"}`, or
-`{"step", "role": "generator", "rank", "samples", "gen_time_s"}`), plus one closing record
+`{"step", "role": "generator", "rank", "samples", "gen_time_s"}`; a classify run's evaluator,
+hvdllm/finetune.py's ClassifyEvaluator, records the classifier's metrics), plus one closing record
 `{"step", "role": "publisher", "snapshots_sent", "snapshots_skipped", "offer_s_total",
 "offer_s_max"}` (the time rank 0 spent offering snapshots: all that roles cost a trainer step).
 
