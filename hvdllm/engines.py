@@ -283,6 +283,11 @@ class PipelineStageBase(GPTEngineBase):
         self.timeout = cfg.train.step_timeout
         self.ranges = pl.split_layers(cfg, rt, p * v, measure)
         self.chunks = pl.stage_chunks(self.ranges, p, v, layout.pp_rank)
+        # the layers each chunk runs through the model: a classifier's head layer (L+1: final
+        # norm, pooling, cls.*) needs the lengths, so the backend's Classifier runs it on the
+        # last stage's hidden state instead
+        head = cfg.model.n_layer + 1 if task.is_classify(cfg) else None
+        self.body = [[i for i in c if i != head] for c in self.chunks]
         self.tp = tp if tp is not None and tp.size > 1 else None
         return sorted(i for c in self.chunks for i in c)
 
@@ -295,9 +300,10 @@ class PipelineStageBase(GPTEngineBase):
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
                                 cfg.parallel.schedule, self.timeout)
-        # an untied head has its own lm_head: no wte copy on the last stage to keep in step
+        # an untied head has its own lm_head, a classifier its cls.*: no wte copy on the last
+        # stage to keep in step
         self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer) \
-            if params.tied(cfg.model) else None
+            if params.tied(cfg.model) and not task.is_classify(cfg) else None
         self.zero = pl.make_zero(cfg, self) if cfg.parallel.zero else None
         self.opt = make_adamw() if self.zero is None else None
 
@@ -335,14 +341,17 @@ class PipelineStageBase(GPTEngineBase):
         return StepResult(loss=float(mean[0]), grad_norm=norm[0])
 
     def evaluate(self, x, y):
-        """Forward through the pipeline; the last stage scores, every stage reports its numbers."""
+        """Forward through the pipeline; the last stage scores, every stage reports its numbers
+        (a classifier's logits too, which its distributed evaluation counts on every rank)."""
         from .engine import EvalResult
         out = self.pipe.forward_only(self.forward_chunk, x)
-        res = np.zeros(3)
+        k = self.cfg.task.num_labels if task.is_classify(self.cfg) else 0
+        res = np.zeros(3 + len(x) * k)   # loss sum, correct, tokens (examples), then the logits
         if out is not None:
             res[:] = self.score(out, np.asarray(y))
         res = pl.bcast_from_last(self.pipe, res)
-        return EvalResult(float(res[0]), int(res[1]), int(res[2]))
+        logits = res[3:].reshape(len(x), k).astype(np.float32) if k else None   # float32 -> 64 -> 32: exact
+        return EvalResult(float(res[0]), int(res[1]), int(res[2]), logits=logits)
 
     def generate(self, prompt, max_new_tokens, temperature=0.8, top_k=40, seed=0):
         """Every stage calls it: the whole model is gathered to pipeline rank 0, which samples

@@ -4,12 +4,20 @@ examples instead of a token stream (hvdllm/labelled.py), the classifier's evalua
 
 What stays the trainer's own: the step loop, learning-rate schedule, logging, checkpoints and
 resume (a resume loads the head too), stop signals and the final barrier.
+
+Evaluator ranks (roles.evaluators, strategies/roles.py) of a classify run are ClassifyEvaluators:
+each scores the snapshot it receives on the trainers' own shares and batches (every dp rank's
+share in turn, classify_eval.local_counts) and sums the counts, so its record (accuracy,
+macro-F1, per-class P/R/F1, the confusion matrix) equals the trainers' evaluation of the same
+weights exactly; rank 0 writes it to metrics.jsonl, and the evaluator draws
+confusion_evaluator<rank>.png in train.out_dir (train.plot).
 """
 from __future__ import annotations
 
 import sys
 
 from . import checkpoint, classify_eval, config, labelled, params, task
+from .strategies.roles import Evaluator
 from .task import FreshHead
 from .trainer import Trainer
 
@@ -61,3 +69,29 @@ class ClassifyTrainer(Trainer):
 
     def data_summary(self) -> dict:
         return classify_eval.majority_baseline(self.data.train.labels, self.data.val.labels, self.cfg.task.labels)
+
+
+def prepare_role(cfg, rt):
+    """A classify run's role rank: the labelled examples and the config resolved from them, as the
+    trainers resolve theirs (task.num_labels, task.labels: the snapshot's head and the names)."""
+    examples = labelled.prepare(cfg, rt.rank)
+    cfg = config.resolve(task.resolve(cfg, examples.labels), rt.size, examples.tokenizer.vocab_size)
+    return examples, cfg
+
+
+class ClassifyEvaluator(Evaluator):
+    """An evaluator rank of a classify run (the loop is roles.SnapshotWorker's)."""
+
+    def work(self, step: int) -> dict:
+        t, names, dp = self.cfg.train, self.cfg.task.labels, self.layout.dp
+        # each dp rank's share in its batches, summed in rank order: what the trainers' allreduce sums
+        totals = sum(classify_eval.local_counts(self.engine, self.data.val, t.batch_size, dp, r, len(names))
+                     for r in range(dp))
+        rec = classify_eval.record(totals, names)
+        if t.plot:   # the trainers draw confusion.png; each evaluator its own
+            out = self.cfg.train.out_dir
+            classify_eval.plot_confusion(rec["val_confusion"], names,
+                                         f"{out}/confusion_evaluator{self.layout.rank}.png",
+                                         f"evaluator rank {self.layout.rank}, step {step}: accuracy "
+                                         f"{rec['val_acc']:.3f}, macro-F1 {rec['val_macro_f1']:.3f}")
+        return rec

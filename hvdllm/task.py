@@ -24,11 +24,16 @@ and zeros), so the backbone's initial values are the language model's. A classif
 language-model output: an untied `lm_head` is not part of it (not loaded, trained or saved); a
 tied `wte` is the token embedding and trains as such.
 
-Layouts: data parallelism, ZeRO-1, accumulation and tensor parallelism. Under tp the head is
+Layouts: data parallelism, ZeRO-1, accumulation, tensor and pipeline parallelism, and evaluator
+ranks (roles.evaluators: hvdllm/finetune.py's ClassifyEvaluator). Under tp the head is
 replicated (strategies/tensor_parallel.py replicates every name it does not split): it reads the
 whole hidden state the row-parallel layers have summed, so every tp rank computes the same
-logits and the same gradient of that state, as the residual stream's gradient is anyway.
-Pipelines (the head on the last stage) are refused by validation for now.
+logits and the same gradient of that state, as the residual stream's gradient is anyway. Under
+pp the head is layer L+1 (hvdllm/params.layer_params), on the last stage: the pipeline hands the
+last stage each micro-batch's y as its target, as it hands an LM its next tokens, and the
+backend's Classifier runs the final norm, pooling and cls.* there on the hidden state it received
+(engines.PipelineStageBase.body: the layers the model runs itself). The last stage's evaluation
+broadcasts the logits with the loss, so every stage counts the same predictions.
 """
 from __future__ import annotations
 
@@ -125,14 +130,15 @@ def problems(cfg) -> list[str]:
                  f"{t.class_weights}")
     if t.labels and len(set(map(str, t.labels))) != len(t.labels):
         p.append(f"task.labels: names must be distinct, got {t.labels}")
-    par = cfg.parallel
-    if par.pp != 1:   # the head would sit on the last stage: not built yet
-        p.append("parallel.pp: task.kind='classify' supports pp=1 for now (data parallelism, ZeRO-1, "
-                 "accumulation and parallel.tp work)")
-    for key, bad in (("ps.servers", cfg.ps.servers), ("roles.evaluators", cfg.roles.evaluators),
-                     ("roles.generators", cfg.roles.generators), ("model.layers", cfg.model.layers)):
-        if bad:
-            p.append(f"{key}: not combinable with task.kind = 'classify' yet")
+    if cfg.ps.servers:
+        p.append("ps.servers: not combinable with task.kind = 'classify' yet; set ps.servers = 0 (data "
+                 "parallelism, ZeRO-1, parallel.tp / parallel.pp and roles.evaluators work)")
+    if cfg.roles.generators:
+        p.append("roles.generators: a classifier has no language-model output to sample from; set "
+                 "roles.generators = 0 (roles.evaluators evaluate its snapshots)")
+    if cfg.model.layers:
+        p.append("model.layers: task.kind = 'classify' puts its head on the built-in GPT only; set "
+                 "model.layers = [] (model.family = 'gpt2' or 'llama')")
     if cfg.data.tokenizer == "bpe":
         p.append("data.tokenizer: task.kind = 'classify' tokenises with the byte tokenizer or with the "
                  "tokenizer of train.init_from's model; remove data.tokenizer = 'bpe' (or fine-tune a "

@@ -15,7 +15,12 @@ class Classifier(task.ClassifierBase):
         super().__init__(model, task_cfg, tf.constant)
 
     def logits(self, x, y, training=False):
-        h = self.model._ln(self.model.run_layers(range(self.L + 1), x, training), "ln_f")   # (B, T, C)
+        return self.head(self.model.run_layers(range(self.L + 1), x, training), y)
+
+    def head(self, h, y):
+        """Layer L+1 of a classifier: the blocks' output h (B, T, C) -> final norm, pooling, logits.
+        It needs the lengths, so a pipeline's last stage runs it beside its layers (pipeline.py)."""
+        h = self.model._ln(h, "ln_f")
         lengths = y[:, 1]
         if self.pooling == "last":
             pooled = tf.gather(h, lengths - 1, axis=1, batch_dims=1)
@@ -29,12 +34,17 @@ class Classifier(task.ClassifierBase):
         return per if self.weights is None else per * tf.gather(self.weights, labels)
 
     def loss(self, x, y, training=False):
+        return self.loss_of(self.logits(x, y, training), y)
+
+    def loss_of(self, logits, y):
         """The mean over the batch of the weighted per-example cross-entropy."""
-        return tf.reduce_mean(self._per_example(self.logits(x, y, training), y[:, 0]))
+        return tf.reduce_mean(self._per_example(logits, y[:, 0]))
 
     def evaluate(self, x, y):
         """(loss sum, correct, logits) as tensors (the engine traces it and makes the EvalResult)."""
-        logits = self.logits(x, y, training=False)
+        return self.scores(self.logits(x, y, training=False), y)
+
+    def scores(self, logits, y):
         labels = y[:, 0]
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.int64))
         return tf.reduce_sum(self._per_example(logits, labels)), correct, logits

@@ -14,10 +14,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from hvdllm import device
+from hvdllm import device, task
 from hvdllm.engines import PipelineStageBase
 from hvdllm.params import names_for_layers
 
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .engine import Engine
 from .model import GPT
@@ -51,12 +52,14 @@ class PipelineEngine(PipelineStageBase):
 
     def __init__(self, cfg, layout, rt, tp=None):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, layers=layers,
-                         tp=self.tp)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank,
+                         layers=layers, tp=self.tp)
         self.model.configure(cfg.train)   # checkpointing, precision
+        # task.kind = 'classify': the last stage's head layer is the Classifier's (it pools with the lengths)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.names, self.vars = list(self.model.params), list(self.model.params.values())
         self.named = list(zip(self.names, self.vars))
-        self.chunk_names = [names_for_layers(cfg.model, c) for c in self.chunks]
+        self.chunk_names = [names_for_layers(task.model_config(cfg), c) for c in self.chunks]
         self.saved, self.grads = {}, {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: AdamW(self.vars, cfg.optim))
@@ -88,14 +91,17 @@ class PipelineEngine(PipelineStageBase):
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
-        layers = self.chunks[chunk]
         x = from_host(inp)
         tape = tf.GradientTape()
         with tape:
-            if layers[0] != 0:
+            if self.chunks[chunk][0] != 0:
                 tape.watch(x)
-            out = self.model.run_layers(layers, x, training=True)
-            if target is not None:
+            out = self.model.run_layers(self.body[chunk], x, training=True)
+            if target is not None and self.head is not None:   # classify: [label, length] per example
+                y = from_host(target)
+                loss = self.head.loss_of(self.head.head(out, y), y)
+                out = loss / self.m
+            elif target is not None:
                 loss = self.model.loss_from_logits(out, from_host(target))
                 out = loss / self.m
         self.saved[(mb, chunk)] = (tape, x, out)
@@ -113,9 +119,13 @@ class PipelineEngine(PipelineStageBase):
 
     # evaluation and generation ---------------------------------------------------------------
     def forward_chunk(self, chunk, a) -> np.ndarray:
-        return to_host(self.model.run_layers(self.chunks[chunk], from_host(a), training=False))
+        return to_host(self.model.run_layers(self.body[chunk], from_host(a), training=False))
 
-    def score(self, out, y) -> tuple[float, int, int]:
+    def score(self, out, y):
+        if self.head is not None:   # classify: loss sum, correct, examples, then the logits
+            y = from_host(np.asarray(y, np.int64))
+            loss_sum, correct, logits = self.head.scores(self.head.head(from_host(out), y), y)
+            return np.concatenate([[float(loss_sum), int(correct), int(y.shape[0])], to_host(logits).reshape(-1)])
         logits, t = from_host(out), from_host(np.asarray(y).reshape(-1))
         full = tf.reshape(self.model.full_logits(logits), [-1, self.model.table])
         n = int(t.shape[0])

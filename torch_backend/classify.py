@@ -19,7 +19,12 @@ class Classifier(task.ClassifierBase):
         super().__init__(model, task_cfg, torch.from_numpy)
 
     def logits(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.model._ln(self.model.run_layers(range(self.L + 1), x), "ln_f")   # (B, T, C)
+        return self.head(self.model.run_layers(range(self.L + 1), x), y)
+
+    def head(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Layer L+1 of a classifier: the blocks' output h (B, T, C) -> final norm, pooling, logits.
+        It needs the lengths, so a pipeline's last stage runs it beside its layers (pipeline.py)."""
+        h = self.model._ln(h, "ln_f")
         lengths = y[:, 1]
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
@@ -33,13 +38,19 @@ class Classifier(task.ClassifierBase):
         return per if self.weights is None else per * self.weights.to(per.device)[labels]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_of(self.logits(x, y), y)
+
+    def loss_of(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean over the batch of the weighted per-example cross-entropy."""
-        return self._per_example(self.logits(x, y), y[:, 0]).mean()
+        return self._per_example(logits, y[:, 0]).mean()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
         self.model.eval()
-        logits = self.logits(x, y)
+        return self.scores(self.logits(x, y), y)
+
+    @torch.no_grad()
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> EvalResult:
         labels = y[:, 0]
         loss_sum = self._per_example(logits, labels).sum()
         correct = (logits.argmax(-1) == labels).sum()

@@ -14,11 +14,12 @@ import time
 import numpy as np
 import torch
 
-from hvdllm import device
+from hvdllm import device, task
 from hvdllm.engines import PipelineStageBase
 from mpi import p2p
 
 from . import adamw_state, collectives
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, pinned_empty, to_host, to_host_pinned
 from .engine import Engine
 from .model import GPT
@@ -82,8 +83,10 @@ class PipelineEngine(PipelineStageBase):
     def __init__(self, cfg, layout, rt, tp=None):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
-        self.model = GPT(cfg.model, cfg.train.seed, layers=layers, tp=self.tp)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, layers=layers, tp=self.tp)
         self.model.configure(cfg.train)   # checkpointing, precision
+        # task.kind = 'classify': the last stage's head layer is the Classifier's (it pools with the lengths)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.named = self.model.named()
         self.saved = {}
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
@@ -119,15 +122,18 @@ class PipelineEngine(PipelineStageBase):
 
     # StageRunner --------------------------------------------------------------------------
     def forward(self, chunk, mb, inp, target):
-        layers = self.chunks[chunk]
         x = received(inp)
-        if layers[0] != 0:
+        if self.chunks[chunk][0] != 0:
             x.requires_grad_(True)
-        out = self.model.run_layers(layers, x)
+        out = self.model.run_layers(self.body[chunk], x)
         if target is None:
             self.saved[(mb, chunk)] = (x, out)
             return self.send_form(out)
-        loss = self.model.loss_from_logits(out, from_host(target))
+        if self.head is not None:   # classify: the target is [label, length] per example
+            y = from_host(target)
+            loss = self.head.loss_of(self.head.head(out, y), y)
+        else:
+            loss = self.model.loss_from_logits(out, from_host(target))
         self.saved[(mb, chunk)] = (x, loss / self.m)
         return loss.detach().double()   # summed over micro-batches in float64, as a float would be
 
@@ -140,10 +146,14 @@ class PipelineEngine(PipelineStageBase):
     @torch.no_grad()
     def forward_chunk(self, chunk, a) -> np.ndarray:
         self.model.eval()
-        return to_host(self.model.run_layers(self.chunks[chunk], from_host(a)))
+        return to_host(self.model.run_layers(self.body[chunk], from_host(a)))
 
     @torch.no_grad()
-    def score(self, out, y) -> tuple[float, int, int]:
+    def score(self, out, y):
+        if self.head is not None:   # classify: loss sum, correct, examples, then the logits
+            y = from_host(y)
+            r = self.head.scores(self.head.head(from_host(out), y), y)
+            return np.concatenate([[r.loss_sum, r.correct, r.tokens], r.logits.reshape(-1)])
         logits, t = from_host(out), from_host(y).reshape(-1)
         full = self.model.full_logits(logits).reshape(-1, self.model.table)
         return float(self.model.loss_from_logits(logits, t)) * t.numel(), int((full.argmax(-1) == t).sum()), t.numel()

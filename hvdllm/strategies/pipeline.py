@@ -194,9 +194,10 @@ def split_layers(cfg, rt, parts: int, measure) -> list[tuple[int, int]]:
     with the backend's `measure(model_cfg, seed, batch)` and broadcasts, so every rank splits the
     same way."""
     from ..params import layer_costs
+    from ..task import model_config
     from .partition import partition
     m, method = cfg.model, cfg.parallel.partition
-    costs = layer_costs(m)
+    costs = layer_costs(model_config(cfg))   # a classifier's last layer: its head, not the vocabulary's
     if method == "time":
         # every rank of COMM_WORLD, role ranks too (strategies/roles.join_trainer_startup)
         costs = rt.comm.bcast(measure(m, cfg.train.seed, 2) if rt.rank == 0 else None, root=0)

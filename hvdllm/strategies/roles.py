@@ -28,7 +28,8 @@ and sends SHUTDOWN: the final model is always evaluated.
 
 metrics.jsonl keeps one writer: the role's records travel with READY and rank 0 writes them
 (`{"step", "role": "evaluator", "rank", "val_loss", "val_ppl", "val_acc", "eval_time_s"}`, or
-`{"step", "role": "generator", "rank", "samples", "gen_time_s"}`), plus one closing record
+`{"step", "role": "generator", "rank", "samples", "gen_time_s"}`; a classify run's evaluator,
+hvdllm/finetune.py's ClassifyEvaluator, records the classifier's metrics), plus one closing record
 `{"step", "role": "publisher", "snapshots_sent", "snapshots_skipped", "offer_s_total",
 "offer_s_max"}` (the time rank 0 spent offering snapshots: all that roles cost a trainer step).
 
@@ -51,7 +52,7 @@ import numpy as np
 
 from mpi import p2p
 
-from .. import config, data, runtime
+from .. import config, data, runtime, task
 from ..errors import PeerTimeout
 from ..layout import Layout
 from . import param_server
@@ -89,7 +90,7 @@ class SnapshotPublisher:
         self.comm, self.write, self.watchdog, self.layout = rt.comm, write, watchdog, layout
         self.root = layout.rank == 0
         self.every, self.timeout = cfg.roles.snapshot_every, cfg.train.step_timeout
-        self.flat_layout = param_server.flat_layout(cfg.model)
+        self.flat_layout = param_server.flat_layout(task.model_config(cfg))   # a classifier's head too
         # pp/tp: rank 0's decision (is any role idle?) goes to every trainer over their process set
         self.coll = None
         if gathered(layout):
@@ -201,7 +202,7 @@ class SnapshotWorker:
         # Between snapshots trainers take snapshot_every steps and may evaluate, checkpoint and
         # sample, each under its own deadline; past this something is truly stuck.
         self.idle_s = self.timeout * (cfg.roles.snapshot_every + 4)
-        self.n = param_server.flat_layout(cfg.model).total
+        self.n = param_server.flat_layout(task.model_config(cfg)).total
 
     def run(self) -> dict:
         record, done = None, []
@@ -277,12 +278,18 @@ def run_role(cfg, rt, backend) -> dict:
     role = layout.role()
     rt.require_mpi("parameter servers (ps.servers > 0)" if role == "server"
                    else "task separation (roles.evaluators / roles.generators)")
-    tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
-    cfg = config.resolve(cfg, rt.size, tokens.tokenizer.vocab_size)
+    loops = {"evaluator": Evaluator, "generator": Generator}
+    if task.is_classify(cfg):   # labelled examples and their evaluation (hvdllm/finetune.py)
+        from ..finetune import ClassifyEvaluator, prepare_role
+        tokens, cfg = prepare_role(cfg, rt)
+        loops = {"evaluator": ClassifyEvaluator}
+    else:
+        tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
+        cfg = config.resolve(cfg, rt.size, tokens.tokenizer.vocab_size)
     if role == "server":
         return param_server.serve(cfg, layout, rt.comm)
     join_trainer_startup(cfg, layout, rt.comm)
-    loop = {"evaluator": Evaluator, "generator": Generator}[role]
+    loop = loops[role]
     return loop(cfg, layout, rt.comm, role_engine(cfg, rt, backend), tokens).run()
 
 

@@ -9,10 +9,15 @@
    mean pooling and class weights, with LoRA adapters (finetune.lora_rank) under dp and ZeRO-1,
    and to 5e-5 under tp=2; the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
-2. `hvdllm train` (torch, np=2) on JSONL training data and CSV validation data, then `hvdllm
-   predict --backend tensorflow` (one process) on the validation texts: the other framework's
-   predictions give the confusion matrix the run's distributed evaluation logged, and the run
-   holds labels.json and confusion.png.
+   The pipeline layout (pp=2: the head on the last stage) shares those references; its
+   weights, gathered as a snapshot for an evaluator rank and scored as it scores them, give the
+   pipeline's own evaluation exactly.
+2. `hvdllm train` (torch, np=3: dp=2 and an evaluator rank, roles.evaluators = 1) on JSONL
+   training data and CSV validation data, then `hvdllm predict --backend tensorflow` (one
+   process) on the validation texts: the other framework's predictions give the confusion matrix
+   the run's distributed evaluation logged, the evaluator's record of the final snapshot equals
+   the trainers' final evaluation exactly (loss, accuracy, macro-F1, per-class scores, confusion
+   matrix), and the run holds labels.json, confusion.png and the evaluator's PNG.
 """
 import json
 import sys
@@ -28,10 +33,10 @@ MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_s
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=1", f"train.steps={STEPS}", "train.threads=1", "train.seed=5"]
 LORA = ["finetune.lora_rank=4", 'finetune.lora_targets=["attn.c_attn","mlp.c_fc"]', "train.init_from=base",
         "optim.grad_clip=0.05"]
+CLIP_MEAN_WEIGHTS = ["optim.grad_clip=0.05", "task.pooling=mean", "task.class_weights=[1.0,2.0,0.5]"]
 LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     "dp2": ([], ["parallel.dp=2"]),
-    "dp2_zero1_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
-                                            "task.class_weights=[1.0,2.0,0.5]"],
+    "dp2_zero1_accum2_clip_mean_weights": (CLIP_MEAN_WEIGHTS,
                                            ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
     # the head replicated on the tp ranks, the backbone split; dp2's global batch: its reference
     "tp2": ([], ["parallel.tp=2", f"train.batch_size={2 * BATCH}"]),
@@ -39,6 +44,11 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     # base is the seeded model here (the engines are built directly, train.init_from is not read)
     "dp2_lora_clip": (LORA, ["parallel.dp=2"]),
     "dp2_zero1_accum2_lora_clip": (LORA, ["parallel.dp=2", "parallel.zero=1", "aggregation.accumulation=2"]),
+    # the head on the last stage (it gets the labels and lengths), layers 0..3 split over 2 stages,
+    # 4 micro-batches; dp2_zero1_accum2's global batch: its np=1 reference (one layout only: each
+    # costs the launch ~1/6 more; 'last' pooling is the same Classifier.head code as under dp)
+    "pp2_clip_mean_weights": (CLIP_MEAN_WEIGHTS, ["parallel.pp=2", f"train.batch_size={4 * BATCH}",
+                                                  "parallel.microbatches=4"]),
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
@@ -68,7 +78,8 @@ def write_data(folder: Path, n_train=96, n_val=101):
 def test_classify_layouts_equal_single_process(tmp_path):
     from launch_util import mpirun_argv, run
     write_data(tmp_path)
-    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], timeout=420)
+    # 420 s was too tight on a loaded machine: 641 s for the layouts before pp (load 30)
+    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], timeout=900)
     assert r.returncode == 0, r.stdout[-6000:]
     for backend in BACKENDS:
         for name in LAYOUTS:
@@ -76,19 +87,26 @@ def test_classify_layouts_equal_single_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_train_at_np2_then_predict_with_the_other_framework(tmp_path):
+def test_train_at_dp2_with_an_evaluator_then_predict_with_the_other_framework(tmp_path):
     from launch_util import hvdllm, run
     train, val = write_data(tmp_path / "data")
     out = tmp_path / "run"
     sets = [*MODEL, "optim.lr=3e-3", "optim.warmup_steps=1", "train.threads=1", "task.kind=classify",
             f"task.train_file={train}", f"task.validation_file={val}", "train.steps=12", "train.batch_size=8",
-            "train.eval_every=0", "train.progress=false", f"train.out_dir={out}"]
-    r = hvdllm(2, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
+            "train.eval_every=0", "train.progress=false", f"train.out_dir={out}", "roles.evaluators=1",
+            "roles.snapshot_every=6"]
+    r = hvdllm(3, ["train"] + [a for kv in sets for a in ("--set", kv)], timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     assert "majority-class baseline" in r.stdout, r.stdout[-2000:]
     assert json.loads((out / "labels.json").read_text()) == {"labels": ["neg", "neu", "pos"]}
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    final = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in x][-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [x for x in records if "val_acc" in x and "role" not in x][-1]
+    # the evaluator (rank 2) scored the final snapshot on the trainers' shares: the same numbers
+    mine = [x for x in records if x.get("role") == "evaluator" and x["step"] == final["step"]]
+    assert len(mine) == 1 and mine[0]["rank"] == 2, records
+    assert {k: mine[0][k] for k in final if k != "step"} == {k: v for k, v in final.items() if k != "step"}
+    assert (out / "confusion_evaluator2.png").read_bytes()[:4] == b"\x89PNG"
     p = run([sys.executable, "-m", "hvdllm", "predict", str(out), "--input", str(val), "--backend", "tensorflow",
              "--batch-size", "7", "--output", str(tmp_path / "pred.jsonl")], timeout=300)
     assert p.returncode == 0, p.stdout[-4000:]
@@ -147,7 +165,15 @@ def _check(backend, rt, be, folder):
             ref_cfg, _ = _cfg(folder, list(ref_sets), None)
             refs[ref_sets] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
         want_steps, want_ev = refs[ref_sets]
-        steps, ev = _train(build_engine(cfg, layout, rt, be), cfg, data, layout.dp, layout.dp_rank)
+        engine = build_engine(cfg, layout, rt, be)
+        steps, ev = _train(engine, cfg, data, layout.dp, layout.dp_rank)
+        if layout.pp > 1:   # what an evaluator rank records of these weights: the same counts
+            got = _evaluator_record(engine, cfg, layout, data, rt, be)
+            if got is not None:
+                # the loss to float32 rounding: the activations a stage receives sit in other
+                # buffers than one process's (measured 2.4e-8 relative on torch)
+                np.testing.assert_allclose(got.pop("val_loss"), ev["val_loss"], rtol=1e-6, err_msg=name)
+                assert got == {k: v for k, v in ev.items() if k != "val_loss"}, (name, got, ev)
         # tp sums each row-parallel product's partial sums in another order than one process:
         # measured 1.1e-5 on TensorFlow's third gradient norm, so tp is held to 5e-5, dp to 1e-5
         rtol = 5e-5 if "tp" in name else 1e-5
@@ -159,6 +185,25 @@ def _check(backend, rt, be, folder):
         np.testing.assert_allclose(ev["val_loss"], want_ev["val_loss"], rtol=1e-5, err_msg=f"{backend} {name}")
         print(f"{backend} {name}: equals np=1 (rank {rt.rank}; losses {np.round(steps[:, 0], 4).tolist()}, "
               f"val_acc {ev['val_acc']:.3f})", flush=True)
+
+
+def _evaluator_record(engine, cfg, layout, data, rt, be):
+    """On rank 0, an evaluator's record (finetune.ClassifyEvaluator) of the engine's weights,
+    gathered and flattened as trainer rank 0 sends a snapshot (strategies/roles.py) and loaded into
+    a one-rank engine as the evaluator's own; None on the other ranks (they join the gather)."""
+    import dataclasses
+
+    from hvdllm import task
+    from hvdllm.finetune import ClassifyEvaluator
+    from hvdllm.parallelize import build_solo_engine
+    from hvdllm.strategies import param_server
+    full = engine.full_params()   # collective over the pipeline: the stages' parts to rank 0
+    if layout.rank != 0:
+        return None
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, plot=False))
+    solo = build_solo_engine(cfg, rt, be, ranks=[rt.rank])
+    solo.set_flat_params(param_server.flat_layout(task.model_config(cfg)).flatten(full))
+    return ClassifyEvaluator(cfg, layout, None, solo, data).work(STEPS)
 
 
 def main():

@@ -169,8 +169,10 @@ def test_config_rules(tmp_path):
             config_mod.validate(config_mod.load(None, [*base, *sets]), world)
         return str(e.value)
     assert config_mod.validate(config_mod.load(None, base)).task.kind == "classify"
-    assert "parallel.pp: task.kind='classify' supports pp=1 for now" in problems("parallel.pp=2", world=2)
     assert config_mod.validate(config_mod.load(None, [*base, "parallel.tp=2"]), 2).parallel.tp == 2
+    assert config_mod.validate(config_mod.load(None, [*base, "parallel.pp=2"]), 2).parallel.pp == 2
+    assert config_mod.validate(config_mod.load(None, [*base, "roles.evaluators=1"]), 2).roles.evaluators == 1
+    assert "roles.generators: a classifier has no language-model output" in problems("roles.generators=1", world=2)
     assert "task.pooling: 'max' is not one of 'last', 'mean'" in problems("task.pooling=max")
     assert "task.validation_file: /nowhere.csv does not exist" in problems("task.validation_file=/nowhere.csv")
     assert "data.tokenizer: task.kind = 'classify' tokenises with the byte tokenizer" in problems("data.tokenizer=bpe")
