@@ -97,7 +97,7 @@ class PipelineEngine(PipelineStageBase):
             out = self.model.run_layers(layers, x, training=True)
             if target is not None:
                 loss = self.model.loss_from_logits(out, from_host(target))
-                out = loss / self.m
+                out = self.backward_loss(loss)
         self.saved[(mb, chunk)] = (tape, x, out)
         return float(loss) if target is not None else to_host(out)
 

@@ -124,7 +124,7 @@ class PipelineEngine(PipelineStageBase):
             self.saved[(mb, chunk)] = (x, out)
             return self.send_form(out)
         loss = self.model.loss_from_logits(out, from_host(target))
-        self.saved[(mb, chunk)] = (x, loss / self.m)
+        self.saved[(mb, chunk)] = (x, self.backward_loss(loss))
         return loss.detach().double()   # summed over micro-batches in float64, as a float would be
 
     def backward(self, chunk, mb, grad):
