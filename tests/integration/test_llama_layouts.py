@@ -76,7 +76,7 @@ COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"tra
 @pytest.mark.integration
 def test_llama_layouts_equal_single_process():
     from launch_util import mpirun_argv, run
-    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve())], timeout=420)
+    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve())], timeout=560)
     assert r.returncode == 0, r.stdout[-6000:]
     for backend in BACKENDS:
         for name in LAYOUTS:
