@@ -178,7 +178,7 @@ class TrainConfig:
                          "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
                          "norms, softmax and loss; runs on CPU too), or 'fp16' (the same in float16, "
                          "with dynamic loss scaling: a step whose gradients overflow is skipped on "
-                         "every rank and the scale halves; hvdllm/loss_scale.py)", "fp32")
+                         "every rank and the scale halves; dp, tp, pp and ZeRO-1; hvdllm/loss_scale.py)", "fp32")
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
@@ -598,13 +598,15 @@ def _compile_problems(cfg: Config) -> list[str]:
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
     if cfg.train.precision == "fp16":
-        other = [k for k, on in (("parallel.pp", cfg.parallel.pp > 1), ("parallel.zero", cfg.parallel.zero),
+        # the skip decision is the job-wide gradient norm's; these strategies have none (local
+        # SGD's, the servers' own updates) or hold the parameters elsewhere (ZeRO-2/3's gathers)
+        other = [k for k, on in (("parallel.zero >= 2", cfg.parallel.zero >= 2),
                                  ("localsgd.every", ls.every), ("ps.servers", cfg.ps.servers),
                                  ("model.layers", cfg.model.layers)) if on]
         if other:
-            p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under data and tensor "
-                     f"parallelism for now, not with {', '.join(other)}; use train.precision = 'bf16' "
-                     f"(no scaling needed) there")
+            p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under dp, tp, pp and ZeRO-1 "
+                     f"for now, not with {', '.join(other)}; use train.precision = 'bf16' (no scaling "
+                     f"needed) there")
     ac = cfg.train.activation_checkpointing
     if ac not in ("none", "full", "selective"):
         p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")

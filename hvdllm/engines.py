@@ -40,6 +40,8 @@ dp rank holds a range of the moments (zero.py); in a pipeline each stage holds i
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import aggregation, lora, params, sampling, task
@@ -306,6 +308,14 @@ class PipelineStageBase(GPTEngineBase):
             if params.tied(cfg.model) and not task.is_classify(cfg) else None
         self.zero = pl.make_zero(cfg, self) if cfg.parallel.zero else None
         self.opt = make_adamw() if self.zero is None else None
+        if cfg.train.precision == "fp16":
+            from .loss_scale import LossScaler
+            self.scaler = LossScaler()
+
+    def backward_loss(self, loss):
+        """What the last stage's backward starts from: the micro-batch's share of the mean loss,
+        times the loss scale under fp16 (the scaler's, the same on every stage)."""
+        return loss / self.m if self.scaler is None else loss * (self.scaler.scale / self.m)
 
     def reduce_and_step(self, lr: float) -> float:
         """In this order: the tied-embedding gradient exchange between the first and last stage
@@ -314,13 +324,17 @@ class PipelineStageBase(GPTEngineBase):
         from .optim import clip_coef
         grads = self.stage_grads()
         names = [n for n, _ in self.named]
+        scale = None if self.scaler is None else self.scaler.scale   # fp16: the same on every stage
+        if self.scaler is not None and self.scale != scale:   # the testing aid: this rank's gradients overflow
+            grads[0] = grads[0] * float("inf")
         if self.tied_peer is not None:
             i = names.index("wte")
             grads[i] = self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(grads[i]),
                                                        self.timeout))
         if self.zero is not None:   # reduce-scatter, this rank's AdamW shard, allgather
-            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr)
-            self.set_device_flat_params(new)
+            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr, scale=scale)
+            if math.isfinite(norm):   # (fp16: the job-wide norm, so every rank skips alike)
+                self.set_device_flat_params(new)
             return norm
         if self.comm.size > 1:
             grads = self.comm.grouped_allreduce(grads, name="pp.grads", **self.reduce.kwargs())
@@ -328,17 +342,28 @@ class PipelineStageBase(GPTEngineBase):
         mine = [(n, g) for n, g in zip(names, grads) if not (n == "wte" and self.tied_peer == 0)]
         norm = float(np.sqrt(pl.allreduce_sum(self.pp_comm, float(self.norm_sq(mine)), self.timeout,
                                               "pipeline grad-norm allreduce")))
-        self.apply_update(grads, clip_coef(norm, self.cfg.optim.grad_clip), lr)
+        if scale is None:
+            self.apply_update(grads, clip_coef(norm, self.cfg.optim.grad_clip), lr)
+            return norm
+        # fp16: summed over dp (the allreduce), tp and every stage (the pipeline's sum), an
+        # overflow anywhere makes this norm non-finite on every rank of the job: all skip the step
+        norm = norm / scale
+        if math.isfinite(norm):
+            self.apply_update(grads, clip_coef(norm, self.cfg.optim.grad_clip) / scale, lr)
         return norm
 
     def train_step(self, x, y, lr):
         from .engine import StepResult
         self.start_step()
+        self._step_scale()   # fp16: the scale, or the testing aid's overflow on this rank
         norm = []
         loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
                              lambda: norm.append(self.reduce_and_step(lr)))
         mean = self.ncomm.allreduce(np.array([loss], np.float64), op="average", name="pp.loss")
-        return StepResult(loss=float(mean[0]), grad_norm=norm[0])
+        skipped = self.scaler is not None and not math.isfinite(norm[0])
+        if self.scaler is not None:
+            self.scaler.update(not skipped)
+        return StepResult(loss=float(mean[0]), grad_norm=norm[0], skipped=skipped)
 
     def evaluate(self, x, y):
         """Forward through the pipeline; the last stage scores, every stage reports its numbers

@@ -2,9 +2,11 @@
 torch.amp.GradScaler). The loss is multiplied by `scale` before backward, so that small float16
 gradients do not flush to zero, and the gradients are divided by it again before clipping and
 AdamW. A step whose gradient norm, taken after the dp (and tp) reduction, is not finite is
-skipped and the scale halves; after `window` finite steps in a row it doubles. Every rank holds
-the same reduced gradients, hence the same norm: every rank skips the same step, with no message
-of its own. The scaler's state travels in the checkpoint's manifest (Trainer.save), so a resume
+skipped and the scale halves; after `window` finite steps in a row it doubles. That norm is the
+whole job's: summed over the dp group, the tp group and (parallel.pp) every pipeline stage, and
+under ZeRO-1 over the shards (strategies/zero.py), so an overflow on any one rank makes it
+non-finite on all: every rank skips the same step, with no message of its own, and the scale
+stays the same everywhere. The scaler's state travels in the checkpoint's manifest (Trainer.save), so a resume
 continues with the scale the interrupted run had."""
 from __future__ import annotations
 

@@ -134,3 +134,13 @@ def same_checkpoint(got, ref, step: int, tol: float = 1e-3, what=""):
         scale = float(np.max(np.abs(y))) if y.size else 0.0
         worst = float(np.max(np.abs(x.astype(np.float64) - y))) if y.size else 0.0
         assert worst <= tol * max(scale, 1e-12), f"{what}: {k} differs by {worst:.3g} (its scale {scale:.3g})"
+
+
+def pattern_batches(n: int, batch: int, t: int):
+    """n (x, y) batches of sequences that count up by a per-sequence stride mod 16 (bytes 65..80):
+    learnable in a few hundred steps, so two precisions' runs can be compared after learning."""
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        start, stride = rng.integers(0, 16, (batch, 1)), rng.integers(1, 4, (batch, 1))
+        seq = (start + stride * np.arange(t + 1)) % 16 + 65
+        yield seq[:, :-1], seq[:, 1:]

@@ -110,7 +110,7 @@ class Engine(GPTEngineBase):
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
         wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True, autograph=False)) \
             if COMPILE else (lambda f, sig: f)
-        if cfg.train.precision == "fp16":   # dp / tp only (config validation)
+        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
             self.scaler = LossScaler()
         # train.compile: XLA on the loss and gradients only. Horovod's ops have no XLA kernels,
         # so the collectives, clipping and AdamW stay in the outer (plain) tf.function.
@@ -119,6 +119,9 @@ class Engine(GPTEngineBase):
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64),
                                               tf.TensorSpec([], tf.float32)])
         self._grads = wrap(lambda xs, ys: self._compute(xs, ys), [_MICRO, _MICRO])
+        # fp16 under ZeRO-1: the loss scale is this step's input (it changes: no retracing)
+        self._scaled_grads = wrap(lambda xs, ys, scale: self._compute(xs, ys, scale),
+                                  [_MICRO, _MICRO, tf.TensorSpec([], tf.float32)])
         self._eval = wrap(self.head.evaluate if self.head is not None else self._evaluate, [_TOKENS, _TOKENS])
         self._logits = wrap(lambda idx: self.model.full_logits(self.model(idx)), [_TOKENS])
 
@@ -211,9 +214,13 @@ class Engine(GPTEngineBase):
         xs, ys = self._micro(x, y)
         self.steps_done += 1
         if self.zero is not None:
-            loss, grads = self._grads(xs, ys)
-            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr)
-            self.set_device_flat_params(new)
+            scale = self._step_scale()   # fp16: an injected overflow's infinite scale on this rank only
+            loss, grads = self._scaled_grads(xs, ys, tf.constant(scale, tf.float32)) if self.scaler \
+                else self._grads(xs, ys)
+            new, norm = self.zero.step(self.concat_flat(grads), self.device_flat_params(), lr,
+                                       scale=None if self.scaler is None else self.scaler.scale)
+            if self.scaler is None or np.isfinite(norm):   # the job-wide norm: every rank skips alike
+                self.set_device_flat_params(new)
         else:
             loss, norm = self._train(xs, ys, tf.constant(lr, tf.float64), tf.constant(self._step_scale(), tf.float32))
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):

@@ -100,10 +100,10 @@ class PipelineEngine(PipelineStageBase):
             if target is not None and self.head is not None:   # classify: [label, length] per example
                 y = from_host(target)
                 loss = self.head.loss_of(self.head.head(out, y), y)
-                out = loss / self.m
             elif target is not None:
                 loss = self.model.loss_from_logits(out, from_host(target))
-                out = loss / self.m
+            if target is not None:
+                out = self.backward_loss(loss)
         self.saved[(mb, chunk)] = (tape, x, out)
         return float(loss) if target is not None else to_host(out)
 

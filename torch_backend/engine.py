@@ -93,7 +93,7 @@ class Engine(GPTEngineBase):
             self.local = LocalSGD(cfg.localsgd, self.comm, self.device_flat_params())
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.named, cfg.optim)
-        if cfg.train.precision == "fp16":   # dp / tp only (config validation)
+        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
             self.scaler = LossScaler()
 
 
@@ -152,9 +152,12 @@ class Engine(GPTEngineBase):
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         loss = self._forward_backward(x, y)
         self.steps_done += 1
-        if self.zero is not None:
-            new, norm = self.zero.step(self.concat_flat([p.grad for p in self.params]), self.device_flat_params(), lr)
-            self.set_device_flat_params(new)
+        if self.zero is not None:   # fp16: the scaler's scale, the same on every rank (not an injected one)
+            new, norm = self.zero.step(self.concat_flat([p.grad for p in self.params]), self.device_flat_params(), lr,
+                                       scale=None if self.scaler is None else self.scaler.scale)
+            skip = self.scaler is not None and not math.isfinite(norm)   # the job-wide norm: the same everywhere
+            if not skip:
+                self.set_device_flat_params(new)
             mean_loss = None
         else:
             norm, mean_loss = self._aggregate_and_clip(loss, reduce=self.local is None)
@@ -162,10 +165,10 @@ class Engine(GPTEngineBase):
             if not skip:
                 adamw_state.set_lr(self.opt, lr)
                 self.opt.step()
-            if self.scaler is not None:
-                self.scaler.update(not skip)
             if self.local is not None and self.local.due(self.steps_done, self.cfg.train.steps):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
+        if self.scaler is not None:
+            self.scaler.update(not skip)
         if mean_loss is None:
             mean_loss = self.comm.allreduce(loss, op="average", name="loss")
         # 0-d tensors, read only when someone looks (the trainer: when it logs): no device sync here

@@ -134,7 +134,7 @@ class PipelineEngine(PipelineStageBase):
             loss = self.head.loss_of(self.head.head(out, y), y)
         else:
             loss = self.model.loss_from_logits(out, from_host(target))
-        self.saved[(mb, chunk)] = (x, loss / self.m)
+        self.saved[(mb, chunk)] = (x, self.backward_loss(loss))
         return loss.detach().double()   # summed over micro-batches in float64, as a float would be
 
     def backward(self, chunk, mb, grad):

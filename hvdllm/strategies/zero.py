@@ -62,11 +62,15 @@ class Zero1:
         self.spans = kind_spans(self._pieces(), kind)
         self.plain = tp is None and pp_sum is None and not self.spans["skip"]
 
-    def step(self, flat_grad, flat_params, lr: float) -> tuple:
+    def step(self, flat_grad, flat_params, lr: float, scale: float | None = None) -> tuple:
         """flat_grad, flat_params: this rank's flat vectors, the backend's type (fresh ones: the
         update runs in place where the backend allows, so flat_params' range [lo, hi) may be
         overwritten). Returns (the new flat parameters, the same type; the global grad norm
-        before clipping, a float)."""
+        before clipping, a float). `scale` (train.precision = 'fp16'): flat_grad is the loss
+        scale times the true gradient; the norm is divided by it, and where that norm is not
+        finite the step is skipped: flat_params come back as they were, AdamW's step count too.
+        The norm is summed over the dp group (and tp, pp) before it is read, so every rank of
+        the job skips the same step."""
         ops = self.ops
         g = self.comm.reducescatter(self.flat.pad(flat_grad, self.k, ops), op="average", name="zero.grads",
                                     compression=self.agg.compression)
@@ -83,7 +87,13 @@ class Zero1:
             norm, minimum = math.sqrt(total), min
         else:                          # a 0-d tensor: the clip factor is formed on the device
             norm, minimum = ops.sqrt(total), ops.minimum
+        if scale is not None:   # fp16: the true gradients' norm; an overflow anywhere: no update
+            norm = norm / scale
+            if not math.isfinite(float(norm)):
+                return flat_params, float(norm)
         coef = clip_coef(norm, self.optim_cfg.grad_clip, minimum)
+        if scale is not None:
+            coef = coef / scale
         if not (isinstance(coef, float) and coef == 1.0):
             g = ops.scale(g, coef)
         shard = self.opt.step(self.flat.shard(flat_params, self.k, self.i, ops), g, lr)

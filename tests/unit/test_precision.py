@@ -4,9 +4,13 @@ frameworks: bf16 does change the numbers (it is really used), stays within bfloa
 float32 at the first step, and after 120 steps of learning a pattern (the loss falls to a fraction
 of its start) its loss is within 2% of the starting loss of float32's: the two trajectories part
 (chaotically, as any two roundings do) but learn alike. fp16 skips an overflowing step. np=2 equal
-to np=1 in bf16 and fp16 (dp, tp): tests/integration/test_llama_layouts.py's launch."""
+to np=1 in bf16 and fp16 (dp, ZeRO-1, tp, pp; an overflow on one rank skipped on every rank, the
+scale np=1's), and 200 bf16 steps at each layout learning as fp32 does:
+tests/integration/test_llama_layouts.py's launch; ZeRO-1's scaled step and skip on simulated
+ranks: tests/unit/test_zero1_sim.py."""
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
+import launch_util
 import numpy as np
 import pytest
 
@@ -38,12 +42,7 @@ def engine(family, backend, precision):
 
 
 def pattern_batches(n):
-    """Sequences that count up by a per-sequence stride mod 16: learnable in a few hundred steps."""
-    rng = np.random.default_rng(0)
-    for _ in range(n):
-        start, stride = rng.integers(0, 16, (B, 1)), rng.integers(1, 4, (B, 1))
-        seq = (start + stride * np.arange(T + 1)) % 16 + 65
-        yield seq[:, :-1], seq[:, 1:]
+    return launch_util.pattern_batches(n, B, T)
 
 
 # bf16 is family-agnostic in each backend (torch: autocast over every layer; TF: every matmul):
@@ -106,5 +105,11 @@ def test_loss_scaler_rules():
 def test_precision_is_validated():
     with pytest.raises(config.ConfigError, match="train.precision"):
         config.validate(config.load(None, ['train.precision="fp8"']))
-    with pytest.raises(config.ConfigError, match="'fp16' .* not with parallel.pp"):
-        config.validate(config.load(None, ['train.precision="fp16"', "parallel.pp=2"]))
+    # fp16 runs under dp, tp, pp and ZeRO-1 (the overflow check is the job-wide gradient norm);
+    # ZeRO-2/3, local SGD and parameter servers still refuse it, naming bf16 as the way out
+    for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"]):
+        config.validate(config.load(None, ['train.precision="fp16"', *ok]))
+    for bad, what in ((["parallel.zero=2"], "parallel.zero >= 2"), (["parallel.zero=3"], "parallel.zero >= 2"),
+                      (["localsgd.every=4"], "localsgd.every")):
+        with pytest.raises(config.ConfigError, match=f"'fp16' .* not with {what}; use train.precision = 'bf16'"):
+            config.validate(config.load(None, ['train.precision="fp16"', *bad]))

@@ -108,6 +108,42 @@ def test_sharded_step_equals_unsharded_step_on_the_average(k, clip, be):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("clip", [0.0, 0.5], ids=["no-clip", "clipping"])
+def test_fp16_loss_scale_and_a_skipped_overflow(k, clip, be):
+    """train.precision = 'fp16': gradients arrive times the loss scale S (a power of two, as the
+    scaler's) and step(scale=S) is the unscaled step; where one rank's gradient overflows (an inf
+    at step 1 on the last rank) every rank skips it: the norm is inf everywhere, the parameters
+    and AdamW's step count stay, and the run goes on as the reference that never saw step 1."""
+    S, bad = 2.0 ** 12, 1
+    b, g = backend(be), grads(k)
+    kept = [g[t] for t in range(STEPS) if t != bad]
+    want, want_norms, ref = reference(kept, clip, steps=STEPS - 1)
+
+    def body(comm):
+        z = Zero1(FLAT, comm, cfg(clip), AggregationConfig())
+        p, norms = b.tensor(p0()), []
+        for t in range(STEPS):
+            mine = g[t][comm.rank] * np.float32(S)
+            if t == bad and comm.rank == k - 1:
+                mine[5] = np.inf
+            before = b.numpy(p)
+            p, norm = z.step(b.tensor(mine), p, LRS[(t - (t > bad)) % len(LRS)], scale=S)
+            if t == bad:
+                assert not np.isfinite(norm) and z.opt.t == t and np.array_equal(b.numpy(p), before), comm.rank
+            else:
+                norms.append(norm)
+        return b.numpy(p), norms, z
+    for rank, (p, norms, z) in enumerate(run_group_on(b, k, body)):
+        np.testing.assert_allclose(norms, want_norms, rtol=1e-6, err_msg=f"rank {rank}: norm")
+        np.testing.assert_allclose(p, want, rtol=1e-6, atol=1e-7, err_msg=f"rank {rank}: parameters")
+        # Adam is blind to a gradient's scale (up to eps): a missed unscaling shows in the moments
+        lo, hi = FLAT.shard_range(k, rank)
+        np.testing.assert_allclose(b.numpy(z.opt.m), FLAT.pad(ref.m, k)[lo:hi], rtol=1e-5, atol=1e-9)
+        assert z.opt.t == STEPS - 1
+
+
+@pytest.mark.parametrize("be", BACKENDS)
 def test_three_messages_per_step(be):
     """reducescatter (gradients), allreduce (one float: the squared norm), allgather (params)."""
     b = backend(be)
