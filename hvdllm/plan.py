@@ -12,9 +12,10 @@ aggregation.accumulation settings, passed through config.validate at world = N*G
 checkpointing are tried only as far as the config knows them (a stage validate refuses, or a
 settings key that does not exist yet, is not proposed).
 
-Memory: hvdllm/memory.py (model state by ZeRO stage, activations, in-flight micro-batches) on
-the worst pipeline stage, against the device's memory less `--reserve` (workspace, allocator
-slack and communication buffers that memory.py does not count).
+Memory: hvdllm/memory.py (model state by ZeRO stage, Horovod's fusion buffer, activations and
+in-flight micro-batches or the optimizer step's buffers, whichever is larger) on the worst
+pipeline stage, against the device's memory less `--reserve` (workspace and allocator slack,
+which memory.py does not count).
 
 Step time, per optimizer step of the global batch (k micro-batches of b sequences per dp rank):
   compute   per micro-batch and stage: layers * overhead_per_layer + FLOPs / (peak * efficiency)
@@ -311,8 +312,10 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
     parameters; a system keeping bf16 parameters beside fp32 master copies gathers 2)."""
     m = cfg.model
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    # a device with a host link is an accelerator, where torch's AdamW is the fused kernel with no
+    # step temporary (torch_backend/adamw_state.py); a CPU runs the foreach one
     mem = memory.rank_memory(cfg, cand.dp, checkpointing=cand.checkpointing, offload=cand.offload,
-                             dtype_bytes=act_bytes)
+                             dtype_bytes=act_bytes, fused_adamw="host_link_bandwidth" in system.device)
     capacity = system.device["memory_bytes"] * (1 - reserve)
     v = cfg.parallel.virtual_stages if cfg.parallel.schedule == "interleaved" else 1
     tokens_mb = cand.micro * m.block_size
@@ -466,8 +469,9 @@ def explain(r: dict) -> str:
     lines = [f"  {c.label()}  (links: tp {r['links']['tp']}, pp {r['links']['pp']}, dp {r['links']['dp']})",
              f"    memory on stage {mem['stage']}: params {_gib(mem['params']):.2f} + grads {_gib(mem['grads']):.2f} "
              f"+ optimizer {_gib(mem['optimizer']) if not mem['host'] else 0:.2f} + live units {_gib(mem['live']):.2f} "
-             f"+ activations {_gib(mem['activations']):.2f} ({mem['inflight']} micro-batch(es) in flight, "
-             f"checkpointing {mem['checkpointing']}) = {_gib(mem['device']):.2f} GiB of "
+             f"+ fusion buffer {_gib(mem['fusion']):.2f} + max(activations {_gib(mem['activations']):.2f} "
+             f"({mem['inflight']} micro-batch(es) in flight, checkpointing {mem['checkpointing']}), step buffers "
+             f"{_gib(mem['step']):.2f}) = {_gib(mem['device']):.2f} GiB of "
              f"{_gib(r['capacity']):.2f} usable"
              + (f"; host {_gib(mem['host']):.2f} GiB" if mem["host"] else "") + f"; Ψ = {mem['psi']:,}",
              f"    per micro-batch on the slowest stage {r['slow_stage']} ({len(s['layers'])} layers): compute "
