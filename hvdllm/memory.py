@@ -13,7 +13,8 @@ activations' width, not the master state):
   offload="optimizer" the optimizer term moves to host memory ("host"). Stage 2 and 3 also hold
   "live" full-size units while they work (stage 2: the largest unit's gradient before its
   reduce-scatter; stage 3: the gathered unit, the next one prefetched, and the unit's gradient):
-  the unit is a transformer block or the embedding / head.
+  the unit is a transformer block or the embedding / head. Stage 2 keeps a "master" 4Ψ/N too,
+  the flat copy of its shards AdamW updates beside the model's whole parameters.
 - activations kept for the backward, per micro-batch of b sequences of s tokens, per layer
   (C = n_embd, F = ffn_hidden, V = the head's rows, t = tp), in
   elements; each is a tensor autograd saves in this repo's models (torch_backend/model.py):
@@ -112,8 +113,8 @@ def zero_state_bytes(n_params: int, dp: int, stage: int, offload: str = "none",
     group of `dp`, for `n_params` = Ψ parameters held by this rank's model part. `offload`:
     'none' or 'optimizer' (AdamW state in host memory). `live_unit`: parameters of the largest
     unit (block / embedding) that stage 2/3 materialise whole while working on it; `prefetch`:
-    units gathered ahead by stage 3. Returns {"params", "grads", "optimizer", "live", "device",
-    "host"} in bytes."""
+    units gathered ahead by stage 3. Returns {"params", "grads", "optimizer", "live", "master"
+    (stage 2's flat master shard), "device", "host"} in bytes."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if offload not in ("none", "optimizer"):
@@ -129,9 +130,14 @@ def zero_state_bytes(n_params: int, dp: int, stage: int, offload: str = "none",
         live = FP32 * live_unit                      # the unit's gradient before reduce-scatter
     elif dp > 1 and stage == 3:
         live = FP32 * live_unit * (2 + prefetch)     # gathered + prefetched params, its gradient
+    # stage 2 keeps the whole parameters in the model and, beside them, the flat master copy of
+    # this rank's shards that AdamW updates (strategies/zero_sharded.py `self.p`); at stage 3 that
+    # shard is the parameters' only copy (counted in p)
+    master = FP32 * shard if stage == 2 else 0
     host = o if offload == "optimizer" else 0
-    device = p + g + (0 if host else o) + live
-    return {"params": p, "grads": g, "optimizer": o, "live": live, "device": device, "host": host}
+    device = p + g + (0 if host else o) + live + master
+    return {"params": p, "grads": g, "optimizer": o, "live": live, "master": master, "device": device,
+            "host": host}
 
 
 def fusion_bytes(n_params: int, dp: int, stage: int, unit: int = 0, grad_bytes: int = FP32,

@@ -490,7 +490,8 @@ def explain(r: dict) -> str:
     s = r["stages"][r["slow_stage"]]
     lines = [f"  {c.label()}  (links: tp {r['links']['tp']}, pp {r['links']['pp']}, dp {r['links']['dp']})",
              f"    memory on stage {mem['stage']}: params {_gib(mem['params']):.2f} + grads {_gib(mem['grads']):.2f} "
-             f"+ optimizer {_gib(mem['optimizer']) if not mem['host'] else 0:.2f} + live units {_gib(mem['live']):.2f} "
+             f"+ optimizer {_gib(mem['optimizer']) if not mem['host'] else 0:.2f} "
+             f"+ live units and master shard {_gib(mem['live'] + mem['master']):.2f} "
              f"+ fusion buffer {_gib(mem['fusion']):.2f} + max(activations {_gib(mem['activations']):.2f} "
              f"({mem['inflight']} micro-batch(es) in flight, checkpointing {mem['checkpointing']}), step buffers "
              f"{_gib(mem['step']):.2f}) = {_gib(mem['device']):.2f} GiB of "
