@@ -112,7 +112,8 @@ def cmd_launch(args) -> int:
     def make(argv):
         if args.elastic:   # horovodrun's elastic Gloo mode (hvdllm/elastic.py)
             from . import elastic
-            return elastic.command(args.np, argv, args.min_np, args.max_np, args.host_discovery_script)
+            return elastic.command(args.np, argv, args.min_np, args.max_np, args.host_discovery_script,
+                                   args.blacklist_cooldown_range)
         return launch.command(args.launcher, args.np, argv, args.hosts, env=env)
     if args.elastic and args.launcher not in ("mpirun", "horovodrun"):   # mpirun: the default
         print(f"hvdllm launch: --elastic runs under horovodrun --gloo, not --launcher {args.launcher}",
@@ -205,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--host-discovery-script", metavar="SCRIPT",
                     help="--elastic: prints the available hosts, one `host:slots` a line (default: this "
                          "machine's -np or --max-np slots)")
+    la.add_argument("--blacklist-cooldown-range", type=int, nargs=2, metavar=("MIN_S", "MAX_S"),
+                    help="--elastic: a host whose worker failed may take part again after this many seconds "
+                         "(growing with each failure; default: never), so a worker that comes back rejoins")
     la.add_argument("command", nargs=argparse.REMAINDER)
     la.set_defaults(fn=cmd_launch)
     g = sub.add_parser("generate", help="sample from a trained run's latest checkpoint")

@@ -204,6 +204,14 @@ class TrainConfig:
                         "(hvdllm/elastic.py)", False)
     elastic_commit_every: int = doc("train.elastic: steps between in-memory commits of the state (a lost "
                                     "worker costs at most this many steps)", 10)
+    elastic_global_batch: int = doc("train.elastic: sequences per step over all workers, kept as the world "
+                                    "size changes (each worker takes global/size, so every size the job runs "
+                                    "at must divide it; train.batch_size is then derived); 0 = "
+                                    "train.batch_size per worker, the global batch following the size", 0)
+    elastic_join_timeout: float = doc("train.elastic: from the first resize on, the seconds Horovod's "
+                                      "rendezvous waits for a joining worker to start (its imports and "
+                                      "init), and so also a collective for a lost peer (Gloo has one "
+                                      "timeout, HOROVOD_GLOO_TIMEOUT_SECONDS, which rules until then)", 120.0)
     fail_at_step: int = doc("testing aid: raise on fail_rank at this step (-1 = never)", -1)
     fail_rank: int = doc("testing aid: the rank that raises at fail_at_step", 0)
     fail_mode: str = doc("testing aid: how fail_rank fails at fail_at_step: 'raise' an error (every rank "
@@ -460,7 +468,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     p.extend(layers_problems(cfg))
     p.extend(_strategy_problems(cfg))
     from .elastic import problems as elastic_problems  # train.elastic's rules (hvdllm/elastic.py)
-    p.extend(elastic_problems(cfg))
+    p.extend(elastic_problems(cfg, world_size))
     if cfg.train.tensorboard:
         from .events import available
         if not available():
@@ -791,6 +799,8 @@ def resolve(cfg: Config, world_size: int | None, vocab_size: int) -> Config:
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
         validate(cfg, world_size)
+    from .elastic import sized  # train.elastic_global_batch: the per-worker batch for this size
+    cfg = sized(cfg, world_size) if world_size else cfg
     sections = {f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                 if dataclasses.is_dataclass(getattr(cfg, f.name))}
     cfg = dataclasses.replace(cfg, **sections)

@@ -36,7 +36,8 @@ t0=$(date +%s)
 # Horovod's wheel, keyed by it too, is rebuilt or taken from its cache.
 SETTINGS="torch=$TORCH_SPEC tf=$TF_SPEC gpu-ops=${HOROVOD_GPU_OPERATIONS:-cpu} system=${HVDLLM_SYSTEM_PACKAGES:-0}"
 up_to_date() {
-  [[ -f $STAMP && $STAMP -nt setup.cfg && $STAMP -nt scripts/bootstrap.sh && "$(cat "$STAMP")" == "$SETTINGS" ]]
+  [[ -f $STAMP && $STAMP -nt setup.cfg && $STAMP -nt scripts/bootstrap.sh && $STAMP -nt scripts/constraints.txt \
+     && "$(cat "$STAMP")" == "$SETTINGS" ]]
 }
 if [[ ${1:-} == --check ]]; then   # exit 0 when nothing would be installed (tests, scripts)
   up_to_date && { echo "[bootstrap] up to date: $SETTINGS"; exit 0; }
@@ -72,6 +73,8 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 PY=$VENV/bin/python
 PIP="$PY -m pip --disable-pip-version-check -q"
+# every install below takes the versions CI last passed with (scripts/constraints.txt)
+export PIP_CONSTRAINT=$ROOT/scripts/constraints.txt
 has() { "$PY" -c "import $1" 2>/dev/null; }
 $PIP install --upgrade pip wheel 'setuptools<80' >/dev/null
 has torch || { say "installing $TORCH_SPEC"; $PIP install "$TORCH_SPEC"; }

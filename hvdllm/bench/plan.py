@@ -131,15 +131,20 @@ def compare_published(path: str | None = None, calibration: str | None = None) -
             r = dict(zip(t["columns"], values))
             cfg = config_mod.load(None, [*published_model(t, r), f"parallel.schedule={assumed['schedule']}"])
             per_rank, micro = r["batch"] // r["dp"], assumed["micro_batch"]
-            cand = planner.Candidate(r["dp"], r["pp"], r["tp"], assumed["zero"], micro, per_rank // micro)
+            ckpt = assumed.get("activation_checkpointing", "none")
+            cand = planner.Candidate(r["dp"], r["pp"], r["tp"], assumed["zero"], micro, per_rank // micro, ckpt)
             c = planner.apply(cfg, cand)
             problems = planner.valid(c, r["gpus"])
             if r["dp"] * r["pp"] * r["tp"] != r["gpus"] or r["batch"] % (r["dp"] * micro):
                 problems.append("the row's layout does not multiply out to its GPUs / batch")
             # model FLOPs as the table counts them (Narayanan et al. 2021: 72 B s l h^2 (1 + s/6h + V/12lh)
-            # for a 4h MLP): the multiplied matrices and attention, not the embedding lookup
-            flops = sum(planner._model_flops(memory._frozen(c.model))[0]) * cand.dp * cand.micro * cand.k \
-                * c.model.block_size
+            # for a 4h MLP): the multiplied matrices and attention, not the embedding lookup; a table
+            # that counts the recomputed forward too (the paper's own 96 B s l h^2 (1 + s/6h + V/16lh))
+            # says so, and its blocks (not the head) count 4/3
+            per_layer = planner._model_flops(memory._frozen(c.model))[0]
+            again = 4 / 3 if t.get("flops_count_recompute") else 1.0
+            flops = sum(f * (again if 1 <= i <= c.model.n_layer else 1.0) for i, f in enumerate(per_layer)) \
+                * cand.dp * cand.micro * cand.k * c.model.block_size
             row = {"model": r["model"], "gpus": r["gpus"], "tp": r["tp"], "pp": r["pp"], "dp": r["dp"],
                    "batch": r["batch"], "layout": cand.label(), "problems": problems,
                    "notes": [n for cond, n in assumed.get("row_notes", {}).items() if _holds(cond, r)],

@@ -34,6 +34,26 @@ def test_launch_command_and_local_discovery_script(tmp_path):
     assert len(hosts) == 3 and len(set(hosts)) == 3 and all(h.endswith(":1") for h in hosts)
     mine = elastic.command(2, ["train"], discovery="/opt/hosts.sh")
     assert "--network-interface" not in mine and mine[mine.index("--host-discovery-script") + 1] == "/opt/hosts.sh"
+    assert "--blacklist-cooldown-range" not in mine   # Horovod's default: a failed host stays out
+    back = elastic.command(3, ["train"], 2, 3, cooldown=(10, 60))
+    assert back[back.index("--blacklist-cooldown-range") + 1:][:2] == ["10", "60"]
     five = subprocess.run([str(elastic.discovery_script(tmp_path / "h.sh", 5))], capture_output=True,
                           text=True, check=True).stdout.split()
     assert sum(int(h.rsplit(":", 1)[1]) for h in five) == 5
+
+
+def test_the_global_batch_is_split_over_each_world_size():
+    """train.elastic_global_batch: each worker's train.batch_size is global / size, at start
+    (config.resolve) and after each resize (rebuild resolves again); a size that does not divide
+    it is one message naming the key."""
+    cfg = _cfg("train.elastic_global_batch=12", "train.batch_size=5")
+    assert config.resolve(cfg, 3, 256).train.batch_size == 4
+    two = config.resolve(config.resolve(cfg, 3, 256), 2, 256)   # a resolved config, resized
+    assert two.train.batch_size == 6 and two.train.elastic_global_batch == 12
+    assert config.resolve(_cfg("train.batch_size=5"), 3, 256).train.batch_size == 5   # 0: per worker
+    with pytest.raises(ConfigError, match="train.elastic_global_batch: 12 sequences cannot be split evenly over 5"):
+        config.validate(cfg, 5)
+    with pytest.raises(ConfigError, match="over 5 workers"):
+        config.resolve(cfg, 5, 256)
+    with pytest.raises(ConfigError, match="train.elastic_join_timeout"):
+        config.validate(_cfg("train.elastic_join_timeout=0"), 2)
