@@ -16,6 +16,8 @@ activations' width, not the master state):
   the unit is a transformer block or the embedding / head. Inside pipeline stages stage 3
   prefetches none, and the two stages holding a tied wte keep that unit's gradient whole over
   the step (summed with the other stage's before its reduce-scatter): one unit more, "live".
+  Stage 2 keeps a "master" 4Ψ/N too, the flat copy of its shards AdamW updates beside the
+  model's whole parameters.
 - activations kept for the backward, per micro-batch of b sequences of s tokens, per layer
   (C = n_embd, F = ffn_hidden, V = the head's rows, t = tp), in
   elements; each is a tensor autograd saves in this repo's models (torch_backend/model.py):
@@ -39,8 +41,32 @@ activations' width, not the master state):
   from the schedule's own instruction list (strategies/schedules.py): 1F1B: min(p - stage, m);
   GPipe: m; interleaved: Megatron's warm-up depth, in chunks.
 
-Not counted: framework workspace and allocator slack, communication buffers (Horovod's fusion
-buffer, ZeRO-1's flat gradient and parameter copies while it steps), the input batch.
+- communication and step buffers (each is a buffer the engines allocate; measured per phase on
+  real `hvdllm train` ranks, VmHWM reset at each phase's start: see the tests in
+  tests/unit/test_memory.py and the note of `hvdllm bench plan`):
+      fusion  Horovod's tensor-fusion buffer (horovod/common/fusion_buffer_manager.cc): allocated
+              once at HOROVOD_FUSION_THRESHOLD (aggregation.fusion_threshold_mb, default 128 MiB,
+              common/operations.cc) and kept; only the pages a fused message writes become
+              resident, so it holds min(threshold, the largest message copied into it): at dp > 1
+              the grouped gradient allreduce (ZeRO 0, the pipeline's too) or ZeRO-1's padded flat
+              gradient (its reduce-scatter copies it in), ZeRO 2/3 one unit's gradient. Resident
+              from the first step on, so it adds to the backward's peak.
+      step    what the optimizer step allocates after the backward freed the activations:
+              ZeRO 0, torch.optim.AdamW(foreach=True) (torch_backend/adamw_state.py, off CUDA):
+              _foreach_sqrt(exp_avg_sq), one temporary of 4 bytes per parameter (the fused CUDA
+              kernel has none: `fused_adamw`); a pipeline stage at dp > 1 adds the out-of-place
+              grouped allreduce's output (PipelineStageBase.reduce_and_step), 4 per parameter;
+              ZeRO 1 (torch_backend/engine.py train_step, strategies/zero.py step): the flat
+              gradient and flat parameters (concat_flat, device_flat_params), the allgather's
+              whole new vector, 12 per parameter, and the reduce-scatter's shard 4/N;
+              ZeRO 2 the allgather of every unit's updated shard, 4 per parameter; ZeRO 3
+              none (the shards update in place).
+  The rank's peak: model state + fusion + max(activations, step): the step's buffers reuse the
+  memory the backward freed.
+
+Not counted: framework workspace and allocator slack (on a CPU, glibc's heap keeps freed blocks
+and fragments over the first steps: a few % above these terms), MPI's own temporaries inside a
+collective (freed after it), the input batch, and the end-of-run checkpoint's host copies.
 """
 from __future__ import annotations
 
@@ -53,6 +79,9 @@ from .strategies import tensor_parallel as tp_plan
 
 FP32 = 4
 STATE_KEYS = ("params", "grads", "optimizer")
+# Horovod 0.28's HOROVOD_FUSION_THRESHOLD when unset: SetTensorFusionThresholdBytes(128 * 1024 * 1024)
+# in horovod/common/operations.cc
+HOROVOD_FUSION_BYTES = 128 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +116,8 @@ def zero_state_bytes(n_params: int, dp: int, stage: int, offload: str = "none",
     group of `dp`, for `n_params` = Ψ parameters held by this rank's model part. `offload`:
     'none' or 'optimizer' (AdamW state in host memory). `live_unit`: parameters of the largest
     unit (block / embedding) that stage 2/3 materialise whole while working on it; `prefetch`:
-    units gathered ahead by stage 3. Returns {"params", "grads", "optimizer", "live", "device",
-    "host"} in bytes."""
+    units gathered ahead by stage 3. Returns {"params", "grads", "optimizer", "live", "master"
+    (stage 2's flat master shard), "device", "host"} in bytes."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if offload not in ("none", "optimizer"):
@@ -104,9 +133,37 @@ def zero_state_bytes(n_params: int, dp: int, stage: int, offload: str = "none",
         live = FP32 * live_unit                      # the unit's gradient before reduce-scatter
     elif dp > 1 and stage == 3:
         live = FP32 * live_unit * (2 + prefetch)     # gathered + prefetched params, its gradient
+    # stage 2 keeps the whole parameters in the model and, beside them, the flat master copy of
+    # this rank's shards that AdamW updates (strategies/zero_sharded.py `self.p`); at stage 3 that
+    # shard is the parameters' only copy (counted in p)
+    master = FP32 * shard if stage == 2 else 0
     host = o if offload == "optimizer" else 0
-    device = p + g + (0 if host else o) + live
-    return {"params": p, "grads": g, "optimizer": o, "live": live, "device": device, "host": host}
+    device = p + g + (0 if host else o) + live + master
+    return {"params": p, "grads": g, "optimizer": o, "live": live, "master": master, "device": device,
+            "host": host}
+
+
+def fusion_bytes(n_params: int, dp: int, stage: int, unit: int = 0, grad_bytes: int = FP32,
+                 threshold: int = HOROVOD_FUSION_BYTES) -> int:
+    """Resident bytes of Horovod's fusion buffer on a rank whose model part holds `n_params`
+    (module docstring): the largest message copied into it, capped at the threshold. No dp
+    reduction, no buffer touched (tp's allreduces are one tensor each: not fused)."""
+    if dp <= 1:
+        return 0
+    message = (unit if stage >= 2 else n_params) * grad_bytes
+    return min(message, threshold)
+
+
+def step_bytes(n_params: int, dp: int, stage: int, pipeline: bool = False, fused_adamw: bool = False) -> int:
+    """Bytes the optimizer step allocates on top of the model state (module docstring)."""
+    if stage == 0:
+        temp = 0 if fused_adamw else FP32 * n_params                 # _foreach_sqrt(exp_avg_sq)
+        return temp + (FP32 * n_params if pipeline and dp > 1 else 0)   # grouped_allreduce's output
+    if stage == 1:
+        return 3 * FP32 * n_params + FP32 * _shard(n_params, dp)    # flat grad, flat params, allgather; shard
+    if stage == 2:
+        return FP32 * n_params if dp > 1 else 0                     # the allgathered parameters
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,13 +305,15 @@ def inflight(schedule: str, p: int, m: int, stage: int, v: int = 1) -> int:
 # one rank, under a layout
 
 def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str | None = None,
-                dtype_bytes: int = FP32, fused_attention: bool = True) -> dict:
+                dtype_bytes: int = FP32, fused_attention: bool = True, fused_adamw: bool = False) -> dict:
     """Predicted bytes per rank for cfg (its model, train.batch_size, parallel.pp / tp / zero /
-    microbatches / schedule / virtual_stages / partition) at data-parallel size `dp`. The
-    checkpointing and offload settings default to the config's (train.activation_checkpointing,
-    parallel.offload) where those exist, else 'none'. Returns the worst pipeline stage's
-    {"params", "grads", "optimizer", "live", "activations", "device", "host", "psi", "stage",
-    "inflight"} and "stages": the same for every stage."""
+    microbatches / schedule / virtual_stages / partition, aggregation.fusion_threshold_mb /
+    compression) at data-parallel size `dp`. The checkpointing and offload settings default to
+    the config's (train.activation_checkpointing, parallel.offload) where those exist, else
+    'none'; `fused_adamw`: torch's AdamW runs its fused kernel (CUDA: no step temporary).
+    Returns the worst pipeline stage's {"params", "grads", "optimizer", "live", "fusion",
+    "step", "activations", "device", "host", "psi", "stage", "inflight"} and "stages": the same
+    for every stage."""
     m, par = cfg.model, cfg.parallel
     pp, tp, zero = par.pp, par.tp, par.zero
     ckpt = checkpointing or getattr(cfg.train, "activation_checkpointing", "none")
@@ -265,6 +324,10 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
     v = par.virtual_stages if par.schedule == "interleaved" else 1
     micro = par.microbatches if pp > 1 else 1
     tokens = (cfg.train.batch_size // micro) * m.block_size
+    agg = getattr(cfg, "aggregation", None)
+    mb = getattr(agg, "fusion_threshold_mb", 0) or 0
+    threshold = int(mb * 1024 * 1024) if mb > 0 else HOROVOD_FUSION_BYTES
+    wire = 2 if getattr(agg, "compression", "none") in ("fp16", "bf16") else FP32
     stages = []
     for s, chunks in enumerate(stage_chunks(m, pp, v, par.partition)):
         layers = [i for c in chunks for i in c]
@@ -279,7 +342,10 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
                         for c in chunks)
         held = inflight(par.schedule, pp, micro, s, v)
         act = chunk_act * held
-        stages.append({**state, "activations": act, "device": state["device"] + act, "psi": psi,
+        fusion = fusion_bytes(psi, dp, zero, unit, wire, threshold)
+        step = step_bytes(psi, dp, zero, pp > 1, fused_adamw)
+        device = state["device"] + fusion + max(act, step)
+        stages.append({**state, "fusion": fusion, "step": step, "activations": act, "device": device, "psi": psi,
                        "stage": s, "inflight": held, "checkpointing": ckpt, "offload": off, "layers": layers})
     worst = max(stages, key=lambda r: r["device"])
     return {**worst, "stages": stages}

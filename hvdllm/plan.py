@@ -12,9 +12,10 @@ aggregation.accumulation settings, passed through config.validate at world = N*G
 checkpointing are tried only as far as the config knows them (a stage validate refuses, or a
 settings key that does not exist yet, is not proposed).
 
-Memory: hvdllm/memory.py (model state by ZeRO stage, activations, in-flight micro-batches) on
-the worst pipeline stage, against the device's memory less `--reserve` (workspace, allocator
-slack and communication buffers that memory.py does not count).
+Memory: hvdllm/memory.py (model state by ZeRO stage, Horovod's fusion buffer, activations and
+in-flight micro-batches or the optimizer step's buffers, whichever is larger) on the worst
+pipeline stage, against the device's memory less `--reserve` (workspace and allocator slack,
+which memory.py does not count).
 
 Step time, per optimizer step of the global batch (k micro-batches of b sequences per dp rank):
   compute   per micro-batch and stage: layers * overhead_per_layer + FLOPs / (peak * efficiency)
@@ -36,7 +37,9 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
             backward, one unit ahead: hidden behind compute as far as compute lasts (inside
             pipeline stages, which gather none ahead, all exposed)
   tied wte  pp > 1, tied head: the embedding gradient between first and last stage (p2p)
-  optimizer AdamW reads and writes 32 bytes per parameter it updates, at memory bandwidth
+  optimizer AdamW, the gradient norm and clipping, and ZeRO's flat copies, in bytes read and
+            written per parameter at memory bandwidth (optimizer_bytes: 32 + 12 fused, 80 + 12
+            for torch's foreach AdamW off CUDA, + 24 per held parameter for ZeRO-1's copies)
             (offloaded: the host's, plus the shard's gradient down and parameters up the host link)
 A group's link is the node's (intra) when its ranks fit one node, else the network's (inter):
 rank order puts tp fastest, then pp, then dp (hvdllm/layout.py). A dp group with g members on
@@ -298,6 +301,24 @@ def _link_for(span: int, devices_per_node: int, system: System, per_node: int = 
 OVERLAPPABLE = ("tp", "pp", "dp")
 
 
+def optimizer_bytes(zero: int, fused: bool, clip: bool) -> tuple[int, int]:
+    """(bytes read + written per parameter the rank updates, per parameter it holds) by the step
+    after the backward, at memory bandwidth:
+      update    fused AdamW (torch.optim.AdamW(fused=True) on CUDA, and ZeRO's DeviceAdamW through
+                torch._fused_adamw_): p, g, m, v read, p, m, v written, 32; torch.optim.AdamW's
+                foreach path (ZeRO 0 off CUDA, torch_backend/adamw_state.py) passes over the
+                vectors once per _foreach op (torch/optim/adam.py _multi_tensor_adam): p *= 1-lr*wd
+                8, lerp m 12, v *= b2 8, addcmul v 12, sqrt(v) 8, / bias 8, + eps 8, addcdiv p 16: 80
+      norm      the gradient norm reads every gradient, 4; clipping scales them in place, 8
+      copies    ZeRO 1 joins the gradients and the parameters into flat vectors (concat_flat,
+                device_flat_params) and writes the result back (assign_flat), 8 each: 24 per
+                parameter held, not per one updated; ZeRO 2/3 join each unit's gradients (8)"""
+    update = 32 if fused or zero else 80
+    norm = 4 + (8 if clip else 0)
+    copies = {0: 0, 1: 24}.get(zero, 8)
+    return update + norm, copies
+
+
 def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precision: str = "fp32",
             reserve: float = 0.1, cal_layers: dict | None = None, overlap: tuple = (),
             param_bytes: int = 4) -> dict:
@@ -312,8 +333,10 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
     parameters; a system keeping bf16 parameters beside fp32 master copies gathers 2)."""
     m = cfg.model
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    # a device with a host link is an accelerator, where torch's AdamW is the fused kernel with no
+    # step temporary (torch_backend/adamw_state.py); a CPU runs the foreach one
     mem = memory.rank_memory(cfg, cand.dp, checkpointing=cand.checkpointing, offload=cand.offload,
-                             dtype_bytes=act_bytes)
+                             dtype_bytes=act_bytes, fused_adamw="host_link_bandwidth" in system.device)
     capacity = system.device["memory_bytes"] * (1 - reserve)
     v = cfg.parallel.virtual_stages if cfg.parallel.schedule == "interleaved" else 1
     tokens_mb = cand.micro * m.block_size
@@ -381,9 +404,11 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
                                                                             system))
     updated = -(-psi // cand.dp) if cand.zero else psi
     dev = system.device
-    opt_s = 32 * updated / dev.get("memory_bandwidth", 1e11)
+    bw = dev.get("memory_bandwidth", 1e11)
+    per_param, copies = optimizer_bytes(cand.zero, "host_link_bandwidth" in dev, cfg.optim.grad_clip > 0)
+    opt_s = (per_param * updated + copies * psi) / bw
     if cand.offload == "optimizer":   # the update in host memory; the shard's gradient down, parameters up
-        opt_s = 32 * updated / dev.get("host_memory_bandwidth", dev.get("memory_bandwidth", 1e11))
+        opt_s = per_param * updated / dev.get("host_memory_bandwidth", bw) + copies * psi / bw
         if dev.get("host_link_bandwidth"):
             opt_s += 8 * updated / dev["host_link_bandwidth"]
     step = pipeline_s + dp_s + tied_s + opt_s
@@ -467,9 +492,11 @@ def explain(r: dict) -> str:
     s = r["stages"][r["slow_stage"]]
     lines = [f"  {c.label()}  (links: tp {r['links']['tp']}, pp {r['links']['pp']}, dp {r['links']['dp']})",
              f"    memory on stage {mem['stage']}: params {_gib(mem['params']):.2f} + grads {_gib(mem['grads']):.2f} "
-             f"+ optimizer {_gib(mem['optimizer']) if not mem['host'] else 0:.2f} + live units {_gib(mem['live']):.2f} "
-             f"+ activations {_gib(mem['activations']):.2f} ({mem['inflight']} micro-batch(es) in flight, "
-             f"checkpointing {mem['checkpointing']}) = {_gib(mem['device']):.2f} GiB of "
+             f"+ optimizer {_gib(mem['optimizer']) if not mem['host'] else 0:.2f} "
+             f"+ live units and master shard {_gib(mem['live'] + mem['master']):.2f} "
+             f"+ fusion buffer {_gib(mem['fusion']):.2f} + max(activations {_gib(mem['activations']):.2f} "
+             f"({mem['inflight']} micro-batch(es) in flight, checkpointing {mem['checkpointing']}), step buffers "
+             f"{_gib(mem['step']):.2f}) = {_gib(mem['device']):.2f} GiB of "
              f"{_gib(r['capacity']):.2f} usable"
              + (f"; host {_gib(mem['host']):.2f} GiB" if mem["host"] else "") + f"; Ψ = {mem['psi']:,}",
              f"    per micro-batch on the slowest stage {r['slow_stage']} ({len(s['layers'])} layers): compute "

@@ -189,3 +189,88 @@ def test_zero3_pipeline_stages_count_the_tied_units_gradient_and_no_prefetch(tie
     for s, (st, layers) in enumerate(zip(memory.rank_memory(c, 2)["stages"], memory.stage_layers(c.model, 3))):
         unit = max(counts[i] for i in layers)
         assert st["live"] == 4 * unit * 2 + 4 * ends.get(s, 0), (s, st)   # gathered + gradient, no prefetch
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of torch storages made while it is on and still alive at each op (each
+    storage counted once: views share it), on the calling thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                self.live.setdefault(s.data_ptr(), (torch.multiprocessing.reductions.StorageWeakRef(s), s.nbytes()))
+        self.live = {k: (r, n) for k, (r, n) in self.live.items() if not r.expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def _np1_engine(**train):
+    c = Config()
+    for k, v in GPT2.items():
+        setattr(c.model, k, v)
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c, torch_backend.Engine(c, Layout.build(c.parallel, world_size=1, rank=0))
+
+
+def test_step_buffers_are_what_torchs_adamw_allocates(horovod):
+    """The real np=1 Engine's AdamW step (torch.optim.AdamW, foreach: the CPU path) makes one
+    temporary the size of its parameters, memory.step_bytes' 4 bytes per parameter (the fused
+    kernel none). Measured on the second step: the first also makes the moments."""
+    c, engine = _np1_engine()
+    x = np.random.default_rng(0).integers(0, 64, (2, 16))
+    engine.train_step(x, x, 1e-3)
+    step, seen = engine.opt.step, []
+
+    def measured():
+        with _LiveBytes() as live:
+            step()
+        seen.append(live.peak)
+    engine.opt.step = measured
+    engine.train_step(x, x, 1e-3)
+    psi = memory.count_params(c.model)
+    # one temporary per parameter group at a time: the decayed (ndim >= 2) one, 97% of Ψ here;
+    # the model counts all of Ψ (the biases and gains are 0.1% of a real model's)
+    assert seen[0] == pytest.approx(memory.step_bytes(psi, 1, 0), rel=0.05)
+    assert memory.step_bytes(psi, 1, 0, fused_adamw=True) == 0
+
+
+def test_the_backward_peak_lies_between_the_activations_and_their_sum_with_the_gradients(horovod):
+    """The real np=1 Engine's whole second step: the bytes it makes and holds at once. The
+    gradients grow as the backward frees the activations, so rank_memory's grads + max(activations,
+    step) bounds the peak from above and the activations alone from below (AdamW's temporary
+    comes after the activations are gone)."""
+    c, engine = _np1_engine(batch_size=4)
+    x = np.random.default_rng(0).integers(0, 64, (4, 16))
+    engine.train_step(x, x, 1e-3)
+    with _LiveBytes() as live:
+        engine.train_step(x, x, 1e-3)
+    pred = memory.rank_memory(c, 1)
+    assert pred["fusion"] == 0   # no dp reduction at np = 1
+    assert pred["activations"] < live.peak < pred["grads"] + max(pred["activations"], pred["step"])
+
+
+def test_fusion_buffer_holds_the_largest_fused_message_up_to_the_threshold():
+    """Horovod's fusion buffer: resident pages = the message copied in (dp > 1 only), capped at
+    aggregation.fusion_threshold_mb (0: Horovod's 128 MiB); ZeRO 2/3 copy one unit at a time."""
+    psi = 10_000_000
+    assert memory.fusion_bytes(psi, 1, 0) == 0
+    assert memory.fusion_bytes(psi, 2, 0) == memory.fusion_bytes(psi, 2, 1) == 4 * psi
+    assert memory.fusion_bytes(psi, 4, 3, unit=1000) == 4000
+    assert memory.fusion_bytes(100_000_000, 2, 0) == memory.HOROVOD_FUSION_BYTES
+    c = Config()
+    for k, v in GPT2.items():
+        setattr(c.model, k, v)
+    c.parallel.dp = 2
+    grads = memory.rank_memory(c, 2)["grads"]
+    assert memory.rank_memory(c, 2)["fusion"] == grads
+    c.aggregation.fusion_threshold_mb = 0.01
+    assert memory.rank_memory(c, 2)["fusion"] == int(0.01 * 1024 * 1024) < grads
+    c.aggregation.fusion_threshold_mb, c.aggregation.compression = 0, "fp16"
+    assert memory.rank_memory(c, 2)["fusion"] == grads // 2

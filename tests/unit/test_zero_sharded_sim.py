@@ -282,3 +282,24 @@ def test_units_of_the_built_in_model():
     _, owned = units_of(llama)
     assert owned[0] == ["wte"] and owned[3][-1] == "lm_head"
     assert sorted(n for names in owned for n in names) == sorted(params.param_shapes(llama))   # each once
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_stage2_master_shard_is_what_memory_counts(k):
+    """Stage 2 holds, beside the whole parameters, the flat master copy of its shards (`p`, what
+    AdamW updates): memory.zero_state_bytes' "master" (4 bytes per element of one shard; each
+    unit is padded alone, so at most one element per unit more); stage 3 has no second copy."""
+    from hvdllm import memory
+    w = World(k)
+    comms = w.group()
+    psi = sum(int(np.prod(s)) for s in SHAPES.values())
+
+    def body(r):
+        z = ZeroSharded(USES, OWNED, SHAPES, comms[r], cfg(0.0), AggregationConfig(), 2)
+        run = NumpyRunner(init(), 1)
+        z.init_params([run.concat_flat([run.w[n] for n in names]) for names in OWNED])
+        return z.p.nbytes
+    for held in w.run(body):
+        want = memory.zero_state_bytes(psi, k, 2)["master"]
+        assert want <= held <= want + 4 * len(OWNED)
+    assert memory.zero_state_bytes(psi, k, 3)["master"] == 0
