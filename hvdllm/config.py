@@ -642,10 +642,6 @@ def _zero_sharded_problems(cfg: Config) -> list[str]:
                  f"parallel.zero <= 1 (or parallel.pp = 1)")
     if par.offload != "none" and par.zero < 2:
         p.append("parallel.offload: offloads ZeRO-2/3's sharded optimizer; set parallel.zero = 2 or 3")
-    if par.zero == 3 and (cfg.roles.evaluators or cfg.roles.generators):
-        key = "roles.evaluators" if cfg.roles.evaluators else "roles.generators"
-        p.append(f"{key}: ZeRO-3's weights are gathered over the whole dp group, which role snapshots "
-                 f"(taken on rank 0) do not join yet; set parallel.zero <= 2")
     return p
 
 
