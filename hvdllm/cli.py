@@ -66,7 +66,11 @@ def _run_rank(cfg, rt, backend) -> dict:
     from .layout import Layout
     if Layout.from_config(cfg, rt.size, rt.rank).role() != "trainer":
         from .strategies.roles import run_role
-        summary = run_role(cfg, rt, backend)
+        kinds = {}
+        if cfg.task.kind == "classify":   # its evaluator and its data (hvdllm/finetune.py)
+            from .finetune import ClassifyEvaluator, prepare_role
+            kinds = {"evaluator": ClassifyEvaluator, "prepare": prepare_role}
+        summary = run_role(cfg, rt, backend, **kinds)
     else:
         from .finetune import ClassifyTrainer
         from .trainer import Trainer

@@ -4,7 +4,8 @@ a backend only supplies the classes and never decides which strategies apply.
 
 The order, and why:
   1. the model's kind: a user's layer list (SequentialEngine: it places its own layers on the
-     pipeline and applies model.tp_plan itself) or the built-in GPT;
+     pipeline and applies model.tp_plan itself; ShardedSequentialEngine under ZeRO-2/3, one
+     unit per layer) or the built-in GPT;
   2. tensor parallelism: the tp group's collectives, built before the model so each rank
      creates only its slices;
   3. pipeline stages (PipelineEngine) when parallel.pp > 1, else one data-parallel Engine over
@@ -23,8 +24,9 @@ from .layout import Layout
 
 def build_engine(cfg, layout: Layout, rt, backend, *, wrap_ps: bool = True) -> Engine:
     """The engine this rank trains with (collective: every trainer rank calls it)."""
-    if cfg.model.layers:                                          # 1. a user's layer list
-        engine = backend.SequentialEngine(cfg, layout, rt)
+    if cfg.model.layers:                                          # 1. a user's layer list (ZeRO-2/3:
+        cls = backend.ShardedSequentialEngine if cfg.parallel.zero >= 2 else backend.SequentialEngine  # zero_layers.py)
+        engine = cls(cfg, layout, rt)
     else:
         tp = backend.TPGroup(backend.Collectives(rt.process_set(layout.group("tp")))) \
             if layout.tp > 1 else None                             # 2. tensor parallelism

@@ -40,6 +40,9 @@ Contract (both backends' SequentialEngine, torch_backend/sequential.py and tf_ba
   (out, in), so column splits axis 0 and row axis 1; Keras kernels are (in, out), so column
   splits axis 1 and row axis 0; a column bias splits, a row bias does not. A checkpoint written
   at one tp loads at any other (or without a plan at tp = 1).
+- ZeRO-2 / ZeRO-3 (parallel.zero = 2 / 3, data parallel only): one unit per layer that has
+  parameters (strategies/zero_layers.py); TensorFlow layers must have no non-trainable weights.
+  Checkpoints keep the same names, as ranges of each dp rank's shards, and load at any layout.
 """
 from __future__ import annotations
 
@@ -81,12 +84,20 @@ def problems(cfg) -> list[str]:
     if par.tp > 1 and not parse_plan(cfg.model.tp_plan)[0]:
         p.append(f"{PLAN_KEY}: parallel.tp={par.tp} with {KEY} needs a plan naming the Linear / Dense "
                  f"modules to split, e.g. '*.fc=column, *.proj=row'")
-    for key, bad in (("parallel.zero", par.zero),
-                     ("localsgd.every", cfg.localsgd.every), ("ps.servers", cfg.ps.servers),
+    if par.zero == 1:
+        p.append(f"parallel.zero: ZeRO-1 is not wired for {KEY}; set parallel.zero = 2 (gradients and "
+                 f"optimizer state sharded, one unit per layer), 3 (parameters too) or 0")
+    if par.zero >= 2 and par.pp > 1:
+        p.append(f"parallel.pp: ZeRO-{par.zero} over {KEY} runs without pipeline stages; set "
+                 f"parallel.pp = 1 (or parallel.zero = 0)")
+    if par.zero >= 2 and par.tp > 1:
+        p.append(f"parallel.tp: ZeRO-{par.zero} over {KEY} runs without tensor parallelism; set "
+                 f"parallel.tp = 1 (or parallel.zero = 0)")
+    for key, bad in (("localsgd.every", cfg.localsgd.every), ("ps.servers", cfg.ps.servers),
                      ("roles.evaluators", cfg.roles.evaluators), ("roles.generators", cfg.roles.generators)):
         if bad:
             p.append(f"{key}: not combinable with {KEY} (a user's layer list runs data, pipeline "
-                     f"and tensor parallelism only)")
+                     f"and tensor parallelism and ZeRO-2/3 only); unset {key}")
     return p
 
 

@@ -69,6 +69,29 @@ def build_layers(model_cfg, seed: int) -> list:
     return layers
 
 
+def probe(layers, model_cfg) -> tuple[list, list[list[str]]]:
+    """One forward of a (2, block_size) token batch, which creates every Keras weight (in list
+    order, identically on every rank) and checks the contract (one tensor per layer, logits
+    last, no weight shared by two layers). Returns (each layer's input activation and the
+    logits, each layer's weight names '{layer}.{name}' in `layer.weights` order)."""
+    x = from_host(np.random.default_rng(0).integers(0, model_cfg.vocab_size, (2, model_cfg.block_size)), tf.int64)
+    inputs = [x]
+    for i, layer in enumerate(layers):
+        out = _call(layer, inputs[-1], False)
+        if not tf.is_tensor(out):
+            raise user_model.error(f"layer {i} returned a {type(out).__name__}, not one tensor")
+        inputs.append(out)
+    user_model.check_logits(tuple(inputs[-1].shape), model_cfg.vocab_size)
+    owners, names = {}, []
+    for i, layer in enumerate(layers):
+        ws = _weights(layer)
+        for w in ws:
+            owners.setdefault(id(_tf(w)), []).append(i)
+        names.append(user_model.unique_names(i, [w.name.split("/")[-1].split(":")[0] for w in ws]))
+    user_model.check_not_shared(owners)
+    return inputs, names
+
+
 def measure_layer_times(layers, inputs) -> list[float]:
     """Forward+backward seconds per layer (best of 3), each from its real input activation."""
     times = []
@@ -92,24 +115,9 @@ class SequentialEngine(SequentialBase):
 
     def __init__(self, cfg, layout, rt):
         self._settings(cfg, layout)
-        m, T = cfg.model, cfg.model.block_size
+        m = cfg.model
         layers = build_layers(m, cfg.train.seed)
-        # probe: creates every Keras weight (in list order, identically on every rank)
-        probe = from_host(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), tf.int64)
-        inputs = [probe]
-        for i, layer in enumerate(layers):
-            out = _call(layer, inputs[-1], False)
-            if not tf.is_tensor(out):
-                raise user_model.error(f"layer {i} returned a {type(out).__name__}, not one tensor")
-            inputs.append(out)
-        user_model.check_logits(tuple(inputs[-1].shape), m.vocab_size)
-        owners, names = {}, []
-        for i, layer in enumerate(layers):
-            ws = _weights(layer)
-            for w in ws:
-                owners.setdefault(id(_tf(w)), []).append(i)
-            names.append(user_model.unique_names(i, [w.name.split("/")[-1].split(":")[0] for w in ws]))
-        user_model.check_not_shared(owners)
+        inputs, names = probe(layers, m)
         self.param_shapes = {n: tuple(w.shape) for i, layer in enumerate(layers)
                              for n, w in zip(names[i], _weights(layer))}
         self._place_on_pipeline(rt, [float(sum(int(np.prod(w.shape)) for w in _weights(layer))) for layer in layers],

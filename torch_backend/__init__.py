@@ -16,10 +16,10 @@ from .model import GPT
 from .pipeline import PipelineEngine
 from .sequential import SequentialEngine
 from .sharded import ShardedEngine, ShardedPipelineEngine
+from .sharded_layers import ShardedSequentialEngine
 from .tensor_parallel import TPGroup
 
 __all__ = ["GPT", "Collectives", "Engine", "NumpyCollectives", "PipelineEngine", "SequentialEngine", "ShardedEngine",
-           "ShardedPipelineEngine",
-           "TPGroup",
+           "ShardedPipelineEngine", "ShardedSequentialEngine", "TPGroup",
            "configure", "device_info", "from_host", "matmul_flops", "init_horovod", "pin_batch", "tensor_parallel",
            "to_host", "use_device"]

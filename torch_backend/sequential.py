@@ -66,6 +66,22 @@ def build_layers(model_cfg, seed: int) -> list[nn.Module]:
     return out
 
 
+def probe(layers, model_cfg) -> list:
+    """One forward of a (2, block_size) token batch: builds nothing in torch, but checks the
+    contract (one tensor per layer, logits last) and gives each layer's input activation."""
+    x = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.block_size), generator=torch.Generator().manual_seed(0))
+    inputs = [x]
+    with torch.no_grad():
+        for layer in layers:
+            layer.eval()
+            inputs.append(layer(inputs[-1]))
+            if not torch.is_tensor(inputs[-1]):
+                raise user_model.error(f"layer {len(inputs) - 2} returned a {type(inputs[-1]).__name__}, "
+                                       f"not one tensor")
+    user_model.check_logits(tuple(inputs[-1].shape), model_cfg.vocab_size)
+    return inputs
+
+
 def _run(layers, x):
     for layer in layers:
         x = layer(x)
@@ -95,19 +111,9 @@ class SequentialEngine(SequentialBase):
 
     def __init__(self, cfg, layout, rt):
         self._settings(cfg, layout)
-        m, T = cfg.model, cfg.model.block_size
+        m = cfg.model
         layers = build_layers(m, cfg.train.seed)
-        # probe: builds nothing in torch, but checks the contract and gives the activations
-        probe = torch.randint(0, m.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
-        inputs = [probe]
-        with torch.no_grad():
-            for layer in layers:
-                layer.eval()
-                inputs.append(layer(inputs[-1]))
-                if not torch.is_tensor(inputs[-1]):
-                    raise user_model.error(f"layer {len(inputs) - 2} returned a {type(inputs[-1]).__name__}, "
-                                           f"not one tensor")
-        user_model.check_logits(tuple(inputs[-1].shape), m.vocab_size)
+        inputs = probe(layers, m)
         self.param_shapes = {f"{i}.{n}": tuple(p.shape) for i, layer in enumerate(layers)
                              for n, p in layer.named_parameters()}
         self._place_on_pipeline(rt, [float(sum(p.numel() for p in layer.parameters())) for layer in layers],

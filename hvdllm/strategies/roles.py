@@ -10,7 +10,10 @@ replica 0 gather the parameters (`engine.full_params()`: tp slices by allgather,
 stages to pipeline rank 0 = world rank 0), and rank 0 flattens them in the canonical order of
 params.param_shapes, the order a role's own pp = tp = 1 engine loads. A role rank joins the MPI
 collectives the trainers' pipeline engines make over all ranks at start-up
-(`join_trainer_startup`). Trainers never wait for a role:
+(`join_trainer_startup`). Under ZeRO-3 (parallel.zero = 3) every trainer holds a shard of every
+unit: all trainers share the decision and join one allgather per unit (`engine.unit_params()`),
+and rank 0 writes each unit into the flat snapshot as it arrives, so no trainer holds more of
+the model on its device than one unit. Trainers never wait for a role:
 
     role r -> rank 0   READY   a small pickled {"record": <result of the last snapshot> | None}:
                                "idle, send the next snapshot"; the record goes to metrics.jsonl
@@ -69,15 +72,20 @@ def publisher(cfg, layout: Layout, rt, backend, watchdog, write):
     """This trainer rank's SnapshotPublisher, or None when it has no part in snapshots: no role
     ranks, or a rank other than 0 while rank 0 holds the whole model (parallel.pp = tp = 1).
     `write` (rank 0's metrics log) may be None on other ranks."""
-    if not has_roles(layout) or (layout.rank != 0 and not gathered(layout)):
+    if not has_roles(layout) or (layout.rank != 0 and not gathered(layout, cfg)):
         return None
     return SnapshotPublisher(cfg, layout, rt, write, backend, watchdog)
 
 
-def gathered(layout: Layout) -> bool:
-    """Whether a snapshot must be gathered from several trainer ranks (pipeline stages or
-    tensor-parallel slices) instead of read from rank 0 alone."""
-    return layout.pp > 1 or layout.tp > 1
+def gathered(layout: Layout, cfg) -> bool:
+    """Whether a snapshot must be gathered from several trainer ranks (pipeline stages,
+    tensor-parallel slices or ZeRO-3's shards) instead of read from rank 0 alone."""
+    return layout.pp > 1 or layout.tp > 1 or zero3(cfg)
+
+
+def zero3(cfg) -> bool:
+    """ZeRO-3: every dp rank holds a shard of every unit, so all trainers gather a snapshot."""
+    return cfg.parallel.zero == 3
 
 
 class SnapshotPublisher:
@@ -93,7 +101,8 @@ class SnapshotPublisher:
         self.flat_layout = param_server.flat_layout(task.model_config(cfg))   # a classifier's head too
         # pp/tp: rank 0's decision (is any role idle?) goes to every trainer over their process set
         self.coll = None
-        if gathered(layout):
+        self.by_unit = zero3(cfg)
+        if gathered(layout, cfg):
             if backend is None or watchdog is None:
                 raise ValueError("SnapshotPublisher under pp / tp needs the backend and the watchdog")
             trainers = backend.Collectives(rt.process_set(layout.role_ranks("trainer")))
@@ -138,10 +147,28 @@ class SnapshotPublisher:
         replica 0 take part (its tp groups and its pipeline hold one copy of the model)."""
         if self.coll is None:
             return engine.flat_params() if self.root else None
+        if self.by_unit:
+            return self._gather_units(engine)
         if self.layout.dp_rank != 0:
             return None
         full = engine.full_params()
         return self.flat_layout.flatten(full) if self.root else None
+
+    def _gather_units(self, engine) -> np.ndarray | None:
+        """ZeRO-3: every trainer joins one allgather per unit (engine.unit_params); rank 0 writes
+        each unit into the flat snapshot as it arrives, so no rank holds more than one unit
+        beyond the snapshot rank 0 sends."""
+        at = dict(zip(self.flat_layout.names, self.flat_layout.offsets.tolist()))
+        flat = np.empty(self.flat_layout.total, np.float32) if self.root else None
+        seen = set()
+        for part in engine.unit_params():
+            if self.root:
+                for n, a in part.items():
+                    flat[at[n]:at[n] + a.size] = a.reshape(-1)
+                seen.update(part)
+        if self.root and seen != set(at):   # never send a snapshot with a part left unwritten
+            raise ValueError(f"ZeRO-3 snapshot: the units missed {sorted(set(at) - seen)[:5]}")
+        return flat
 
     def close(self, engine) -> None:
         """End of training: the final weights to every role that lacks them, then SHUTDOWN.
@@ -271,18 +298,19 @@ class Generator(SnapshotWorker):
 
 
 # ---------------------------------------------------------------------------------------------
-def run_role(cfg, rt, backend) -> dict:
+def run_role(cfg, rt, backend, evaluator=None, prepare=None) -> dict:
     """What a rank that is not a trainer does (cli.cmd_train): serve parameters, or evaluate /
-    sample snapshots, until trainer rank 0 sends SHUTDOWN."""
+    sample snapshots, until trainer rank 0 sends SHUTDOWN. A task other than the language
+    model's passes its own evaluator loop and `prepare(cfg, rt) -> (data, cfg)` (classify:
+    hvdllm/finetune.py; passed in, so this module does not import the trainer's side)."""
     layout = Layout.from_config(cfg, rt.size, rt.rank)
     role = layout.role()
     rt.require_mpi("parameter servers (ps.servers > 0)" if role == "server"
                    else "task separation (roles.evaluators / roles.generators)")
     loops = {"evaluator": Evaluator, "generator": Generator}
-    if task.is_classify(cfg):   # labelled examples and their evaluation (hvdllm/finetune.py)
-        from ..finetune import ClassifyEvaluator, prepare_role
-        tokens, cfg = prepare_role(cfg, rt)
-        loops = {"evaluator": ClassifyEvaluator}
+    if prepare is not None:   # e.g. labelled examples and their evaluation (hvdllm/finetune.py)
+        tokens, cfg = prepare(cfg, rt)
+        loops = {"evaluator": evaluator}
     else:
         tokens = data.prepare(cfg.data, rt.rank, timeout_s=cfg.train.step_timeout * 2)
         cfg = config.resolve(cfg, rt.size, tokens.tokenizer.vocab_size)

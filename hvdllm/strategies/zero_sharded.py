@@ -486,6 +486,15 @@ class ZeroSharded:
             out.update({n: arr.copy() for n, arr in lay.unflatten(flat[:lay.total]).items()})
         return out
 
+    def unit_host(self, u: int) -> dict[str, np.ndarray]:
+        """Unit u's whole (tp-local) parameters on the host (collective over the dp group): one
+        unit's allgather, so a caller that walks the units (role snapshots) never holds more
+        than one unit on the device."""
+        shard = self.unit_shard(u)
+        full = self.comm.allgather(shard, name="zero.unit_params") if self.k > 1 else shard
+        lay = self.layouts[u]
+        return {n: a.copy() for n, a in lay.unflatten(self.ops.to_host(full)[:lay.total]).items()}
+
     def host_params(self) -> dict[str, np.ndarray]:
         """The whole (tp-local) parameters on the host (collective over the dp group)."""
         return self._gather_named(self._host_p(), "params")
@@ -530,8 +539,7 @@ class ShardedEngineBase(GPTEngineBase):
         if par.zero == 2:   # stage 3 built no weights: its units come from _unit_flats
             self._broadcast_parameters()
         self.steps_done = 0
-        ids = list(range(params.n_layers(cfg.model))) if layers is None else list(layers)
-        uses, self.owned = units_of(cfg.model, ids)
+        ids, (uses, self.owned) = self._units(layers)
         self.uses = dict(zip(ids, uses))   # the runner's, by the model's layer index
         shapes = {n: tuple(self.shape_of(n)) for n, _ in self.named}
         tp_args = {} if self.tp is None else {"tp": self.tp.coll, "kind": tp_plan.norm_kind}
@@ -544,6 +552,12 @@ class ShardedEngineBase(GPTEngineBase):
             by_name = dict(self.named)
             self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
         self._log_memory()
+
+    def _units(self, layers=None):
+        """(unit ids, (uses, owned) per unit): the built-in GPT's layers, or a pipeline stage's
+        `layers` (a user's layer list: zero_layers.py)."""
+        ids = list(range(params.n_layers(self.cfg.model))) if layers is None else list(layers)
+        return ids, units_of(self.cfg.model, ids)
 
     def _unit_flats(self):
         """ZeRO-3's start-up: unit_values on the device, rank 0's sent to the dp group (as
@@ -630,6 +644,13 @@ class ShardedEngineBase(GPTEngineBase):
         if self.zero.stage == 2:
             return GPTEngineBase.host_params(self)
         return self.zero.host_params()
+
+    def unit_params(self):
+        """Each unit's whole parameters on the host, {name: array}, one unit at a time
+        (collective over the dp group, and the tp group's slices gathered): ZeRO-3's role
+        snapshots (strategies/roles.py), assembled on rank 0 from every dp rank's shards."""
+        for u in range(len(self.zero.layouts)):
+            yield gather_full(self.zero.unit_host(u), self.tp_ncomm)
 
     def flat_params(self) -> np.ndarray:
         hp = self.host_params()

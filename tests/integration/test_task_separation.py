@@ -3,8 +3,8 @@
 An evaluator's numbers equal an offline evaluation of the same weights (the trainers' checkpoint
 of that step); generators answer a prompts file; records reach metrics.jsonl once; trainers' step time with a
 busy evaluator attached is measured (it skips snapshots instead of making the trainers wait); and
-beside pipeline (torch) and tensor (TensorFlow) parallel trainers, which gather the snapshot, the
-evaluator's numbers equal the trainers' own evaluation of the same step."""
+beside pipeline (torch), tensor (TensorFlow) and ZeRO-3 (both) parallel trainers, which gather the
+snapshot, the evaluator's numbers equal the trainers' own evaluation of the same step."""
 import json
 import subprocess
 import sys
@@ -147,22 +147,35 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
     assert pub["snapshots_skipped"] > 0 and pub["snapshots_sent"] >= len(ev) - 1, pub
 
 
+ROLE_GRIDS = [("torch", "pp2"), ("tensorflow", "tp2"), ("torch", "zero3"), ("tensorflow", "zero3")]
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("backend,grid", [("torch", "pp2"), ("tensorflow", "tp2")])
-def test_evaluator_beside_pipeline_and_tensor_parallel(tmp_path, backend, grid):
+@pytest.mark.parametrize("backend,grid", ROLE_GRIDS)
+def test_evaluator_beside_pipeline_and_tensor_parallel(tmp_path, reference, backend, grid):
     """An evaluator beside trainers none of which holds the whole model: dp1 x pp2 (torch, plus
-    a generator) and dp1 x tp2 (TensorFlow). On snapshot steps the trainers share rank 0's
-    decision and gather the weights (pipeline stages to rank 0, tensor-parallel slices by
-    allgather); the evaluator's whole-model numbers equal the trainers' own sharded evaluation of
-    the same step. The trainers evaluate every step, so every snapshot taken has its reference."""
+    a generator), dp1 x tp2 (TensorFlow) and dp2 under ZeRO-3 (both). On snapshot steps the
+    trainers share rank 0's decision and gather the weights (pipeline stages to rank 0,
+    tensor-parallel slices by allgather, ZeRO-3's shards one unit at a time); the evaluator's
+    whole-model numbers equal the trainers' own sharded evaluation of the same step. The trainers
+    evaluate every step, so every snapshot taken has its reference. ZeRO-3's evaluator also
+    reports what a ZeRO-0 run's own evaluation does at the same steps (the np=1 reference, on the
+    same windows)."""
     # the pipeline run has a generator too (rank 3); roles.nice=0: on this loaded machine a
     # niced evaluator often starts too late for any snapshot but the final one
     par = {"pp2": ["parallel.pp=2", "parallel.microbatches=2", "roles.generators=1"],
-           "tp2": ["parallel.tp=2"]}[grid]
+           "tp2": ["parallel.tp=2"], "zero3": ["parallel.zero=3"]}[grid]
+    common = [f"backend={backend}", "train.steps=10", "train.eval_every=1", "train.checkpoint_every=0"]
     r, out = train(tmp_path, grid, 3 + (grid == "pp2"),
-                   [f"backend={backend}", "train.batch_size=4", *par, "train.steps=10", "train.eval_every=1",
-                    "train.checkpoint_every=0", "roles.evaluators=1", "roles.snapshot_every=2", "roles.nice=0"])
+                   [*common, "train.batch_size=4", *par, "roles.evaluators=1", "roles.snapshot_every=2",
+                    "roles.nice=0"])
     assert r.returncode == 0, r.stdout[-4000:]
+    if grid == "zero3":   # dp2 x batch 4 is np=1 x batch 8: the same windows, the same trajectory
+        zero0 = {q["step"]: q for q in metrics.read(reference(*common, "train.batch_size=8") / "metrics.jsonl")
+                 if "val_loss" in q}
+        for x in records(out, "evaluator"):
+            np.testing.assert_allclose(x["val_loss"], zero0[x["step"]]["val_loss"], rtol=1e-5,
+                                       err_msg=f"zero=3 evaluator vs zero=0 at step {x['step']}")
     if grid == "pp2":
         assert records(out, "generator")[-1]["step"] == 10
         assert "### prompt 0" in (out / "samples" / "step_00000010_rank3.txt").read_text()

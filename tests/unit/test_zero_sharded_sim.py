@@ -171,7 +171,9 @@ def test_sharded_step_equals_unsharded_step_on_the_average(stage, k, clip, mbs):
 def test_stage3_gathers_and_reduces_per_unit():
     """Per micro-batch: one reduce-scatter per unit; allgathers: every unit in the forward (the
     embedding again for the tied head), every unit but the head in the backward (the head and the
-    table it borrows stay whole from its forward into its backward); then one norm allreduce."""
+    table it borrows stay whole from its forward into its backward); then one norm allreduce.
+    Role snapshots (strategies/roles.py) then walk the units: one allgather per unit_host, and
+    the units joined are the whole parameters."""
     w = World(2)
     comms = w.group()
     data = batches(2, 1, 1)
@@ -182,10 +184,16 @@ def test_stage3_gathers_and_reduces_per_unit():
         z.init_params([run.concat_flat([run.w[n] for n in names]) for names in OWNED])
         run.w.clear()
         z.step(run, [data[0][r][0][0]], [data[0][r][0][1]], 1e-2)
-    w.run(body)
+        units = [z.unit_host(u) for u in range(len(OWNED))]
+        assert [sorted(u) for u in units] == [sorted(names) for names in OWNED]
+        return {n: a for u in units for n, a in u.items()}, z.host_params()
+    for joined, whole in w.run(body):
+        for n in SHAPES:
+            np.testing.assert_array_equal(joined[n], whole[n], err_msg=n)
     assert w.groups[0].log == ([("allgather", "zero.gather")] * 5 + [("reducescatter.average", "zero.grads")]
                                + [("allgather", "zero.gather"), ("reducescatter.average", "zero.grads")] * 3
-                               + [("allreduce.sum", "zero.norm")]), w.groups[0].log
+                               + [("allreduce.sum", "zero.norm")] + [("allgather", "zero.unit_params")] * 4
+                               + [("allgather", "zero.state.params")]), w.groups[0].log
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -262,7 +270,6 @@ def test_offload_takes_the_same_steps_on_the_host(stage):
     (["parallel.zero=3", "aggregation.op=sum"], "parallel.zero"),
     (["parallel.zero=2", "ps.servers=1"], "parallel.zero"),
     (["parallel.zero=3", "localsgd.every=2"], "localsgd.every"),
-    (["parallel.zero=3", "roles.evaluators=1"], "roles.evaluators"),
 ])
 def test_what_zero2_and_zero3_refuse_is_named(sets, key):
     from hvdllm import config
