@@ -15,7 +15,12 @@ class Classifier(task.ClassifierBase):
         super().__init__(model, task_cfg, tf.constant)
 
     def logits(self, x, y, training=False):
-        h = self.model._ln(self.model.run_layers(range(self.L + 1), x, training), "ln_f")   # (B, T, C)
+        return self.head_logits(self.model.run_layers(range(self.L + 1), x, training), y)
+
+    def head_logits(self, hidden, y):
+        """The head's layer (L + 1) on the blocks' output: final norm, pooling, cls (ZeRO-2/3's
+        last unit runs it alone)."""
+        h = self.model._ln(hidden, "ln_f")   # (B, T, C)
         lengths = y[:, 1]
         if self.pooling == "last":
             pooled = tf.gather(h, lengths - 1, axis=1, batch_dims=1)
@@ -32,9 +37,14 @@ class Classifier(task.ClassifierBase):
         """The mean over the batch of the weighted per-example cross-entropy."""
         return tf.reduce_mean(self._per_example(self.logits(x, y, training), y[:, 0]))
 
+    def loss_from_hidden(self, hidden, y):
+        return tf.reduce_mean(self._per_example(self.head_logits(hidden, y), y[:, 0]))
+
     def evaluate(self, x, y):
         """(loss sum, correct, logits) as tensors (the engine traces it and makes the EvalResult)."""
-        logits = self.logits(x, y, training=False)
+        return self.evaluate_logits(self.logits(x, y, training=False), y)
+
+    def evaluate_logits(self, logits, y):
         labels = y[:, 0]
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.int64))
         return tf.reduce_sum(self._per_example(logits, labels)), correct, logits

@@ -19,7 +19,12 @@ class Classifier(task.ClassifierBase):
         super().__init__(model, task_cfg, torch.from_numpy)
 
     def logits(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.model._ln(self.model.run_layers(range(self.L + 1), x), "ln_f")   # (B, T, C)
+        return self.head_logits(self.model.run_layers(range(self.L + 1), x), y)
+
+    def head_logits(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The head's layer (L + 1) on the blocks' output: final norm, pooling, cls (ZeRO-2/3's
+        last unit runs it alone)."""
+        h = self.model._ln(hidden, "ln_f")   # (B, T, C)
         lengths = y[:, 1]
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
@@ -36,10 +41,19 @@ class Classifier(task.ClassifierBase):
         """The mean over the batch of the weighted per-example cross-entropy."""
         return self._per_example(self.logits(x, y), y[:, 0]).mean()
 
+    def loss_from_hidden(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._per_example(self.head_logits(hidden, y), y[:, 0]).mean()
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
         self.model.eval()
-        logits = self.logits(x, y)
+        return self._result(self.logits(x, y), y)
+
+    @torch.no_grad()
+    def evaluate_hidden(self, hidden: torch.Tensor, y: torch.Tensor) -> EvalResult:
+        return self._result(self.head_logits(hidden, y), y)
+
+    def _result(self, logits, y) -> EvalResult:
         labels = y[:, 0]
         loss_sum = self._per_example(logits, labels).sum()
         correct = (logits.argmax(-1) == labels).sum()
