@@ -104,7 +104,7 @@ def test_targets_defaults_and_validation():
         config.validate(refused)
     msg = str(e.value)
     assert "parallel.tp: not combinable with finetune.lora_rank" in msg
-    assert "parallel.zero" not in msg and "train.init_from: LoRA adapts" in msg   # ZeRO-2/3 are accepted
+    assert "parallel.zero:" not in msg and "train.init_from: LoRA adapts" in msg   # ZeRO-2/3 are accepted
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
