@@ -78,7 +78,7 @@ def write_data(folder: Path, n_train=96, n_val=101):
 def test_classify_layouts_equal_single_process(tmp_path):
     from launch_util import mpirun_argv, run
     write_data(tmp_path)
-    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], timeout=420)
+    r = run(mpirun_argv(2) + [sys.executable, str(Path(__file__).resolve()), str(tmp_path)], timeout=900)
     assert r.returncode == 0, r.stdout[-6000:]
     for backend in BACKENDS:
         for name in LAYOUTS:

@@ -227,3 +227,62 @@ def test_precision_and_recompute_keep_the_base_frozen(be, precision, checkpointi
     if checkpointing == "full":   # recomputation changes no number: the plain run's steps
         plain = engine(cfg(), be)
         np.testing.assert_allclose(steps, train(plain, cfg(), 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sharded_units_that_own_nothing_sim(stage, k):
+    """ZeroSharded as LoRA drives it (zero_sharded.units_for), on k simulated ranks and
+    test_zero_sharded_sim's numpy model: the embedding and block 0 frozen (they own nothing, are
+    never gathered or reduced), block 1 and the head's gain train. Equals AdamW on the trainable
+    part of the dp-averaged gradient (clipping binding); no backward runs on the embedding; the
+    frozen weights are never written."""
+    from simcoll import run_group
+    from test_zero_sharded_sim import LRS, SHAPES, USES, L, NumpyRunner, batches, init
+    from test_zero_sharded_sim import cfg as optim_cfg
+
+    from hvdllm.config import AggregationConfig
+    from hvdllm.flat import FlatLayout
+    from hvdllm.optim import FlatAdamW, clip_coef
+    from hvdllm.strategies.zero_sharded import ZeroSharded
+    trains = ["h.1.w", "h.1.b", "ln.g"]
+    uses = [[n for n in names if n in trains] for names in USES]
+    lay = FlatLayout({n: SHAPES[n] for n in trains})
+    clip, steps, data = 0.05, 3, batches(k, 3, 1)
+
+    class Frozen(NumpyRunner):
+        backwards = ()
+
+        def unit_backward(self, u, h, dy):
+            self.backwards += (u,)
+            dx, grads = super().unit_backward(u, h, dy)
+            return dx, [g for n, g in zip(USES[u], grads) if n in trains]
+
+    w0, opt = init(), FlatAdamW(lay.total, lay.decay_mask(), optim_cfg(clip))
+    p, want_norms = lay.flatten({n: w0[n] for n in trains}), []
+    for t in range(steps):   # the reference: one process, the whole gradient's trainable part
+        run = NumpyRunner({**w0, **lay.unflatten(p)}, 1)
+        avg = sum(lay.flatten({n: run.whole_grads(mbs[0])[n] for n in trains}) for mbs in data[t]) / np.float32(k)
+        want_norms.append(float(np.linalg.norm(avg.astype(np.float64))))
+        opt.step(p, (avg * np.float32(clip_coef(want_norms[-1], clip))).astype(np.float32), LRS[t])
+    assert min(want_norms) > clip
+
+    def body(comm):
+        z = ZeroSharded(uses, [list(u) for u in uses], SHAPES, comm, optim_cfg(clip), AggregationConfig(), stage)
+        assert z.active == [2, 3] and z.lowest == 2 and z.needs[0] == [] and z.needs[3] == [3]
+        run = Frozen(init(), 1)
+        z.init_params([run.concat_flat([run.w[n] for n in names]) if names else None for names in uses])
+        if stage == 3:
+            run.free_unit(trains)
+        norms = []
+        for t in range(steps):
+            mbs = data[t][comm.rank]
+            norms.append(z.step(run, [m[0] for m in mbs], [m[1] for m in mbs], LRS[t])[1])
+        return z.host_params(), norms, run
+    for got, norms, run in run_group(k, body):
+        np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
+        for n in trains:
+            np.testing.assert_allclose(got[n], lay.unflatten(p)[n], rtol=1e-5, atol=1e-6, err_msg=n)
+        for n in ("wte", "h.0.w", "h.0.b"):
+            assert np.array_equal(run.w[n], w0[n]), n
+        assert set(run.backwards) == {L + 1, L}   # none below the lowest unit that trains
