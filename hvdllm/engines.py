@@ -254,15 +254,17 @@ class GPTEngineBase(EngineBase):
             self.local.load(state)
 
 
-    def _load_frozen_base(self, state):
+    def _load_frozen_base(self, state, current=None):
         """LoRA: the frozen parameters `state` holds (train.init_from's weights) go into the model;
         returns `state` with the trainable arrays it lacks (a fresh start's adapters, kept at
-        their seeded values) added, for the common path to load."""
+        their seeded values) added, for the common path to load. `current`: those values on the
+        host where the model does not hold them (ZeRO-3's shards)."""
         trainable = {n for n, _ in self.named}
         for n, p in self.base_named:
             if n not in trainable and n in state:
                 self.assign(p, np.asarray(state[n], np.float32))
-        fresh = {n: np.array(self.to_host(p)) for n, p in self.named if n not in state}
+        fresh = {n: np.array(current[n] if current is not None else self.to_host(p))
+                 for n, p in self.named if n not in state}
         return task.FreshHead(state, fresh) if fresh else state
 
 

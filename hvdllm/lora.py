@@ -18,8 +18,12 @@ checkpoint holds only the trainable set, and its run's config.toml (train.init_f
 where the base is.
 
 Layouts: data parallelism and ZeRO-1 (both work on the trainable set's flat vector, nothing
-else changes). Refused by validation: ZeRO-2/3, tensor and pipeline parallelism, local SGD,
-parameter servers, role ranks and user layer lists (each would need the frozen split there too).
+else changes); ZeRO-2/3 (strategies/zero_sharded.units_for): each unit's adapters (and the
+classifier's head in the last unit) are its only parameters there, reduce-scattered, sharded
+and stepped, gathered per unit at stage 3; the frozen base stays whole on every rank at both
+stages (no gradient or optimizer state of its own to shard; gathering it per unit would cost
+1.5x its bytes per micro-batch). Refused by validation: tensor and pipeline parallelism, local
+SGD, parameter servers, role ranks and user layer lists (each would need the frozen split there too).
 lora_dropout is not offered: the forward folds the adapters into the weight, which is what makes
 both backends' hooks one line, and a dropout on the adapters' input would need a second matmul.
 """
@@ -91,6 +95,16 @@ def trainable_shapes(cfg) -> dict[str, tuple]:
     return out
 
 
+def units(cfg, uses) -> list[list[str]]:
+    """ZeRO-2/3's units under LoRA (strategies/zero_sharded.units_for): for each unit's `uses`
+    (the model's names it reads), what of it trains: the adapters of its targeted weights, a
+    classifier's head. Each unit owns its own (no adapter is read by two units)."""
+    tg = set(targets(cfg))
+    head = set(task.HEAD) if task.is_classify(cfg) else set()
+    return [[m for n in names if n in tg for m in (a_name(n), b_name(n))] + [n for n in names if n in head]
+            for names in uses]
+
+
 def init_adapters(cfg) -> dict[str, np.ndarray]:
     """The adapters' seeded initial values (the same in both frameworks); a generator of their
     own, so the base's and the head's draws (hvdllm.params) do not move."""
@@ -154,12 +168,12 @@ def problems(cfg) -> list[str]:
         p.append("train.init_from: LoRA adapts a trained model: name the base (an hvdllm run or a Hugging "
                  "Face folder), which stays frozen and is read at every start, a resume included")
     par = cfg.parallel
-    refused = [("parallel.tp", par.tp != 1), ("parallel.pp", par.pp != 1),
-               ("parallel.zero", par.zero >= 2), ("localsgd.every", cfg.localsgd.every),
+    refused = [("parallel.tp", par.tp != 1), ("parallel.pp", par.pp != 1), ("localsgd.every", cfg.localsgd.every),
                ("ps.servers", cfg.ps.servers), ("roles.evaluators", cfg.roles.evaluators),
                ("roles.generators", cfg.roles.generators), ("model.layers", cfg.model.layers)]
     for key, bad in refused:
         if bad:
             p.append(f"{key}: not combinable with finetune.lora_rank > 0 yet (LoRA runs under data "
-                     f"parallelism and parallel.zero = 1); set finetune.lora_rank = 0 or change {key}")
+                     f"parallelism and parallel.zero = 1, 2 or 3: the frozen base would need tp / pp's split "
+                     f"and the adapters their own); set finetune.lora_rank = 0 or change {key}")
     return p

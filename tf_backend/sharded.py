@@ -16,8 +16,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from hvdllm import lora, task
+from hvdllm.engine import EvalResult
 from hvdllm.strategies.zero_sharded import ShardedEngineBase, ShardedStageBase
 
+from . import lora as lora_backend
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .engine import Engine
 from .model import GPT
@@ -31,18 +35,27 @@ class ShardedEngine(ShardedEngineBase):
     def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self._groups(cfg, layout, collectives or Collectives(), tp, NumpyCollectives)
         self.recompute = cfg.parallel.zero == 3
-        # ZeRO-3: no variables at all (only the names): the weights live in the shards
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, tp=self.tp,
-                         materialise=not self.recompute)
+        # ZeRO-3: no variables at all (only the names): the weights live in the shards; under
+        # LoRA the frozen base is built whole and only the adapters are sharded (zero_sharded.units_for)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank,
+                         tp=self.tp, materialise=not self.recompute or lora.enabled(cfg))
         self.model.configure(cfg.train)   # activation checkpointing, precision: as the Engine's
+        # task.kind = 'classify': the last unit is the head's pooling and loss (tf_backend/classify.py)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.named = list(self.model.params.items())
-        shapes = self.local_shapes()
+        self.table = {n: self.model.params for n, _ in self.named}   # where the model reads each weight
+        if lora.enabled(cfg):   # only the adapters (and a classifier's head) train
+            self.base_named, self.lora = self.named, True
+            self.named = lora_backend.attach(self.model, cfg)
+            self.table.update({n: self.model.adapters.vars for n in self.model.adapters.vars})
+        shapes = {**self.local_shapes(), **lora.trainable_shapes(cfg)} if self.lora else self.local_shapes()
         self.shapes = {n: shapes[n] for n, _ in self.named}
         self._shard_model()
 
     # backend primitives (hvdllm/engines.py, zero_sharded.py) --------------------------------
     to_host = staticmethod(to_host)
     from_host = staticmethod(from_host)
+    assign = staticmethod(Engine.assign)
     concat_flat = staticmethod(Engine.concat_flat)
     assign_flat = staticmethod(Engine.assign_flat)
 
@@ -63,19 +76,21 @@ class ShardedEngine(ShardedEngineBase):
         sizes = [int(np.prod(self.shapes[n])) for n in names]
         for n, piece in zip(names, tf.split(flat, sizes)):
             if self.recompute:
-                self.model.params[n] = tf.reshape(piece, self.shapes[n])
+                self.table[n][n] = tf.reshape(piece, self.shapes[n])
             else:
-                self.model.params[n].assign(tf.reshape(piece, self.shapes[n]))
+                self.table[n][n].assign(tf.reshape(piece, self.shapes[n]))
 
     def free_unit(self, names) -> None:
         for n in names:
-            self.model.params[n] = None
+            self.table[n][n] = None
 
     def micro(self, x, y):
         xs, ys = from_host(np.asarray(x, np.int64)), from_host(np.asarray(y, np.int64))
         return tf.split(xs, self.k), tf.split(ys, self.k)
 
     def _run(self, u, x, target):
+        if target is not None and self.head is not None:   # classify: ln_f, pooling, head, loss
+            return self.head.loss_of(self.head.head(x, target), target) / self.k
         out = self.model.run_layer(u, x, training=True)
         if target is not None:
             out = self.model.loss_from_logits(out, target) / self.k
@@ -95,7 +110,7 @@ class ShardedEngine(ShardedEngineBase):
         return out, (tape, x, out)
 
     def unit_backward(self, u, handle, dy):
-        weights = [self.model.params[n] for n in self.uses[u]]
+        weights = [self.table[n][n] for n in self.uses[u]]
         if self.recompute:   # the unit's forward again, under a tape, with the forward's dropout masks
             x, target, rng = handle
             now = self._dropout_state()
@@ -121,6 +136,17 @@ class ShardedEngine(ShardedEngineBase):
 
     def eval_unit(self, u, x):
         return self.model.run_layer(u, x, training=False)
+
+    def evaluate(self, x, y):
+        """classify: the blocks unit by unit, then the head on their output (its pooling reads y's
+        lengths); a language model's: ShardedEngineBase's."""
+        if self.head is None:
+            return ShardedEngineBase.evaluate(self, x, y)
+        yt, last = from_host(np.asarray(y, np.int64)), len(self.uses) - 1
+        loss_sum, correct, logits = self.zero.forward_only(
+            lambda u, h: self.head.scores(self.head.head(h, yt), yt) if u == last
+            else self.eval_unit(u, h), self.tokens(x), self)
+        return EvalResult(float(loss_sum), int(correct), len(x), logits=to_host(logits))
 
     def score(self, logits, y):
         t = from_host(np.asarray(y, np.int64).reshape(-1))

@@ -18,11 +18,14 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
+from hvdllm import lora, task
 from hvdllm.strategies.zero_sharded import ShardedEngineBase, ShardedStageBase
 
+from . import lora as lora_backend
+from .classify import Classifier
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
 from .engine import Engine
-from .model import GPT
+from .model import GPT, _storageless
 from .pipeline import PipelineEngine, measure_layer_times, received, set_transport
 from .tensor_parallel import TPGroup
 
@@ -33,10 +36,21 @@ class ShardedEngine(ShardedEngineBase):
     def __init__(self, cfg, layout, collectives: Collectives | None = None, tp: TPGroup | None = None):
         self._groups(cfg, layout, collectives or Collectives(), tp, NumpyCollectives)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
-        # ZeRO-3: parameters without storage (torch's own, resizable), filled unit by unit
-        self.model = GPT(cfg.model, cfg.train.seed, tp=self.tp, materialise=cfg.parallel.zero == 2)
+        # ZeRO-3: parameters without storage (torch's own, resizable), filled unit by unit; under
+        # LoRA the frozen base is built whole and only the adapters are sharded (zero_sharded.units_for)
+        zero3 = cfg.parallel.zero == 3
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, tp=self.tp,
+                         materialise=not zero3 or lora.enabled(cfg))
         self.model.configure(cfg.train)   # activation checkpointing, precision: as the Engine's
+        # task.kind = 'classify': the last unit is the head's pooling and loss (torch_backend/classify.py)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.named = self.model.named()
+        if lora.enabled(cfg):   # only the adapters (and a classifier's head) train
+            self.base_named, self.lora = self.named, True
+            self.named = lora_backend.attach(self.model, cfg)
+            if zero3:   # torch-owned storage (from_numpy's is not resizable): ZeRO-3 frees it
+                for _, p in self.named:
+                    p.data = p.data.clone()
         self.by_name = dict(self.named)
         # Measured at np=2 on a 2-core CPU shared with other jobs (6 blocks of width 256, T=64,
         # batch 8, zero=3, interleaved runs): gathering ahead 875 / 1015 / 1449 ms per step,
@@ -53,7 +67,7 @@ class ShardedEngine(ShardedEngineBase):
         # the optimizer (np=2, 8 blocks of 512: 83 ms of a 1.35 s step). Alone (dp = 1) the
         # "gathered" vector is the master shard itself, which the parameters must not alias:
         # there they are copied in.
-        self.husks = {n: p.data for n, p in self.named} if cfg.parallel.zero == 3 and self.comm.size > 1 else {}
+        self.husks = {n: _storageless(p.shape) for n, p in self.named} if zero3 and self.comm.size > 1 else {}
         if self.comm.size > 1 and self.tp is None:
             ps = self.comm.process_set
             self.gather_async = (lambda t, name: hvd.allgather_async(t, name=name, process_set=ps),
@@ -63,6 +77,7 @@ class ShardedEngine(ShardedEngineBase):
     # backend primitives (hvdllm/engines.py, zero_sharded.py) --------------------------------
     to_host = staticmethod(to_host)
     from_host = staticmethod(from_host)
+    assign = staticmethod(Engine.assign)
     concat_flat = staticmethod(Engine.concat_flat)
     assign_flat = staticmethod(Engine.assign_flat)
 
@@ -88,7 +103,10 @@ class ShardedEngine(ShardedEngineBase):
                 p.data = piece.view_as(p)
                 continue
             if p.untyped_storage().size() == 0:   # ZeRO-3 alone: the freed storage back, same object
-                p.untyped_storage().resize_(p.numel() * p.element_size())
+                if p.untyped_storage().resizable():
+                    p.untyped_storage().resize_(p.numel() * p.element_size())
+                else:   # a storage torch cannot resize (met for a LoRA head in a long test process): a new one
+                    p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device)
             p.data.copy_(piece.view_as(p))        # through .data: no version-counter bump
 
     def free_unit(self, names) -> None:
@@ -108,9 +126,12 @@ class ShardedEngine(ShardedEngineBase):
         if u:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():   # run_layers: a block recomputes in backward under 'full' checkpointing
-            out = self.model.run_layers([u], x)
-            if target is not None:
-                out = self.model.loss_from_logits(out, target) / self.k
+            if target is not None and self.head is not None:   # classify: ln_f, pooling, head, loss
+                out = self.head.loss_of(self.head.head(x, target), target) / self.k
+            else:
+                out = self.model.run_layers([u], x)
+                if target is not None:
+                    out = self.model.loss_from_logits(out, target) / self.k
         return out.detach(), (x, out)
 
     def unit_backward(self, u, handle, dy):
@@ -128,6 +149,18 @@ class ShardedEngine(ShardedEngineBase):
     def eval_unit(self, u, x):
         self.model.eval()
         return self.model.run_layer(u, x)
+
+    def evaluate(self, x, y):
+        """classify: the blocks unit by unit, then the head on their output (its pooling reads y's
+        lengths); a language model's: ShardedEngineBase's."""
+        if self.head is None:
+            return ShardedEngineBase.evaluate(self, x, y)
+        yt, last = from_host(np.asarray(y, np.int64)), len(self.uses) - 1
+        with torch.no_grad():
+            self.model.eval()
+            return self.zero.forward_only(
+                lambda u, h: self.head.scores(self.head.head(h, yt), yt) if u == last else self.eval_unit(u, h),
+                self.tokens(x), self)
 
     @torch.no_grad()
     def score(self, logits, y):

@@ -134,6 +134,21 @@ def units_of(model_cfg, layers=None) -> tuple[list[list[str]], list[list[str]]]:
     return uses, owned
 
 
+def units_for(cfg, ids=None) -> tuple[list[list[str]], list[list[str]]]:
+    """units_of for the run's model (a classifier's head in the last unit, task.model_config);
+    under LoRA (hvdllm/lora.py) only what trains: each unit's adapters (and the head), so only
+    they are reduce-scattered, sharded and stepped. The frozen base stays whole on every rank at
+    both stages: it gets no gradient and no optimizer state, so ZeRO's savings do not apply to
+    it, and gathering it per unit at stage 3 would move 1.5x the base's bytes per micro-batch to
+    save memory the base already costs a plain dp run."""
+    from .. import lora, task
+    uses, owned = units_of(task.model_config(cfg), ids)
+    if lora.enabled(cfg):
+        uses = lora.units(cfg, uses)
+        owned = [list(names) for names in uses]
+    return uses, owned
+
+
 def unit_values(model_cfg, seed: int, owned, cut=None):
     """Each unit's initial values as one flat float32 vector of its owned (tp-local, `cut`)
     parameters, one unit at a time (params.init_groups: the whole-model init's values, in one
@@ -174,8 +189,13 @@ class ZeroSharded:
         self.sqnorms = sqnorms or self.ops.sqnorms
         self.layouts = [FlatLayout({n: shapes[n] for n in names}) for names in owned]
         owner = {n: u for u, names in enumerate(owned) for n in names}
+        # units that own parameters: under LoRA (units_for) a unit may own none (a block without
+        # adapters, the LM head): nothing of it is sharded, gathered or reduced, and no backward
+        # runs below the lowest unit that owns some (nothing under it would get a gradient)
+        self.active = [u for u, lay in enumerate(self.layouts) if lay.total]
+        self.lowest = self.active[0]
         # stage 3: the units whose weights unit u's computation needs materialised
-        self.needs = [sorted({u} | {owner[n] for n in names}) for u, names in enumerate(uses)]
+        self.needs = [sorted(({u} | {owner[n] for n in names}) & set(self.active)) for u, names in enumerate(uses)]
         self.borrowed = [[n for n in names if owner[n] != u] for u, names in enumerate(uses)]
         self.n = [lay.padded_total(self.k) // self.k for lay in self.layouts]    # shard length per unit
         self.off = np.concatenate([[0], np.cumsum(self.n)]).astype(np.int64)
@@ -184,7 +204,7 @@ class ZeroSharded:
         for lay in self.layouts:
             lo, hi = lay.shard_range(self.k, self.i)
             pad = np.zeros(lay.padded_total(self.k) - lay.total, bool)
-            masks.append(np.concatenate([lay.decay_mask(), pad])[lo:hi])
+            masks.append(np.concatenate([lay.decay_mask() if lay.total else pad, pad])[lo:hi])
         mask = np.concatenate(masks)
         self.opt = FlatAdamW(self.size, mask, optim_cfg) if offload == "optimizer" \
             else DeviceAdamW(self.size, mask, optim_cfg, self.ops)
@@ -203,6 +223,8 @@ class ZeroSharded:
         most two copies of the shards exist at once."""
         ops, pieces = self.ops, []
         for lay, flat in zip(self.layouts, unit_flats):
+            if not lay.total:
+                continue
             pieces.append(ops.from_host(ops.to_host(lay.shard(flat, self.k, self.i, ops))))
             del flat
         self._set_shard(ops.concat(pieces))
@@ -218,8 +240,8 @@ class ZeroSharded:
     def publish(self, run) -> None:
         """Stage 2: every unit's whole parameters from the shards (one allgather)."""
         full = self.comm.allgather(self.p, name="zero.params") if self.k > 1 else self.p
-        for u, lay in enumerate(self.layouts):
-            run.load_unit(self.owned[u], self._whole(full, u, self.size)[:lay.total])
+        for u in self.active:
+            run.load_unit(self.owned[u], self._whole(full, u, self.size)[:self.layouts[u].total])
 
     def _whole(self, full, u: int, stride: int):
         """Unit u's padded flat vector from an allgather of every rank's concatenated shards."""
@@ -286,14 +308,16 @@ class ZeroSharded:
         the global gradient norm before clipping, a float)."""
         U = len(self.layouts)
         order = [(ph, u, mb) for mb in range(len(xs))
-                 for ph, units in (("f", range(U)), ("b", range(U - 1, -1, -1))) for u in units]
+                 for ph, units in (("f", range(U)), ("b", range(U - 1, self.lowest - 1, -1))) for u in units]
         needs = [self.needs[u] for _, u, _ in order] + [[]]
         gshard, held, saved, loss, x = [None] * U, {}, {}, None, None
         for j, (ph, u, mb) in enumerate(order):
             if self.stage == 3:
                 self.materialise(run, needs[j], needs[j + 1], ph)
             if ph == "f":
-                x, saved[u] = run.unit_forward(u, xs[mb] if u == 0 else x, ys[mb] if u == U - 1 else None)
+                x, handle = run.unit_forward(u, xs[mb] if u == 0 else x, ys[mb] if u == U - 1 else None)
+                if u >= self.lowest:   # below it no backward runs
+                    saved[u] = handle
                 if u == U - 1:
                     loss, x = (x if loss is None else loss + x), None
             else:
@@ -313,6 +337,8 @@ class ZeroSharded:
         for n in self.borrowed[u]:
             held[n] = grads[n] if n not in held else held[n] + grads[n]
         own = [grads[n] + held.pop(n) if n in held else grads[n] for n in self.owned[u]]
+        if not own:   # a unit with nothing to train (LoRA): its backward only carried dx down
+            return
         if u in self.defer:   # summed whole over the micro-batches: reduced in finish_stage
             acc = self.deferred.get(u)
             self.deferred[u] = own if acc is None else [a + b for a, b in zip(acc, own)]
@@ -335,7 +361,7 @@ class ZeroSharded:
         (an argument lives on in its caller's frame), so clipping's scaled copy replaces the
         gradient rather than joining it and the pieces: one gradient shard alive, not three."""
         ops = self.ops
-        g = ops.concat(gshard)
+        g = ops.concat([gshard[u] for u in self.active])
         gshard.clear()
         sq = self.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
         if self.k > 1:
@@ -458,7 +484,7 @@ class ZeroSharded:
         layout, else cut from the whole array one parameter at a time). Returns optim.step (0
         when the state holds no optimizer: parameters only)."""
         bases = bases or {}
-        first = self.layouts[0].names[0]
+        first = self.layouts[self.lowest].names[0]
         t = int(state.get("optim.step", 0)) if f"optim.m.{first}" in state else 0
         bufs = {kind: np.zeros(self.size, np.float32) for kind in (("p", "m", "v") if t else ("p",))}
         for n, (a, b), (s, e) in self._pieces():
@@ -480,7 +506,8 @@ class ZeroSharded:
             else self.ops.from_host(vec_host)
         full = self.ops.to_host(full)
         out = {}
-        for u, lay in enumerate(self.layouts):
+        for u in self.active:
+            lay = self.layouts[u]
             a, b = int(self.off[u]), int(self.off[u + 1])
             flat = np.concatenate([full[r * self.size + a:r * self.size + b] for r in range(self.k)])
             out.update({n: arr.copy() for n, arr in lay.unflatten(flat[:lay.total]).items()})
@@ -536,7 +563,8 @@ class ShardedEngineBase(GPTEngineBase):
         cfg = self.cfg
         par = cfg.parallel
         self._agree_on_model()
-        if par.zero == 2:   # stage 3 built no weights: its units come from _unit_flats
+        fresh = par.zero == 3 and not self.lora   # stage 3 built no weights: its units come from _unit_flats
+        if not fresh:
             self._broadcast_parameters()
         self.steps_done = 0
         ids, (uses, self.owned) = self._units(layers)
@@ -546,23 +574,28 @@ class ShardedEngineBase(GPTEngineBase):
         self.zero = ZeroSharded(uses, self.owned, shapes, self.comm, cfg.optim, cfg.aggregation, par.zero,
                                 gather_async=self.gather_async, offload=par.offload, sqnorms=self.sqnorms,
                                 ids=ids, **{**tp_args, **stage})
-        if par.zero == 3:
+        if fresh:
             self.zero.init_params(self._unit_flats())
         else:
             by_name = dict(self.named)
-            self.zero.init_params([self.concat_flat([by_name[n] for n in names]) for names in self.owned])
+            self.zero.init_params([self.concat_flat([by_name[n] for n in names]) if names else None
+                                   for names in self.owned])
+            if par.zero == 3:   # LoRA: the adapters built with values; only their shards stay
+                for u in self.zero.active:
+                    self.free_unit(self.owned[u])
         self._log_memory()
 
     def _units(self, layers=None):
         """(unit ids, (uses, owned) per unit): the built-in GPT's layers, or a pipeline stage's
         `layers` (a user's layer list: zero_layers.py)."""
         ids = list(range(params.n_layers(self.cfg.model))) if layers is None else list(layers)
-        return ids, units_of(self.cfg.model, ids)
+        return ids, units_for(self.cfg, ids)
 
     def _unit_flats(self):
         """ZeRO-3's start-up: unit_values on the device, rank 0's sent to the dp group (as
         _broadcast_parameters sends the whole model: ranks agree whatever they drew)."""
-        for flat in unit_values(self.cfg.model, self.cfg.train.seed, self.owned, self.model.cut):
+        from .. import task
+        for flat in unit_values(task.model_config(self.cfg), self.cfg.train.seed, self.owned, self.model.cut):
             flat = self.from_host(flat)
             if self.comm.size > 1:
                 flat = self.comm.broadcast(flat, root=0, name="init.unit")
@@ -570,7 +603,8 @@ class ShardedEngineBase(GPTEngineBase):
 
     def local_shapes(self) -> dict[str, tuple]:
         """This rank's (tp-local) shape of every parameter of the model."""
-        shapes = params.param_shapes(self.cfg.model)
+        from .. import task
+        shapes = params.param_shapes(task.model_config(self.cfg))   # a classifier's head too
         return tp_plan.local_shapes(shapes, self.tp.size) if self.tp else shapes
 
     def _agree_on_model(self) -> None:
@@ -669,6 +703,8 @@ class ShardedEngineBase(GPTEngineBase):
         """From whole arrays or a checkpoint.Sharded: only this rank's ranges are read; stage 2
         then allgathers the whole parameters into the model."""
         self.zero.release_all(self)
+        if self.lora:   # the frozen base into the model; a fresh start's adapters keep their values
+            state = self._load_frozen_base(state, self.zero.host_params())
         self.steps_done = self.zero.load(state, self._bases())
         if self.zero.stage == 2:
             self.zero.publish(self)

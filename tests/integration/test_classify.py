@@ -7,7 +7,8 @@
    trainer builds them, and fed the batches labelled.ExampleSampler hands their dp rank. Losses
    and gradient norms agree to 1e-5 under plain dp and under ZeRO-1 with accumulation, clipping,
    mean pooling and class weights, with LoRA adapters (finetune.lora_rank) under dp and ZeRO-1,
-   and to 5e-5 under tp=2; the distributed evaluation of 101 validation
+   and to 5e-5 under tp=2, and under ZeRO-2 and ZeRO-3 (plain and LoRA, the LoRA base
+   bit-identical after training); the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
    The pipeline layout (pp=2: the head on the last stage) shares those references; its
    weights, gathered as a snapshot for an evaluator rank and scored as it scores them, give the
@@ -49,6 +50,15 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     # costs the launch ~1/6 more; 'last' pooling is the same Classifier.head code as under dp)
     "pp2_clip_mean_weights": (CLIP_MEAN_WEIGHTS, ["parallel.pp=2", f"train.batch_size={4 * BATCH}",
                                                   "parallel.microbatches=4"]),
+    # ZeRO-2/3 (zero_sharded.py): the head is the last unit (its pooling reads y's lengths); under
+    # LoRA only the adapters and the head are units' parameters, the base stays whole. Each
+    # shares a reference above (no new np=1 run)
+    "dp2_zero2": ([], ["parallel.dp=2", "parallel.zero=2"]),
+    "dp2_zero3_accum2_clip_mean_weights": (["optim.grad_clip=0.05", "task.pooling=mean",
+                                            "task.class_weights=[1.0,2.0,0.5]"],
+                                           ["parallel.dp=2", "parallel.zero=3", "aggregation.accumulation=2"]),
+    "dp2_zero2_lora_clip": (LORA, ["parallel.dp=2", "parallel.zero=2"]),
+    "dp2_zero3_accum2_lora_clip": (LORA, ["parallel.dp=2", "parallel.zero=3", "aggregation.accumulation=2"]),
 }
 WORDS = {"neg": ["bad", "sad", "poor"], "pos": ["good", "fine", "nice"], "neu": ["road", "table", "seven"]}
 
@@ -152,6 +162,14 @@ def _train(engine, cfg, data, dp, rank):
     return np.array(out), ev
 
 
+def _frozen(engine) -> dict:
+    """LoRA: the frozen base's values on this rank (the head trains: not in it)."""
+    from hvdllm import task
+    if not engine.lora:
+        return {}
+    return {n: np.array(engine.to_host(p)) for n, p in engine.base_named if n not in task.HEAD}
+
+
 def _check(backend, rt, be, folder):
     from hvdllm.layout import Layout
     from hvdllm.parallelize import build_engine, build_solo_engine
@@ -166,7 +184,10 @@ def _check(backend, rt, be, folder):
             refs[ref_sets] = _train(build_solo_engine(ref_cfg, rt, be, ranks=[rt.rank]), ref_cfg, data, 1, 0)
         want_steps, want_ev = refs[ref_sets]
         engine = build_engine(cfg, layout, rt, be)
+        frozen = _frozen(engine)
         steps, ev = _train(engine, cfg, data, layout.dp, layout.dp_rank)
+        after = _frozen(engine)
+        assert all(np.array_equal(after[n], v) for n, v in frozen.items()), f"{backend} {name}: the base moved"
         if layout.pp > 1:   # what an evaluator rank records of these weights: the same counts
             got = _evaluator_record(engine, cfg, layout, data, rt, be)
             if got is not None:

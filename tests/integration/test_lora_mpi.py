@@ -1,5 +1,5 @@
 """LoRA (finetune.lora_rank, hvdllm/lora.py) through `hvdllm train` and `hvdllm convert`: a base
-run, then a LoRA run on it (train.init_from) at np=2 and the same at np=1 that fails after its
+run, then a LoRA run on it (train.init_from) at np=2 (ZeRO-3) and the same at np=1 (ZeRO-2) that fails after its
 step-3 checkpoint and is resumed (the base read again from train.init_from, the adapters from
 the checkpoint): the np=1 run's losses and gradient norms are the np=2 run's, the checkpoints
 hold only the adapters and name their exact base (a resume onto another is refused), and
@@ -26,17 +26,20 @@ def test_lora_train_resume_and_merge(tmp_path):
     r, base = train(tmp_path, "base", sets=["train.sample_tokens=0", "train.eval_every=0"])
     assert r.returncode == 0, r.stdout[-3000:]
     sets = [*LORA, f"train.init_from={base}"]
-    r, ref = train(tmp_path, "np2", np_=2, sets=[*sets, "train.batch_size=4"])
+    # the np=2 run under ZeRO-3, the np=1 one under ZeRO-2 (zero_sharded.units_for: the adapters
+    # sharded, the base whole): the trainer's path there (train.init_from into the sharded
+    # engine, sharded checkpoints of the adapters, their resume, merge from them)
+    r, ref = train(tmp_path, "np2", np_=2, sets=[*sets, "train.batch_size=4", "parallel.zero=3"])
     assert r.returncode == 0, r.stdout[-3000:]
     out = tmp_path / "np1"
-    one = [*sets, "train.batch_size=8", "train.fail_at_step=4", "train.resume=true"]
+    one = [*sets, "train.batch_size=8", "train.fail_at_step=4", "train.resume=true", "parallel.zero=2"]
     r, _ = train(tmp_path, "np1", sets=one)
     assert r.returncode != 0 and "injected failure at step 4" in r.stdout, r.stdout[-3000:]
     args = ["train"] + [a for kv in [*TINY, f"train.out_dir={out}", *one] for a in ("--set", kv)]
     r = hvdllm(1, args, HVDLLM_ATTEMPT=1)   # a relaunch: the injected failure is the first attempt's
     assert r.returncode == 0 and "resumed from" in r.stdout and "(step 3)" in r.stdout, r.stdout[-3000:]
     assert [x["step"] for x in records(out) if "loss" in x][-3:] == [4, 5, 6]
-    same_run(out, ref, rtol=1e-5, keys=("loss", "grad_norm"), what="LoRA np=1 resumed vs np=2")
+    same_run(out, ref, rtol=1e-5, keys=("loss", "grad_norm"), what="LoRA np=1 ZeRO-2 resumed vs np=2 ZeRO-3")
     # a resume onto another base (a copy elsewhere stands for a base that moved on) is refused
     import shutil
     shutil.copytree(base, tmp_path / "other_base")

@@ -47,7 +47,8 @@ def base(c) -> dict:
 
 
 def engine(c, be="torch"):
-    e = BACKENDS[be].Engine(c, Layout.build(c.parallel, world_size=1, rank=0))
+    make = BACKENDS[be].ShardedEngine if c.parallel.zero >= 2 else BACKENDS[be].Engine
+    e = make(c, Layout.build(c.parallel, world_size=1, rank=0))
     e.load_state_dict(base(c))   # as the trainer's train.init_from does
     return e
 
@@ -103,7 +104,7 @@ def test_targets_defaults_and_validation():
         config.validate(refused)
     msg = str(e.value)
     assert "parallel.tp: not combinable with finetune.lora_rank" in msg
-    assert "parallel.zero: not combinable" in msg and "train.init_from: LoRA adapts" in msg
+    assert "parallel.zero:" not in msg and "train.init_from: LoRA adapts" in msg   # ZeRO-2/3 are accepted
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -142,6 +143,33 @@ def test_zero1_equals_plain_dp(be):
         np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-4 * float(np.abs(sa[k]).max()), err_msg=k)
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_zero2_zero3_equal_plain_dp(be, zero):
+    """ZeRO-2/3 (zero_sharded.units_for): units own only their adapters (block 0's c_attn and
+    c_proj, block 1's), the head unit the classifier's head; the embedding unit owns nothing, so
+    no backward runs there; the base stays whole and bit-identical."""
+    tg = ["attn.c_attn", "h.1.mlp.c_proj"]
+    c0, c = cfg(targets=tg, classify=True), cfg(targets=tg, zero=zero, classify=True)
+    a, b = engine(c0, be), engine(c, be)
+    assert b.zero.active == [1, 2, 3] and b.zero.lowest == 1
+    before = base_now(b)
+    got, want = train(b, c, 3), train(a, c0, 3)
+    assert want[:, 1].min() > 0.05   # clipping acted
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    after = base_now(b)
+    for n in before:
+        if n not in task.HEAD:   # (TF's ZeRO-3 holds the head in its shards, not the variable)
+            assert np.array_equal(after[n], before[n]), n
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-4 * float(np.abs(sa[k]).max()), err_msg=k)
+    ev_a, ev_b = a.evaluate(*batch(11, c)), b.evaluate(*batch(11, c))
+    assert ev_a.correct == ev_b.correct
+    np.testing.assert_allclose(ev_b.loss_sum, ev_a.loss_sum, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("be", BACKENDS)
 def test_merged_model_equals_lora_model(be, family):
@@ -161,7 +189,7 @@ def test_merged_model_equals_lora_model(be, family):
     assert np.abs(want - logits(engine(c, be), x)).max() > 1e-3   # the adapters did change the model
 
 
-@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 @pytest.mark.parametrize("be", BACKENDS)
 def test_resume_equals_uninterrupted(be, zero, tmp_path):
     from hvdllm import checkpoint
@@ -199,3 +227,62 @@ def test_precision_and_recompute_keep_the_base_frozen(be, precision, checkpointi
     if checkpointing == "full":   # recomputation changes no number: the plain run's steps
         plain = engine(cfg(), be)
         np.testing.assert_allclose(steps, train(plain, cfg(), 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sharded_units_that_own_nothing_sim(stage, k):
+    """ZeroSharded as LoRA drives it (zero_sharded.units_for), on k simulated ranks and
+    test_zero_sharded_sim's numpy model: the embedding and block 0 frozen (they own nothing, are
+    never gathered or reduced), block 1 and the head's gain train. Equals AdamW on the trainable
+    part of the dp-averaged gradient (clipping binding); no backward runs on the embedding; the
+    frozen weights are never written."""
+    from simcoll import run_group
+    from test_zero_sharded_sim import LRS, SHAPES, USES, L, NumpyRunner, batches, init
+    from test_zero_sharded_sim import cfg as optim_cfg
+
+    from hvdllm.config import AggregationConfig
+    from hvdllm.flat import FlatLayout
+    from hvdllm.optim import FlatAdamW, clip_coef
+    from hvdllm.strategies.zero_sharded import ZeroSharded
+    trains = ["h.1.w", "h.1.b", "ln.g"]
+    uses = [[n for n in names if n in trains] for names in USES]
+    lay = FlatLayout({n: SHAPES[n] for n in trains})
+    clip, steps, data = 0.05, 3, batches(k, 3, 1)
+
+    class Frozen(NumpyRunner):
+        backwards = ()
+
+        def unit_backward(self, u, h, dy):
+            self.backwards += (u,)
+            dx, grads = super().unit_backward(u, h, dy)
+            return dx, [g for n, g in zip(USES[u], grads) if n in trains]
+
+    w0, opt = init(), FlatAdamW(lay.total, lay.decay_mask(), optim_cfg(clip))
+    p, want_norms = lay.flatten({n: w0[n] for n in trains}), []
+    for t in range(steps):   # the reference: one process, the whole gradient's trainable part
+        run = NumpyRunner({**w0, **lay.unflatten(p)}, 1)
+        avg = sum(lay.flatten({n: run.whole_grads(mbs[0])[n] for n in trains}) for mbs in data[t]) / np.float32(k)
+        want_norms.append(float(np.linalg.norm(avg.astype(np.float64))))
+        opt.step(p, (avg * np.float32(clip_coef(want_norms[-1], clip))).astype(np.float32), LRS[t])
+    assert min(want_norms) > clip
+
+    def body(comm):
+        z = ZeroSharded(uses, [list(u) for u in uses], SHAPES, comm, optim_cfg(clip), AggregationConfig(), stage)
+        assert z.active == [2, 3] and z.lowest == 2 and z.needs[0] == [] and z.needs[3] == [3]
+        run = Frozen(init(), 1)
+        z.init_params([run.concat_flat([run.w[n] for n in names]) if names else None for names in uses])
+        if stage == 3:
+            run.free_unit(trains)
+        norms = []
+        for t in range(steps):
+            mbs = data[t][comm.rank]
+            norms.append(z.step(run, [m[0] for m in mbs], [m[1] for m in mbs], LRS[t])[1])
+        return z.host_params(), norms, run
+    for got, norms, run in run_group(k, body):
+        np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
+        for n in trains:
+            np.testing.assert_allclose(got[n], lay.unflatten(p)[n], rtol=1e-5, atol=1e-6, err_msg=n)
+        for n in ("wte", "h.0.w", "h.0.b"):
+            assert np.array_equal(run.w[n], w0[n]), n
+        assert set(run.backwards) == {L + 1, L}   # none below the lowest unit that trains
