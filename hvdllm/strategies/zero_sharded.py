@@ -546,6 +546,7 @@ class ShardedEngineBase(GPTEngineBase):
 
     gather_async = None
     sqnorms = None
+    head = None   # classify's Classifier (the backends' ShardedEngine sets it; pipeline stages do not)
 
     def _groups(self, cfg, layout, collectives, tp, host_collectives) -> None:
         """The dp group (tensor Collectives and their HostCollectives), the tp group (None
