@@ -219,6 +219,9 @@ class TrainConfig:
                          "cleanup) or 'overflow' its fp16 gradients (train.precision = 'fp16': the step "
                          "is skipped everywhere); either only on a launch's first attempt ($HVDLLM_ATTEMPT, which "
                          "`hvdllm launch --max-restarts` sets), so a restarted job runs past it", "raise")
+    step_sleep_s: float = doc("testing aid: seconds every rank sleeps after each step, outside its timing "
+                              "(stretches a drill so that what happens outside the job, an elastic host's "
+                              "return after its cooldown, lands mid-run); 0 = none", 0.0)
 
 
 @dataclass
@@ -569,6 +572,8 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
     if t.fail_rank < 0 or (world_size is not None and t.fail_rank >= world_size):
         upto = f"0..{world_size - 1}" if world_size is not None else ">= 0"
         p.append(f"train.fail_rank: {t.fail_rank} is not a rank of this job (ranks {upto})")
+    if not t.step_sleep_s >= 0:
+        p.append(f"train.step_sleep_s: must be >= 0 seconds, got {t.step_sleep_s}")
     if t.out_dir:
         out = Path(t.out_dir)
         for q in (out, *out.parents):

@@ -229,6 +229,11 @@ def run(trainer, loop):
 GLOO_TIMEOUT = "HOROVOD_GLOO_TIMEOUT_SECONDS"
 
 
+def _first_line(e: BaseException) -> str:
+    """What a failed collective said, for the resize line."""
+    return str(e).strip().split("\n")[0][:300]
+
+
 def _elastic_run(backend: str, hvd, join_timeout: float):
     """hvd.elastic.run (horovod/common/elastic.py run_fn: sync, run, and on a resize restore or
     not, re-initialise Horovod, reset, again), noting which event caused each reset for the log,
@@ -259,7 +264,7 @@ def _elastic_run(backend: str, hvd, join_timeout: float):
             try:
                 return func(state, *args, **kwargs)
             except HorovodInternalError as e:   # a lost peer, or any failed collective (a mismatch too)
-                state.event, state.cause = "a worker was lost", str(e).strip().split("\n")[0][:300]
+                state.event, state.cause = "a worker was lost", _first_line(e)
                 raise
             except HostsUpdatedInterrupt as e:
                 state.event = "hosts were removed" if e.skip_sync else "hosts were added"
@@ -267,7 +272,7 @@ def _elastic_run(backend: str, hvd, join_timeout: float):
             except op_error as e:
                 if "Horovod" not in str(e):
                     raise
-                state.event, state.cause = "a worker was lost", str(e).strip().split("\n")[0][:300]
+                state.event, state.cause = "a worker was lost", _first_line(e)
                 raise HorovodInternalError(e) from e
         return run_fn(wrapper, reset)
     return decorate

@@ -230,6 +230,8 @@ class Trainer:
                 if self.publisher is not None:  # offer a snapshot to idle evaluators; never waits
                     self.publisher.after_step(step + 1, self.engine)
                 dt = time.perf_counter() - t0
+                if t.step_sleep_s:
+                    time.sleep(t.step_sleep_s)
                 # a step whose loss is not read may end before its device work does: the steps
                 # between two logs are timed together, ending where the logged step's read waited
                 window += dt

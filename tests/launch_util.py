@@ -3,6 +3,7 @@ the tiny training run the integration tests share (TINY, train) and the comparis
 metrics (same_run)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,6 +48,10 @@ def run(argv: list[str], timeout: float, cwd=ROOT, **extra_env) -> subprocess.Co
         os.killpg(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(argv)}\n{out[-4000:]}")
+    # whatever the launch left behind in its group (an elastic worker the driver started as the
+    # job ended, a rank that outlived mpirun) would take cores from the tests after it
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
     log_launch(argv, time.monotonic() - t0)
     return subprocess.CompletedProcess(argv, p.returncode, out, "")
 

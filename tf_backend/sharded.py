@@ -171,6 +171,7 @@ class ShardedPipelineEngine(ShardedStageBase):
                          tp=self.tp, materialise=not self.recompute)
         self.model.configure(cfg.train)
         self.named = list(self.model.params.items())
+        self.table = {n: self.model.params for n, _ in self.named}   # ShardedEngine's primitives read it
         shapes = self.local_shapes()
         self.shapes = {n: shapes[n] for n, _ in self.named}
         self._stage_strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives)

@@ -59,6 +59,7 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
         # tf.Variables, ZeRO-3 the gathered tensors of the units materialised now (else None)
         self.model = types.SimpleNamespace(params={n: None if self.recompute else _tf(w)
                                                    for n, w in self.vars.items()})
+        self.table = {n: self.model.params for n in self.vars}   # where sharded.py's primitives read each
         self._shard_layers()
         self._describe()
 

@@ -394,24 +394,27 @@ class ZeroSharded:
         """A step's start: no gradient shard yet."""
         self.gshard, self.held, self.deferred = [None] * len(self.layouts), {}, {}
 
-    def stage_forward(self, run, j: int, x, target):
-        """Unit j's forward (the runner's unit_forward) -> (output, handle)."""
+    def on_unit(self, run, j: int, phase: str, work):
+        """work() with unit j's weights at hand: stage 3 gathers what it needs first and frees
+        it after (phase: 'f', 'b' or 'e', materialise's)."""
         if self.stage == 3:
-            self.materialise(run, self.needs[j], (), "f")
-        out = run.unit_forward(self.ids[j], x, target)
+            self.materialise(run, self.needs[j], (), phase)
+        out = work()
         if self.stage == 3:
             self.release(run, ())
         return out
 
+    def stage_forward(self, run, j: int, x, target):
+        """Unit j's forward (the runner's unit_forward) -> (output, handle)."""
+        return self.on_unit(run, j, "f", lambda: run.unit_forward(self.ids[j], x, target))
+
     def stage_backward(self, run, j: int, handle, dy):
         """Unit j's backward; its gradients reduce-scattered (or deferred). -> d(input)."""
-        if self.stage == 3:
-            self.materialise(run, self.needs[j], (), "b")
-        dx, grads = run.unit_backward(self.ids[j], handle, dy)
-        self._reduce(run, j, dict(zip(self.uses[j], grads)), self.held, self.gshard)
-        if self.stage == 3:
-            self.release(run, ())
-        return dx
+        def work():
+            dx, grads = run.unit_backward(self.ids[j], handle, dy)
+            self._reduce(run, j, dict(zip(self.uses[j], grads)), self.held, self.gshard)
+            return dx
+        return self.on_unit(run, j, "b", work)
 
     def finish_stage(self, run, lr: float, exchange=None) -> float:
         """After the stage's last backward: each deferred unit's whole gradient, its tied names
@@ -797,12 +800,7 @@ class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
         layers = self.chunks[chunk]
         x = self.tokens(a) if layers[0] == 0 else self.stage_input(a)
         for u in layers:
-            j = self.index[u]
-            if self.zero.stage == 3:
-                self.zero.materialise(self, self.zero.needs[j], (), "e")
-            x = self.eval_unit(u, x)
-            if self.zero.stage == 3:
-                self.zero.release(self, ())
+            x = self.zero.on_unit(self, self.index[u], "e", lambda: self.eval_unit(u, x))
         return self.to_host(x)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -22,9 +22,11 @@ from launch_util import TINY, by_step, records, run, same_run
 from hvdllm import checkpoint
 
 # killed in step 5 (index 4), the commit at 3; the 2-worker phase lasts until the host's cooldown
-# (6 s) has passed and the driver noticed it, tens of these tiny steps
-STEPS, KILL_AT, COMMIT_EVERY, GLOBAL = 120, 4, 3, 12
-LONG = ["train.checkpoint_every=60", "train.eval_every=40"]   # fewer writes and evaluations in 120 steps
+# (6 s) has passed and the driver noticed it. A tiny step takes milliseconds on an idle machine:
+# without train.step_sleep_s the 2 survivors finished all steps before the host came back (a fresh
+# CI machine: no rejoin at 120 steps). SLEEP s a step puts the end >= 15 s after the resize to 2
+STEPS, KILL_AT, COMMIT_EVERY, GLOBAL, SLEEP = 60, 4, 3, 12, 0.3
+LONG = ["train.checkpoint_every=30", "train.eval_every=20"]   # fewer writes and evaluations
 
 
 @pytest.mark.integration
@@ -33,7 +35,7 @@ def test_a_lost_worker_is_dropped_and_one_that_comes_back_rejoins(tmp_path, refe
     out = Path(tmp_path) / "elastic"
     sets = [*TINY, f"backend={backend}", f"train.steps={STEPS}", *LONG, f"train.elastic_global_batch={GLOBAL}",
             f"train.out_dir={out}", f"train.fail_at_step={KILL_AT}", "train.fail_rank=2", "train.fail_mode=kill",
-            f"train.elastic_commit_every={COMMIT_EVERY}", "train.sample_tokens=0"]
+            f"train.elastic_commit_every={COMMIT_EVERY}", "train.sample_tokens=0", f"train.step_sleep_s={SLEEP}"]
     # cooldown 3..6 s: Horovod's first one is twice the lower bound, capped (6 s). It must outlast the
     # driver's round after the loss, or the host is counted back in that round with no process
     # started for it (horovod/runner/elastic/driver.py _update_host_assignments; hvdllm/elastic.py)

@@ -13,8 +13,6 @@ from launch_util import ROOT, mpirun_argv, run
 
 LAYOUTS = ("zero2_dp4", "zero3_dp4", "zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_accumulation",
            "zero3_dp4_offload", "zero3_dp2_tp2", "zero2_pp2_dp2", "zero3_pp2_dp2", "zero3_pp2_dp2_interleaved_noclip")
-TORCH_ONLY = ("zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_offload",   # check_zero_sharded.py's
-              "zero3_pp2_dp2_interleaved_noclip")
 RESUMES = ("zero=3 dp=4 -> zero=0 np=1", "zero=3 dp=4 -> zero=3 dp=4", "zero=0 np=1 -> zero=3 dp=4",
            "pp=2 zero=3 dp=2 -> zero=0 np=1", "pp=2 zero=3 dp=2 -> pp=2 zero=3 dp=2", "zero=0 np=1 -> pp=2 zero=3 dp=2")
 
@@ -22,15 +20,14 @@ RESUMES = ("zero=3 dp=4 -> zero=0 np=1", "zero=3 dp=4 -> zero=3 dp=4", "zero=0 n
 @pytest.mark.integration
 def test_zero2_zero3_equal_single_process_resume_and_refuse_another_model(tmp_path):
     script = ROOT / "tests" / "parallel" / "check_zero_sharded.py"
-    r = run(mpirun_argv(4) + ["-x", "ZERO_CHECK_DIR", sys.executable, str(script)], timeout=900,
+    r = run(mpirun_argv(4) + ["-x", "ZERO_CHECK_DIR", sys.executable, str(script)], timeout=500,
             ZERO_CHECK_DIR=str(tmp_path))
     assert r.returncode == 0, r.stdout[-6000:]
     for backend in ("torch", "tensorflow"):
-        for name in LAYOUTS if backend == "torch" else [n for n in LAYOUTS if n not in TORCH_ONLY]:
+        for name in LAYOUTS:
             assert r.stdout.count(f"{backend} {name}: equals np=1") == 4, (name, r.stdout[-6000:])
-        for what in RESUMES:   # zero=0 np=1 is one rank, in torch only; so is the pipeline's resume
+        for what in RESUMES:   # zero=0 np=1 is one rank, in torch only
             n = 4 if not what.endswith("np=1") else 1 if backend == "torch" else 0
-            n = 0 if backend == "tensorflow" and "pp=2" in what else n
             assert r.stdout.count(f"{backend} resume {what}: step 3 equals") == n, (what, r.stdout[-6000:])
         assert r.stdout.count(f"{backend} mismatched model: refused") == 4, r.stdout[-6000:]
         assert f"{backend} zero3_dp4: peak parameter bytes" in r.stdout, r.stdout[-6000:]

@@ -49,12 +49,6 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero3_pp2_dp2_interleaved_noclip": (["parallel.zero=3", *PP, "parallel.schedule=interleaved",
                                           "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
 }
-# TensorFlow's eager unit steps cost ~10x torch's here, so these run in torch alone: clip-free
-# zero=2 / 3 (the accumulation layout is zero=3 without clipping in both), offload (the core's
-# host path, the same in both backends but for to_host / from_host) and the interleaved pipeline
-# (the schedule is the core's; TensorFlow's stage runs 1F1B in zero2_pp2_dp2 / zero3_pp2_dp2)
-TORCH_ONLY = ("zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_offload", "zero3_pp2_dp2_interleaved_noclip")
-
 
 def cfg_of(sets, world=None):
     from hvdllm import config as config_mod
@@ -147,8 +141,6 @@ def check_layouts(backend, rt, be):
     no rank may have issued more ops than another before a tp layout runs."""
     runs = {}
     for name, (sets, _) in LAYOUTS.items():
-        if backend == "tensorflow" and name in TORCH_ONLY:
-            continue
         t0 = time.perf_counter()
         engine, cfg, layout = built(rt, be, sets)
         assert type(engine).__name__ == ("ShardedPipelineEngine" if layout.pp > 1 else "ShardedEngine"), \
@@ -189,9 +181,6 @@ RESUMES = {  # the sharded layout's settings and name: its checkpoint -> zero=0 
     "zero=3 dp=4": ["parallel.zero=3"],
     "pp=2 zero=3 dp=2": ["parallel.zero=3", *PP],
 }
-# the pipeline's resume in torch alone (TensorFlow's took 38 s of a 625 s launch at load 30): its
-# sharded save and load are the core's (ZeroSharded.shard_state / load), which TensorFlow runs at dp=4
-RESUMES_TF = ("zero=3 dp=4",)
 
 
 def check_resume(backend, rt, be, folder, what, sets):
@@ -262,10 +251,12 @@ def main():
         rt = runtime.start(be, groups=groups)
         check_layouts(backend, rt, be)
         for what, sets in RESUMES.items():
-            if backend == "torch" or what in RESUMES_TF:
-                check_resume(backend, rt, be, folder, what, sets)
+            check_resume(backend, rt, be, folder, what, sets)
         check_mismatch(backend, rt, be)
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(ROOT))
+    from hvdllm import runtime
+    # a rank's exception ends every rank (MPI Abort) instead of leaving the others waiting on it
+    runtime.run_guarded(lambda: None, lambda _: main())
