@@ -24,17 +24,17 @@ and zeros), so the backbone's initial values are the language model's. A classif
 language-model output: an untied `lm_head` is not part of it (not loaded, trained or saved); a
 tied `wte` is the token embedding and trains as such.
 
-Layouts: data parallelism, ZeRO-1/2/3 (2/3 at pp = 1), accumulation, tensor and pipeline parallelism, and evaluator
-ranks (roles.evaluators: hvdllm/finetune.py's ClassifyEvaluator). Under tp the head is
-replicated (strategies/tensor_parallel.py replicates every name it does not split): it reads the
-whole hidden state the row-parallel layers have summed, so every tp rank computes the same
-logits and the same gradient of that state, as the residual stream's gradient is anyway. Under
-pp the head is layer L+1 (hvdllm/params.layer_params), on the last stage: the pipeline hands the
-last stage each micro-batch's y as its target, as it hands an LM its next tokens, and the
-backend's Classifier runs the final norm, pooling and cls.* there on the hidden state it received
+Layouts: data parallelism, ZeRO-1/2/3 (also inside pipeline stages), accumulation, tensor and
+pipeline parallelism, and evaluator ranks (roles.evaluators: hvdllm/finetune.py's
+ClassifyEvaluator). Under tp the head is replicated (strategies/tensor_parallel.py replicates
+every name it does not split): it reads the whole hidden state the row-parallel layers have
+summed, so every tp rank computes the same logits and the same gradient of that state, as the
+residual stream's gradient is anyway. Under pp the head is layer L+1
+(hvdllm/params.layer_params), on the last stage: the pipeline hands the last stage each micro-
+batch's y as its target, as it hands an LM its next tokens, and the backend's Classifier runs
+the final norm, pooling and cls.* there on the hidden state it received
 (engines.PipelineStageBase.body: the layers the model runs itself). The last stage's evaluation
-broadcasts the logits with the loss, so every stage counts the same predictions.
-"""
+broadcasts the logits with the loss, so every stage counts the same predictions."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -133,10 +133,6 @@ def problems(cfg) -> list[str]:
     if cfg.ps.servers:
         p.append("ps.servers: not combinable with task.kind = 'classify' yet; set ps.servers = 0 (data "
                  "parallelism, ZeRO, parallel.tp / parallel.pp and roles.evaluators work)")
-    if cfg.parallel.zero >= 2 and cfg.parallel.pp > 1:   # the sharded stages run the LM loss only
-        p.append(f"parallel.zero: ZeRO-{cfg.parallel.zero} pipeline stages do not put the classifier's "
-                 f"head on the last stage yet; set parallel.zero <= 1 beside parallel.pp, or parallel.pp = 1 "
-                 f"(ZeRO-2/3 classify there)")
     if cfg.roles.generators:
         p.append("roles.generators: a classifier has no language-model output to sample from; set "
                  "roles.generators = 0 (roles.evaluators evaluate its snapshots)")

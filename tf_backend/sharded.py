@@ -167,9 +167,11 @@ class ShardedPipelineEngine(ShardedStageBase):
     def __init__(self, cfg, layout, rt, tp=None):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
         self.recompute = cfg.parallel.zero == 3
-        self.model = GPT(cfg.model, cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank, layers=layers,
-                         tp=self.tp, materialise=not self.recompute)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, dropout_seed=cfg.train.seed + layout.rank,
+                         layers=layers, tp=self.tp, materialise=not self.recompute)
         self.model.configure(cfg.train)
+        # task.kind = 'classify': the last stage's head unit is the Classifier's (PipelineEngine's)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.named = list(self.model.params.items())
         self.table = {n: self.model.params for n, _ in self.named}   # ShardedEngine's primitives read it
         shapes = self.local_shapes()
@@ -199,4 +201,6 @@ class ShardedPipelineEngine(ShardedStageBase):
         return float(t)
 
     def score(self, out, y):
+        if self.head is not None:   # classify: the head's pooling and scores, as the unsharded stage's
+            return self.head_scores(lambda: PipelineEngine.score(self, out, y))
         return ShardedEngine.score(self, from_host(out), y)

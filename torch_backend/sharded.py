@@ -183,8 +183,11 @@ class ShardedPipelineEngine(ShardedStageBase):
     def __init__(self, cfg, layout, rt, tp=None):
         layers = self._place(cfg, layout, rt, tp, measure_layer_times)
         torch.manual_seed(cfg.train.seed + layout.rank)  # dropout streams differ per rank
-        self.model = GPT(cfg.model, cfg.train.seed, layers=layers, tp=self.tp, materialise=cfg.parallel.zero == 2)
+        self.model = GPT(task.model_config(cfg), cfg.train.seed, layers=layers, tp=self.tp,
+                         materialise=cfg.parallel.zero == 2)
         self.model.configure(cfg.train)
+        # task.kind = 'classify': the last stage's head unit is the Classifier's (PipelineEngine's)
+        self.head = Classifier(self.model, cfg.task) if task.is_classify(cfg) else None
         self.named = self.model.named()
         self.by_name = dict(self.named)
         comm = Collectives(rt.process_set(layout.group("dp")))
@@ -216,4 +219,6 @@ class ShardedPipelineEngine(ShardedStageBase):
         return t.double()   # summed over micro-batches in float64 (PipelineEngine.forward's)
 
     def score(self, out, y):
+        if self.head is not None:   # classify: the head's pooling and scores, as the unsharded stage's
+            return self.head_scores(lambda: PipelineEngine.score(self, out, y))
         return ShardedEngine.score(self, from_host(out), y)

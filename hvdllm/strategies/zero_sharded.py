@@ -83,7 +83,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .. import params, placement
+from .. import params, placement, task
 from ..engines import GPTEngineBase, PipelineStageBase, gather_full
 from ..errors import ConfigError
 from ..flat import FlatLayout, ops_of
@@ -141,7 +141,7 @@ def units_for(cfg, ids=None) -> tuple[list[list[str]], list[list[str]]]:
     both stages: it gets no gradient and no optimizer state, so ZeRO's savings do not apply to
     it, and gathering it per unit at stage 3 would move 1.5x the base's bytes per micro-batch to
     save memory the base already costs a plain dp run."""
-    from .. import lora, task
+    from .. import lora
     uses, owned = units_of(task.model_config(cfg), ids)
     if lora.enabled(cfg):
         uses = lora.units(cfg, uses)
@@ -598,7 +598,6 @@ class ShardedEngineBase(GPTEngineBase):
     def _unit_flats(self):
         """ZeRO-3's start-up: unit_values on the device, rank 0's sent to the dp group (as
         _broadcast_parameters sends the whole model: ranks agree whatever they drew)."""
-        from .. import task
         for flat in unit_values(task.model_config(self.cfg), self.cfg.train.seed, self.owned, self.model.cut):
             flat = self.from_host(flat)
             if self.comm.size > 1:
@@ -607,7 +606,6 @@ class ShardedEngineBase(GPTEngineBase):
 
     def local_shapes(self) -> dict[str, tuple]:
         """This rank's (tp-local) shape of every parameter of the model."""
-        from .. import task
         shapes = params.param_shapes(task.model_config(self.cfg))   # a classifier's head too
         return tp_plan.local_shapes(shapes, self.tp.size) if self.tp else shapes
 
@@ -750,8 +748,9 @@ class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
         self.k = self.m   # the runner's loss is divided by the micro-batches, as the Pipeline's
         self.pipe = pl.Pipeline(self.pp_comm, layout.pp, layout.pp_rank, self.m, cfg.parallel.virtual_stages,
                                 cfg.parallel.schedule, self.timeout)
+        # (a classifier's head is cls.*, not the tied wte: as the unsharded stages, no peer)
         self.tied_peer = pl.tied_peer(layout.pp, self.model.layers, cfg.model.n_layer) \
-            if params.tied(cfg.model) else None
+            if params.tied(cfg.model) and not task.is_classify(cfg) else None
         self.saved, self.opt = {}, None
 
         def kind(n):   # the last stage's wte is the first stage's, counted there
@@ -797,11 +796,17 @@ class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
 
     # evaluation, state ------------------------------------------------------------------------
     def forward_chunk(self, chunk, a) -> np.ndarray:
-        layers = self.chunks[chunk]
-        x = self.tokens(a) if layers[0] == 0 else self.stage_input(a)
-        for u in layers:
+        """The chunk's layers but a classifier's head (PipelineStageBase._place's body: its
+        pooling reads the lengths, so the backend's `score` runs it, in head_scores)."""
+        x = self.tokens(a) if self.chunks[chunk][0] == 0 else self.stage_input(a)
+        for u in self.body[chunk]:
             x = self.zero.on_unit(self, self.index[u], "e", lambda: self.eval_unit(u, x))
         return self.to_host(x)
+
+    def head_scores(self, work):
+        """work() (the backend's classifier scoring on the last stage) with the head unit's
+        weights at hand: stage 3 gathers them for it."""
+        return self.zero.on_unit(self, self.index[self.cfg.model.n_layer + 1], "e", work)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The whole parameters and moments on the first stage (the others get their own)."""

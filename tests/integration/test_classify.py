@@ -10,7 +10,8 @@
    and to 5e-5 under tp=2, and under ZeRO-2 and ZeRO-3 (plain and LoRA, the LoRA base
    bit-identical after training); the distributed evaluation of 101 validation
    examples (uneven shares over dp) has the np=1 confusion matrix exactly.
-   The pipeline layout (pp=2: the head on the last stage) shares those references; its
+   The pipeline layouts (pp=2: the head on the last stage; and with ZeRO-3 stages, the head
+   unit gathered for the loss and for the scores) share those references; their
    weights, gathered as a snapshot for an evaluator rank and scored as it scores them, give the
    pipeline's own evaluation exactly.
 2. `hvdllm train` (torch, np=3: dp=2 and an evaluator rank, roles.evaluators = 1) on JSONL
@@ -50,6 +51,10 @@ LAYOUTS = {   # name: (settings the np=1 reference shares, layout settings)
     # costs the launch ~1/6 more; 'last' pooling is the same Classifier.head code as under dp)
     "pp2_clip_mean_weights": (CLIP_MEAN_WEIGHTS, ["parallel.pp=2", f"train.batch_size={4 * BATCH}",
                                                   "parallel.microbatches=4"]),
+    # ZeRO-3 pipeline stages (ShardedStageBase; dp=1 at np=2): the head unit, gathered for each
+    # micro-batch's loss and for the evaluation's scores on the last stage
+    "pp2_zero3_clip_mean_weights": (CLIP_MEAN_WEIGHTS, ["parallel.pp=2", "parallel.zero=3",
+                                                        f"train.batch_size={4 * BATCH}", "parallel.microbatches=4"]),
     # ZeRO-2/3 (zero_sharded.py): the head is the last unit (its pooling reads y's lengths); under
     # LoRA only the adapters and the head are units' parameters, the base stays whole. Each
     # shares a reference above (no new np=1 run)
