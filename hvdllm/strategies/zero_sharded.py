@@ -71,6 +71,15 @@ each unit's gradient reduce-scattered as above. The two units holding the tied w
 gradient whole over the step instead, so that the end stages can sum their wte gradients (the
 unsharded pipeline's exchange) before its reduce-scatter: identical shards, identical steps.
 
+fp16 (train.precision, loss_scale.py): each micro-batch's loss starts its backward from the
+loss scale (a float the runner's unit_backward takes for dy), so every gradient shard carries
+it; _update divides the norm and the clip factor by it. The norm is the job's (summed over
+the dp group, the tp group and, in a pipeline, every stage before it is read), so where one
+rank overflowed every rank skips the step: no shard, moment or AdamW step count moves (at
+stage 3 the shards are the weights: nothing else holds them), and stage 2 publishes nothing.
+A pipeline stage's loss starts from the scaler's scale; the testing aid's overflow enters at
+the step's end on its rank (finish_stage), as the unsharded pipeline's does.
+
 Checkpoints stay sharded: every dp rank saves the ranges of every parameter and both moments
 that its shards hold, as placement.ranged pieces of its tp slice; nothing is gathered, and a
 loader joins the ranges (checkpoint.Sharded), so they load at any layout, ZeRO or not.

@@ -11,8 +11,8 @@ would feed them. Checked, each printed as one line:
     norms per step to 1e-5 relative (as DP), the validation loss, the whole weights; with
     clipping that binds and without, with accumulation (2 micro-batches per rank), with the
     optimizer offloaded to the host;
-  - train.precision = 'fp16' (dynamic loss scaling) at zero=3 dp=4 and zero=2 inside pp=2 x dp=2
-    stages, rank 1's gradients overflowing at step OVERFLOW_STEP (the testing aid; under pp rank 1
+  - train.precision = 'fp16' (dynamic loss scaling) at zero=3 dp=4, zero=3 dp=2 x tp=2 and zero=2
+    inside pp=2 x dp=2 stages, rank 1's gradients overflowing at step OVERFLOW_STEP (the testing aid; under pp rank 1
     is the last stage's, so the first stage skips on the pipeline's norm alone): every rank skips
     that step, as np=1 in fp16 skips it, ends with np=1's loss scale, and equals it (losses,
     gradient norms, the validation loss, to LOW_RTOL);
@@ -51,13 +51,15 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero3_dp4_accumulation": (["parallel.zero=3", *ACC], NO_CLIP),
     "zero3_dp4_offload": (["parallel.zero=3", "parallel.offload=optimizer"], []),
     "zero3_dp2_tp2": (["parallel.zero=3", "parallel.tp=2"], []),
+    # float16 with loss scaling, an overflow at OVERFLOW_STEP on rank 1 (train); beside tp before
+    # the pipelines (check_layouts says why)
+    "zero3_dp4_fp16": (["parallel.zero=3", FP16], [FP16]),
+    "zero3_dp2_tp2_fp16": (["parallel.zero=3", "parallel.tp=2", FP16], [FP16]),
     # each pipeline stage's units sharded over its dp group (ShardedStageBase): 1F1B, interleaved
     "zero2_pp2_dp2": (["parallel.zero=2", *PP], []),
     "zero3_pp2_dp2": (["parallel.zero=3", *PP], []),
     "zero3_pp2_dp2_interleaved_noclip": (["parallel.zero=3", *PP, "parallel.schedule=interleaved",
                                           "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
-    # float16 with loss scaling, an overflow at OVERFLOW_STEP on rank 1 (train)
-    "zero3_dp4_fp16": (["parallel.zero=3", FP16], [FP16]),
     "zero2_pp2_dp2_fp16": (["parallel.zero=2", *PP, FP16], [FP16]),
 }
 

@@ -174,11 +174,11 @@ def test_sharded_step_equals_unsharded_step_on_the_average(stage, k, clip, mbs):
 
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("clip,offload", [(0.0, "none"), (0.05, "none"), (0.05, "optimizer")],
-                         ids=["no-clip", "clipping", "offload"])
+@pytest.mark.parametrize("clip,offload,mbs", [(0.0, "none", 1), (0.05, "none", 1), (0.05, "optimizer", 1),
+                                              (0.0, "none", 2)], ids=["no-clip", "clipping", "offload", "accumulation"])
 @pytest.mark.parametrize("via", ["step", "stage"])
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the overflow's inf * 0
-def test_fp16_scaled_step_and_an_overflow_skipped_on_every_rank(stage, k, clip, offload, via):
+def test_fp16_scaled_step_and_an_overflow_skipped_on_every_rank(stage, k, clip, offload, mbs, via):
     """train.precision = 'fp16': the loss's backward starts from the scale S (a power of two,
     as the scaler's) and step(scale=S) is the unscaled step; at step 1 the last rank's gradients
     overflow (step: its backward starts from inf, the testing aid's seed; stage: a pipeline
@@ -187,32 +187,34 @@ def test_fp16_scaled_step_and_an_overflow_skipped_on_every_rank(stage, k, clip, 
     2: the model's whole parameters neither), and the run goes on as the reference that never
     saw step 1."""
     S, bad, steps = 2.0 ** 12, 1, 4
-    data = batches(k, steps, 1)
+    data = batches(k, steps, mbs)
     kept = [data[t] for t in range(steps) if t != bad]
     want, want_norms, ref = reference(kept, clip, steps - 1)
 
     def body(comm):
         z = ZeroSharded(USES, OWNED, SHAPES, comm, cfg(clip), AggregationConfig(), stage, offload=offload)
-        run = NumpyRunner(init(), 1)
+        run = NumpyRunner(init(), mbs)
         z.init_params([run.concat_flat([run.w[n] for n in names]) for names in OWNED])
         if stage == 3:
             run.w.clear()
         norms = []
         for t in range(steps):
-            mb = data[t][comm.rank][0]
+            mine = data[t][comm.rank]
             before = (z._host_p(), np.array(z.ops.to_host(z.opt.state()["m"])), z.opt.state()["t"], dict(run.w))
             over, lr = t == bad and comm.rank == k - 1, LRS[(t - (t > bad)) % len(LRS)]
             if via == "step":
-                _, norm = z.step(run, [mb[0]], [mb[1]], lr, scale=S, seed=float("inf") if over else S)
+                _, norm = z.step(run, [m[0] for m in mine], [m[1] for m in mine], lr, scale=S,
+                                 seed=float("inf") if over else S)
             else:
                 z.begin_stage()
-                x, handles = mb[0], []
-                for j in range(len(USES)):
-                    x, h = z.stage_forward(run, j, x, mb[1] if j == len(USES) - 1 else None)
-                    handles.append(h)
-                x = S   # the loss's backward from the scaler's scale, as ShardedStageBase.backward
-                for j in reversed(range(len(USES))):
-                    x = z.stage_backward(run, j, handles[j], x)
+                for x, y in mine:
+                    handles = []
+                    for j in range(len(USES)):
+                        x, h = z.stage_forward(run, j, x, y if j == len(USES) - 1 else None)
+                        handles.append(h)
+                    x = S   # the loss's backward from the scaler's scale, as ShardedStageBase.backward
+                    for j in reversed(range(len(USES))):
+                        x = z.stage_backward(run, j, handles[j], x)
                 norm = z.finish_stage(run, lr, scale=S, overflow=over)
             if t != bad:
                 norms.append(norm)
