@@ -11,11 +11,11 @@ would feed them. Checked, each printed as one line:
     norms per step to 1e-5 relative (as DP), the validation loss, the whole weights; with
     clipping that binds and without, with accumulation (2 micro-batches per rank), with the
     optimizer offloaded to the host;
-  - train.precision = 'fp16' (dynamic loss scaling) at zero=3 dp=4, zero=3 dp=2 x tp=2 and zero=2
-    inside pp=2 x dp=2 stages, rank 1's gradients overflowing at step OVERFLOW_STEP (the testing aid; under pp rank 1
-    is the last stage's, so the first stage skips on the pipeline's norm alone): every rank skips
-    that step, as np=1 in fp16 skips it, ends with np=1's loss scale, and equals it (losses,
-    gradient norms, the validation loss, to LOW_RTOL);
+  - train.precision = 'fp16' (dynamic loss scaling) at zero=3 dp=4, zero=3 dp=2 x tp=2 and
+    zero=2 / zero=3 inside pp=2 x dp=2 stages, rank 1's gradients overflowing at step
+    OVERFLOW_STEP (the testing aid; under pp rank 1 is the last stage's, so the first stage skips
+    on the pipeline's norm alone): every rank skips that step, as np=1 in fp16 skips it, ends with
+    np=1's loss scale, and equals it (losses, gradient norms, the validation loss, to LOW_RTOL);
   - zero=3's peak parameter bytes per rank (its engine's count of the shards and the units
     materialised) <= the shards + the two largest units' needs, and below the whole model;
   - resume across stages and dp sizes: a sharded checkpoint saved at zero=3 dp=4, and one at
@@ -61,6 +61,7 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero3_pp2_dp2_interleaved_noclip": (["parallel.zero=3", *PP, "parallel.schedule=interleaved",
                                           "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
     "zero2_pp2_dp2_fp16": (["parallel.zero=2", *PP, FP16], [FP16]),
+    "zero3_pp2_dp2_fp16": (["parallel.zero=3", *PP, FP16], [FP16]),
 }
 
 def cfg_of(sets, world=None):
