@@ -4,10 +4,11 @@ gradients do not flush to zero, and the gradients are divided by it again before
 AdamW. A step whose gradient norm, taken after the dp (and tp) reduction, is not finite is
 skipped and the scale halves; after `window` finite steps in a row it doubles. That norm is the
 whole job's: summed over the dp group, the tp group and (parallel.pp) every pipeline stage, and
-under ZeRO-1 over the shards (strategies/zero.py), so an overflow on any one rank makes it
-non-finite on all: every rank skips the same step, with no message of its own, and the scale
-stays the same everywhere. The scaler's state travels in the checkpoint's manifest (Trainer.save), so a resume
-continues with the scale the interrupted run had."""
+under ZeRO-1/2/3 over the shards (strategies/zero.py, strategies/zero_sharded.py), so an
+overflow on any one rank makes it non-finite on all: every rank skips the same step, with no
+message of its own, and the scale stays the same everywhere. The scaler's state travels in the
+checkpoint's manifest (Trainer.save), so a resume continues with the scale the interrupted run
+had (sharded checkpoints too)."""
 from __future__ import annotations
 
 

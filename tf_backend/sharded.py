@@ -124,6 +124,8 @@ class ShardedEngine(ShardedEngineBase):
                 self.model._rng.state.assign(now)
         else:
             tape, x, out = handle
+        if isinstance(dy, float):   # the loss's backward from fp16's loss scale (zero_sharded.Runner)
+            dy = tf.fill(tf.shape(out), tf.constant(dy, out.dtype))
         grads = tape.gradient(out, weights + ([x] if u else []), output_gradients=dy)
         # wte's gradient is IndexedSlices (the gather): dense, as the flat reduction needs
         grads = [tf.zeros(self.shapes[n]) if g is None else tf.convert_to_tensor(g)

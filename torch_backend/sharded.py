@@ -136,6 +136,8 @@ class ShardedEngine(ShardedEngineBase):
 
     def unit_backward(self, u, handle, dy):
         x, out = handle
+        if isinstance(dy, float):   # the loss's backward from fp16's loss scale (zero_sharded.Runner)
+            dy = torch.full_like(out, dy)
         sources = [self.by_name[n] for n in self.uses[u]] + ([x] if u else [])
         grads = torch.autograd.grad(out, sources, grad_outputs=dy, allow_unused=True)
         grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]

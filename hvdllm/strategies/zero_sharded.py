@@ -71,6 +71,15 @@ each unit's gradient reduce-scattered as above. The two units holding the tied w
 gradient whole over the step instead, so that the end stages can sum their wte gradients (the
 unsharded pipeline's exchange) before its reduce-scatter: identical shards, identical steps.
 
+fp16 (train.precision, loss_scale.py): each micro-batch's loss starts its backward from the
+loss scale (a float the runner's unit_backward takes for dy), so every gradient shard carries
+it; _update divides the norm and the clip factor by it. The norm is the job's (summed over
+the dp group, the tp group and, in a pipeline, every stage before it is read), so where one
+rank overflowed every rank skips the step: no shard, moment or AdamW step count moves (at
+stage 3 the shards are the weights: nothing else holds them), and stage 2 publishes nothing.
+A pipeline stage's loss starts from the scaler's scale; the testing aid's overflow enters at
+the step's end on its rank (finish_stage), as the unsharded pipeline's does.
+
 Checkpoints stay sharded: every dp rank saves the ranges of every parameter and both moments
 that its shards hold, as placement.ranged pieces of its tp slice; nothing is gathered, and a
 loader joins the ranges (checkpoint.Sharded), so they load at any layout, ZeRO or not.
@@ -104,7 +113,8 @@ class Runner(Protocol):
 
     def unit_backward(self, u: int, handle, dy):
         """(gradient of the unit's input or None for u = 0, [gradient of each name in
-        uses[u]]) from the output's gradient dy (None for the loss)."""
+        uses[u]]) from the output's gradient dy (for the loss: None, or a float, the loss scale
+        train.precision = 'fp16' starts the backward from)."""
 
     def concat_flat(self, tensors):
         """One flat vector of the tensors (hvdllm.engines)."""
@@ -302,10 +312,13 @@ class ZeroSharded:
         self.release(run, ())
 
     # the step --------------------------------------------------------------------------------
-    def step(self, run, xs, ys, lr: float):
+    def step(self, run, xs, ys, lr: float, scale: float | None = None, seed: float | None = None):
         """One optimizer step over the micro-batches xs[j], ys[j] (the backend's tensors).
         Returns (this rank's loss: the sum of the micro-batches' loss / k, a backend scalar;
-        the global gradient norm before clipping, a float)."""
+        the global gradient norm before clipping, a float). train.precision = 'fp16': each
+        loss's backward starts from `seed` (this rank's loss scale: the scaler's, or the
+        testing aid's inf), and `scale` (the scaler's, the same on every rank) unscales the
+        norm and the update; a step whose job-wide norm is not finite changes nothing (_update)."""
         U = len(self.layouts)
         order = [(ph, u, mb) for mb in range(len(xs))
                  for ph, units in (("f", range(U)), ("b", range(U - 1, self.lowest - 1, -1))) for u in units]
@@ -318,16 +331,17 @@ class ZeroSharded:
                 x, handle = run.unit_forward(u, xs[mb] if u == 0 else x, ys[mb] if u == U - 1 else None)
                 if u >= self.lowest:   # below it no backward runs
                     saved[u] = handle
-                if u == U - 1:
-                    loss, x = (x if loss is None else loss + x), None
+                if u == U - 1:   # the loss's backward starts from the seed (fp16), else from 1
+                    loss, x = (x if loss is None else loss + x), seed
             else:
                 x, grads = run.unit_backward(u, saved.pop(u), x)
                 self._reduce(run, u, dict(zip(self.uses[u], grads)), held, gshard)
             if self.stage == 3:
                 self.release(run, needs[j + 1])
         assert not held, f"borrowed gradients {sorted(held)} were never reduced"
-        norm = self._update(gshard, lr)
-        if self.stage == 2:
+        norm = self._update(gshard, lr, scale)
+        # fp16's skipped step left the shards as the model holds them: nothing to publish
+        if self.stage == 2 and (scale is None or math.isfinite(norm)):
             self.publish(run)
         return loss, norm
 
@@ -355,14 +369,21 @@ class ZeroSharded:
                                                               compression=self.agg.compression)
         gshard[u] = g if gshard[u] is None else gshard[u] + g
 
-    def _update(self, gshard: list, lr: float) -> float:
+    def _update(self, gshard: list, lr: float, scale: float | None = None, overflow: bool = False) -> float:
         """Global norm over the shards, clipping, AdamW on this rank's shard; returns the norm.
         `gshard`, each unit's gradient shard, is emptied once joined: no reference but `g` stays
         (an argument lives on in its caller's frame), so clipping's scaled copy replaces the
-        gradient rather than joining it and the pieces: one gradient shard alive, not three."""
+        gradient rather than joining it and the pieces: one gradient shard alive, not three.
+        `scale` (fp16): the gradients are the loss scale times the true ones; the norm is divided
+        by it, and where it is not finite nothing is updated (the shards, AdamW's moments and
+        step count stay). That norm is summed over dp, tp and the pipeline before it is read, so
+        an overflow on any rank skips the step on every rank. `overflow`: the testing aid makes
+        this rank's gradient shard overflow (a pipeline stage whose backward the seed missed)."""
         ops = self.ops
         g = ops.concat([gshard[u] for u in self.active])
         gshard.clear()
+        if overflow:
+            g = ops.scale(g, float("inf"))
         sq = self.sqnorms(g, [self.spans["sharded"], self.spans["replicated"]])
         if self.k > 1:
             sq = self.comm.allreduce(sq, op="sum", name="zero.norm")
@@ -371,14 +392,21 @@ class ZeroSharded:
         if self.pp_sum is not None:   # the pipeline's sum is an MPI float: the one scalar read here
             total = self.pp_sum(float(total))
         if self.offload == "optimizer":   # the update runs on the host: the norm is read here
-            norm = math.sqrt(float(total))
+            total = float(total)
+        norm = math.sqrt(total) if isinstance(total, float) else ops.sqrt(total)
+        if scale is not None:   # fp16: the true gradients' norm (read here: the skip is decided on the host)
+            norm = norm / scale
+            if not math.isfinite(float(norm)):
+                return float(norm)
+        coef = clip_coef(norm, self.optim_cfg.grad_clip, min if isinstance(total, float) else ops.minimum)
+        if scale is not None:   # unscaled within the clip factor: one pass over the shard
+            coef = coef / scale
+        if self.offload == "optimizer":   # the update runs on the host
             g_host = ops.to_host(g).astype(np.float32)
-            g_host *= np.float32(clip_coef(norm, self.optim_cfg.grad_clip))
+            g_host *= np.float32(coef)
             self.opt.step(self.p_host, g_host, lr)
             self.p = ops.from_host(self.p_host)
             return norm
-        norm = math.sqrt(total) if isinstance(total, float) else ops.sqrt(total)
-        coef = clip_coef(norm, self.optim_cfg.grad_clip, min if isinstance(total, float) else ops.minimum)
         if not (isinstance(coef, float) and coef == 1.0):   # g is concat's own: in place where ops can
             g = getattr(ops, "scale_", ops.scale)(g, coef)
         self.p = self.opt.step(self.p, g, lr)
@@ -416,10 +444,12 @@ class ZeroSharded:
             return dx
         return self.on_unit(run, j, "b", work)
 
-    def finish_stage(self, run, lr: float, exchange=None) -> float:
+    def finish_stage(self, run, lr: float, exchange=None, scale: float | None = None,
+                     overflow: bool = False) -> float:
         """After the stage's last backward: each deferred unit's whole gradient, its tied names
         passed through `exchange(name, gradient)` (summed with the other stage's copy), then
-        reduce-scattered; the norm over the pipeline, AdamW; stage 2 publishes. -> the norm."""
+        reduce-scattered; the norm over the pipeline, AdamW; stage 2 publishes. -> the norm.
+        `scale`, `overflow`: fp16's (_update)."""
         for u, own in sorted(self.deferred.items()):
             own = [exchange(n, g) if exchange else g for n, g in zip(self.owned[u], own)]
             self._scatter(run, u, own, self.gshard)
@@ -427,8 +457,8 @@ class ZeroSharded:
         assert not self.held, f"borrowed gradients {sorted(self.held)} were never reduced"
         missing = [self.ids[u] for u, g in enumerate(self.gshard) if g is None]
         assert not missing, f"units {missing} got no gradient this step"
-        norm = self._update(self.gshard, lr)
-        if self.stage == 2:
+        norm = self._update(self.gshard, lr, scale, overflow)
+        if self.stage == 2 and (scale is None or math.isfinite(norm)):
             self.publish(run)
         return norm
 
@@ -567,6 +597,9 @@ class ShardedEngineBase(GPTEngineBase):
         cfg = self.cfg
         par = cfg.parallel
         self._agree_on_model()
+        if cfg.train.precision == "fp16":   # dynamic loss scaling (loss_scale.py), per step in ZeroSharded
+            from ..loss_scale import LossScaler
+            self.scaler = LossScaler()
         fresh = par.zero == 3 and not self.lora   # stage 3 built no weights: its units come from _unit_flats
         if not fresh:
             self._broadcast_parameters()
@@ -655,10 +688,17 @@ class ShardedEngineBase(GPTEngineBase):
         from ..engine import StepResult
         xs, ys = self.micro(x, y)
         self.steps_done += 1
-        loss, norm = self.zero.step(self, xs, ys, lr)
+        if self.scaler is None:
+            loss, norm = self.zero.step(self, xs, ys, lr)
+        else:   # fp16: the backward from this rank's scale (the testing aid's inf where it overflows)
+            seed = self._step_scale()
+            loss, norm = self.zero.step(self, xs, ys, lr, scale=self.scaler.scale, seed=seed)
         if self.comm.size > 1:
             loss = self.comm.allreduce(loss, op="average", name="loss")
-        return StepResult(loss=float(loss), grad_norm=float(norm))
+        skipped = self.scaler is not None and not math.isfinite(norm)   # the job-wide norm: every rank alike
+        if self.scaler is not None:
+            self.scaler.update(not skipped)
+        return StepResult(loss=float(loss), grad_norm=float(norm), skipped=skipped)
 
     def logits(self, ids):
         return self.zero.forward_only(self.eval_unit, self.tokens(ids), self)
@@ -782,7 +822,11 @@ class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
 
     def backward(self, chunk, mb, grad):
         layers, handles = self.chunks[chunk], self.saved.pop((mb, chunk))
-        dy = None if grad is None else self.stage_input(grad)
+        # the last chunk's loss: fp16 starts its backward from the scaler's scale, the same on
+        # every stage (the testing aid's overflow enters at reduce_and_step, as the unsharded
+        # pipeline's does, so another stage skips on the pipeline's norm alone)
+        seed = None if self.scaler is None else self.scaler.scale
+        dy = seed if grad is None else self.stage_input(grad)
         for u, h in zip(reversed(layers), reversed(handles)):
             dy = self.zero.stage_backward(self, self.index[u], h, dy)
         return None if layers[0] == 0 else self.stage_output(dy)
@@ -792,7 +836,9 @@ class ShardedStageBase(ShardedEngineBase, PipelineStageBase):
             if n != "wte":
                 return g
             return self.from_host(pl.sum_with_peer(self.pp_comm, self.tied_peer, self.to_host(g), self.timeout))
-        return self.zero.finish_stage(self, lr, exchange if self.tied_peer is not None else None)
+        scale = None if self.scaler is None else self.scaler.scale
+        return self.zero.finish_stage(self, lr, exchange if self.tied_peer is not None else None, scale=scale,
+                                      overflow=self.scaler is not None and self.scale != scale)
 
     # evaluation, state ------------------------------------------------------------------------
     def forward_chunk(self, chunk, a) -> np.ndarray:

@@ -4,7 +4,8 @@ Damage: the manifest records each file's size and sha256 (computed while writing
 bit-flipped shard is a CheckpointError naming the file, `latest()` falls back to the newest intact
 checkpoint (saying so), and rewriting a step never leaves it missing.
 Resume: the model, optimizer, seed, global batch, tokenizer and prepared tokens are compared with
-the checkpoint's; train.resume_allow lets a run change some deliberately, and says so.
+the checkpoint's; train.resume_allow lets a run change some deliberately, and says so. fp16's loss
+scale resumes with a ZeRO-3 run's sharded checkpoint.
 `hvdllm generate` checks its config.toml against the checkpoint and uses the stored tokenizer.
 """
 import hashlib
@@ -257,3 +258,22 @@ def test_generate_refuses_a_config_that_does_not_match_the_checkpoint(trained, t
     assert cli.main(["generate", str(run / "out")]) == 1
     err = capsys.readouterr().err
     assert "model.n_head is 4 there but 2 in the checkpoint" in err
+
+
+@pytest.mark.integration
+def test_fp16_loss_scale_resumes_from_a_sharded_checkpoint(tmp_path):
+    """train.precision = 'fp16' under ZeRO-3 (a sharded checkpoint: the weights and moments are
+    the engine's ranges): the overflow at step 1 (train.fail_mode = 'overflow') halves the scale,
+    the manifest keeps it, and the resumed run goes on from the halved scale, not a fresh one."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    run = [*TINY, "data.tokenizer=byte", f"data.corpus=['{corpus}']", f"train.out_dir={tmp_path / 'out'}",
+           'train.precision="fp16"', "parallel.zero=3"]
+    r = hvdllm_one(["train", *sets(*run, "train.fail_at_step=0", "train.fail_rank=0",
+                                   'train.fail_mode="overflow"')], tmp_path / "cache")
+    assert r.returncode == 0, r.stdout[-4000:]
+    r = hvdllm_one(["train", *sets(*run, "train.steps=3", "train.resume=true")], tmp_path / "cache")
+    assert r.returncode == 0, r.stdout[-4000:]
+    recs = [(x["step"], x["skipped"], x["loss_scale"]) for x in metrics.read(tmp_path / "out" / "metrics.jsonl")
+            if "loss" in x]
+    assert recs == [(1, True, 2.0 ** 15), (2, False, 2.0 ** 15), (3, False, 2.0 ** 15)], recs

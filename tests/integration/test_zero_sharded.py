@@ -2,17 +2,20 @@
 launch (tests/parallel/check_zero_sharded.py says what it checks): zero=2 / zero=3 at dp=4,
 zero=3 at dp=2 x tp=2 and zero=2 / zero=3 inside pp=2 x dp=2 pipeline stages equal np=1
 (losses, gradient norms, validation loss, weights; clipping binding and not, accumulation,
-optimizer offload, 1F1B and interleaved), zero=3's peak parameter bytes per rank within its
-shards and two units, resume across stages, dp sizes and pipelines from a sharded checkpoint,
-and a rank with another model refused with a message. The sharding arithmetic on simulated
-ranks: tests/unit/test_zero_sharded_sim.py."""
+optimizer offload, 1F1B and interleaved), fp16 with loss scaling at zero=3 dp=4, beside tp=2
+and zero=2 / zero=3 in pp=2 x dp=2 stages (one rank's overflow skipped on every rank, np=1's
+final scale), zero=3's peak parameter bytes per rank within its shards and two units, resume
+across stages, dp sizes and pipelines from a sharded checkpoint, and a rank with another model
+refused with a message. The sharding arithmetic on simulated ranks:
+tests/unit/test_zero_sharded_sim.py."""
 import sys
 
 import pytest
 from launch_util import ROOT, mpirun_argv, run
 
 LAYOUTS = ("zero2_dp4", "zero3_dp4", "zero2_dp4_noclip", "zero3_dp4_noclip", "zero3_dp4_accumulation",
-           "zero3_dp4_offload", "zero3_dp2_tp2", "zero2_pp2_dp2", "zero3_pp2_dp2", "zero3_pp2_dp2_interleaved_noclip")
+           "zero3_dp4_offload", "zero3_dp2_tp2", "zero2_pp2_dp2", "zero3_pp2_dp2", "zero3_pp2_dp2_interleaved_noclip",
+           "zero3_dp4_fp16", "zero3_dp2_tp2_fp16", "zero2_pp2_dp2_fp16", "zero3_pp2_dp2_fp16")
 RESUMES = ("zero=3 dp=4 -> zero=0 np=1", "zero=3 dp=4 -> zero=3 dp=4", "zero=0 np=1 -> zero=3 dp=4",
            "pp=2 zero=3 dp=2 -> zero=0 np=1", "pp=2 zero=3 dp=2 -> pp=2 zero=3 dp=2", "zero=0 np=1 -> pp=2 zero=3 dp=2")
 

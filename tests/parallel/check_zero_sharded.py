@@ -11,6 +11,11 @@ would feed them. Checked, each printed as one line:
     norms per step to 1e-5 relative (as DP), the validation loss, the whole weights; with
     clipping that binds and without, with accumulation (2 micro-batches per rank), with the
     optimizer offloaded to the host;
+  - train.precision = 'fp16' (dynamic loss scaling) at zero=3 dp=4, zero=3 dp=2 x tp=2 and
+    zero=2 / zero=3 inside pp=2 x dp=2 stages, rank 1's gradients overflowing at step
+    OVERFLOW_STEP (the testing aid; under pp rank 1 is the last stage's, so the first stage skips
+    on the pipeline's norm alone): every rank skips that step, as np=1 in fp16 skips it, ends with
+    np=1's loss scale, and equals it (losses, gradient norms, the validation loss, to LOW_RTOL);
   - zero=3's peak parameter bytes per rank (its engine's count of the shards and the units
     materialised) <= the shards + the two largest units' needs, and below the whole model;
   - resume across stages and dp sizes: a sharded checkpoint saved at zero=3 dp=4, and one at
@@ -35,6 +40,9 @@ COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"tra
 NO_CLIP = ["optim.grad_clip=0"]            # else optim.grad_clip=1 binds at every step (norms ~2)
 ACC = ["aggregation.accumulation=2"] + NO_CLIP
 PP = ["parallel.pp=2", "parallel.microbatches=2"]    # 1F1B (the default schedule), dp=2
+FP16 = 'train.precision="fp16"'
+OVERFLOW_STEP = 1   # fp16: rank 1's gradients overflow at this step (np=1: its one rank's)
+LOW_RTOL = 2e-2     # fp16 against np=1's fp16: the batch split changes which products round together
 LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero2_dp4": (["parallel.zero=2"], []),
     "zero3_dp4": (["parallel.zero=3"], []),
@@ -43,11 +51,17 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
     "zero3_dp4_accumulation": (["parallel.zero=3", *ACC], NO_CLIP),
     "zero3_dp4_offload": (["parallel.zero=3", "parallel.offload=optimizer"], []),
     "zero3_dp2_tp2": (["parallel.zero=3", "parallel.tp=2"], []),
+    # float16 with loss scaling, an overflow at OVERFLOW_STEP on rank 1 (train); beside tp before
+    # the pipelines (check_layouts says why)
+    "zero3_dp4_fp16": (["parallel.zero=3", FP16], [FP16]),
+    "zero3_dp2_tp2_fp16": (["parallel.zero=3", "parallel.tp=2", FP16], [FP16]),
     # each pipeline stage's units sharded over its dp group (ShardedStageBase): 1F1B, interleaved
     "zero2_pp2_dp2": (["parallel.zero=2", *PP], []),
     "zero3_pp2_dp2": (["parallel.zero=3", *PP], []),
     "zero3_pp2_dp2_interleaved_noclip": (["parallel.zero=3", *PP, "parallel.schedule=interleaved",
                                           "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
+    "zero2_pp2_dp2_fp16": (["parallel.zero=2", *PP, FP16], [FP16]),
+    "zero3_pp2_dp2_fp16": (["parallel.zero=3", *PP, FP16], [FP16]),
 }
 
 def cfg_of(sets, world=None):
@@ -62,7 +76,8 @@ def batches():
 
 def train(engine, cfg, layout, steps=range(STEPS), after=None):
     """Per step (loss, grad norm) on this rank's part of the global batch; the validation loss.
-    `after(step)` is called after each step."""
+    `after(step)` is called after each step. fp16: rank 1 (np=1: rank 0) overflows at
+    OVERFLOW_STEP, whose norm is recorded as -1 (inf or nan), and a last row (scale, good steps)."""
     from hvdllm import lr as lr_schedule
     dp, d = layout.dp, layout.dp_rank
     per = BATCH // dp
@@ -70,14 +85,20 @@ def train(engine, cfg, layout, steps=range(STEPS), after=None):
     out = []
     for step in steps:
         x, y = data[step]
+        fp16 = cfg.train.precision == "fp16"
+        if fp16 and step == OVERFLOW_STEP and (layout.world_size == 1 or layout.rank == 1):
+            engine.inject_overflow = True
         res = engine.train_step(x[d * per:(d + 1) * per], y[d * per:(d + 1) * per],
                                 lr_schedule.lr_at(step, cfg.optim, cfg.train.steps))
-        out.append((res.loss, res.grad_norm))
+        assert res.skipped == (fp16 and step == OVERFLOW_STEP), (step, layout.rank, res.grad_norm)
+        out.append((res.loss, res.grad_norm if not res.skipped else -1.0))
         if after:
             after(step)
     vx, vy = data[STEPS]
     ev = engine.evaluate(vx[d * per:(d + 1) * per], vy[d * per:(d + 1) * per])
     total = engine.allreduce_sum([ev.loss_sum, ev.tokens]) if dp > 1 else np.array([ev.loss_sum, ev.tokens])
+    if engine.scaler is not None:   # the scale, halved once at the overflow: np=1's on every rank
+        out.append((engine.scaler.scale, engine.scaler.good))
     return np.array(out), float(total[0] / total[1])
 
 
@@ -96,12 +117,14 @@ def built(rt, be, sets):
     return build_engine(cfg, layout, rt, be), cfg, layout
 
 
-def same_weights(got, want, what):
-    """Within 1e-3 of each array's scale: where a gradient is ~0 (attention's key bias) Adam turns
-    float32 noise into moves of ~lr (launch_util.same_checkpoint says more); a wrong piece is O(1)."""
+def same_weights(got, want, what, atol=None):
+    """Within 1e-3 of each array's scale (or `atol`): where a gradient is ~0 (attention's key bias)
+    Adam turns float32 noise into moves of ~lr (launch_util.same_checkpoint says more); a wrong
+    piece is O(1)."""
     assert sorted(got) == sorted(want), (what, sorted(set(got) ^ set(want)))
     for k, a in want.items():
-        np.testing.assert_allclose(got[k], a, rtol=0, atol=1e-3 * float(np.max(np.abs(a))), err_msg=f"{what}: {k}")
+        tol = 1e-3 * float(np.max(np.abs(a))) if atol is None else atol
+        np.testing.assert_allclose(got[k], a, rtol=0, atol=tol, err_msg=f"{what}: {k}")
 
 
 REFS = {}
@@ -151,12 +174,17 @@ def check_layouts(backend, rt, be):
     for name, (steps, val, weights, z, cfg, layout, seconds) in runs.items():
         ref_sets = LAYOUTS[name][1]
         want_steps, want_val, want_weights, _ = reference(rt, be, ref_sets)
-        np.testing.assert_allclose(steps, want_steps, rtol=1e-5, err_msg=f"{backend} {name}: (loss, grad norm)")
-        np.testing.assert_allclose(val, want_val, rtol=1e-5, err_msg=f"{backend} {name}: validation loss")
+        low = cfg.train.precision == "fp16"
+        if low:   # the same skipped step (its norm -1 on both) and the same final scale, exactly
+            np.testing.assert_array_equal(steps[STEPS:], want_steps[STEPS:], err_msg=f"{backend} {name}: scale")
+        rtol = LOW_RTOL if low else 1e-5
+        np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
+        np.testing.assert_allclose(val, want_val, rtol=rtol, err_msg=f"{backend} {name}: validation loss")
         if set(weights) != set(want_weights):   # a later pipeline stage: its own layers
             assert cfg.parallel.pp > 1 and set(weights) < set(want_weights), (name, sorted(weights))
             want_weights = {k: want_weights[k] for k in weights}
-        same_weights(weights, want_weights, f"{backend} {name}")
+        # fp16: where a gradient is ~0, AdamW turns rounding into moves of up to lr per step
+        same_weights(weights, want_weights, f"{backend} {name}", atol=STEPS * cfg.optim.lr if low else None)
         if not ref_sets:
             assert want_steps[:, 1].min() > cfg.optim.grad_clip, (name, want_steps)   # clipping bound
         if cfg.parallel.pp > 1:   # this stage's state: what memory.rank_memory predicts for it

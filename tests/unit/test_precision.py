@@ -31,14 +31,15 @@ def horovod():
     torch_backend.init_horovod(MPI.COMM_WORLD)
 
 
-def engine(family, backend, precision):
-    sets = ["model.n_layer=2", "model.n_embd=32", "model.n_head=4", f"model.block_size={T}",
+def engine(family, backend, precision, zero=0):
+    sets = [f"parallel.zero={zero}", "model.n_layer=2", "model.n_embd=32", "model.n_head=4", f"model.block_size={T}",
             f"model.vocab_size={V}", f'backend="{backend}"', f'train.precision="{precision}"',
             "optim.warmup_steps=0", "train.seed=3", "train.threads=1"]
     if family == "llama":
         sets += ['model.family="llama"', "model.n_kv_head=2", "model.ffn_hidden=48"]
     cfg = config.validate(config.load(None, sets))
-    return (torch_backend if backend == "torch" else tf_backend).Engine(cfg, Layout.build(cfg.parallel, 1, 0))
+    be = torch_backend if backend == "torch" else tf_backend
+    return (be.ShardedEngine if zero >= 2 else be.Engine)(cfg, Layout.build(cfg.parallel, 1, 0))
 
 
 def pattern_batches(n):
@@ -64,12 +65,14 @@ def test_bf16_trains_as_float32_does_within_its_rounding(family, backend):
     assert abs(end16 - end32) <= 0.02 * first32.loss
 
 
+@pytest.mark.parametrize("zero", [0, 2, 3])
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend):
+def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero):
     """An overflow (the testing aid's infinite scale at step 3) leaves every weight and AdamW's
     step count as they were, halves the scale, and the run goes on; fp16 trains within its
-    rounding of float32 (11 significant bits)."""
-    e, ref = engine("gpt2", backend, "fp16"), engine("gpt2", backend, "fp32")
+    rounding of float32 (11 significant bits). ZeRO-2/3 (strategies/zero_sharded.py: ZeRO-3's
+    weights live in its shards) alike, on the sharded engines' own loss-scaled backward."""
+    e, ref = engine("gpt2", backend, "fp16", zero), engine("gpt2", backend, "fp32", zero)
     batches = list(pattern_batches(6))
     first = e.train_step(*batches[0], lr=3e-3)
     want = ref.train_step(*batches[0], lr=3e-3)
@@ -105,11 +108,11 @@ def test_loss_scaler_rules():
 def test_precision_is_validated():
     with pytest.raises(config.ConfigError, match="train.precision"):
         config.validate(config.load(None, ['train.precision="fp8"']))
-    # fp16 runs under dp, tp, pp and ZeRO-1 (the overflow check is the job-wide gradient norm);
-    # ZeRO-2/3, local SGD and parameter servers still refuse it, naming bf16 as the way out
-    for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"]):
+    # fp16 runs under dp, tp, pp and ZeRO-1/2/3 (the overflow check is the job-wide gradient
+    # norm); local SGD and parameter servers still refuse it, naming bf16 as the way out
+    for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"],
+               ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
-    for bad, what in ((["parallel.zero=2"], "parallel.zero >= 2"), (["parallel.zero=3"], "parallel.zero >= 2"),
-                      (["localsgd.every=4"], "localsgd.every")):
+    for bad, what in ((["localsgd.every=4"], "localsgd.every"), (["ps.servers=1"], "ps.servers")):
         with pytest.raises(config.ConfigError, match=f"'fp16' .* not with {what}; use train.precision = 'bf16'"):
             config.validate(config.load(None, ['train.precision="fp16"', *bad]))

@@ -2,9 +2,11 @@
 small numpy model of units written out by hand (an embedding, linear blocks, a head that borrows
 the embedding's table, as the tied GPT head does): the sharded step equals the unsharded AdamW
 step on the dp-averaged gradient (parameters and the logged norm, clipping binding or not, with
-accumulation), stage 3 holds no more parameter bytes than its shards plus two units' needs and
-nothing whole after a step, the checkpoint ranges join into the whole state and load at another
-dp size to continue the same trajectory, and offload takes the same steps on the host."""
+accumulation), fp16's loss-scaled step is the unscaled one and one rank's overflow skips the
+step on every rank (shards and AdamW untouched), stage 3 holds no more parameter bytes than its
+shards plus two units' needs and nothing whole after a step, the checkpoint ranges join into the
+whole state and load at another dp size to continue the same trajectory, and offload takes the
+same steps on the host."""
 import numpy as np
 import pytest
 from simcoll import World, run_group
@@ -75,6 +77,8 @@ class NumpyRunner:
             return dy @ w[f"h.{u - 1}.w"].T, [h.T @ dy, dy.sum(0)]
         x, logits, t = h
         dl = (logits - t) / np.float32(B * self.mbs)
+        if dy is not None:   # fp16: the backward starts from the loss scale (a float)
+            dl = dl * np.float32(dy)
         z = x * w["ln.g"]
         dz = dl @ w["wte"]
         return dz * w["ln.g"], [np.sum(dz * x, 0), dl.T @ z]
@@ -166,6 +170,71 @@ def test_sharded_step_equals_unsharded_step_on_the_average(stage, k, clip, mbs):
         if stage == 3:
             largest = sorted((needs_bytes(z, u) for u in range(L + 2)), reverse=True)[:2]
             assert z.peak_param_bytes <= 4 * z.size + sum(largest), (z.peak_param_bytes, 4 * z.size, largest)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("clip,offload,mbs", [(0.0, "none", 1), (0.05, "none", 1), (0.05, "optimizer", 1),
+                                              (0.0, "none", 2)], ids=["no-clip", "clipping", "offload", "accumulation"])
+@pytest.mark.parametrize("via", ["step", "stage"])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the overflow's inf * 0
+def test_fp16_scaled_step_and_an_overflow_skipped_on_every_rank(stage, k, clip, offload, mbs, via):
+    """train.precision = 'fp16': the loss's backward starts from the scale S (a power of two,
+    as the scaler's) and step(scale=S) is the unscaled step; at step 1 the last rank's gradients
+    overflow (step: its backward starts from inf, the testing aid's seed; stage: a pipeline
+    stage's unit-at-a-time calls, ShardedStageBase's, the overflow entering at finish_stage):
+    every rank's norm is non-finite, no rank's shard, moments or AdamW step count moves (stage
+    2: the model's whole parameters neither), and the run goes on as the reference that never
+    saw step 1."""
+    S, bad, steps = 2.0 ** 12, 1, 4
+    data = batches(k, steps, mbs)
+    kept = [data[t] for t in range(steps) if t != bad]
+    want, want_norms, ref = reference(kept, clip, steps - 1)
+
+    def body(comm):
+        z = ZeroSharded(USES, OWNED, SHAPES, comm, cfg(clip), AggregationConfig(), stage, offload=offload)
+        run = NumpyRunner(init(), mbs)
+        z.init_params([run.concat_flat([run.w[n] for n in names]) for names in OWNED])
+        if stage == 3:
+            run.w.clear()
+        norms = []
+        for t in range(steps):
+            mine = data[t][comm.rank]
+            before = (z._host_p(), np.array(z.ops.to_host(z.opt.state()["m"])), z.opt.state()["t"], dict(run.w))
+            over, lr = t == bad and comm.rank == k - 1, LRS[(t - (t > bad)) % len(LRS)]
+            if via == "step":
+                _, norm = z.step(run, [m[0] for m in mine], [m[1] for m in mine], lr, scale=S,
+                                 seed=float("inf") if over else S)
+            else:
+                z.begin_stage()
+                for x, y in mine:
+                    handles = []
+                    for j in range(len(USES)):
+                        x, h = z.stage_forward(run, j, x, y if j == len(USES) - 1 else None)
+                        handles.append(h)
+                    x = S   # the loss's backward from the scaler's scale, as ShardedStageBase.backward
+                    for j in reversed(range(len(USES))):
+                        x = z.stage_backward(run, j, handles[j], x)
+                norm = z.finish_stage(run, lr, scale=S, overflow=over)
+            if t != bad:
+                norms.append(norm)
+                continue
+            assert not np.isfinite(norm), (comm.rank, norm)
+            p, m, step, whole = before
+            np.testing.assert_array_equal(z._host_p(), p)
+            np.testing.assert_array_equal(z.ops.to_host(z.opt.state()["m"]), m)
+            assert z.opt.state()["t"] == step == bad
+            assert sorted(run.w) == sorted(whole) and all(np.array_equal(run.w[n], whole[n]) for n in whole)
+        return z.host_params(), norms, z, z.moments()
+    for rank, (got, norms, z, m) in enumerate(run_group(k, body)):
+        np.testing.assert_allclose(norms, want_norms, rtol=1e-5, err_msg=f"rank {rank}: norm")
+        for n in SHAPES:
+            np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}: {n}")
+        # Adam is blind to a gradient's scale (up to eps): a missed unscaling shows in the moments
+        for n in SHAPES:
+            np.testing.assert_allclose(m[f"optim.m.{n}"], ALL.unflatten(ref.m)[n], rtol=1e-4, atol=1e-8,
+                                       err_msg=f"rank {rank}: optim.m.{n}")
+        assert z.opt.state()["t"] == steps - 1
 
 
 def test_stage3_gathers_and_reduces_per_unit():
