@@ -653,11 +653,6 @@ def _zero_sharded_problems(cfg: Config) -> list[str]:
     par, p = cfg.parallel, []
     if par.offload != "none" and par.zero < 2:
         p.append("parallel.offload: offloads ZeRO-2/3's sharded optimizer; set parallel.zero = 2 or 3")
-    if par.zero >= 2 and par.pp > 1 and (cfg.roles.evaluators or cfg.roles.generators):
-        # the snapshot gathers units over one dp group (strategies/roles.py), not across stages yet
-        key = "roles.evaluators" if cfg.roles.evaluators else "roles.generators"
-        p.append(f"{key}: role snapshots are not gathered from ZeRO-{par.zero} pipeline stages yet; set "
-                 f"parallel.pp = 1 (role ranks work beside ZeRO-2/3 there) or parallel.zero <= 1")
     return p
 
 

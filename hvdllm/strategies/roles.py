@@ -147,9 +147,12 @@ class SnapshotPublisher:
         replica 0 take part (its tp groups and its pipeline hold one copy of the model)."""
         if self.coll is None:
             return engine.flat_params() if self.root else None
-        if self.by_unit:
+        if self.by_unit and self.layout.pp == 1:
             return self._gather_units(engine)
-        if self.layout.dp_rank != 0:
+        # ZeRO-3 pipeline stages: a stage's units live in the shards of its dp group, so every
+        # trainer joins its stage's gather (full_params); each replica's first stage then holds
+        # the whole model, as the unsharded pipeline's replica 0 does
+        if self.layout.dp_rank != 0 and not self.by_unit:
             return None
         full = engine.full_params()
         return self.flat_layout.flatten(full) if self.root else None

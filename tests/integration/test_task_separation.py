@@ -147,14 +147,16 @@ def test_trainer_step_time_with_a_busy_evaluator(tmp_path):
     assert pub["snapshots_skipped"] > 0 and pub["snapshots_sent"] >= len(ev) - 1, pub
 
 
-ROLE_GRIDS = [("torch", "pp2"), ("tensorflow", "tp2"), ("torch", "zero3"), ("tensorflow", "zero3")]
+ROLE_GRIDS = [("torch", "pp2"), ("tensorflow", "tp2"), ("torch", "zero3"), ("tensorflow", "zero3"),
+              ("torch", "pp2_zero3")]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend,grid", ROLE_GRIDS)
 def test_evaluator_beside_pipeline_and_tensor_parallel(tmp_path, reference, backend, grid):
     """An evaluator beside trainers none of which holds the whole model: dp1 x pp2 (torch, plus
-    a generator), dp1 x tp2 (TensorFlow) and dp2 under ZeRO-3 (both). On snapshot steps the
+    a generator), dp1 x tp2 (TensorFlow), dp2 under ZeRO-3 (both) and dp1 x pp2 ZeRO-3 stages
+    (torch). On snapshot steps the
     trainers share rank 0's decision and gather the weights (pipeline stages to rank 0,
     tensor-parallel slices by allgather, ZeRO-3's shards one unit at a time); the evaluator's
     whole-model numbers equal the trainers' own sharded evaluation of the same step. The trainers
@@ -164,7 +166,9 @@ def test_evaluator_beside_pipeline_and_tensor_parallel(tmp_path, reference, back
     # the pipeline run has a generator too (rank 3); roles.nice=0: on this loaded machine a
     # niced evaluator often starts too late for any snapshot but the final one
     par = {"pp2": ["parallel.pp=2", "parallel.microbatches=2", "roles.generators=1"],
-           "tp2": ["parallel.tp=2"], "zero3": ["parallel.zero=3"]}[grid]
+           "tp2": ["parallel.tp=2"], "zero3": ["parallel.zero=3"],
+           # ZeRO-3 pipeline stages (dp1 x pp2): each stage's units to the first stage, to rank 0
+           "pp2_zero3": ["parallel.pp=2", "parallel.microbatches=2", "parallel.zero=3"]}[grid]
     common = [f"backend={backend}", "train.steps=10", "train.eval_every=1", "train.checkpoint_every=0"]
     r, out = train(tmp_path, grid, 3 + (grid == "pp2"),
                    [*common, "train.batch_size=4", *par, "roles.evaluators=1", "roles.snapshot_every=2",
