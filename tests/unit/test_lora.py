@@ -409,3 +409,27 @@ def test_lora_dropout_under_activation_checkpointing(be, checkpointing):
     c.train.activation_checkpointing = checkpointing
     np.testing.assert_allclose(seeded_train(engine(c, be), c, 2), seeded_train(engine(plain, be), plain, 2),
                                rtol=1e-6)
+
+
+def test_merged_export_is_a_plain_model_without_lora_dropout(tmp_path):
+    """convert --merge-lora of a lora_dropout run: the merged weights are base + s A^T B^T, and the
+    config it records is a plain model's that validation accepts (lora_rank and lora_dropout 0:
+    a lora_dropout with no adapters is refused)."""
+    import json
+
+    from hvdllm import checkpoint, cli
+    c = cfg(drop=0.3)
+    c.model.vocab_size = 256
+    e = engine(c)
+    seeded_train(e, c, 2)
+    base_dir = checkpoint.save(tmp_path / "base", 1, base(c), {"step": 1, "config": c.to_dict()})
+    checkpoint.save(tmp_path / "lora", 2, e.state_dict(), {"step": 2, "config": c.to_dict(),
+                                                           "lora_base": str(base_dir)})
+    assert cli.main(["convert", str(tmp_path / "lora"), str(tmp_path / "m.npz"), "--merge-lora"]) == 0
+    with np.load(tmp_path / "m.npz") as z:
+        got, meta = {k: z[k] for k in z.files if k != "__meta__"}, json.loads(str(z["__meta__"]))
+    want = lora.merge(base(c), e.state_dict(), c)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], w) for k, w in want.items())
+    plain = config.from_dict(meta["config"])
+    assert (plain.finetune.lora_rank, plain.finetune.lora_dropout) == (0, 0.0)
+    config.validate(plain)
