@@ -254,6 +254,9 @@ class FinetuneConfig:
     lora_targets: list = doc("LoRA: patterns over the blocks' linear weights, e.g. 'attn.c_attn', 'mlp.*', "
                              "'h.0.attn.q' ([] = the family's default, PEFT's: gpt2 'attn.c_attn', "
                              "llama 'attn.q' and 'attn.v')", [])
+    lora_dropout: float = doc("LoRA: dropout probability on the adapters' input in training, as PEFT's "
+                              "lora_dropout (0 = none: the adapters fold into the weight, one matmul; "
+                              "> 0 runs them beside it); evaluation and the merged model never drop", 0.0)
 
 
 @dataclass
@@ -502,7 +505,7 @@ RESUME_CHECKED = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_
                   "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
                   "train.seed", "train.batch_size", "data.tokenizer", "data.corpus",
                   "task.kind", "task.num_labels", "task.labels", "task.pooling", "task.class_weights",
-                  "finetune.lora_rank", "finetune.lora_alpha", "finetune.lora_targets")
+                  "finetune.lora_rank", "finetune.lora_alpha", "finetune.lora_targets", "finetune.lora_dropout")
 
 
 def resume_allowed(cfg: Config, key: str) -> bool:
@@ -620,6 +623,11 @@ def _strategy_problems(cfg: Config) -> list[str]:
     elif ac != "none" and cfg.backend == "tensorflow" and cfg.model.dropout > 0:
         p.append("train.activation_checkpointing: TensorFlow's recomputation draws new dropout masks "
                  "(its generator is stateful); set model.dropout = 0 or use the torch backend")
+    elif ac == "full" and cfg.backend == "tensorflow" and cfg.finetune.lora_dropout:
+        # 'selective' recomputes only the attention core, where no adapter sits
+        p.append("train.activation_checkpointing: TensorFlow's recomputation of a whole block draws new "
+                 "finetune.lora_dropout masks (its generator is stateful); set finetune.lora_dropout = 0, "
+                 "use 'selective' or the torch backend")
     p.extend(_compile_problems(cfg))
     if cfg.train.prefetch < 0:
         p.append(f"train.prefetch: must be >= 0 (0 = no background batches), got {cfg.train.prefetch}")

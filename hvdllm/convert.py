@@ -135,7 +135,8 @@ def to_npz(args) -> int:
     params = {k: state[k] for k in state if keep_all or not k.startswith(("optim.", "localsgd."))}
     if getattr(args, "merge_lora", False):   # a plain model now: its config says so
         params = merged(src, state, meta)
-        meta = {**meta, "config": {**meta["config"], "finetune": {**meta["config"]["finetune"], "lora_rank": 0}}}
+        meta = {**meta, "config": {**meta["config"], "finetune": {**meta["config"]["finetune"],
+                                                                   "lora_rank": 0, "lora_dropout": 0.0}}}
     if args.hf:   # hvdllm/hf.py's table: GPT-2 or Llama keys and orientation, the head spelled out
         from . import hf
         model = dict((meta.get("config") or {}).get("model") or {})

@@ -56,7 +56,7 @@ def generate_inputs(args):
 
         from .convert import merged
         state = merged(path, state, meta)
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0, lora_dropout=0.0))
     if not cfg.model.layers:
         checkpoint.check_compatible(state, param_shapes(task.model_config(cfg)), path)   # a classifier's too
     return cfg, path, state, meta, tok

@@ -24,8 +24,15 @@ and stepped, gathered per unit at stage 3; the frozen base stays whole on every 
 stages (no gradient or optimizer state of its own to shard; gathering it per unit would cost
 1.5x its bytes per micro-batch). Refused by validation: tensor and pipeline parallelism, local
 SGD, parameter servers, role ranks and user layer lists (each would need the frozen split there too).
-lora_dropout is not offered: the forward folds the adapters into the weight, which is what makes
-both backends' hooks one line, and a dropout on the adapters' input would need a second matmul.
+
+finetune.lora_dropout = p (PEFT's lora_dropout): in training the adapters read a dropped-out copy
+of the layer's input, y = x @ W + s * (dropout_p(x) @ A^T) @ B^T, which cannot be folded into one
+weight (each token's input has its own mask), so p > 0 runs that unfolded path: two thin matmuls
+beside the frozen one. p = 0, and evaluation, generation, predict and `convert --merge-lora` at any
+p, use the folded W + s * A^T B^T, the same function without dropout, one matmul. The masks come
+from the generator the model's own dropout uses (seeded train.seed + rank, so they differ per dp
+rank): torch's global one, TensorFlow's GPT._rng, whose state the TF ZeRO-3 recompute restores so
+the backward sees the forward's masks.
 """
 from __future__ import annotations
 
@@ -45,6 +52,11 @@ def enabled(cfg) -> bool:
 def scale(cfg) -> float:
     f = cfg.finetune
     return float(f.lora_alpha) / f.lora_rank
+
+
+def dropout(cfg) -> float:
+    """finetune.lora_dropout: the adapters' input dropout in training (0 = the folded forward)."""
+    return float(getattr(cfg.finetune, "lora_dropout", 0.0))
 
 
 def patterns(cfg) -> list[str]:
@@ -143,8 +155,13 @@ def problems(cfg) -> list[str]:
     f, p = cfg.finetune, []
     if not isinstance(f.lora_rank, int) or f.lora_rank < 0:
         return [f"finetune.lora_rank: must be an integer >= 0 (0 = off), got {f.lora_rank!r}"]
+    if not isinstance(f.lora_dropout, (int, float)) or not 0.0 <= f.lora_dropout < 1.0:
+        p.append(f"finetune.lora_dropout: must be in [0, 1) (0 = none), got {f.lora_dropout!r}")
     if not enabled(cfg):
-        return []
+        if not p and f.lora_dropout:
+            p.append(f"finetune.lora_dropout: {f.lora_dropout} applies to LoRA's adapters, and "
+                     "finetune.lora_rank = 0 has none; set finetune.lora_rank > 0 or lora_dropout = 0")
+        return p
     if not f.lora_alpha > 0:
         p.append(f"finetune.lora_alpha: must be > 0, got {f.lora_alpha}")
     bad = [t for t in f.lora_targets if not isinstance(t, str) or not t]

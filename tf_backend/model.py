@@ -100,6 +100,13 @@ class GPT(tf.Module):
         w = self.params[name]
         return w if self.adapters is None else self.adapters.weight(name, w)
 
+    def _xw(self, x, name: str, training):
+        """x @ p(name) for a linear weight; under finetune.lora_dropout > 0 in training unfolded,
+        the adapters beside the frozen weight on a dropped-out input (lora.Adapters.side)."""
+        if self.adapters is None or not self.adapters.beside(name, training):
+            return self._mm(x, self.p(name))
+        return self._mm(x, self.params[name]) + self.adapters.side(name, x, self._mm, self._drop)
+
     # building blocks ----------------------------------------------------------------------------
     def _ln(self, x, prefix):
         if self.llama:
@@ -113,28 +120,31 @@ class GPT(tf.Module):
         h = h * tf.math.rsqrt(tf.reduce_mean(tf.square(h), axis=-1, keepdims=True) + self.eps)
         return self.p(prefix + ".weight") * tf.cast(h, x.dtype)
 
-    def _linear(self, x, prefix):
-        return self._mm(x, self.p(prefix + ".weight")) + self.p(prefix + ".bias")
+    def _linear(self, x, prefix, training=False):
+        return self._xw(x, prefix + ".weight", training) + self.p(prefix + ".bias")
 
     def _dropout(self, x, training):
-        rate = self.cfg.dropout
-        if not training or rate <= 0:
+        if not training or self.cfg.dropout <= 0:
             return x
+        return self._drop(x, self.cfg.dropout)
+
+    def _drop(self, x, rate):
+        """Inverted dropout at `rate` from the model's generator (model.dropout's and the adapters')."""
         keep = self._rng.uniform(tf.shape(x)) >= rate
         return tf.where(keep, x / (1.0 - rate), tf.zeros_like(x))
 
-    def _row_linear(self, x, prefix):
+    def _row_linear(self, x, prefix, training=False):
         """Row-parallel under tp: partial products summed over the group (g), then the bias."""
-        return reduce_from_tp(self._mm(x, self.p(prefix + ".weight")), self.tp) + self.p(prefix + ".bias")
+        return reduce_from_tp(self._xw(x, prefix + ".weight", training), self.tp) + self.p(prefix + ".bias")
 
     def _attn(self, x, h, training):
         B, T = tf.shape(x)[0], tf.shape(x)[1]
         C, nh = self.width_local, self.n_head_local
         hd = C // nh
-        q, k, v = tf.split(self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn"), 3, axis=-1)
+        q, k, v = tf.split(self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn", training), 3, axis=-1)
         q, k, v = (tf.transpose(tf.reshape(t, [B, T, nh, hd]), [0, 2, 1, 3]) for t in (q, k, v))
         y = tf.reshape(tf.transpose(self._attention_core(q, k, v, training), [0, 2, 1, 3]), [B, T, C])
-        return self._dropout(self._row_linear(y, h + "attn.c_proj"), training)
+        return self._dropout(self._row_linear(y, h + "attn.c_proj", training), training)
 
     def _attention_core(self, q, k, v, training):
         """Causal softmax(q k^T / sqrt(hd)) v of (B, heads, T, hd), with attention dropout (gpt2)."""
@@ -152,7 +162,7 @@ class GPT(tf.Module):
         rotated = tf.concat([-t[..., half:], t[..., :half]], axis=-1)
         return t * self.rope_cos[:T] + rotated * self.rope_sin[:T]
 
-    def _llama_attn(self, x, h):
+    def _llama_attn(self, x, h, training=False):
         """Grouped-query attention: this rank's query heads and the key/value heads they share
         (query head j reads key/value head j // (n_head / n_kv_head), as HF's repeat_kv)."""
         B, T = tf.shape(x)[0], tf.shape(x)[1]
@@ -160,22 +170,22 @@ class GPT(tf.Module):
         x = copy_to_tp(x, self.tp)
 
         def heads(name, n):
-            return tf.transpose(tf.reshape(self._mm(x, self.p(h + name)), [B, T, n, hd]), [0, 2, 1, 3])
+            return tf.transpose(tf.reshape(self._xw(x, h + name, training), [B, T, n, hd]), [0, 2, 1, 3])
         q, k, v = heads("attn.q.weight", nh), heads("attn.k.weight", nkv), heads("attn.v.weight", nkv)
         q, k = self._rope(q), self._rope(k)
         if nkv != nh:
             k, v = tf.repeat(k, nh // nkv, axis=1), tf.repeat(v, nh // nkv, axis=1)
         y = tf.reshape(tf.transpose(self._attention_core(q, k, v, False), [0, 2, 1, 3]), [B, T, nh * hd])
-        return reduce_from_tp(self._mm(y, self.p(h + "attn.o.weight")), self.tp)
+        return reduce_from_tp(self._xw(y, h + "attn.o.weight", training), self.tp)
 
-    def _swiglu(self, x, h):
+    def _swiglu(self, x, h, training=False):
         x = copy_to_tp(x, self.tp)
-        a = tf.nn.silu(self._mm(x, self.p(h + "mlp.gate.weight"))) * self._mm(x, self.p(h + "mlp.up.weight"))
-        return reduce_from_tp(self._mm(a, self.p(h + "mlp.down.weight")), self.tp)
+        a = tf.nn.silu(self._xw(x, h + "mlp.gate.weight", training)) * self._xw(x, h + "mlp.up.weight", training)
+        return reduce_from_tp(self._xw(a, h + "mlp.down.weight", training), self.tp)
 
     def _mlp(self, x, h, training):
-        x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate=True)
-        return self._dropout(self._row_linear(x, h + "mlp.c_proj"), training)
+        x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc", training), approximate=True)
+        return self._dropout(self._row_linear(x, h + "mlp.c_proj", training), training)
 
     # model ---------------------------------------------------------------------------------------
     def run_layer(self, i: int, x, training=False):
@@ -194,8 +204,8 @@ class GPT(tf.Module):
             return logits if self.vocab_mask is None else logits + self.vocab_mask
         h = f"h.{i - 1}."
         if self.llama:
-            x = x + self._llama_attn(self._ln(x, h + "ln_1"), h)
-            return x + self._swiglu(self._ln(x, h + "ln_2"), h)
+            x = x + self._llama_attn(self._ln(x, h + "ln_1"), h, training)
+            return x + self._swiglu(self._ln(x, h + "ln_2"), h, training)
         x = x + self._attn(self._ln(x, h + "ln_1"), h, training)
         return x + self._mlp(self._ln(x, h + "ln_2"), h, training)
 

@@ -97,11 +97,15 @@ class ShardedEngine(ShardedEngineBase):
         return out
 
     def _dropout_state(self):
-        return tf.identity(self.model._rng.state) if self.cfg.model.dropout else None
+        """The generator's state before a unit's forward, for its recompute to draw the same masks
+        (model.dropout's and finetune.lora_dropout's: one generator)."""
+        drops = self.cfg.model.dropout or (lora.enabled(self.cfg) and lora.dropout(self.cfg))
+        return tf.identity(self.model._rng.state) if drops else None
 
     def unit_forward(self, u, x, target):
         if self.recompute:   # no tape: it would hold the gathered weights until the backward
-            return self._run(u, x, target), (x, target, self._dropout_state())
+            rng = self._dropout_state()   # before the forward draws its masks (the recompute redraws them)
+            return self._run(u, x, target), (x, target, rng)
         tape = tf.GradientTape()
         with tape:
             if u:

@@ -100,6 +100,16 @@ class GPT(nn.Module):
         w = self.plist[self.index[name]]
         return w if self.adapters is None else self.adapters.weight(name, w)
 
+    def _beside(self, name: str) -> bool:
+        """finetune.lora_dropout > 0 in training: `name`'s adapters run beside it (lora.Adapters.side)."""
+        return self.adapters is not None and self.adapters.beside(name, self.training)
+
+    def _xw(self, x, name: str) -> torch.Tensor:
+        """x @ p(name) for a linear weight; unfolded when the adapters' input is dropped out."""
+        if not self._beside(name):
+            return x @ self.p(name)
+        return x @ self.plist[self.index[name]] + self.adapters.side(name, x)
+
     @staticmethod
     def _recomputed(f, *args):
         """f(*args), its activations not kept but computed again in backward (non-reentrant
@@ -122,12 +132,15 @@ class GPT(nn.Module):
         return self.p(prefix + ".weight") * h.to(x.dtype)
 
     def _linear(self, x, prefix):
+        name = prefix + ".weight"
+        if self._beside(name):
+            return self._xw(x, name) + self.p(prefix + ".bias")
         return torch.addmm(self.p(prefix + ".bias"), x.reshape(-1, x.shape[-1]),
-                           self.p(prefix + ".weight")).view(*x.shape[:-1], -1)
+                           self.p(name)).view(*x.shape[:-1], -1)
 
     def _row_linear(self, x, prefix):
         """Row-parallel under tp: partial products summed over the group (g), then the bias."""
-        y = reduce_from_tp(x @ self.p(prefix + ".weight"), self.tp)
+        y = reduce_from_tp(self._xw(x, prefix + ".weight"), self.tp)
         return y + self.p(prefix + ".bias")
 
     def _attn(self, x, h):
@@ -157,20 +170,20 @@ class GPT(nn.Module):
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head_local, self.n_kv_local, self.head_dim
         x = copy_to_tp(x, self.tp)
-        q = (x @ self.p(h + "attn.q.weight")).view(B, T, nh, hd).transpose(1, 2)
-        k = (x @ self.p(h + "attn.k.weight")).view(B, T, nkv, hd).transpose(1, 2)
-        v = (x @ self.p(h + "attn.v.weight")).view(B, T, nkv, hd).transpose(1, 2)
+        q = self._xw(x, h + "attn.q.weight").view(B, T, nh, hd).transpose(1, 2)
+        k = self._xw(x, h + "attn.k.weight").view(B, T, nkv, hd).transpose(1, 2)
+        v = self._xw(x, h + "attn.v.weight").view(B, T, nkv, hd).transpose(1, 2)
         q, k = self._rope(q), self._rope(k)
         if nkv != nh:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         y = self._attention_core(q, k, v, 0.0)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
-        return reduce_from_tp(y @ self.p(h + "attn.o.weight"), self.tp)
+        return reduce_from_tp(self._xw(y, h + "attn.o.weight"), self.tp)
 
     def _swiglu(self, x, h):
         x = copy_to_tp(x, self.tp)
-        a = F.silu(x @ self.p(h + "mlp.gate.weight")) * (x @ self.p(h + "mlp.up.weight"))
-        return reduce_from_tp(a @ self.p(h + "mlp.down.weight"), self.tp)
+        a = F.silu(self._xw(x, h + "mlp.gate.weight")) * self._xw(x, h + "mlp.up.weight")
+        return reduce_from_tp(self._xw(a, h + "mlp.down.weight"), self.tp)
 
     def _mlp(self, x, h):
         x = F.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc"), approximate="tanh")

@@ -2,7 +2,9 @@
 one-rank Horovod): only the adapters (and a classifier's head) train, so the base is
 bit-identical after training; torch and TensorFlow take the same steps; ZeRO-1 takes the plain
 optimizer's; the merged model's logits are the LoRA model's; a resume from a checkpoint of the
-adapters continues the uninterrupted run exactly; validation names what to fix. (np=2 equals
+adapters continues the uninterrupted run exactly; validation names what to fix. finetune.lora_dropout:
+the training steps change, reproducibly, evaluation and the merged model do not; the unfolded path
+equals the folded one; ZeRO-2/3 and recomputation see the forward's masks. (np=2 equals
 np=1 under dp and ZeRO-1: tests/integration/test_classify.py's one launch.)"""
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
@@ -29,8 +31,9 @@ def horovod():
     torch_backend.init_horovod(MPI.COMM_WORLD)
 
 
-def cfg(family="gpt2", targets=(), zero=0, classify=False) -> Config:
+def cfg(family="gpt2", targets=(), zero=0, classify=False, drop=0.0) -> Config:
     c = Config()
+    c.finetune.lora_dropout = drop
     m = c.model
     m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size, m.family = 2, C, 4, T, V, family
     c.finetune.lora_rank, c.finetune.lora_alpha, c.finetune.lora_targets = 4, 8.0, list(targets)
@@ -286,3 +289,147 @@ def test_sharded_units_that_own_nothing_sim(stage, k):
         for n in ("wte", "h.0.w", "h.0.b"):
             assert np.array_equal(run.w[n], w0[n]), n
         assert set(run.backwards) == {L + 1, L}   # none below the lowest unit that trains
+
+
+# finetune.lora_dropout ------------------------------------------------------------------------
+ALL = ["attn.*", "mlp.*"]   # every linear product of a block runs through GPT._xw / _linear
+
+
+def seeded_train(e, c, steps):
+    """train() from the torch global generator's seed (the masks' source; a test process builds
+    several engines, each seeding it in its constructor, so it is set again here)."""
+    torch.manual_seed(c.train.seed)
+    return train(e, c, steps)
+
+
+def test_lora_dropout_validation():
+    for p, text in [(-0.1, "must be in [0, 1)"), (1.0, "must be in [0, 1)")]:
+        bad = cfg(drop=p)
+        bad.model.vocab_size = 256
+        with pytest.raises(ConfigError, match=r"finetune.lora_dropout: " + text.replace("[", r"\[")
+                           .replace("(", r"\(").replace(")", r"\)")):
+            config.validate(bad)
+    off = cfg(drop=0.1)
+    off.model.vocab_size, off.finetune.lora_rank = 256, 0
+    with pytest.raises(ConfigError, match="finetune.lora_rank = 0 has none; set finetune.lora_rank > 0"):
+        config.validate(off)
+    tf_full = cfg(drop=0.1)
+    tf_full.model.vocab_size, tf_full.backend = 256, "tensorflow"
+    config.validate(tf_full)
+    tf_full.train.activation_checkpointing = "full"
+    with pytest.raises(ConfigError, match="new finetune.lora_dropout masks"):
+        config.validate(tf_full)
+    tf_full.train.activation_checkpointing = "selective"   # no adapter in the recomputed core
+    config.validate(tf_full)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_lora_dropout_trains_adapters_evaluates_without(be, family):
+    """p > 0: the training steps differ from p = 0's at the same seed (step 0's loss is the base
+    model's either way, B = 0, but its gradient already reads the dropped inputs); the same seed
+    again gives the same steps; only the adapters get gradients; evaluation, the eval-mode logits
+    and the merged model equal p = 0's at the same weights (no dropout outside training)."""
+    c, c0 = cfg(family, ALL, drop=0.3), cfg(family, ALL)
+    e = engine(c, be)
+    before = base_now(e)
+    got = seeded_train(e, c, 3)
+    plain = seeded_train(engine(c0, be), c0, 3)
+    assert np.abs(got - plain).max() > 1e-3, "lora_dropout changed nothing"
+    assert abs(got[0, 0] - plain[0, 0]) < 1e-6 and abs(got[0, 1] - plain[0, 1]) > 1e-4
+    np.testing.assert_array_equal(seeded_train(engine(c, be), c, 3), got)   # reproducible from the seed
+    after = base_now(e)
+    assert all(np.array_equal(after[n], before[n]) for n in before)
+    if be == "torch":
+        assert all(p.grad is None for _, p in e.base_named)
+    _, g = e.local_gradients(*batch(9, c))
+    assert all(np.abs(part).max() > 0 for part in e.flat.unflatten(g).values())
+    # the same weights at p = 0: evaluation and eval-mode logits are the same function
+    same = engine(c0, be)
+    same.load_state_dict(e.state_dict())
+    x, y = batch(11, c)
+    np.testing.assert_array_equal(logits(e, x), logits(same, x))
+    assert e.evaluate(x, y).loss_sum == same.evaluate(x, y).loss_sum
+    merged = lora.merge(base(c), e.state_dict(), c)
+    flat = cfg(family)
+    flat.finetune.lora_rank = 0
+    m = BACKENDS[be].Engine(flat, Layout.build(flat.parallel, world_size=1, rank=0))
+    m.load_state_dict(merged)
+    np.testing.assert_allclose(logits(m, x), logits(e, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_unfolded_path_equals_folded(be, family):
+    """The unfolded forward (x @ W + s (x A^T) B^T, what p > 0 trains with) forced at p = 0 is the
+    folded one (x @ (W + s A^T B^T)): the same steps (losses, gradient norms) and weights, to
+    float32's rounding of the two orders of summation."""
+    c = cfg(family, ALL)
+    folded, unfolded = engine(c, be), engine(c, be)
+    unfolded.model.adapters.unfold = True
+    want, got = train(folded, c, 3), train(unfolded, c, 3)
+    assert want[:, 1].min() > 0.05   # clipping acted
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    sa, sb = folded.state_dict(), unfolded.state_dict()
+    for k in sa:   # Adam's normalised step on a near-zero gradient element: 5.5e-6 on llama's v.lora_B's 0.03 measured
+        np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-3 * float(np.abs(sa[k]).max()), err_msg=k)
+
+
+@pytest.mark.parametrize("which", ["lora", "model"])
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_lora_dropout_zero2_zero3_equal_plain_dp(be, zero, which):
+    """ZeRO-2/3 with lora_dropout > 0 (or model.dropout: the same generator) take ZeRO-0's steps at
+    the same seed: the units draw the forward's masks in the same order, and TF ZeRO-3's recompute
+    in the backward (sharded.py) sees the forward's masks again (the generator's state from before
+    the unit's forward restored), else its gradients would be another mask's."""
+    tg = ["attn.c_attn", "h.1.mlp.c_proj"]
+    c0, c = cfg(targets=tg, classify=True), cfg(targets=tg, zero=zero, classify=True)
+    for one in (c0, c):
+        if which == "lora":
+            one.finetune.lora_dropout = 0.3
+        else:
+            one.model.dropout = 0.1
+    a, b = engine(c0, be), engine(c, be)
+    want, got = seeded_train(a, c0, 3), seeded_train(b, c, 3)
+    nodrop = cfg(targets=tg, classify=True)
+    assert np.abs(want - seeded_train(engine(nodrop, be), nodrop, 3)).max() > 1e-3   # the masks acted
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-4 * float(np.abs(sa[k]).max()), err_msg=k)
+
+
+@pytest.mark.parametrize("be,checkpointing", [("torch", "full"), ("torch", "selective"), ("tensorflow", "selective")])
+def test_lora_dropout_under_activation_checkpointing(be, checkpointing):
+    """Recomputation sees the forward's adapter masks: torch's non-reentrant checkpoint restores
+    the generator; TF's 'selective' recomputes only the attention core, where no adapter sits
+    ('full' is refused there, test_lora_dropout_validation). The steps are the plain run's."""
+    c, plain = cfg(targets=ALL, drop=0.3), cfg(targets=ALL, drop=0.3)
+    c.train.activation_checkpointing = checkpointing
+    np.testing.assert_allclose(seeded_train(engine(c, be), c, 2), seeded_train(engine(plain, be), plain, 2),
+                               rtol=1e-6)
+
+
+def test_merged_export_is_a_plain_model_without_lora_dropout(tmp_path):
+    """convert --merge-lora of a lora_dropout run: the merged weights are base + s A^T B^T, and the
+    config it records is a plain model's that validation accepts (lora_rank and lora_dropout 0:
+    a lora_dropout with no adapters is refused)."""
+    import json
+
+    from hvdllm import checkpoint, cli
+    c = cfg(drop=0.3)
+    c.model.vocab_size = 256
+    e = engine(c)
+    seeded_train(e, c, 2)
+    base_dir = checkpoint.save(tmp_path / "base", 1, base(c), {"step": 1, "config": c.to_dict()})
+    checkpoint.save(tmp_path / "lora", 2, e.state_dict(), {"step": 2, "config": c.to_dict(),
+                                                           "lora_base": str(base_dir)})
+    assert cli.main(["convert", str(tmp_path / "lora"), str(tmp_path / "m.npz"), "--merge-lora"]) == 0
+    with np.load(tmp_path / "m.npz") as z:
+        got, meta = {k: z[k] for k in z.files if k != "__meta__"}, json.loads(str(z["__meta__"]))
+    want = lora.merge(base(c), e.state_dict(), c)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], w) for k, w in want.items())
+    plain = config.from_dict(meta["config"])
+    assert (plain.finetune.lora_rank, plain.finetune.lora_dropout) == (0, 0.0)
+    config.validate(plain)
