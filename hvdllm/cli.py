@@ -87,6 +87,10 @@ def _print_summary(cfg, s: dict) -> None:
               f"{cfg.train.steps}, checkpoint written: continue with --set train.resume=true (exit 75)")
         return
     print(f"\n[hvdllm] done: {cfg.train.steps} steps, backend={cfg.backend}, out_dir={cfg.train.out_dir}")
+    if s.get("peak_rss_mib"):   # every trainer's, in trainer order (hvdllm plan predicts the largest)
+        peaks = s["peak_rss_mib"]
+        print(f"[hvdllm] peak resident memory in training: {max(peaks):.1f} MiB on the largest of "
+              f"{len(peaks)} trainer rank(s), {min(peaks):.1f} MiB on the smallest")
     if "val_macro_f1" in s:   # task.kind = 'classify'
         print(f"[hvdllm] validation: accuracy {s['val_acc']:.3f}, macro-F1 {s['val_macro_f1']:.3f} on "
               f"{s['val_examples']} examples (val_loss {s['val_loss']:.4f}); majority-class baseline "

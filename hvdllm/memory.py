@@ -62,7 +62,10 @@ activations' width, not the master state):
               ZeRO 2 the allgather of every unit's updated shard, 4 per parameter; ZeRO 3
               none (the shards update in place).
   The rank's peak: model state + fusion + max(activations, step): the step's buffers reuse the
-  memory the backward freed.
+  memory the backward freed. Under ZeRO 0/1 the engines free the gradients before each step's
+  first forward, so there the gradients move to the second term, (activations, gradients +
+  step), unless a backward precedes the activations' peak in the step (accumulation; a
+  pipeline schedule that reaches its in-flight peak again after a backward, as 1F1B does).
 
 Not counted: framework workspace and allocator slack (on a CPU, glibc's heap keeps freed blocks
 and fragments over the first steps: a few % above these terms), MPI's own temporaries inside a
@@ -301,6 +304,27 @@ def inflight(schedule: str, p: int, m: int, stage: int, v: int = 1) -> int:
     return peak
 
 
+@lru_cache(maxsize=8192)
+def grads_at_peak(schedule: str, p: int, m: int, stage: int, v: int = 1) -> bool:
+    """Whether a pipeline stage holds its peak of in-flight activations again after a backward
+    of the same step (1F1B's steady state does; GPipe's all-forward phase does not): the
+    step's gradients then exist beside them."""
+    if p == 1:
+        return False
+    from .strategies import schedules
+    peak = inflight(schedule, p, m, stage, v)
+    live, backward = 0, False
+    for ins in schedules.build(schedule, p, m, stage, v):
+        if ins.op == "forward":
+            live += 1
+            if live == peak and backward:
+                return True
+        elif ins.op == "backward":
+            live -= 1
+            backward = True
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
 # one rank, under a layout
 
@@ -323,6 +347,7 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
     off = offload or getattr(par, "offload", "none")
     v = par.virtual_stages if par.schedule == "interleaved" else 1
     micro = par.microbatches if pp > 1 else 1
+    accumulation = getattr(getattr(cfg, "aggregation", None), "accumulation", 1) or 1
     tokens = (cfg.train.batch_size // micro) * m.block_size
     agg = getattr(cfg, "aggregation", None)
     mb = getattr(agg, "fusion_threshold_mb", 0) or 0
@@ -344,7 +369,12 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
         act = chunk_act * held
         fusion = fusion_bytes(psi, dp, zero, unit, wire, threshold)
         step = step_bytes(psi, dp, zero, pp > 1, fused_adamw)
-        device = state["device"] + fusion + max(act, step)
+        # ZeRO 0/1 free the whole gradients before each step's first forward (p.grad = None): at
+        # the activations' peak they exist only if a backward ran before it in the same step
+        # (accumulation, or a pipeline schedule that reaches its peak again after a backward)
+        grads_held = (pp > 1 and grads_at_peak(par.schedule, pp, micro, s, v)) or (pp == 1 and accumulation > 1)
+        transient = state["grads"] if zero <= 1 and not grads_held else 0
+        device = state["device"] - transient + fusion + max(act, transient + step)
         stages.append({**state, "fusion": fusion, "step": step, "activations": act, "device": device, "psi": psi,
                        "stage": s, "inflight": held, "checkpointing": ckpt, "offload": off, "layers": layers})
     worst = max(stages, key=lambda r: r["device"])

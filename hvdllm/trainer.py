@@ -52,11 +52,29 @@ def _progress(enabled: bool, total: int, initial: int):
                 mininterval=1.0, dynamic_ncols=True)
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh, so the peak logged is the
+    training's and not start-up's transients (the data build, the peak FLOP/s probe), which
+    hvdllm plan's memory model leaves out."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:   # not Linux: the peak then counts start-up too
+        pass
+
+
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (rank 0's, logged each step)."""
+    """This process's peak resident memory since reset_peak_rss (logged each step by rank 0;
+    every trainer's at the end of the run)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-    return kib / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
 class Trainer:
@@ -211,6 +229,8 @@ class Trainer:
         prepare = getattr(self.backend, "pin_batch", None)
         with prefetch.Prefetcher(self.sampler.batch, range(self.start_step, last), t.prefetch,
                                  t.step_timeout, prepare) as batches:
+            reset_peak_rss()
+            self.train_peak_mib = peak_rss_mib()
             for step in range(self.start_step, last):
                 x, y = batches.get(step)
                 lr = lr_schedule.lr_at(step, cfg.optim, t.steps)
@@ -263,8 +283,13 @@ class Trainer:
         summary = self.finish(summary)
         # No rank may leave while another still talks to it: Horovod shuts down for everyone
         # when the first process exits (e.g. a pipeline stage done before its peers).
+        # The gather is that barrier too: each trainer's peak resident memory in training, as of
+        # its last logged step (the final evaluation and checkpoint not counted)
         with self.watchdog.deadline(t.step_timeout, "the final barrier"):
-            self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer"))).barrier()
+            coll = self.backend.Collectives(self.rt.process_set(self.layout.role_ranks("trainer")))
+            peaks = self.backend.NumpyCollectives(coll).allgather(np.array([self.train_peak_mib]),
+                                                                   name="hvdllm.train_peaks")
+        summary["peak_rss_mib"] = [float(v) for v in np.asarray(peaks).ravel()]
         return summary
 
     def _log_step(self, res, step, lr, dt, tokens_per_step, flops_per_step, trainers, bar) -> None:
@@ -277,6 +302,7 @@ class Trainer:
                "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                "mfu": mfu.utilisation(flops_per_step, dt, self.peak_flops, trainers),
                "peak_rss_mib": peak_rss_mib()}
+        self.train_peak_mib = rec["peak_rss_mib"]
         if self.engine.scaler is not None:   # train.precision = 'fp16'
             rec.update(loss_scale=self.engine.scaler.scale, skipped=res.skipped)
         if self.is_root:

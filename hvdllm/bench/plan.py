@@ -7,17 +7,20 @@ pp, tp and mixes), each at the same global batch.
 
 For each layout it launches, with the command `hvdllm launch` builds,
     mpirun -np N ... python -m hvdllm train --set ... (the bench GPT, the layout's settings)
-reads the step times from its metrics.jsonl (median after --warmup steps) and samples every
-rank's peak resident memory (/proc/PID/status VmHWM) while it runs. Predictions come from
+reads the step times from its metrics.jsonl (median after --warmup steps), and runs it twice
+more for memory (below). Predictions come from
 hvdllm.plan.predict with the calibration (default: measured first by `hvdllm bench calibrate
 --np 2 --model small`, the layouts' own model, on this node as it is loaded now).
 
 Definitions:
     time error    predicted / measured step time - 1
-    memory        measured: the largest rank's peak RSS minus the same of a run of a 1-layer,
-                  32-wide model on as many ranks (the framework, MPI's shared memory, Horovod
-                  and the data: what memory.py does not model); predicted: memory.py's bytes
-                  of the rank it names
+    memory        measured in a second run of the layout, glibc returning freed blocks of
+                  64 KiB or more at once (MALLOC_MMAP_THRESHOLD_=65536; its default heap keeps
+                  the holes freed activations leave): the largest trainer's peak resident memory
+                  in training (VmHWM reset at the first step, hvdllm/trainer.py) minus the same
+                  of the same layout over a 2-layer, 32-wide model (the framework, the code the
+                  layout runs, MPI's and Horovod's buffers: what memory.py does not model);
+                  predicted: memory.py's bytes of the rank it names, minus the tiny model's
     ranks > cores the calibration's CPU-time terms are shared: compute rate and copy bandwidth
                   divided, the fixed cost per layer multiplied, by ranks / cores (the ranks then
                   take turns on the cores), which the planner itself does not know
@@ -40,8 +43,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -63,6 +66,9 @@ BASE = ["data.max_bytes=400000", "train.eval_every=0", "train.eval_batches=1", "
         "train.progress=false", "train.plot=false", "train.checkpoint_every=0", "train.threads=1",
         "optim.warmup_steps=2", "backend=torch"]
 GLOBAL = 8   # sequences per step, every layout
+TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2"]   # the memory runs' baseline model
+MEMORY_STEPS = 4   # the live peak is reached by step 2 (the first AdamW step allocates its moments)
+RELEASE = ("MALLOC_MMAP_THRESHOLD_=65536",)   # glibc returns a freed block of 64 KiB or more at once
 PUBLISHED = Path(planner.__file__).with_name("published.json")
 # name: (dp, pp, tp, zero, micro-batch sequences, micro-batches per step)
 LAYOUTS = {
@@ -235,13 +241,14 @@ def run_measured(cmd: list[str], timeout: float) -> tuple[int, dict[int, int], s
     return p.returncode, peaks, log.read()[-3000:]
 
 
-def train_command(np_: int, sets: list[str]) -> list[str]:
-    return command("mpirun", np_, ["train", *[a for kv in sets for a in ("--set", kv)]], env=["PYTHONPATH"])
+def train_command(np_: int, sets: list[str], env: tuple = ()) -> list[str]:
+    return command("mpirun", np_, ["train", *[a for kv in sets for a in ("--set", kv)]], env=["PYTHONPATH", *env])
 
 
-def measure(name: str, sets: list[str], np_: int, out_dir: Path, a) -> dict:
+def measure(name: str, sets: list[str], np_: int, out_dir: Path, a, steps: int | None = None,
+            env: tuple = ()) -> dict:
     run_dir = out_dir / name
-    cmd = train_command(np_, [*sets, f"train.out_dir={run_dir}", f"train.steps={a.steps}"])
+    cmd = train_command(np_, [*sets, f"train.out_dir={run_dir}", f"train.steps={steps or a.steps}"], env)
     common.say(f"\n{TAG}", f"{name} (np={np_}):\n  {' '.join(cmd)}")
     rc, peaks, tail = run_measured(cmd, a.timeout)
     if rc != 0:
@@ -249,8 +256,12 @@ def measure(name: str, sets: list[str], np_: int, out_dir: Path, a) -> dict:
         return {"ok": False, "rc": rc}
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in recs if "step_time_s" in r and r["step"] > a.warmup]
+    # the trainers' own peak in training (VmHWM reset at the first step, read at the last logged
+    # one: hvdllm/trainer.py), which start-up's transients and the final checkpoint do not reach
+    train = re.search(r"peak resident memory in training: ([\d.]+) MiB on the largest", tail)
     return {"ok": True, "step_s": statistics.median(times), "step_times_s": times,
-            "peak_rss": max(peaks.values()) if peaks else None, "rss_per_rank": sorted(peaks.values())}
+            "peak_rss": float(train.group(1)) * common.MB if train else None,
+            "process_peak_rss": max(peaks.values()) if peaks else None, "rss_per_rank": sorted(peaks.values())}
 
 
 def main(argv=None) -> int:
@@ -273,11 +284,7 @@ def main(argv=None) -> int:
             if calibrate.main(["--np", str(min(2, cores())), "--model", "small", "--out", cal]) != 0:
                 return 1
         system = planner.load_calibration(cal, a.system)
-        tiny = [*BASE, *a.set, "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=128",
-                "model.vocab_size=256", "train.batch_size=1"]
-        nps = sorted({math.prod(LAYOUTS[n][:3]) for n in a.names})
-        # per rank count: MPI's shared-memory segments and Horovod's buffers grow with the ranks
-        bases = {n: measure(f"baseline-np{n}", [*tiny, f"parallel.dp={n}"], n, tmp, a) for n in nps}
+        bases = {}
         for name in a.names:
             dp, pp, tp, zero, micro, k = LAYOUTS[name]
             cand = planner.Candidate(dp, pp, tp, zero, micro, k)
@@ -297,16 +304,26 @@ def main(argv=None) -> int:
                 **({"memory_bandwidth": dev["memory_bandwidth"] / shared} if "memory_bandwidth" in dev else {})})
             pred = planner.predict(c, cand, sys_np, devices_per_node=max(np_, 1))
             got = measure(name, sets, np_, tmp, a)
+            # memory: the same layout again with glibc returning freed blocks at once (its default
+            # heap keeps the holes freed activations leave, which no model of live bytes can
+            # predict), against the same layout over a tiny model (the framework, the code paths
+            # the layout runs, MPI's and Horovod's buffers: what memory.py does not model); the
+            # tiny model's own predicted bytes are subtracted from the prediction alike
+            tiny = [*BASE, *a.set, *TINY, *cand.sets(cfg)]
+            c_tiny = planner.apply(config_mod.load(None, [*BASE, *a.set, *TINY]), cand)
+            pred_tiny = planner.predict(c_tiny, cand, sys_np, devices_per_node=max(np_, 1))
+            mem = measure(f"{name}-memory", sets, np_, tmp, a, MEMORY_STEPS, RELEASE)
+            base = bases[name] = measure(f"{name}-tiny", tiny, np_, tmp, a, MEMORY_STEPS, RELEASE)
+            pred_mib = (pred["memory"]["device"] - pred_tiny["memory"]["device"]) / common.MB
             row = {"layout": name, "np": np_, "dp": dp, "pp": pp, "tp": tp, "zero": zero, "b": micro, "k": k,
-                   "pred_ms": pred["step_s"] * 1e3, "pred_mib": pred["memory"]["device"] / common.MB}
+                   "pred_ms": pred["step_s"] * 1e3, "pred_mib": pred_mib}
             if got["ok"]:
                 row["meas_ms"] = got["step_s"] * 1e3
                 row["time_err"] = pred["step_s"] / got["step_s"] - 1
-                base = bases[np_]
-                if got["peak_rss"] and base.get("peak_rss"):
-                    row["meas_mib"] = (got["peak_rss"] - base["peak_rss"]) / common.MB
-                    row["mem_err"] = row["pred_mib"] / row["meas_mib"] - 1 if row["meas_mib"] > 0 else None
-            rows.append({**row, "raw": got})
+            if mem["ok"] and base["ok"] and mem["peak_rss"] and base["peak_rss"]:
+                row["meas_mib"] = (mem["peak_rss"] - base["peak_rss"]) / common.MB
+                row["mem_err"] = row["pred_mib"] / row["meas_mib"] - 1 if row["meas_mib"] > 0 else None
+            rows.append({**row, "raw": got, "raw_memory": mem})
     print()
     common.print_table(rows, ["layout", "np", "dp", "pp", "tp", "zero", "b", "k", ("pred_ms", "pred ms"),
                               ("meas_ms", "meas ms"), ("time_err", "time err"), ("pred_mib", "pred MiB"),
@@ -315,9 +332,9 @@ def main(argv=None) -> int:
     m_err = [abs(r["mem_err"]) for r in rows if r.get("mem_err") is not None]
     med_t = statistics.median(t_err) if t_err else float("nan")
     med_m = statistics.median(m_err) if m_err else float("nan")
+    peaks = [b["peak_rss"] / common.MB for b in bases.values() if b.get("peak_rss")] or [float("nan")]
     print(f"\nmedian |time error| {med_t:.1%} (goal <= 15%), median |memory error| {med_m:.1%} (goal <= 10%); "
-          f"baseline peak RSS per rank " + ", ".join(f"np={n} {(b.get('peak_rss') or 0) / common.MB:.0f} MiB"
-                                                     for n, b in bases.items()) + f"; {cores()} cores")
+          f"tiny-model baselines' peak RSS {min(peaks):.0f}-{max(peaks):.0f} MiB per rank; {cores()} cores")
     common.write_json(out, {"benchmark": "plan", "system": system.name, "rows": rows, "baselines": bases,
                             "median_abs_time_error": med_t, "median_abs_memory_error": med_m,
                             "command": "hvdllm bench plan " + " ".join(argv or []), "calibration": cal})

@@ -2,6 +2,7 @@
 with the one-process run: losses, gradient norms (logged before clipping, so a wrong gradient
 scale shows even where clipping and Adam's scale invariance hide it from the loss) and
 validation losses. The np=1 references are shared by the session (conftest.py `reference`)."""
+import re
 import time
 
 import pytest
@@ -35,6 +36,9 @@ def test_dp_equals_single_process_and_resumes_after_a_crash(tmp_path, reference,
     # MFU against the ranks' measured matmul peak: a figure above 1 would be a measurement bug
     assert all(0 < x["mfu"] <= 1 for x in records(dp2) if "loss" in x), [x.get("mfu") for x in records(dp2)]
     assert "MFU:" in r.stdout and "GFLOP/s per trainer rank x 2" in r.stdout
+    # every trainer's peak in training, gathered at the end (hvdllm bench plan reads this line)
+    peak = re.search(r"peak resident memory in training: ([\d.]+) MiB on the largest of 2 trainer", r.stdout)
+    assert peak and 100 < float(peak.group(1)) < 4096, r.stdout[-2000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(dp2 / "tensorboard"))
     events.Reload()   # the records as TensorBoard scalars (rank 0 only: one writer)

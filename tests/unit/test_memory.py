@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torch_backend
+from hvdllm import config as config_mod
 from hvdllm import memory, params
 from hvdllm.config import AggregationConfig, Config, ModelConfig, OptimConfig
 from hvdllm.flat import FlatLayout
@@ -274,3 +275,41 @@ def test_fusion_buffer_holds_the_largest_fused_message_up_to_the_threshold():
     assert memory.rank_memory(c, 2)["fusion"] == int(0.01 * 1024 * 1024) < grads
     c.aggregation.fusion_threshold_mb, c.aggregation.compression = 0, "fp16"
     assert memory.rank_memory(c, 2)["fusion"] == grads // 2
+
+
+def test_training_peak_starts_afresh_at_the_first_step():
+    """trainer.reset_peak_rss: the peak logged is the training's, not start-up's (hvdllm bench
+    plan compares it with the prediction). A 96 MiB block touched and freed before the reset is
+    in the process's peak before it and not after."""
+    from hvdllm.trainer import peak_rss_mib, reset_peak_rss
+    block = np.ones(96 << 17)   # 96 MiB of float64, mmapped by glibc and returned when freed
+    before = peak_rss_mib()
+    del block
+    reset_peak_rss()
+    after = peak_rss_mib()
+    assert after < before - 64, (before, after)
+    grown = np.ones(32 << 17)   # 32 MiB touched after the reset: in the new peak
+    assert peak_rss_mib() > after + 24
+    del grown
+
+
+@pytest.mark.parametrize("schedule,m,want", [("1f1b", 4, [True, True]), ("1f1b", 1, [False, False]),
+                                              ("gpipe", 4, [False, False])])
+def test_gradients_beside_the_activation_peak_follow_the_schedule(schedule, m, want):
+    """ZeRO 0/1 free the gradients before each step: a pipeline stage holds them at its
+    activations' peak only when the schedule reaches that peak again after a backward."""
+    assert [memory.grads_at_peak(schedule, 2, m, s) for s in range(2)] == want
+    assert not memory.grads_at_peak("1f1b", 1, 4, 0)
+
+
+def test_gradients_move_to_the_steps_term_when_freed_before_the_forward():
+    """np=1, no accumulation: peak = params + AdamW + max(activations, gradients + the step's
+    temporary); with accumulation k=2 the first micro-batch's gradients sit beside the second's
+    activations."""
+    base = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=128",
+            "model.vocab_size=256", "train.batch_size=8"]
+    one = memory.rank_memory(config_mod.load(None, base), 1)
+    assert one["device"] == one["params"] + one["optimizer"] + max(one["activations"], one["grads"] + one["step"])
+    acc = memory.rank_memory(config_mod.load(None, [*base, "aggregation.accumulation=2"]), 1)
+    assert acc["device"] == (acc["params"] + acc["grads"] + acc["optimizer"]
+                             + max(acc["activations"], acc["step"]))
