@@ -1,6 +1,6 @@
-"""ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py) under mpirun -np 4, both backends, in one
-launch (each launch pays the imports of torch, TensorFlow and Horovod): run by
-tests/integration/test_zero_sharded.py, which reads the lines it prints.
+"""ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py) under mpirun -np 4, and the 3-D grid under
+-np 8, both backends in each launch (each launch pays the imports of torch, TensorFlow and
+Horovod): run by tests/integration/test_zero_sharded.py, which reads the lines it prints.
 
 On each rank, for each backend, one-rank engines of the process's own (its one-rank Horovod
 process set) train the np=1 references at zero=0, and each layout's engines are built by
@@ -22,7 +22,12 @@ would feed them. Checked, each printed as one line:
     pp=2 zero=3 dp=2 (every rank its ranges, nothing gathered) loads at zero=0 np=1 and at its own
     layout; a zero=0 np=1 state loads at each; each continues with the uninterrupted run's loss
     and norm;
-  - a rank whose model differs gets an error naming it, on every rank, not a hang.
+  - a rank whose model differs gets an error naming it, on every rank, not a hang;
+  - np=8, (dp, pp, tp) = (2, 2, 2): zero=3 and zero=2, each stage's tp slices sharded over its
+    dp group, 1F1B with 2 micro-batches, clipping binding, equal np=1 (losses, norms, the
+    validation loss, the weights), zero=3's peak parameter bytes as above; a sharded checkpoint
+    saved there (pp x tp x dp files, nothing gathered) loads at zero=0 np=1 and at the grid, and
+    np=1's state at the grid, each continuing with the uninterrupted run's loss and norm.
 """
 import os
 import sys
