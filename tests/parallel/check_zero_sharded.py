@@ -1,6 +1,6 @@
-"""ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py) under mpirun -np 4, both backends, in one
-launch (each launch pays the imports of torch, TensorFlow and Horovod): run by
-tests/integration/test_zero_sharded.py, which reads the lines it prints.
+"""ZeRO-2 / ZeRO-3 (hvdllm/strategies/zero_sharded.py) under mpirun -np 4, and the 3-D grid under
+-np 8, both backends in each launch (each launch pays the imports of torch, TensorFlow and
+Horovod): run by tests/integration/test_zero_sharded.py, which reads the lines it prints.
 
 On each rank, for each backend, one-rank engines of the process's own (its one-rank Horovod
 process set) train the np=1 references at zero=0, and each layout's engines are built by
@@ -22,7 +22,12 @@ would feed them. Checked, each printed as one line:
     pp=2 zero=3 dp=2 (every rank its ranges, nothing gathered) loads at zero=0 np=1 and at its own
     layout; a zero=0 np=1 state loads at each; each continues with the uninterrupted run's loss
     and norm;
-  - a rank whose model differs gets an error naming it, on every rank, not a hang.
+  - a rank whose model differs gets an error naming it, on every rank, not a hang;
+  - np=8, (dp, pp, tp) = (2, 2, 2): zero=3 and zero=2, each stage's tp slices sharded over its
+    dp group, 1F1B with 2 micro-batches, clipping binding, equal np=1 (losses, norms, the
+    validation loss, the weights), zero=3's peak parameter bytes as above; a sharded checkpoint
+    saved there (pp x tp x dp files, nothing gathered) loads at zero=0 np=1 and at the grid, and
+    np=1's state at the grid, each continuing with the uninterrupted run's loss and norm.
 """
 import os
 import sys
@@ -62,6 +67,11 @@ LAYOUTS = {  # name: (settings at np=4, the reference's settings)
                                           "parallel.virtual_stages=2", *NO_CLIP], NO_CLIP),
     "zero2_pp2_dp2_fp16": (["parallel.zero=2", *PP, FP16], [FP16]),
     "zero3_pp2_dp2_fp16": (["parallel.zero=3", *PP, FP16], [FP16]),
+}
+GRID = ["parallel.tp=2", *PP]   # np=8: (dp, pp, tp) = (2, 2, 2), 1F1B, 2 micro-batches per dp rank
+LAYOUTS_3D = {  # its own launch (a world of 8): each stage's tp slices sharded over its dp group
+    "zero3_dp2_pp2_tp2": (["parallel.zero=3", *GRID], []),
+    "zero2_dp2_pp2_tp2": (["parallel.zero=2", *GRID], []),
 }
 
 def cfg_of(sets, world=None):
@@ -138,41 +148,43 @@ def idle_barrier(rt):
         time.sleep(0.005)
 
 
-def make_references(rt, be, ref_sets):
+def make_references(rt, be, ref_sets, teams):
     """np=1 at zero=0, for each settings list: per step (loss, norm), the validation loss, the
     whole weights, and the whole state after 2 steps (to resume from). The same numbers on
-    every rank, so each is computed on one rank (round robin) and sent to the others."""
+    every rank, so each is made by one team of `teams` (round robin; each member alone, the
+    same numbers) and sent to the others by its first rank."""
     def one(sets):
         engine, cfg, layout = solo(rt, be, sets)
         half = {}
         steps, val = train(engine, cfg, layout, after=lambda s: half.update(engine.state_dict() if s == 1 else {}))
         return steps, val, engine.full_params(), half
     todo = list(dict.fromkeys(tuple(s) for s in ref_sets))
-    mine = {key: one(list(key)) for i, key in enumerate(todo) if i % rt.size == rt.rank}
+    mine = {key: one(list(key)) for i, key in enumerate(todo) if rt.rank in teams[i % len(teams)]}
     idle_barrier(rt)
     for i, key in enumerate(todo):
-        REFS[(be.__name__, key)] = rt.comm.bcast(mine.get(key), root=i % rt.size)
+        REFS[(be.__name__, key)] = rt.comm.bcast(mine.get(key), root=teams[i % len(teams)][0])
 
 
 def reference(rt, be, sets):
     return REFS[(be.__name__, tuple(sets))]
 
 
-def check_layouts(backend, rt, be):
-    """Every layout trains first, then the references are made (each on one rank): the tp
-    layers' allreduces are unnamed, and Horovod names them by a per-process count of its ops, so
-    no rank may have issued more ops than another before a tp layout runs."""
+def check_layouts(backend, rt, be, layouts, teams):
+    """Every layout trains first, then the references are made (make_references, by `teams`):
+    the tp layers' allreduces are unnamed, and Horovod names them by a per-process count of its
+    ops, so no rank may have issued more ops than its tp peers before a tp layout runs. Where a
+    tp layout runs after the references (the 3-D grid's resume), the teams are the tp groups."""
     runs = {}
-    for name, (sets, _) in LAYOUTS.items():
+    for name, (sets, _) in layouts.items():
         t0 = time.perf_counter()
         engine, cfg, layout = built(rt, be, sets)
         assert type(engine).__name__ == ("ShardedPipelineEngine" if layout.pp > 1 else "ShardedEngine"), \
             type(engine)
         steps, val = train(engine, cfg, layout)
         runs[name] = (steps, val, engine.full_params(), engine.zero, cfg, layout, time.perf_counter() - t0)
-    make_references(rt, be, [LAYOUTS[name][1] for name in runs])
+    make_references(rt, be, [layouts[name][1] for name in runs], teams)
     for name, (steps, val, weights, z, cfg, layout, seconds) in runs.items():
-        ref_sets = LAYOUTS[name][1]
+        ref_sets = layouts[name][1]
         want_steps, want_val, want_weights, _ = reference(rt, be, ref_sets)
         low = cfg.train.precision == "fp16"
         if low:   # the same skipped step (its norm -1 on both) and the same final scale, exactly
@@ -180,7 +192,7 @@ def check_layouts(backend, rt, be):
         rtol = LOW_RTOL if low else 1e-5
         np.testing.assert_allclose(steps, want_steps, rtol=rtol, err_msg=f"{backend} {name}: (loss, grad norm)")
         np.testing.assert_allclose(val, want_val, rtol=rtol, err_msg=f"{backend} {name}: validation loss")
-        if set(weights) != set(want_weights):   # a later pipeline stage: its own layers
+        if set(weights) != set(want_weights):   # a later pipeline stage: its own layers (tp joined)
             assert cfg.parallel.pp > 1 and set(weights) < set(want_weights), (name, sorted(weights))
             want_weights = {k: want_weights[k] for k in weights}
         # fp16: where a gradient is ~0, AdamW turns rounding into moves of up to lr per step
@@ -209,6 +221,7 @@ RESUMES = {  # the sharded layout's settings and name: its checkpoint -> zero=0 
     "zero=3 dp=4": ["parallel.zero=3"],
     "pp=2 zero=3 dp=2": ["parallel.zero=3", *PP],
 }
+RESUMES_3D = {"dp=2 pp=2 tp=2 zero=3": ["parallel.zero=3", *GRID]}
 
 
 def check_resume(backend, rt, be, folder, what, sets):
@@ -223,8 +236,10 @@ def check_resume(backend, rt, be, folder, what, sets):
     local, where = z3.shard_state()
     assert not [k for k, pl in where.items() if k != "optim.step" and (pl is None or "range" not in pl)], where
     out = Path(folder) / backend / what.replace(" ", "_")
-    names = [checkpoint.shard_name(p, 0, d) for p in range(layout.pp) for d in range(layout.dp)]
-    checkpoint.write_shard(out, 2, checkpoint.shard_name(layout.pp_rank, 0, layout.dp_rank), local, where)
+    names = [checkpoint.shard_name(p, t, d) for p in range(layout.pp) for t in range(layout.tp)
+             for d in range(layout.dp)]
+    checkpoint.write_shard(out, 2, checkpoint.shard_name(layout.pp_rank, layout.tp_rank, layout.dp_rank),
+                           local, where)
     idle_barrier(rt)
     if rt.rank == 0:
         checkpoint.finalize(out, 2, names, {"config": {}})
@@ -234,10 +249,10 @@ def check_resume(backend, rt, be, folder, what, sets):
     for k, a in whole.items():   # moments of ~0 gradients move by float32 noise: 1e-3 of the scale
         np.testing.assert_allclose(state[k], a, rtol=0, atol=1e-3 * max(float(np.max(np.abs(a))), 1e-12),
                                    err_msg=f"{backend} {what} checkpoint: {k}")
-    for case, make, source in (
-            (f"{what} -> zero=0 np=1", lambda: solo(rt, be, []), state),
+    for case, make, source in (   # np=1 last: one rank's ops would shift its tp peer's names (above)
             (f"{what} -> {what}", lambda: built(rt, be, sets), state),
-            (f"zero=0 np=1 -> {what}", lambda: built(rt, be, sets), whole)):
+            (f"zero=0 np=1 -> {what}", lambda: built(rt, be, sets), whole),
+            (f"{what} -> zero=0 np=1", lambda: solo(rt, be, []), state)):
         # one rank is np=1; in torch only: the TF checkpoint equals the np=1 state (above), and
         # its loading at zero=0 is the core's placement code, the same in both backends
         if case.endswith("np=1") and (rt.rank != 0 or backend != "torch"):
@@ -266,9 +281,16 @@ def check_mismatch(backend, rt, be):
 def main():
     sys.path.insert(0, str(ROOT))
     from hvdllm import backends, runtime
+    from hvdllm.layout import Layout
     n = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
-    assert n == 4, "run under mpirun -np 4"
-    groups = [(r,) for r in range(n)] + [(0, 1), (2, 3), (0, 2), (1, 3)]   # np=1 refs; tp and dp of 2x2
+    assert n in (4, 8), "run under mpirun -np 4 (the layouts of 4 ranks) or -np 8 (the 3-D grid)"
+    if n == 4:   # tp and dp groups of dp2 x tp2 (pp2 x dp2's dp groups are the same)
+        layouts, resumes, grid = LAYOUTS, RESUMES, Layout(4, 0, dp=2, tp=2)
+        teams = [(r,) for r in range(n)]   # no tp layout after the references
+    else:
+        layouts, resumes, grid = LAYOUTS_3D, RESUMES_3D, Layout(8, 0, dp=2, pp=2, tp=2)
+        teams = grid.all_groups("tp")
+    groups = [(r,) for r in range(n)] + grid.all_groups("tp") + grid.all_groups("dp")   # the np=1 references' own sets
     folder = os.environ["ZERO_CHECK_DIR"]   # one folder every rank sees (the test's tmp_path)
     for backend in BACKENDS:
         be = backends.load(backend)
@@ -277,10 +299,14 @@ def main():
             import tensorflow as tf
             tf.get_logger().setLevel("ERROR")
         rt = runtime.start(be, groups=groups)
-        check_layouts(backend, rt, be)
-        for what, sets in RESUMES.items():
+        check_layouts(backend, rt, be, layouts, teams)
+        for what, sets in resumes.items():
             check_resume(backend, rt, be, folder, what, sets)
-        check_mismatch(backend, rt, be)
+        if n == 4:
+            check_mismatch(backend, rt, be)
+    # a rank's exit shuts Horovod down on every rank, failing the ops still in flight elsewhere
+    # (one pipeline stage ends its last step before the other)
+    idle_barrier(rt)
 
 
 if __name__ == "__main__":
