@@ -364,9 +364,13 @@ class ZeroSharded:
         if how == "async":
             try:
                 h = self.gather_async[1](h)
-            except Exception as e:   # a deadline passed or the gather failed: which unit, which phase
-                raise HvdllmError(f"parallel.zero = 3: the gather of unit {self.ids[u]}'s weights, issued one unit "
-                                  f"ahead in the {PHASES.get(tag, tag)}, failed: {e}") from e
+            except Exception as e:   # which unit, which phase; a failed collective keeps its type
+                what = (f"parallel.zero = 3: the gather of unit {self.ids[u]}'s weights, issued one unit ahead "
+                        f"in the {PHASES.get(tag, tag)}, failed")
+                if isinstance(e, TimeoutError):
+                    raise HvdllmError(f"{what}: {e}") from e
+                e.add_note(what)   # (Horovod's elastic mode tells a lost peer by HorovodInternalError)
+                raise
         run.load_unit(self.owned[u], h[:self.layouts[u].total])
         self.live.add(u)
 

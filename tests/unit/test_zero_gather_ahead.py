@@ -139,8 +139,9 @@ def test_gathers_run_ahead_beside_the_unit_before_and_the_step_is_unchanged(k, m
 @pytest.mark.parametrize("how", ["stall", "error"])
 def test_a_stalled_or_failing_gather_ahead_names_its_unit_and_never_hangs(how):
     """Unit 2's gather (issued while unit 1 computes) never returns, or raises: the step fails
-    at unit 2's turn with HvdllmError naming it, within the deadline (0.3 s); once the stalled
-    gather returns, close() ends the thread."""
+    at unit 2's turn naming it, within the deadline (0.3 s): a stall as HvdllmError, a failed
+    gather as its own exception (Horovod's elastic mode recovers from HorovodInternalError) with
+    the unit in a note; once the stalled gather returns, close() ends the thread."""
     timeout, release = 0.3, threading.Event()
     data = batches(2, 1, 1)
     world = World(2, timeout=DEADLINE)
@@ -160,9 +161,9 @@ def test_a_stalled_or_failing_gather_ahead_names_its_unit_and_never_hangs(how):
         z.init_params([run.concat_flat([run.w[n] for n in names]) for names in OWNED])
         run.w.clear()
         t0 = time.monotonic()
-        with pytest.raises(HvdllmError) as e:
+        with pytest.raises(HvdllmError if how == "stall" else RuntimeError) as e:
             z.step(run, [data[0][r][0][0]], [data[0][r][0][1]], 1e-2)
-        return str(e.value), time.monotonic() - t0, ahead
+        return "\n".join([str(e.value), *getattr(e.value, "__notes__", [])]), time.monotonic() - t0, ahead
     results = world.run(body)
     release.set()
     for msg, seconds, ahead in results:
@@ -179,7 +180,8 @@ def test_a_stalled_or_failing_gather_ahead_names_its_unit_and_never_hangs(how):
 # the TensorFlow ShardedEngine --------------------------------------------------------------
 V, T, BATCH, TF_STEPS = 256, 16, 8, 3
 MODEL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=4", f"model.vocab_size={V}", f"model.block_size={T}",
-         "optim.lr=3e-3", "optim.warmup_steps=0", "optim.grad_clip=0.5", f"train.steps={TF_STEPS}", "train.seed=1234", 'backend="tensorflow"']
+         "optim.lr=3e-3", "optim.warmup_steps=0", "optim.grad_clip=0.5",   # clipping binds (norms ~1)
+         f"train.steps={TF_STEPS}", "train.seed=1234", 'backend="tensorflow"']
 
 
 @pytest.fixture(scope="module")
