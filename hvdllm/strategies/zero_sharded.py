@@ -755,8 +755,10 @@ class ShardedEngineBase(GPTEngineBase):
         z, par = self.zero, self.cfg.parallel
         psi = sum(lay.total for lay in z.layouts)
         unit = max(lay.total for lay in z.layouts)
-        # a pipeline stage gathers no unit ahead, and keeps its tied unit's gradient (memory.py)
-        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit, prefetch=0 if self.layout.pp > 1 else 1)
+        # units gathered ahead only with gather_async (none in a pipeline stage, beside tp or
+        # alone); a stage keeps its tied unit's gradient (memory.py)
+        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit,
+                           prefetch=1 if z.gather_async is not None else 0)
         want["live"] += 4 * sum(z.layouts[u].total for u in z.defer)
         have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
         where = f"pipeline stage {self.layout.pp_rank}, " if self.layout.pp > 1 else ""
