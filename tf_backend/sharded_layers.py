@@ -9,8 +9,9 @@ scope maps each variable to a tensor: what the layer computes with, and what the
 after start-up each variable's backing tf.Variable is dropped (Keras' `_value`; any read outside
 a scope then raises instead of computing with stale values). As tf_backend/sharded.py, the
 forward runs without a tape and the backward recomputes the unit under one (a tape would hold the
-gathered weights until the backward). Layers with non-trainable weights (a Dropout's seed state,
-batch statistics) are refused: they are neither sharded nor reproducible under the recompute.
+gathered weights until the backward), and the next unit's gather is issued ahead on a thread
+(sharded.py). Layers with non-trainable weights (a Dropout's seed state, batch statistics) are
+refused: they are neither sharded nor reproducible under the recompute.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
         self.model = types.SimpleNamespace(params={n: None if self.recompute else _tf(w)
                                                    for n, w in self.vars.items()})
         self.table = {n: self.model.params for n in self.vars}   # where sharded.py's primitives read each
+        self._gather_ahead()   # ZeRO-3: each unit's gather issued one unit ahead, as sharded.py's
         self._shard_layers()
         self._describe()
 

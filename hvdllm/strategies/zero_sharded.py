@@ -26,10 +26,11 @@ AdamW on the shard. Then
   stage 3: parameters live only as shards. A unit's whole weights are allgathered just before
            its forward and freed after it, gathered again for its backward and freed after it.
            The next unit's gather is issued one unit ahead (prefetch depth 1) where the backend
-           can overlap it (`gather_async`: torch's Horovod allgather_async / synchronize; not
-           beside tp, whose allreduces in the unit would race it across process sets), so at
-           most two units' needs are materialised at once (what the overlap was measured to
-           give: torch_backend/sharded.py). Units the next position needs
+           can overlap it (`gather_async`: torch's Horovod allgather_async / synchronize,
+           TensorFlow's blocking allgather on a thread of its own, GatherAhead; neither beside
+           tp, whose allreduces in the unit would race it across process sets), so at most two
+           units' needs are materialised at once (what the overlap was measured to give:
+           torch_backend/sharded.py, tf_backend/sharded.py). Units the next position needs
            stay (the head's forward runs straight into its backward, a micro-batch's embedding
            backward into the next one's forward).
 Messages per micro-batch (dp group): stage 2: one reduce-scatter per unit; stage 3: one
@@ -49,7 +50,7 @@ the gathered vector, so autograd's version counters do not move, and nothing is 
 TensorFlow's GradientTape would hold the gathered weights alive, so it
 recomputes the unit's forward under a tape in the backward (activation checkpointing per unit:
 one more forward per unit, for no weights or tape held between forward and backward). Its
-collectives are synchronous: no prefetch in TensorFlow.
+Horovod ops block in eager mode, so its gathers ahead run on a thread (GatherAhead).
 
 Start-up (stage 3): the backend builds its model without values (torch: parameters of 0 bytes'
 storage, TensorFlow: no variables); each unit's initial values are drawn alone (unit_values:
@@ -88,13 +89,14 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from typing import Protocol
 
 import numpy as np
 
 from .. import params, placement, task
 from ..engines import GPTEngineBase, PipelineStageBase, gather_full
-from ..errors import ConfigError
+from ..errors import ConfigError, HvdllmError
 from ..flat import FlatLayout, ops_of
 from ..memory import zero_state_bytes
 from ..optim import DeviceAdamW, FlatAdamW, clip_coef
@@ -171,6 +173,80 @@ def paper_bytes(n_params: int, dp: int, stage: int, offload: str = "none", live_
                 prefetch: int = 1) -> dict:
     """The ZeRO paper's per-rank bytes (AdamW, fp32), from hvdllm/memory.py's formula."""
     return zero_state_bytes(n_params, dp, stage, offload, live_unit=live_unit, prefetch=prefetch)
+
+
+class GatherAhead:
+    """Stage 3's gathers issued ahead for a backend whose allgather blocks until it is done
+    (Horovod's TensorFlow ops in eager mode): `gather(tensor, name)` runs on one background
+    thread while the caller computes, and ZeroSharded takes (start, finish) as its
+    gather_async. One thread, fed in the order the gathers are issued, which is the same on
+    every rank (the names are too, `zero.gather.<unit>.<phase>`: Horovod matches the ranks' ops
+    by name, so the thread's gather and the caller's reduce-scatter of the same process set may
+    reach it in either order). The thread runs no framework code of its own but the gather,
+    which releases the GIL while it waits on the wire and copies.
+
+    finish waits for a gather within `timeout_s` (train.step_timeout), then raises TimeoutError
+    (ZeroSharded says which unit); an exception in the gather is raised again by its finish.
+    close() stops the thread: at the end of the run (the engine's close) and when a step fails
+    (ShardedEngineBase.train_step). A gather stuck on the wire cannot be interrupted: the thread
+    is a daemon, so it never keeps the process alive, and close() waits for it only briefly."""
+
+    def __init__(self, gather, timeout_s: float):
+        self.gather, self.timeout_s = gather, timeout_s
+        self._queue, self._thread, self._closed = None, None, False
+
+    class _Job:
+        def __init__(self, tensor, name):
+            self.tensor, self.name = tensor, name
+            self.done, self.result, self.error = threading.Event(), None, None
+
+    def _work(self, jobs) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:   # close()
+                return
+            try:
+                job.result = self.gather(job.tensor, job.name)
+            except BaseException as e:   # raised again by finish, in the caller
+                job.error = e
+            job.tensor = None   # the shard's reference: the result is all the caller needs
+            job.done.set()
+
+    def start(self, tensor, name: str):
+        """Issue gather(tensor, name) on the thread (started on first use) -> its handle."""
+        if self._closed:
+            raise HvdllmError(f"parallel.zero = 3: gather {name!r} issued after the gather thread was stopped")
+        if self._thread is None:
+            import queue
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._work, args=(self._queue,), name="hvdllm-zero-gather",
+                                            daemon=True)
+            self._thread.start()
+        job = self._Job(tensor, name)
+        self._queue.put(job)
+        return job
+
+    def finish(self, job):
+        """The gathered tensor of start's handle, within the deadline."""
+        if not job.done.wait(self.timeout_s):
+            raise TimeoutError(f"allgather {job.name!r} not done within {self.timeout_s:g} s "
+                               f"(train.step_timeout): a dp rank is stalled or has left the job")
+        if job.error is not None:
+            raise job.error
+        out, job.result = job.result, None
+        return out
+
+    def close(self, wait_s: float = 5.0) -> bool:
+        """Stop the thread (no gather may be issued after); True if it ended within wait_s."""
+        self._closed = True
+        if self._thread is None:
+            return True
+        self._queue.put(None)
+        self._thread.join(timeout=min(wait_s, self.timeout_s))
+        return not self._thread.is_alive()
+
+
+PHASES = {"f": "forward", "b": "backward", "e": "evaluation"}   # materialise's tags
 
 
 class ZeroSharded:
@@ -276,17 +352,26 @@ class ZeroSharded:
             return
         shard = self.unit_shard(u)
         if self.k == 1:
-            self.pending[u] = ("done", shard)
+            self.pending[u] = ("done", shard, tag)
         elif self.gather_async is not None:   # names unique among the gathers in flight
-            self.pending[u] = ("async", self.gather_async[0](shard, f"zero.gather.{u}.{tag}"))
+            self.pending[u] = ("async", self.gather_async[0](shard, f"zero.gather.{u}.{tag}"), tag)
         else:   # one name for every unit: TensorFlow traces one function per name and group
-            self.pending[u] = ("done", self.comm.allgather(shard, name="zero.gather"))
+            self.pending[u] = ("done", self.comm.allgather(shard, name="zero.gather"), tag)
         self._track()
 
     def _finish(self, run, u: int) -> None:
-        how, h = self.pending.pop(u)
-        full = self.gather_async[1](h) if how == "async" else h
-        run.load_unit(self.owned[u], full[:self.layouts[u].total])
+        how, h, tag = self.pending.pop(u)
+        if how == "async":
+            try:
+                h = self.gather_async[1](h)
+            except Exception as e:   # which unit, which phase; a failed collective keeps its type
+                what = (f"parallel.zero = 3: the gather of unit {self.ids[u]}'s weights, issued one unit ahead "
+                        f"in the {PHASES.get(tag, tag)}, failed")
+                if isinstance(e, TimeoutError):
+                    raise HvdllmError(f"{what}: {e}") from e
+                e.add_note(what)   # (Horovod's elastic mode tells a lost peer by HorovodInternalError)
+                raise
+        run.load_unit(self.owned[u], h[:self.layouts[u].total])
         self.live.add(u)
 
     def materialise(self, run, now, nxt, tag: str) -> None:
@@ -578,6 +663,7 @@ class ShardedEngineBase(GPTEngineBase):
     `shape_of(name)`, and optionally `gather_async` and `sqnorms` (ZeroSharded's)."""
 
     gather_async = None
+    ahead = None     # a GatherAhead behind gather_async (TensorFlow): its thread is stopped by close()
     sqnorms = None
     head = None   # classify's Classifier (the backends' ShardedEngine sets it; pipeline stages do not)
 
@@ -669,8 +755,10 @@ class ShardedEngineBase(GPTEngineBase):
         z, par = self.zero, self.cfg.parallel
         psi = sum(lay.total for lay in z.layouts)
         unit = max(lay.total for lay in z.layouts)
-        # a pipeline stage gathers no unit ahead, and keeps its tied unit's gradient (memory.py)
-        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit, prefetch=0 if self.layout.pp > 1 else 1)
+        # units gathered ahead only with gather_async (none in a pipeline stage, beside tp or
+        # alone); a stage keeps its tied unit's gradient (memory.py)
+        want = paper_bytes(psi, z.k, z.stage, par.offload, live_unit=unit,
+                           prefetch=1 if z.gather_async is not None else 0)
         want["live"] += 4 * sum(z.layouts[u].total for u in z.defer)
         have = {"params": z.param_bytes(), "grads": 4 * z.size, "optimizer": z.state_bytes()}
         where = f"pipeline stage {self.layout.pp_rank}, " if self.layout.pp > 1 else ""
@@ -688,11 +776,15 @@ class ShardedEngineBase(GPTEngineBase):
         from ..engine import StepResult
         xs, ys = self.micro(x, y)
         self.steps_done += 1
-        if self.scaler is None:
-            loss, norm = self.zero.step(self, xs, ys, lr)
-        else:   # fp16: the backward from this rank's scale (the testing aid's inf where it overflows)
-            seed = self._step_scale()
-            loss, norm = self.zero.step(self, xs, ys, lr, scale=self.scaler.scale, seed=seed)
+        try:
+            if self.scaler is None:
+                loss, norm = self.zero.step(self, xs, ys, lr)
+            else:   # fp16: the backward from this rank's scale (the testing aid's inf where it overflows)
+                seed = self._step_scale()
+                loss, norm = self.zero.step(self, xs, ys, lr, scale=self.scaler.scale, seed=seed)
+        except BaseException:   # the job ends on this error: no gather is issued ahead any more
+            self.close()
+            raise
         if self.comm.size > 1:
             loss = self.comm.allreduce(loss, op="average", name="loss")
         skipped = self.scaler is not None and not math.isfinite(norm)   # the job-wide norm: every rank alike
@@ -707,6 +799,11 @@ class ShardedEngineBase(GPTEngineBase):
         from ..engine import EvalResult
         loss_sum, correct, n = self.score(self.logits(x), y)
         return EvalResult(float(loss_sum), int(correct), int(n))
+
+    def close(self) -> None:
+        """End of training: the gather thread (if any) stopped."""
+        if self.ahead is not None:
+            self.ahead.close()
 
     def local_gradients(self, x, y):
         # config validation refuses ps.servers with parallel.zero; this guards direct engine use
