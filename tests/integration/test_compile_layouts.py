@@ -185,7 +185,9 @@ def check_layout(backend, rt, be):
         for what, a, b in (("eager", got, eager), ("np=1", got, want), ("eager vs np=1", eager, want)):
             np.testing.assert_allclose(a, b, rtol=RTOL, err_msg=f"{backend} {name}: compiled vs {what}")
         np.testing.assert_allclose([got_val, eager_val], [want_val] * 2, rtol=RTOL, err_msg=f"{backend} {name}: val")
-        print(f"{backend} {name}: compiled equals eager and np=1 (rank {rt.rank}; {how}; losses "
+        worst = max(float(np.max(np.abs(got - b) / np.abs(b))) for b in (eager, want))
+        print(f"{backend} {name}: compiled equals eager and np=1 (rank {rt.rank}; {how}; worst relative "
+              f"difference {worst:.1e}; losses "
               f"{np.round(got[:, 0], 4).tolist()}; compiled + eager {seconds:.1f} s)", flush=True)
 
 
