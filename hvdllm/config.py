@@ -187,8 +187,9 @@ class TrainConfig:
     compile: bool = doc(
         "compile the training step: torch.compile of each transformer block (inductor; on CPU it "
         "needs a C++ compiler), TensorFlow's XLA (jit_compile) on the loss-and-gradients function, "
-        "Horovod's collectives outside it; the built-in GPT, not with parallel.tp > 1, parallel.zero "
-        ">= 2 or model.layers; TensorFlow also not with parallel.pp > 1", False)
+        "Horovod's collectives outside it (torch: a graph break at each tp collective; TensorFlow "
+        "pipeline stages: each chunk's forward and its gradient); the built-in GPT, not with "
+        "model.layers; TensorFlow also not with parallel.tp > 1 or parallel.zero >= 2", False)
     prefetch: int = doc("batches made ahead on a background thread (pinned memory on CUDA); 0 = "
                         "each batch made in the loop", 2)
     sample_tokens: int = doc("tokens generated as a sample at the end (0 = none)", 200)
@@ -589,18 +590,21 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
 
 
 def _compile_problems(cfg: Config) -> list[str]:
-    """train.compile where it is not wired yet: a user's layer list (its modules are the user's),
-    tensor parallelism (Horovod's autograd functions sit inside each block), ZeRO-2/3 (its
-    gather / free hooks run around each block); in TensorFlow also pipeline stages (their
-    per-micro-batch tapes are eager)."""
+    """train.compile where it is not wired yet: a user's layer list (its modules are the user's);
+    in TensorFlow also tensor parallelism (Horovod's ops inside each block have no XLA kernels)
+    and ZeRO-2/3 (its units gather and free their weights around each forward). torch compiles
+    each block beside tp (a graph break at each collective) and ZeRO-2/3; TensorFlow's pipeline
+    stages compile each chunk's forward and its gradient."""
     if not cfg.train.compile:
         return []
-    other = [k for k, on in (("model.layers", cfg.model.layers), ("parallel.tp", cfg.parallel.tp > 1),
-                             ("parallel.zero", cfg.parallel.zero >= 2),
-                             ("parallel.pp", cfg.backend == "tensorflow" and cfg.parallel.pp > 1)) if on]
+    tf = cfg.backend == "tensorflow"
+    other = [k for k, on in (("model.layers", cfg.model.layers), ("parallel.tp", tf and cfg.parallel.tp > 1),
+                             ("parallel.zero", tf and cfg.parallel.zero >= 2)) if on]
     if not other:
         return []
-    return [f"train.compile: not wired with {', '.join(other)} yet; set train.compile = false there"]
+    where = " in TensorFlow" if tf and other != ["model.layers"] else ""
+    fix = " or use the torch backend" if where else ""
+    return [f"train.compile: not wired with {', '.join(other)}{where} yet; set train.compile = false there{fix}"]
 
 
 def _strategy_problems(cfg: Config) -> list[str]:

@@ -9,6 +9,7 @@ stage's dp process set (Horovod), one allreduce of the squared gradient norm ove
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -61,6 +62,13 @@ class PipelineEngine(PipelineStageBase):
         self.named = list(zip(self.names, self.vars))
         self.chunk_names = [names_for_layers(task.model_config(cfg), c) for c in self.chunks]
         self.saved, self.grads = {}, {}
+        # train.compile: each chunk's micro-batch forward (and the last stage's loss) is one XLA
+        # function; the GradientTape around its call records it as one op, whose gradient TF
+        # also builds as one XLA function (both carry _XlaMustCompile). The transport, Horovod's
+        # allreduce, the norm and AdamW stay outside (they have no XLA kernels), as in Engine.
+        fns = [functools.partial(self._chunk_forward, c) for c in range(len(self.chunks))]
+        self.stage_fns = ([tf.function(f, jit_compile=True, autograph=False) for f in fns]
+                          if cfg.train.compile else fns)
         self._strategies(Collectives(rt.process_set(layout.group("dp"))), NumpyCollectives,
                          lambda: AdamW(self.vars, cfg.optim))
         # activations cross to the next stage as numpy arrays; from a GPU, TensorFlow's .numpy()
@@ -90,20 +98,25 @@ class PipelineEngine(PipelineStageBase):
         self.opt.apply([g * coef for g in grads], tf.constant(lr, tf.float64))
 
     # StageRunner --------------------------------------------------------------------------
+    def _chunk_forward(self, chunk, x, y):
+        """The chunk's layers on x; with targets y (the last chunk), the micro-batch's mean loss."""
+        out = self.model.run_layers(self.body[chunk], x, training=True)
+        if y is None:
+            return out
+        if self.head is not None:   # classify: [label, length] per example
+            return self.head.loss_of(self.head.head(out, y), y)
+        return self.model.loss_from_logits(out, y)
+
     def forward(self, chunk, mb, inp, target):
         x = from_host(inp)
+        y = None if target is None else from_host(target)
         tape = tf.GradientTape()
         with tape:
             if self.chunks[chunk][0] != 0:
                 tape.watch(x)
-            out = self.model.run_layers(self.body[chunk], x, training=True)
-            if target is not None and self.head is not None:   # classify: [label, length] per example
-                y = from_host(target)
-                loss = self.head.loss_of(self.head.head(out, y), y)
-            elif target is not None:
-                loss = self.model.loss_from_logits(out, from_host(target))
-            if target is not None:
-                out = self.backward_loss(loss)
+            out = self.stage_fns[chunk](x, y)
+            if target is not None:   # outside XLA: fp16's loss scale changes between steps
+                loss, out = out, self.backward_loss(out)
         self.saved[(mb, chunk)] = (tape, x, out)
         return float(loss) if target is not None else to_host(out)
 

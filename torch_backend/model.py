@@ -90,10 +90,17 @@ class GPT(nn.Module):
         if train_cfg.compile:
             # train.compile: each block's run_layer compiled on its own (per block, not the whole
             # model: a pipeline stage compiles only the blocks it holds, and checkpointing's
-            # recomputation wraps a compiled block). Dynamo specialises on the block index, one
-            # graph per block: the recompile limit must not send later blocks back to eager.
+            # recomputation wraps a compiled block). Dynamo specialises on the block index and
+            # on training / evaluation (self.training and grad mode are guarded): two graphs per
+            # block, and the recompile limit must not send later blocks back to eager. Under tp
+            # each collective is a graph break (tensor_parallel.py): dynamo compiles the pieces
+            # between them as frames of their own, and _row_linear's runs twice per block (the
+            # attention's and the MLP's prefix), so up to four entries per block on one code
+            # object. ZeRO-3's parameters change storage between calls (husks, views into each
+            # gathered vector, set through .data): guards read shapes, strides and dtypes, not
+            # storage, and the compiled code reads each parameter's storage at each call.
             import torch._dynamo.config as dynamo_cfg
-            dynamo_cfg.recompile_limit = max(dynamo_cfg.recompile_limit, self.cfg.n_layer + 1)
+            dynamo_cfg.recompile_limit = max(dynamo_cfg.recompile_limit, 4 * (self.cfg.n_layer + 1))
             self.compiled_block = torch.compile(self.run_layer)
 
     def p(self, name: str) -> torch.Tensor:

@@ -48,8 +48,22 @@ class _Reduce(torch.autograd.Function):
         return g, None
 
 
+# train.compile: dynamo cannot trace Horovod's ops (they leave torch for Horovod's background
+# thread), so each f / g runs outside the compiled graphs: a graph break at each collective, the
+# block's pieces between them compiled. The None checks stay traceable, so without tp a block
+# is still one graph.
+@torch.compiler.disable
+def _copy(x, group: TPGroup):
+    return _Copy.apply(x, group)
+
+
+@torch.compiler.disable
+def _reduce(x, group: TPGroup):
+    return _Reduce.apply(x, group)
+
+
 def copy_to_tp(x, group: TPGroup | None):
-    return x if group is None else _Copy.apply(x, group)
+    return x if group is None else _copy(x, group)
 
 
 def reduce_from_tp(x, group: TPGroup | None):
@@ -57,7 +71,7 @@ def reduce_from_tp(x, group: TPGroup | None):
         return x
     # a 16-bit matmul's partial sums (train.precision) are summed in float32: Horovod's CPU ops
     # take no bfloat16, and the sum of tp partial products is where precision is lost
-    return _Reduce.apply(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x, group)
+    return _reduce(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x, group)
 
 
 def vocab_range(vocab: int, group: TPGroup) -> tuple[int, int]:
