@@ -13,8 +13,8 @@ activations' width, not the master state):
   offload="optimizer" the optimizer term moves to host memory ("host"). Stage 2 and 3 also hold
   "live" full-size units while they work (stage 2: the largest unit's gradient before its
   reduce-scatter; stage 3: the gathered unit, the next one prefetched, and the unit's gradient):
-  the unit is a transformer block or the embedding / head. Inside pipeline stages stage 3
-  prefetches none, and the two stages holding a tied wte keep that unit's gradient whole over
+  the unit is a transformer block or the embedding / head. Inside pipeline stages and beside
+  tp stage 3 prefetches none, and the two stages holding a tied wte keep that unit's gradient whole over
   the step (summed with the other stage's before its reduce-scatter): one unit more, "live".
   Stage 2 keeps a "master" 4Ψ/N too, the flat copy of its shards AdamW updates beside the
   model's whole parameters.
@@ -358,8 +358,9 @@ def rank_memory(cfg, dp: int, *, checkpointing: str | None = None, offload: str 
         layers = [i for c in chunks for i in c]
         psi = count_params(m, layers, tp)
         unit = max(layer_param_counts(m, tp)[i] for i in layers)
-        # a pipeline's ZeRO-3 gathers no unit ahead (ZeroSharded.stage_forward says why)
-        state = zero_state_bytes(psi, dp, zero, off, live_unit=unit, prefetch=0 if pp > 1 else 1)
+        # ZeRO-3 gathers no unit ahead inside pipeline stages (ZeroSharded.stage_forward says why)
+        # nor beside tp (torch_backend/sharded.py)
+        state = zero_state_bytes(psi, dp, zero, off, live_unit=unit, prefetch=0 if pp > 1 or tp > 1 else 1)
         tied = tied_unit(m, layers, pp, zero, tp)
         if tied:   # ZeRO-2/3 stage holding the tied wte: that unit's gradient whole over the step
             state = {**state, "live": state["live"] + FP32 * tied, "device": state["device"] + FP32 * tied}

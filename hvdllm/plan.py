@@ -35,7 +35,7 @@ Step time, per optimizer step of the global batch (k micro-batches of b sequence
             the backward makes it (synchronous: not overlapped), ZeRO 2 allgathers the
             parameters once per step, ZeRO 3 gathers each unit for its forward and again for its
             backward, one unit ahead: hidden behind compute as far as compute lasts (inside
-            pipeline stages, which gather none ahead, all exposed)
+            pipeline stages and beside tp, which gather none ahead, all exposed)
   tied wte  pp > 1, tied head: the embedding gradient between first and last stage (p2p)
   optimizer AdamW, the gradient norm and clipping, and ZeRO's flat copies, in bytes read and
             written per parameter at memory bandwidth (optimizer_bytes: 32 + 12 fused, 80 + 12
@@ -390,8 +390,10 @@ def predict(cfg, cand: Candidate, system: System, devices_per_node: int, precisi
             else:   # a gather per unit for its forward and again for its backward, one unit ahead
                 gathers = 2 * cand.k * (ring_half_s("allgather", param_bytes * psi, cand.dp, dp_link)
                                         + per_unit * dp_link.busbw("allgather")[1])
-                # inside pipeline stages none is issued ahead (ZeroSharded.stage_forward): exposed
-                dp_terms["gathers_exposed"] = gathers if cand.pp > 1 else max(0.0, gathers - pipeline_s)
+                # inside pipeline stages (ZeroSharded.stage_forward) and beside tp none is issued
+                # ahead: exposed
+                ahead = cand.pp == 1 and cand.tp == 1
+                dp_terms["gathers_exposed"] = max(0.0, gathers - pipeline_s) if ahead else gathers
         if cand.zero:
             dp_terms["norm"] = ring_allreduce_s(8, cand.dp, dp_link)
     dp_s = sum(dp_terms.values())
