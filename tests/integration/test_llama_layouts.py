@@ -253,9 +253,14 @@ def main():
         rt = runtime.start(be, groups=[(0,), (1,)])   # one-rank sets for the np=1 references
         if sys.argv[1:] == ["learn"]:
             _check_learning(backend, rt, be)
-            continue
-        _check(backend, rt, be)
-        _check_tp_collectives(backend, be)
+        else:
+            _check(backend, rt, be)
+            _check_tp_collectives(backend, be)
+        # Horovod shuts down for every rank when the first one leaves: a rank done early (a
+        # pipeline's first stage, whose loss allreduce is over its one-rank dp set) must wait
+        # here for the other, sleeping, not spinning
+        from mpi import p2p
+        p2p.wait(rt.comm.Ibarrier(), 300, f"{backend}: the other rank's end")
 
 
 if __name__ == "__main__":
