@@ -82,6 +82,45 @@ def test_compiled_zero3_reads_each_step_s_storage_and_compiles_once():
     assert graphs[0] >= 3 and graphs == graphs[:1] * STEPS, graphs   # 3 blocks
 
 
+def tf_sharded_trajectory(zero, **extra):
+    """trajectory()'s steps under TensorFlow's ZeRO-2 / ZeRO-3 alone (dp = 1: ZeRO-3 gathers
+    each unit's weights, drops them after its forward and recomputes it in the backward), and
+    the engine."""
+    cfg = make_cfg("gpt2", "tensorflow", "none", parallel__zero=zero, **extra)
+    engine = tf_backend.ShardedEngine(cfg, Layout.build(cfg.parallel, 1, 0))
+    rng, out = np.random.default_rng(0), []
+    for _ in range(STEPS):
+        x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+        r = engine.train_step(x, y, lr=3e-3)
+        out.append((r.loss, r.grad_norm))
+    return np.array(out), engine
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_tf_compiled_zero_units_equal_eager_and_trace_once(zero):
+    """Each ZeRO unit's forward one XLA function: the unsharded eager run's losses and norms
+    (ZeRO-3: a function that captured its first call's gathered weights would compute the
+    second step with the first step's), each traced once (not per step, nor again for the
+    backward's recompute), and none holds a Horovod op. With dropout, the units draw the
+    compiled unsharded engine's masks (XLA draws other masks than eager), ZeRO-3's recompute
+    the forward's."""
+    ref = trajectory("gpt2", "tensorflow", "none")[0]
+    got, engine = tf_sharded_trajectory(zero, train__compile="true")
+    np.testing.assert_allclose(got, ref, rtol=RTOL, err_msg=f"tf compiled zero={zero}")
+    assert [f.experimental_get_tracing_count() for f in engine.unit_fns] == [1] * len(engine.uses) == [1] * 5
+    h = tf_backend.from_host(np.zeros((B, T, 32), np.float32))
+    for u, f in enumerate(engine.unit_fns):
+        x = tf_backend.from_host(np.zeros((B, T), np.int64)) if u == 0 else h
+        y = tf_backend.from_host(np.zeros((B, T), np.int64)) if u == len(engine.uses) - 1 else None
+        weights = [tf_backend.from_host(np.zeros(engine.shapes[n], np.float32)) for n in engine.uses[u]] \
+            if engine.recompute else []
+        hlo = f.experimental_get_compiler_ir(x, y, weights)(stage="hlo")
+        assert hlo.startswith("HloModule") and "horovod" not in hlo.lower(), hlo[:200]
+    drop = trajectory("gpt2", "tensorflow", "none", model__dropout="0.1", train__compile="true")[0]
+    np.testing.assert_allclose(tf_sharded_trajectory(zero, train__compile="true", model__dropout="0.1")[0], drop,
+                               rtol=RTOL, err_msg=f"tf compiled zero={zero}, dropout")
+
+
 def test_compile_accepted_where_wired_refused_where_not():
     def problems(*sets):
         try:
@@ -92,10 +131,11 @@ def test_compile_accepted_where_wired_refused_where_not():
     # torch: beside tp (a graph break at each collective), ZeRO-2/3 and pipelines; TensorFlow's stages
     for sets in (['backend="torch"', "parallel.tp=2"], ['backend="torch"', "parallel.zero=2"],
                  ['backend="torch"', "parallel.zero=3", "parallel.tp=2"], ['backend="torch"', "parallel.pp=2"],
-                 ['backend="tensorflow"', "parallel.pp=2"]):
+                 ['backend="tensorflow"', "parallel.pp=2"], ['backend="tensorflow"', "parallel.zero=2"],
+                 ['backend="tensorflow"', "parallel.zero=3"]):
         assert problems(*sets) == "", sets
     for sets, key in ((['backend="tensorflow"', "parallel.tp=2"], "parallel.tp"),
-                      (['backend="tensorflow"', "parallel.zero=3"], "parallel.zero")):
+                      (['backend="tensorflow"', "parallel.zero=3", "parallel.pp=2"], "parallel.zero with parallel.pp")):
         assert f"train.compile: not wired with {key} in TensorFlow yet; set train.compile = false there " \
                "or use the torch backend" in problems(*sets), sets
     assert "train.compile: not wired with model.layers yet; set train.compile = false there" \
