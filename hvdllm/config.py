@@ -599,7 +599,7 @@ def _compile_problems(cfg: Config) -> list[str]:
     if not cfg.train.compile:
         return []
     tf, sharded = cfg.backend == "tensorflow", cfg.parallel.zero >= 2
-    other = [k for k, on in (("model.layers", cfg.model.layers), ("parallel.tp", tf and cfg.parallel.tp > 1),
+    other = [k for k, on in (("model.layers", cfg.model.layers),
                              ("parallel.zero with parallel.tp", tf and sharded and cfg.parallel.tp > 1),
                              ("parallel.zero with parallel.pp", tf and sharded and cfg.parallel.pp > 1)) if on]
     if not other:

@@ -1,6 +1,7 @@
 """train.compile changes no number beyond float32 reordering: two steps of a tiny GPT (the
 checkpointing test's model and batches), compiled (torch.compile of each block with inductor;
-TensorFlow's XLA on the loss and gradients) against eager, in one process; losses and gradient
+TensorFlow's XLA on the loss and gradients; on each ZeRO-2/3 unit's forward; beside tp on
+the pieces of each block between its collectives) against eager, in one process; losses and gradient
 norms (clipping binding) agree within rtol 2e-5 and the weights within rtol 1e-4, atol 1e-5 (an AdamW step is 3e-3)
 (inductor and XLA fuse and reorder float32 reductions, and AdamW's m / sqrt(v) magnifies that
 where a gradient is ~0). Under torch, 'full' checkpointing recomputes a compiled block: the
@@ -121,6 +122,51 @@ def test_tf_compiled_zero_units_equal_eager_and_trace_once(zero):
                                rtol=RTOL, err_msg=f"tf compiled zero={zero}, dropout")
 
 
+def tp_step(model, x, y):
+    """One training forward and backward of the model: the loss and every parameter's gradient."""
+    import tensorflow as tf
+    with tf.GradientTape() as tape:
+        loss = model.loss(x, y, training=True)
+    return float(loss), [np.array(tf.convert_to_tensor(g)) for g in tape.gradient(loss, list(model.params.values()))]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tf_compiled_tp_pieces_equal_eager(family):
+    """TensorFlow beside tp = 2 (two ranks simulated in one process: tests/unit/simcoll.py):
+    the pieces of each block between its tp collectives are XLA functions, five per block,
+    each traced once and holding no Horovod op; the loss is the unsharded model's and each
+    rank's gradients are its eager twin's (the tp collectives, f's backward allreduce included,
+    run between the pieces; the engine's np=2 run: tests/integration/test_compile_layouts.py)."""
+    import tensorflow as tf
+    from simcoll import World, backend
+
+    from tf_backend.model import GPT
+    cfg = make_cfg(family, "tensorflow", "none")
+    rng = np.random.default_rng(0)
+    x, y = tf.constant(rng.integers(0, V, (B, T))), tf.constant(rng.integers(0, V, (B, T)))
+    ref = tp_step(GPT(cfg.model, 5), x, y)[0]
+
+    def rank(comm):
+        runs = []
+        for compiled in (False, True):
+            model = GPT(cfg.model, 5, tp=tf_backend.TPGroup(comm))
+            model.configure(make_cfg(family, "tensorflow", "none", train__compile=str(compiled).lower()).train)
+            runs.append(tp_step(model, x, y))
+        runs.append(tp_step(model, x, y))   # a second step's call: no new trace
+        h = tf.zeros((B, T, 32))
+        hlo = {k: f.experimental_get_compiler_ir(*[h] * (2 if "residual" in k else 1))(stage="hlo")
+               for k, f in model.pieces.items()}
+        return runs, {k: f.experimental_get_tracing_count() for k, f in model.pieces.items()}, hlo
+    world = World(2, timeout=120)
+    comms = backend("tensorflow").group(world)
+    for (eager, got, again), traces, hlo in world.run(lambda r: rank(comms[r])):
+        np.testing.assert_allclose([eager[0], got[0], again[0]], [ref] * 3, rtol=RTOL)
+        for a, b in zip(got[1], eager[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert len(traces) == 5 * 3 and set(traces.values()) == {1}, traces   # 3 blocks
+        assert all(t.startswith("HloModule") and "horovod" not in t.lower() for t in hlo.values())
+
+
 def test_compile_accepted_where_wired_refused_where_not():
     def problems(*sets):
         try:
@@ -132,9 +178,10 @@ def test_compile_accepted_where_wired_refused_where_not():
     for sets in (['backend="torch"', "parallel.tp=2"], ['backend="torch"', "parallel.zero=2"],
                  ['backend="torch"', "parallel.zero=3", "parallel.tp=2"], ['backend="torch"', "parallel.pp=2"],
                  ['backend="tensorflow"', "parallel.pp=2"], ['backend="tensorflow"', "parallel.zero=2"],
-                 ['backend="tensorflow"', "parallel.zero=3"]):
+                 ['backend="tensorflow"', "parallel.zero=3"], ['backend="tensorflow"', "parallel.tp=2"],
+                 ['backend="tensorflow"', "parallel.zero=1", "parallel.tp=2"]):
         assert problems(*sets) == "", sets
-    for sets, key in ((['backend="tensorflow"', "parallel.tp=2"], "parallel.tp"),
+    for sets, key in ((['backend="tensorflow"', "parallel.zero=2", "parallel.tp=2"], "parallel.zero with parallel.tp"),
                       (['backend="tensorflow"', "parallel.zero=3", "parallel.pp=2"], "parallel.zero with parallel.pp")):
         assert f"train.compile: not wired with {key} in TensorFlow yet; set train.compile = false there " \
                "or use the torch backend" in problems(*sets), sets
