@@ -62,7 +62,7 @@ class ShardedEngine(ShardedEngineBase):
         self._shard_model()
         self._compile_units()   # one per unit: after _shard_model has made them
 
-    unit_fns = None   # train.compile: one XLA function per unit (_compile_units); else eager
+    unit_fns = None   # train.compile: {unit: its XLA function} (_compile_units); else eager
 
     def _compile_units(self) -> None:
         """train.compile: each unit's training forward as one tf.function(jit_compile=True), as
@@ -73,8 +73,8 @@ class ShardedEngine(ShardedEngineBase):
         every later step would compute with them."""
         if not self.cfg.train.compile:
             return
-        self.unit_fns = [tf.function(functools.partial(self._unit_xla, u), jit_compile=True, autograph=False)
-                         for u in range(len(self.uses))]
+        self.unit_fns = {u: tf.function(functools.partial(self._unit_xla, u), jit_compile=True, autograph=False)
+                         for u in self.uses}   # by the model's layer index, as uses
 
     def _unit_xla(self, u, x, target, weights):
         """_run with ZeRO-3's gathered weights (the function's arguments) in the table while it traces."""

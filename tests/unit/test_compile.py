@@ -108,9 +108,9 @@ def test_tf_compiled_zero_units_equal_eager_and_trace_once(zero):
     ref = trajectory("gpt2", "tensorflow", "none")[0]
     got, engine = tf_sharded_trajectory(zero, train__compile="true")
     np.testing.assert_allclose(got, ref, rtol=RTOL, err_msg=f"tf compiled zero={zero}")
-    assert [f.experimental_get_tracing_count() for f in engine.unit_fns] == [1] * len(engine.uses) == [1] * 5
+    assert {u: f.experimental_get_tracing_count() for u, f in engine.unit_fns.items()} == dict.fromkeys(range(5), 1)
     h = tf_backend.from_host(np.zeros((B, T, 32), np.float32))
-    for u, f in enumerate(engine.unit_fns):
+    for u, f in engine.unit_fns.items():
         x = tf_backend.from_host(np.zeros((B, T), np.int64)) if u == 0 else h
         y = tf_backend.from_host(np.zeros((B, T), np.int64)) if u == len(engine.uses) - 1 else None
         weights = [tf_backend.from_host(np.zeros(engine.shapes[n], np.float32)) for n in engine.uses[u]] \
