@@ -591,15 +591,17 @@ def _input_problems(cfg: Config, world_size: int | None) -> list[str]:
 
 def _compile_problems(cfg: Config) -> list[str]:
     """train.compile where it is not wired yet: a user's layer list (its modules are the user's);
-    in TensorFlow also tensor parallelism (Horovod's ops inside each block have no XLA kernels)
-    and ZeRO-2/3 (its units gather and free their weights around each forward). torch compiles
-    each block beside tp (a graph break at each collective) and ZeRO-2/3; TensorFlow's pipeline
-    stages compile each chunk's forward and its gradient."""
+    in TensorFlow ZeRO-2/3 beside tp or inside pipeline stages (a unit's forward there holds
+    Horovod's ops, which have no XLA kernels, or is the stage's, not compiled per unit yet).
+    torch compiles each block beside tp (a graph break at each collective) and ZeRO-2/3;
+    TensorFlow compiles each ZeRO-2/3 unit's forward, the pieces of each block between its tp
+    collectives, and each pipeline chunk's forward and its gradient."""
     if not cfg.train.compile:
         return []
-    tf = cfg.backend == "tensorflow"
-    other = [k for k, on in (("model.layers", cfg.model.layers), ("parallel.tp", tf and cfg.parallel.tp > 1),
-                             ("parallel.zero", tf and cfg.parallel.zero >= 2)) if on]
+    tf, sharded = cfg.backend == "tensorflow", cfg.parallel.zero >= 2
+    other = [k for k, on in (("model.layers", cfg.model.layers),
+                             ("parallel.zero with parallel.tp", tf and sharded and cfg.parallel.tp > 1),
+                             ("parallel.zero with parallel.pp", tf and sharded and cfg.parallel.pp > 1)) if on]
     if not other:
         return []
     where = " in TensorFlow" if tf and other != ["model.layers"] else ""

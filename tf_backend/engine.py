@@ -113,9 +113,10 @@ class Engine(GPTEngineBase):
         if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
             self.scaler = LossScaler()
         # train.compile: XLA on the loss and gradients only. Horovod's ops have no XLA kernels,
-        # so the collectives, clipping and AdamW stay in the outer (plain) tf.function.
+        # so the collectives, clipping and AdamW stay in the outer (plain) tf.function; under tp
+        # the blocks hold the tp collectives, so the model compiles the pieces between them (model._block)
         self._compute = (tf.function(self._loss_and_grads, jit_compile=True, autograph=False)
-                         if cfg.train.compile else self._loss_and_grads)
+                         if cfg.train.compile and self.tp is None else self._loss_and_grads)
         self._train = wrap(self._train_step, [_MICRO, _MICRO, tf.TensorSpec([], tf.float64),
                                               tf.TensorSpec([], tf.float32)])
         self._grads = wrap(lambda xs, ys: self._compute(xs, ys), [_MICRO, _MICRO])

@@ -28,6 +28,13 @@ from .tensor_parallel import (
 )
 
 
+def _bound(f, **kw):
+    """f with its keyword arguments fixed and only tensors left positional (a tf.function of a
+    functools.partial keeps the fixed ones in its signature, which experimental_get_compiler_ir
+    then asks for)."""
+    return lambda *tensors: f(*tensors, **kw)
+
+
 class GPT(tf.Module):
     """The whole model, or (for a pipeline stage) only `layers`: 0 = embeddings, 1..L = blocks,
     L+1 = head. A partial model holds only its layers' parameters, under their global names.
@@ -70,9 +77,12 @@ class GPT(tf.Module):
     # config validation: the stateful generator would draw new masks) and train.precision
     checkpointing = "none"
     precision = "fp32"
+    pieces = None   # train.compile under tp: {key: XLA function} of the blocks' pieces (_piece)
 
     def configure(self, train_cfg) -> None:
         self.checkpointing, self.precision = train_cfg.activation_checkpointing, train_cfg.precision
+        if getattr(train_cfg, "compile", False) and self.tp:
+            self.pieces = {}
 
     def _mm(self, a, b, transpose_b=False):
         """a @ b; under train.precision = 'bf16' / 'fp16' computed in 16 bits from copies of both,
@@ -133,18 +143,16 @@ class GPT(tf.Module):
         keep = self._rng.uniform(tf.shape(x)) >= rate
         return tf.where(keep, x / (1.0 - rate), tf.zeros_like(x))
 
-    def _row_linear(self, x, prefix, training=False):
-        """Row-parallel under tp: partial products summed over the group (g), then the bias."""
-        return reduce_from_tp(self._xw(x, prefix + ".weight", training), self.tp) + self.p(prefix + ".bias")
-
     def _attn(self, x, h, training):
+        """This rank's partial product of attention's output projection (before g), from the
+        tp-copied normed input x; so are _llama_attn's, _swiglu's and _mlp's (_block)."""
         B, T = tf.shape(x)[0], tf.shape(x)[1]
         C, nh = self.width_local, self.n_head_local
         hd = C // nh
-        q, k, v = tf.split(self._linear(copy_to_tp(x, self.tp), h + "attn.c_attn", training), 3, axis=-1)
+        q, k, v = tf.split(self._linear(x, h + "attn.c_attn", training), 3, axis=-1)
         q, k, v = (tf.transpose(tf.reshape(t, [B, T, nh, hd]), [0, 2, 1, 3]) for t in (q, k, v))
         y = tf.reshape(tf.transpose(self._attention_core(q, k, v, training), [0, 2, 1, 3]), [B, T, C])
-        return self._dropout(self._row_linear(y, h + "attn.c_proj", training), training)
+        return self._xw(y, h + "attn.c_proj.weight", training)
 
     def _attention_core(self, q, k, v, training):
         """Causal softmax(q k^T / sqrt(hd)) v of (B, heads, T, hd), with attention dropout (gpt2)."""
@@ -167,7 +175,6 @@ class GPT(tf.Module):
         (query head j reads key/value head j // (n_head / n_kv_head), as HF's repeat_kv)."""
         B, T = tf.shape(x)[0], tf.shape(x)[1]
         nh, nkv, hd = self.n_head_local, self.n_kv_local, self.head_dim
-        x = copy_to_tp(x, self.tp)
 
         def heads(name, n):
             return tf.transpose(tf.reshape(self._xw(x, h + name, training), [B, T, n, hd]), [0, 2, 1, 3])
@@ -176,16 +183,47 @@ class GPT(tf.Module):
         if nkv != nh:
             k, v = tf.repeat(k, nh // nkv, axis=1), tf.repeat(v, nh // nkv, axis=1)
         y = tf.reshape(tf.transpose(self._attention_core(q, k, v, False), [0, 2, 1, 3]), [B, T, nh * hd])
-        return reduce_from_tp(self._xw(y, h + "attn.o.weight", training), self.tp)
+        return self._xw(y, h + "attn.o.weight", training)
 
     def _swiglu(self, x, h, training=False):
-        x = copy_to_tp(x, self.tp)
         a = tf.nn.silu(self._xw(x, h + "mlp.gate.weight", training)) * self._xw(x, h + "mlp.up.weight", training)
-        return reduce_from_tp(self._xw(a, h + "mlp.down.weight", training), self.tp)
+        return self._xw(a, h + "mlp.down.weight", training)
 
     def _mlp(self, x, h, training):
-        x = tf.nn.gelu(self._linear(copy_to_tp(x, self.tp), h + "mlp.c_fc", training), approximate=True)
-        return self._dropout(self._row_linear(x, h + "mlp.c_proj", training), training)
+        x = tf.nn.gelu(self._linear(x, h + "mlp.c_fc", training), approximate=True)
+        return self._xw(x, h + "mlp.c_proj.weight", training)
+
+    def _residual(self, x, p, bias, norm, training):
+        """x plus a sublayer's reduced output p (gpt2: with its bias and dropout), and (norm: the
+        next norm's prefix) that norm of the sum."""
+        x = x + (p if bias is None else self._dropout(p + self.p(bias), training))
+        return x if norm is None else (x, self._ln(x, norm))
+
+    def _piece(self, key, f):
+        """f, or under train.compile with tp its XLA function (one per key, made at first use)."""
+        if self.pieces is None:
+            return f
+        if key not in self.pieces:
+            self.pieces[key] = tf.function(f, jit_compile=True, autograph=False)
+        return self.pieces[key]
+
+    def _block(self, i, x, training):
+        """Block i: norm, f, attention's partial product, g, residual and the next norm, f, the
+        MLP's partial product, g, residual. Under train.compile with tp the pieces between the
+        collectives are XLA functions (_piece: five per block and training mode): XLA has no
+        kernel for Horovod's ops, so f and g (and their gradients' allreduces) run between them,
+        and the tape records each piece as one op whose gradient is compiled too."""
+        h = f"h.{i - 1}."
+        parts = ((self._llama_attn if self.llama else self._attn, None if self.llama else h + "attn.c_proj.bias",
+                  h + "ln_2"),
+                 (self._swiglu if self.llama else self._mlp, None if self.llama else h + "mlp.c_proj.bias", None))
+        a = self._piece((i, "ln_1", training), _bound(self._ln, prefix=h + "ln_1"))(x)
+        for k, (local, bias, norm) in enumerate(parts):
+            p = self._piece((i, k, training), _bound(local, h=h, training=training))(copy_to_tp(a, self.tp))
+            out = self._piece((i, k, "residual", training), _bound(
+                self._residual, bias=bias, norm=norm, training=training))(x, reduce_from_tp(p, self.tp))
+            x, a = out if norm is not None else (out, None)
+        return x
 
     # model ---------------------------------------------------------------------------------------
     def run_layer(self, i: int, x, training=False):
@@ -202,12 +240,7 @@ class GPT(tf.Module):
             x = copy_to_tp(self._ln(x, "ln_f"), self.tp)
             logits = self._mm(x, self.p(self.head), transpose_b=True)
             return logits if self.vocab_mask is None else logits + self.vocab_mask
-        h = f"h.{i - 1}."
-        if self.llama:
-            x = x + self._llama_attn(self._ln(x, h + "ln_1"), h, training)
-            return x + self._swiglu(self._ln(x, h + "ln_2"), h, training)
-        x = x + self._attn(self._ln(x, h + "ln_1"), h, training)
-        return x + self._mlp(self._ln(x, h + "ln_2"), h, training)
+        return self._block(i, x, training)
 
     def run_layers(self, layers, x, training=False):
         full = self.checkpointing == "full" and training

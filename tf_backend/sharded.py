@@ -12,9 +12,13 @@ per step, for no weights held between a unit's forward and its backward). Horovo
 block in eager mode, so the next unit's gather, issued one unit ahead as torch's is, runs on a
 thread of its own (zero_sharded.GatherAhead) while this unit computes; not beside tp, and not
 inside pipeline stages (ZeroSharded.stage_forward: the schedule alone knows the next unit).
+train.compile: each unit's training forward (with the last unit's loss) is one XLA function
+(unit_fns), traced once; the gathers, reduce-scatters and the optimizer stay outside (Horovod's
+ops have no XLA kernels), as the pipeline stages' chunks (tf_backend/pipeline.py).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numpy as np
@@ -56,6 +60,39 @@ class ShardedEngine(ShardedEngineBase):
         self.shapes = {n: shapes[n] for n, _ in self.named}
         self._gather_ahead()
         self._shard_model()
+        self._compile_units()   # one per unit: after _shard_model has made them
+
+    unit_fns = None   # train.compile: {unit: its XLA function} (_compile_units); else eager
+
+    def _compile_units(self) -> None:
+        """train.compile: each unit's training forward as one tf.function(jit_compile=True), as
+        tf_backend/pipeline.py compiles each chunk's. The tape around its call (the ZeRO-2
+        forward's, ZeRO-3's recompute's) records it as one op, whose gradient TF also builds as
+        one XLA function. ZeRO-3's gathered weights are its arguments, not read from the table
+        while tracing: a traced read would capture the first step's tensors as constants, and
+        every later step would compute with them."""
+        if not self.cfg.train.compile:
+            return
+        self.unit_fns = {u: tf.function(functools.partial(self._unit_xla, u), jit_compile=True, autograph=False)
+                         for u in self.uses}   # by the model's layer index, as uses
+
+    def _unit_xla(self, u, x, target, weights):
+        """_run with ZeRO-3's gathered weights (the function's arguments) in the table while it traces."""
+        names = self.uses[u] if self.recompute else []
+        held = [self.table[n][n] for n in names]
+        for n, w in zip(names, weights):
+            self.table[n][n] = w
+        try:
+            return self._run(u, x, target)
+        finally:
+            for n, w in zip(names, held):
+                self.table[n][n] = w
+
+    def _unit(self, u, x, target):
+        """Unit u's training forward: compiled (unit_fns) or eager."""
+        if self.unit_fns is None:
+            return self._run(u, x, target)
+        return self.unit_fns[u](x, target, [self.table[n][n] for n in self.uses[u]] if self.recompute else [])
 
     def _gather_ahead(self) -> None:
         """ZeRO-3 over dp ranks without tp: gather_async on a thread (GatherAhead), each unit's
@@ -132,12 +169,12 @@ class ShardedEngine(ShardedEngineBase):
     def unit_forward(self, u, x, target):
         if self.recompute:   # no tape: it would hold the gathered weights until the backward
             rng = self._dropout_state()   # before the forward draws its masks (the recompute redraws them)
-            return self._run(u, x, target), (x, target, rng)
+            return self._unit(u, x, target), (x, target, rng)
         tape = tf.GradientTape()
         with tape:
             if u:
                 tape.watch(x)
-            out = self._run(u, x, target)
+            out = self._unit(u, x, target)
         return out, (tape, x, out)
 
     def unit_backward(self, u, handle, dy):
@@ -150,7 +187,7 @@ class ShardedEngine(ShardedEngineBase):
             tape = tf.GradientTape()
             with tape:
                 tape.watch(weights + ([x] if u else []))
-                out = self._run(u, x, target)
+                out = self._unit(u, x, target)
             if now is not None:
                 self.model._rng.state.assign(now)
         else:
@@ -222,6 +259,8 @@ class ShardedPipelineEngine(ShardedStageBase):
     load_unit = ShardedEngine.load_unit
     free_unit = ShardedEngine.free_unit
     _run = ShardedEngine._run
+    _unit = ShardedEngine._unit
+    unit_fns = None   # eager: train.compile beside parallel.pp is refused under ZeRO-2/3 (config.py)
     _dropout_state = ShardedEngine._dropout_state
     unit_forward = ShardedEngine.unit_forward
     unit_backward = ShardedEngine.unit_backward

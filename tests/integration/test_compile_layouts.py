@@ -5,9 +5,9 @@ gradient norms, validation losses):
   train.prefetch=2) against np=1 (batch 2b, each batch made in the loop: train.prefetch=0);
 - torch pipeline parallelism: pp=2 (1F1B, 4 micro-batches), each stage compiling only its own
   blocks, against test_pipeline.py's eager np=1 reference (shared by the session);
-- one mpirun -np 2 launch of this file (main below): torch tp=2, zero=3 at dp=2 and zero=2 at
-  dp=2, and TensorFlow pp=2, each compiled and eager in the same process, against each other and
-  against np=1 (see check_layout).
+- one mpirun -np 2 launch of this file (main below): torch and TensorFlow tp=2, zero=3 at dp=2
+  and zero=2 at dp=2, and TensorFlow pp=2, each compiled and eager in the same process, against
+  each other and against np=1 (see check_layout).
 The torch compiled-equals-eager check in one process is tests/unit/test_compile.py."""
 import os
 import sys
@@ -55,7 +55,8 @@ MODEL = [f"model.n_layer={N_LAYER}", f"model.n_embd={WIDTH}", "model.n_head=4", 
 COMMON = ["optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
           "train.threads=1", "train.seed=1234"]
 LAYOUTS = {"torch": {"tp2": ["parallel.tp=2"], "zero3_dp2": ["parallel.zero=3"], "zero2_dp2": ["parallel.zero=2"]},
-           "tensorflow": {"pp2": ["parallel.pp=2", "parallel.microbatches=2"]}}
+           "tensorflow": {"pp2": ["parallel.pp=2", "parallel.microbatches=2"], "tp2": ["parallel.tp=2"],
+                          "zero3_dp2": ["parallel.zero=3"], "zero2_dp2": ["parallel.zero=2"]}}
 # compiled against eager (same layout) and against np=1: inductor and XLA fuse and reorder float32
 # reductions (the unit test's 2e-5), and the layouts' own sums differ from np=1's (1e-5)
 RTOL = 3e-5
@@ -64,7 +65,7 @@ RTOL = 3e-5
 @pytest.mark.integration
 def test_compiled_tp_zero_and_tf_pipeline_equal_eager_and_np1():
     t0 = time.monotonic()
-    r = run(mpirun_argv(2) + [sys.executable, __file__], timeout=400)
+    r = run(mpirun_argv(2) + [sys.executable, __file__], timeout=600)
     assert r.returncode == 0, r.stdout[-6000:]
     for backend, layouts in LAYOUTS.items():
         for name in layouts:
@@ -130,11 +131,36 @@ def run_torch(rt, be, sets, compiled):
     return steps, val, f"{graphs[0] / N_LAYER:g} graphs per block" if compiled else ""
 
 
-def run_tf(rt, be, sets, compiled):
-    """The stage's engine, trained; compiled: each chunk's forward is one XLA module holding no
-    Horovod op, traced once (not per micro-batch or step)."""
+def tf_compiled(engine, cfg, layout):
+    """The engine's XLA functions, the arguments of each (for its HLO), and what they are: a
+    pipeline stage's chunks (x, targets), ZeRO-2/3's units (x, targets, ZeRO-3's gathered
+    weights), tp's pieces of each block between its collectives (the training ones; the
+    evaluation's, training=False, are traced too)."""
     import tensorflow as tf
+    if cfg.parallel.pp > 1:
+        b, ends = BATCH // cfg.parallel.microbatches, [(c[0] == 0, N_LAYER + 1 in c) for c in engine.chunks]
+        fns, what = engine.stage_fns, f"{len(engine.stage_fns)} XLA chunk(s) on this stage"
+        args = [() for _ in ends]
+    elif cfg.parallel.zero >= 2:
+        b, units = BATCH // layout.dp, sorted(engine.uses)
+        ends = [(u == 0, u == N_LAYER + 1) for u in units]
+        fns, what = [engine.unit_fns[u] for u in units], f"{len(units)} XLA units"
+        args = [([tf.constant(np.zeros(engine.shapes[n], np.float32)) for n in engine.uses[u]] if engine.recompute
+                 else [],) for u in units]
+    else:
+        fns = list(engine.model.pieces.values())
+        train = [k for k in engine.model.pieces if k[-1] is True]
+        assert len(train) == 5 * N_LAYER, sorted(engine.model.pieces)
+        h = tf.zeros((BATCH, T, WIDTH))
+        return fns, [[h] * (2 if "residual" in k else 1) for k in engine.model.pieces], "5 XLA pieces per block"
+    ins = [[tf.zeros((b, T), tf.int64) if first else tf.zeros((b, T, WIDTH)),
+            tf.zeros((b, T), tf.int64) if last else None] for first, last in ends]
+    return fns, [x + [a for a in extra if a is not None] for x, extra in zip(ins, args)], what
 
+
+def run_tf(rt, be, sets, compiled):
+    """The layout's engine, trained; compiled: each of its XLA functions (tf_compiled) holds no
+    Horovod op and was traced once (not per micro-batch, unit call or step)."""
     from hvdllm.layout import Layout
     from hvdllm.parallelize import build_engine
     cfg = cfg_of("tensorflow", sets, compiled, rt.size)
@@ -143,15 +169,13 @@ def run_tf(rt, be, sets, compiled):
     steps, val = train_steps(engine, cfg, layout)
     if not compiled:
         return steps, val, ""
-    traces = [f.experimental_get_tracing_count() for f in engine.stage_fns]
-    assert traces == [1] * len(engine.stage_fns), traces
-    b = BATCH // cfg.parallel.microbatches
-    for c, f in enumerate(engine.stage_fns):
-        x = tf.zeros((b, T), tf.int64) if engine.chunks[c][0] == 0 else tf.zeros((b, T, WIDTH))
-        y = tf.zeros((b, T), tf.int64) if N_LAYER + 1 in engine.chunks[c] else None
-        hlo = f.experimental_get_compiler_ir(x, y)(stage="hlo")
+    fns, args, what = tf_compiled(engine, cfg, layout)
+    traces = [f.experimental_get_tracing_count() for f in fns]
+    assert fns and traces == [1] * len(fns), traces
+    for f, a in zip(fns, args):
+        hlo = f.experimental_get_compiler_ir(*a)(stage="hlo")
         assert hlo.startswith("HloModule") and "horovod" not in hlo.lower(), hlo[:200]
-    return steps, val, f"{len(engine.stage_fns)} XLA chunk(s) on this stage, traced once"
+    return steps, val, f"{what}, traced once"
 
 
 def idle_barrier(rt):
