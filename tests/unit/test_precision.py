@@ -8,6 +8,8 @@ to np=1 in bf16 and fp16 (dp, ZeRO-1, tp, pp; an overflow on one rank skipped on
 scale np=1's), and 200 bf16 steps at each layout learning as fp32 does:
 tests/integration/test_llama_layouts.py's launch; ZeRO-1's scaled step and skip on simulated
 ranks: tests/unit/test_zero1_sim.py."""
+from pathlib import Path
+
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
 import launch_util
@@ -31,15 +33,26 @@ def horovod():
     torch_backend.init_horovod(MPI.COMM_WORLD)
 
 
-def engine(family, backend, precision, zero=0):
-    sets = [f"parallel.zero={zero}", "model.n_layer=2", "model.n_embd=32", "model.n_head=4", f"model.block_size={T}",
-            f"model.vocab_size={V}", f'backend="{backend}"', f'train.precision="{precision}"',
+def engine(family, backend, precision, zero=0, *extra):
+    sets = [*extra, f"parallel.zero={zero}", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
+            f"model.block_size={T}", f"model.vocab_size={V}", f'backend="{backend}"', f'train.precision="{precision}"',
             "optim.warmup_steps=0", "train.seed=3", "train.threads=1"]
     if family == "llama":
         sets += ['model.family="llama"', "model.n_kv_head=2", "model.ffn_hidden=48"]
     cfg = config.validate(config.load(None, sets))
     be = torch_backend if backend == "torch" else tf_backend
-    return (be.ShardedEngine if zero >= 2 else be.Engine)(cfg, Layout.build(cfg.parallel, 1, 0))
+    layout = Layout.build(cfg.parallel, 1, 0)
+    if cfg.model.layers:   # a user's layer list: its engines take the runtime (one process here)
+        from mpi4py import MPI
+
+        from hvdllm.runtime import Runtime
+        rt = Runtime("single", 0, 1, 0, 1, MPI.COMM_WORLD, {})
+        return (be.ShardedSequentialEngine if zero >= 2 else be.SequentialEngine)(cfg, layout, rt)
+    return (be.ShardedEngine if zero >= 2 else be.Engine)(cfg, layout)
+
+
+MODELS = Path(__file__).resolve().parents[1] / "user_models.py"
+USER_LM = {"torch": f"{MODELS}:torch_lm", "tensorflow": f"{MODELS}:keras_lm"}
 
 
 def pattern_batches(n):
@@ -65,14 +78,19 @@ def test_bf16_trains_as_float32_does_within_its_rounding(family, backend):
     assert abs(end16 - end32) <= 0.02 * first32.loss
 
 
-@pytest.mark.parametrize("zero", [0, 2, 3])
-@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero):
+# (TensorFlow's ZeRO-3 over a list joins once tf_backend/sharded_layers.py builds its layers in
+# the run's precision: /tmp/patch_fp16more.md)
+@pytest.mark.parametrize("backend,zero,layers", [(b, z, False) for b in ("torch", "tensorflow") for z in (0, 2, 3)]
+                         + [("torch", 0, True), ("torch", 3, True), ("tensorflow", 0, True)])
+def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero, layers):
     """An overflow (the testing aid's infinite scale at step 3) leaves every weight and AdamW's
     step count as they were, halves the scale, and the run goes on; fp16 trains within its
     rounding of float32 (11 significant bits). ZeRO-2/3 (strategies/zero_sharded.py: ZeRO-3's
-    weights live in its shards) alike, on the sharded engines' own loss-scaled backward."""
-    e, ref = engine("gpt2", backend, "fp16", zero), engine("gpt2", backend, "fp32", zero)
+    weights live in its shards) alike, on the sharded engines' own loss-scaled backward; and a
+    user's layer list (model.layers: torch autocast / Keras' mixed_float16 policy), unsharded and
+    under ZeRO-3 (its units are the layers)."""
+    extra = [f'model.layers="{USER_LM[backend]}"'] if layers else []
+    e, ref = engine("gpt2", backend, "fp16", zero, *extra), engine("gpt2", backend, "fp32", zero, *extra)
     batches = list(pattern_batches(6))
     first = e.train_step(*batches[0], lr=3e-3)
     want = ref.train_step(*batches[0], lr=3e-3)
@@ -111,7 +129,9 @@ def test_precision_is_validated():
     # fp16 runs under dp, tp, pp and ZeRO-1/2/3 (the overflow check is the job-wide gradient
     # norm); local SGD and parameter servers still refuse it, naming bf16 as the way out
     for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"],
-               ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"]):
+               ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"],
+               [f'model.layers="{USER_LM["torch"]}"', "parallel.pp=2"],
+               [f'model.layers="{USER_LM["tensorflow"]}"', 'backend="tensorflow"', "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
     for bad, what in ((["localsgd.every=4"], "localsgd.every"), (["ps.servers=1"], "ps.servers")):
         with pytest.raises(config.ConfigError, match=f"'fp16' .* not with {what}; use train.precision = 'bf16'"):
