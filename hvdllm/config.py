@@ -610,9 +610,9 @@ def _compile_problems(cfg: Config) -> list[str]:
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
     if cfg.train.precision == "fp16":
-        # the skip decision is the job-wide gradient norm's; these strategies have none (local
-        # SGD's, the servers' own updates)
-        other = [k for k, on in (("localsgd.every", ls.every), ("ps.servers", cfg.ps.servers)) if on]
+        # the skip decision is the job-wide gradient norm's (local SGD: each rank's own, as it
+        # steps alone between averages); the parameter servers' own updates have none yet
+        other = [k for k, on in (("ps.servers", cfg.ps.servers),) if on]
         if other:
             p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under dp, tp, pp and ZeRO-1/2/3 "
                      f"for now, not with {', '.join(other)}; use train.precision = 'bf16' (no scaling "

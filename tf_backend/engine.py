@@ -110,7 +110,7 @@ class Engine(GPTEngineBase):
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
         wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True, autograph=False)) \
             if COMPILE else (lambda f, sig: f)
-        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
+        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1, local SGD (config validation)
             self.scaler = LossScaler()
         # train.compile: XLA on the loss and gradients only. Horovod's ops have no XLA kernels,
         # so the collectives, clipping and AdamW stay in the outer (plain) tf.function.
@@ -227,7 +227,8 @@ class Engine(GPTEngineBase):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if self.comm.size > 1 and (self.zero is not None or not self._fold_loss()):
             loss = self.comm.allreduce(loss, op="average", name="loss")
-        skipped = self.scaler is not None and not np.isfinite(float(norm))   # the same on every rank
+        # the same on every rank (the reduced norm); local SGD: this rank's own, as it steps alone
+        skipped = self.scaler is not None and not np.isfinite(float(norm))
         if self.scaler is not None:
             self.scaler.update(not skipped)
         # tensors, read only when someone looks (the trainer: when it logs): no device sync here

@@ -127,12 +127,56 @@ def test_precision_is_validated():
     with pytest.raises(config.ConfigError, match="train.precision"):
         config.validate(config.load(None, ['train.precision="fp8"']))
     # fp16 runs under dp, tp, pp and ZeRO-1/2/3 (the overflow check is the job-wide gradient
-    # norm); local SGD and parameter servers still refuse it, naming bf16 as the way out
+    # norm), over a user's layer list and with local SGD; where it is refused, bf16 is named
     for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"],
                ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"],
                [f'model.layers="{USER_LM["torch"]}"', "parallel.pp=2"],
                [f'model.layers="{USER_LM["tensorflow"]}"', 'backend="tensorflow"', "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
-    for bad, what in ((["localsgd.every=4"], "localsgd.every"), (["ps.servers=1"], "ps.servers")):
+    config.validate(config.load(None, ['train.precision="fp16"', "localsgd.every=4"]))   # each rank skips alone
+    for bad, what in ((["ps.servers=1"], "ps.servers"),):
         with pytest.raises(config.ConfigError, match=f"'fp16' .* not with {what}; use train.precision = 'bf16'"):
             config.validate(config.load(None, ['train.precision="fp16"', *bad]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_fp16_local_sgd_skips_an_overflow_on_its_own_rank_only(backend):
+    """Local SGD (localsgd.every = 2) on 2 simulated ranks (tests/unit/simcoll.py), each a real
+    engine: rank 1's gradients overflow at step 2. Between averages a rank steps alone, so only
+    rank 1 skips: its AdamW step count stays 1 and its scale halves, rank 0 takes its step at its
+    scale; no message is added (per step the loss's, per average the parameters': a job-wide skip
+    would cost an allreduce every step, which local SGD exists to save). The average at step 2 is
+    the mean of two single-process fp16 runs on each rank's data, rank 1's with that step
+    skipped."""
+    from simcoll import World
+    from simcoll import backend as sim_backend
+    be = torch_backend if backend == "torch" else tf_backend
+    sets = ["localsgd.every=2", "model.dropout=0", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
+            f"model.block_size={T}", f"model.vocab_size={V}", f'backend="{backend}"', 'train.precision="fp16"',
+            "optim.warmup_steps=0", "train.seed=3", "train.threads=1", "train.steps=4"]
+    cfg = config.validate(config.load(None, sets))
+    data = [list(launch_util.pattern_batches(2, B, T))[::-1], list(pattern_batches(2))]   # rank r's batches
+
+    def run(r, comm=None, local=True):
+        c = cfg if local else config.validate(config.load(None, sets[1:] + ["localsgd.every=0"]))
+        e = be.Engine(c, Layout.build(c.parallel, 2 if local else 1, r if local else 0), collectives=comm)
+        out = []
+        for step, (x, y) in enumerate(data[r], 1):
+            e.inject_overflow = r == 1 and step == 2
+            out.append(e.train_step(x, y, lr=3e-3).skipped)
+        return out, e.scaler.scale, int(e.state_dict()["optim.step"]), to_np(e.device_flat_params())
+
+    world = World(2, timeout=60.0)
+    comms = sim_backend(backend).group(world)
+    (skip0, scale0, t0, p0), (skip1, scale1, t1, p1) = world.run(lambda r: run(r, comms[r]))
+    assert (skip0, skip1) == ([False, False], [False, True])
+    assert (t0, t1) == (2, 1) and scale1 == scale0 / 2 == 2.0 ** 15
+    np.testing.assert_array_equal(p0, p1)   # averaged at step 2
+    refs = [run(r, local=False) for r in (0, 1)]
+    assert [r[0] for r in refs] == [skip0, skip1]
+    np.testing.assert_allclose(p0, (refs[0][3] + refs[1][3]) / np.float32(2), rtol=1e-6, atol=1e-7)
+    assert {n for _, n in world.groups[0].log} == {"init.params", "loss", "localsgd.params"}
+
+
+def to_np(t) -> np.ndarray:
+    return np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy(), np.float32)
