@@ -609,14 +609,6 @@ def _compile_problems(cfg: Config) -> list[str]:
 
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
-    if cfg.train.precision == "fp16":
-        # the skip decision is the job-wide gradient norm's (local SGD: each rank's own, as it
-        # steps alone between averages); the parameter servers' own updates have none yet
-        other = [k for k, on in (("ps.servers", cfg.ps.servers),) if on]
-        if other:
-            p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under dp, tp, pp and ZeRO-1/2/3 "
-                     f"for now, not with {', '.join(other)}; use train.precision = 'bf16' (no scaling "
-                     f"needed) there")
     ac = cfg.train.activation_checkpointing
     if ac not in ("none", "full", "selective"):
         p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")

@@ -237,7 +237,9 @@ class Engine(GPTEngineBase):
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies
         that move gradients themselves (parameter servers)."""
-        loss, grads = self._grads(*self._micro(x, y))
+        xs, ys = self._micro(x, y)   # fp16: the loss scaled by this step's scale (the caller unscales)
+        loss, grads = self._scaled_grads(xs, ys, tf.constant(self._step_scale(), tf.float32)) if self.scaler \
+            else self._grads(xs, ys)
         return float(loss), self.flat_grads(grads)
 
     # evaluation --------------------------------------------------------------------------------
