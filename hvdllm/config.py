@@ -178,7 +178,8 @@ class TrainConfig:
                          "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
                          "norms, softmax and loss; runs on CPU too), or 'fp16' (the same in float16, "
                          "with dynamic loss scaling: a step whose gradients overflow is skipped on "
-                         "every rank and the scale halves; dp, tp, pp and ZeRO-1; hvdllm/loss_scale.py)", "fp32")
+                         "every rank and the scale halves; dp, tp, pp, ZeRO-1/2/3, a model.layers list, "
+                         "parameter servers, and local SGD, where a rank skips its own; hvdllm/loss_scale.py)", "fp32")
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "

@@ -172,6 +172,26 @@ def test_user_layers_pipeline_equals_single_process(tmp_path, user_ref, backend,
     same_run(res, ref, rtol=1e-5, what="pp2 resumed at pp=1")
 
 
+FP16 = ['train.precision="fp16"', "train.fail_at_step=1", 'train.fail_mode="overflow"']
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend,layout", [("torch", "pp2"), ("tensorflow", "dp2")])
+def test_user_layers_fp16_skips_rank_1s_overflow_everywhere(tmp_path, reference, backend, layout):
+    """train.precision = 'fp16' over the list (torch autocast, Keras' mixed_float16): rank 1's
+    gradients overflow at step 2 (the last stage's under pp2, the second replica's under dp2); the
+    job-wide norm makes every rank skip it and halve the scale. Equal to np=1 in fp16 with the
+    overflow there (2e-2, the precision table's tolerance), the same skipped step and scales."""
+    ref = reference(*sets(backend, "train.batch_size=8", *FP16, "train.fail_rank=0"))
+    extra = ["parallel.pp=2", "parallel.microbatches=4", "train.batch_size=8"] if layout == "pp2" \
+        else ["train.batch_size=4"]
+    r, d = train(tmp_path, layout, 2, sets(backend, *extra, *FP16, "train.fail_rank=1"))
+    assert r.returncode == 0, r.stdout[-4000:]
+    same_run(d, ref, rtol=2e-2, what=f"fp16 {layout}")
+    assert list(losses(d, "skipped")) == list(losses(ref, "skipped")) == [False, True] + [False] * 4
+    assert list(losses(d, "loss_scale")) == list(losses(ref, "loss_scale")) == [2.0 ** 16] + [2.0 ** 15] * 5
+
+
 @pytest.mark.integration
 def test_builder_that_raises_gives_one_line_naming_model_layers(tmp_path):
     r, out = train(tmp_path, "broken", 1, [f"model.layers={MODELS}:broken"], timeout=120)
