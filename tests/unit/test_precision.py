@@ -134,6 +134,9 @@ def test_precision_is_validated():
                [f'model.layers="{USER_LM["tensorflow"]}"', 'backend="tensorflow"', "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
     config.validate(config.load(None, ['train.precision="fp16"', "localsgd.every=4"]))   # each rank skips alone
+    with pytest.raises(config.ConfigError, match="'fp16' over model.layers .* not yet beside parallel.tp = 2"):
+        config.validate(config.load(None, ['train.precision="fp16"', f'model.layers="{USER_LM["torch"]}"',
+                                           "parallel.tp=2", "model.tp_plan=*.fc=column"]), 2)
     for mode in ("sync", "async"):   # the workers unscale, the servers skip an overflowed push
         config.validate(config.load(None, ['train.precision="fp16"', "ps.servers=1", f"ps.mode={mode}"]), 3)
 
