@@ -178,7 +178,8 @@ class TrainConfig:
                          "under torch.autocast / TF casts, float32 parameters, gradients, AdamW state, "
                          "norms, softmax and loss; runs on CPU too), or 'fp16' (the same in float16, "
                          "with dynamic loss scaling: a step whose gradients overflow is skipped on "
-                         "every rank and the scale halves; dp, tp, pp and ZeRO-1; hvdllm/loss_scale.py)", "fp32")
+                         "every rank and the scale halves; dp, tp, pp, ZeRO-1/2/3, a model.layers list, "
+                         "parameter servers, and local SGD, where a rank skips its own; hvdllm/loss_scale.py)", "fp32")
     activation_checkpointing: str = doc(
         "recompute in backward instead of keeping: 'none'; 'full' (each transformer block keeps only "
         "its input and is run again in backward); 'selective' (each block's attention core, QK^T, "
@@ -611,15 +612,6 @@ def _compile_problems(cfg: Config) -> list[str]:
 
 def _strategy_problems(cfg: Config) -> list[str]:
     p, a, ls = [], cfg.aggregation, cfg.localsgd
-    if cfg.train.precision == "fp16":
-        # the skip decision is the job-wide gradient norm's; these strategies have none (local
-        # SGD's, the servers' own updates) or are not wired to a scaler yet (a user's layer list)
-        other = [k for k, on in (("localsgd.every", ls.every), ("ps.servers", cfg.ps.servers),
-                                 ("model.layers", cfg.model.layers)) if on]
-        if other:
-            p.append(f"train.precision: 'fp16' (dynamic loss scaling) runs under dp, tp, pp and ZeRO-1/2/3 "
-                     f"for now, not with {', '.join(other)}; use train.precision = 'bf16' (no scaling "
-                     f"needed) there")
     ac = cfg.train.activation_checkpointing
     if ac not in ("none", "full", "selective"):
         p.append(f"train.activation_checkpointing: must be 'none', 'full' or 'selective', got {ac!r}")

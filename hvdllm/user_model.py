@@ -40,6 +40,10 @@ Contract (both backends' SequentialEngine, torch_backend/sequential.py and tf_ba
   (out, in), so column splits axis 0 and row axis 1; Keras kernels are (in, out), so column
   splits axis 1 and row axis 0; a column bias splits, a row bias does not. A checkpoint written
   at one tp loads at any other (or without a plan at tp = 1).
+- train.precision = 'fp16': torch runs the layers under torch.autocast(float16), Keras builds
+  them under the 'mixed_float16' dtype policy (float32 weights); the loss is scaled and the step
+  skipped on an overflow exactly as for the built-in GPT (the functions at the end of this file).
+  Under dp, pp and ZeRO-2/3; not yet beside tp (refused).
 - ZeRO-2 / ZeRO-3 (parallel.zero = 2 / 3, data parallel only): one unit per layer that has
   parameters (strategies/zero_layers.py); TensorFlow layers must have no non-trainable weights.
   Checkpoints keep the same names, as ranges of each dp rank's shards, and load at any layout.
@@ -93,6 +97,9 @@ def problems(cfg) -> list[str]:
     if par.zero >= 2 and par.tp > 1:
         p.append(f"parallel.tp: ZeRO-{par.zero} over {KEY} runs without tensor parallelism; set "
                  f"parallel.tp = 1 (or parallel.zero = 0)")
+    if par.tp > 1 and cfg.train.precision == "fp16":   # not proven yet (the plan's output check runs in fp16)
+        p.append(f"train.precision: 'fp16' over {KEY} runs under data and pipeline parallelism and "
+                 f"ZeRO-2/3, not yet beside parallel.tp = {par.tp}; use 'bf16' or parallel.tp = 1")
     for key, bad in (("localsgd.every", cfg.localsgd.every), ("ps.servers", cfg.ps.servers),
                      ("roles.evaluators", cfg.roles.evaluators), ("roles.generators", cfg.roles.generators)):
         if bad:
@@ -325,3 +332,45 @@ def grad_norm_sq(named_sq, split: set, tp_sum) -> float:
     named_sq = list(named_sq)
     return (tp_sum(sum(s for n, s in named_sq if n in split))
             + sum(s for n, s in named_sq if n not in split))
+
+
+# -- train.precision = 'fp16': dynamic loss scaling (hvdllm/loss_scale.py), both backends ---------
+def scaled(engine, loss):
+    """What a micro-batch's loss share starts its backward from: itself, times the scaler's
+    scale under fp16 (the same on every rank and stage: the testing aid's overflow enters at
+    inject_overflow instead, so that it reaches a stage that holds no loss too)."""
+    return loss if engine.scaler is None else loss * engine.scaler.scale
+
+
+def inject_overflow(engine, grads: list) -> None:
+    """train.fail_mode = 'overflow' (EngineBase._step_scale set this step's scale to inf on this
+    rank): one of this rank's gradients becomes non-finite before the dp reduction, a tp-split
+    one where there is one (a replicated parameter's square is counted on its own tp rank only,
+    as its real gradient is the same on every tp rank)."""
+    if engine.scaler is None or engine.scale == engine.scaler.scale or not grads:
+        return
+    split = getattr(engine, "split", ())
+    i = next((k for k, (n, _) in enumerate(engine.named) if n in split), 0)
+    grads[i] = grads[i] * float("inf")
+
+
+def clip_or_skip(norm: float, clip: float, scaler) -> tuple[float, float | None]:
+    """(the gradient norm, the factor the reduced gradients are multiplied by before AdamW, or
+    None: skip the step). Under fp16 the gradients carry the loss scale: the norm is divided by
+    it (clipping sees the true one) and so is the factor. `norm` is the job's (summed over the
+    dp group by the allreduce, over tp and every stage), so an overflow on any rank makes it
+    non-finite on all and every rank skips the same step."""
+    from .optim import clip_coef
+    if scaler is None:
+        return norm, clip_coef(norm, clip)
+    norm = norm / scaler.scale
+    return norm, (clip_coef(norm, clip) / scaler.scale if np.isfinite(norm) else None)
+
+
+def update_scaler(scaler, norm: float) -> bool:
+    """After the step: whether it was skipped (fp16 and a non-finite norm); the scale follows."""
+    if scaler is None:
+        return False
+    finite = bool(np.isfinite(norm))
+    scaler.update(finite)
+    return not finite

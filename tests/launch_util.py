@@ -103,6 +103,18 @@ def by_step(out, key) -> dict[int, float]:
     return {r["step"]: r[key] for r in records(out) if key in r}
 
 
+def same_fp16_run(got, ref, rtol=2e-2, what=""):
+    """fp16 runs alike: losses and validation to rtol, the same steps skipped with the same loss
+    scales, the finite gradient norms to rtol (a skipped step's norm is inf or nan, as the
+    overflow's arithmetic went: only its being non-finite is compared)."""
+    same_run(got, ref, rtol, keys=("loss", "val_loss"), what=what)
+    for key in ("skipped", "loss_scale"):
+        assert list(losses(got, key)) == list(losses(ref, key)), f"{what}: {key}"
+    g, w = losses(got, "grad_norm"), losses(ref, "grad_norm")
+    assert list(np.isfinite(g)) == list(np.isfinite(w)) == [not s for s in losses(ref, "skipped")], (what, g, w)
+    np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], rtol=rtol, err_msg=f"{what}: grad_norm")
+
+
 def same_run(got, ref, rtol, keys=("loss", "grad_norm", "val_loss"), steps=None, scale=None, what=""):
     """`got` trained like `ref`: for each key the same steps were logged (or at least `steps`,
     if given) and the values agree to rtol. The gradient norm is logged before clipping, so it

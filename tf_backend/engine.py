@@ -110,7 +110,7 @@ class Engine(GPTEngineBase):
         self.opt = AdamW(self.vars, cfg.optim) if self.zero is None else None
         wrap = (lambda f, sig: tf.function(f, input_signature=sig, reduce_retracing=True, autograph=False)) \
             if COMPILE else (lambda f, sig: f)
-        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
+        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1, local SGD (config validation)
             self.scaler = LossScaler()
         # train.compile: XLA on the loss and gradients only. Horovod's ops have no XLA kernels,
         # so the collectives, clipping and AdamW stay in the outer (plain) tf.function; under tp
@@ -228,7 +228,8 @@ class Engine(GPTEngineBase):
                 self.set_device_flat_params(self.local.sync(self.device_flat_params()))
         if self.comm.size > 1 and (self.zero is not None or not self._fold_loss()):
             loss = self.comm.allreduce(loss, op="average", name="loss")
-        skipped = self.scaler is not None and not np.isfinite(float(norm))   # the same on every rank
+        # the same on every rank (the reduced norm); local SGD: this rank's own, as it steps alone
+        skipped = self.scaler is not None and not np.isfinite(float(norm))
         if self.scaler is not None:
             self.scaler.update(not skipped)
         # tensors, read only when someone looks (the trainer: when it logs): no device sync here
@@ -237,7 +238,9 @@ class Engine(GPTEngineBase):
     def local_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(this rank's mean loss, its flat gradient) with no communication: for strategies
         that move gradients themselves (parameter servers)."""
-        loss, grads = self._grads(*self._micro(x, y))
+        xs, ys = self._micro(x, y)   # fp16: the loss scaled by this step's scale (the caller unscales)
+        loss, grads = self._scaled_grads(xs, ys, tf.constant(self._step_scale(), tf.float32)) if self.scaler \
+            else self._grads(xs, ys)
         return float(loss), self.flat_grads(grads)
 
     # evaluation --------------------------------------------------------------------------------

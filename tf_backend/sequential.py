@@ -26,7 +26,7 @@ import tensorflow as tf
 from hvdllm import aggregation, user_model
 from hvdllm.engine import StepResult
 from hvdllm.engines import SequentialBase
-from hvdllm.optim import clip_coef
+from hvdllm.loss_scale import LossScaler
 from hvdllm.strategies import pipeline as pl
 
 from . import user_tp
@@ -43,9 +43,11 @@ def _call(layer, x, training: bool):
 
 
 def _run(layers, x, training: bool):
+    """The layers in order; a float16 output (Keras' 'mixed_float16' policy, train.precision =
+    'fp16') back in float32: the loss, and a pipeline stage's activation on the wire, stay float32."""
     for layer in layers:
         x = _call(layer, x, training)
-    return x
+    return tf.cast(x, tf.float32) if x.dtype == tf.float16 else x
 
 
 def _tf(v):
@@ -58,11 +60,22 @@ def _weights(layer) -> list:
 
 
 def _loss(logits, target):
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits))
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target,
+                                                                         logits=tf.cast(logits, tf.float32)))
 
 
-def build_layers(model_cfg, seed: int) -> list:
-    layers = user_model.as_list(user_model.build(model_cfg, seed, _seed), (keras.Sequential,))
+def build_layers(model_cfg, seed: int, precision: str = "fp32") -> list:
+    """The builder's layers; train.precision = 'fp16' builds them under Keras' 'mixed_float16'
+    policy (float32 variables, float16 computation: what the built-in GPT's casts do), which a
+    layer keeps from its construction on."""
+    policy = keras.config.dtype_policy()
+    if precision == "fp16":
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        built = user_model.build(model_cfg, seed, _seed)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    layers = user_model.as_list(built, (keras.Sequential,))
     for i, layer in enumerate(layers):
         if not callable(layer):
             raise user_model.error(f"layer {i} is a {type(layer).__name__}, not a Keras layer or callable")
@@ -116,7 +129,7 @@ class SequentialEngine(SequentialBase):
     def __init__(self, cfg, layout, rt):
         self._settings(cfg, layout)
         m = cfg.model
-        layers = build_layers(m, cfg.train.seed)
+        layers = build_layers(m, cfg.train.seed, cfg.train.precision)
         inputs, names = probe(layers, m)
         self.param_shapes = {n: tuple(w.shape) for i, layer in enumerate(layers)
                              for n, w in zip(names[i], _weights(layer))}
@@ -148,6 +161,7 @@ class SequentialEngine(SequentialBase):
         self._broadcast_parameters()
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = AdamW(self.vars, cfg.optim)
+        self.scaler = LossScaler() if cfg.train.precision == "fp16" else None   # user_model.clip_or_skip
         self.saved, self.grads = {}, {}
         self._describe(n_layers)
 
@@ -177,7 +191,7 @@ class SequentialEngine(SequentialBase):
             out = self._run_chunk(chunk, x, True)
             if target is not None:
                 loss = _loss(out, from_host(target))
-                out = loss / self.m
+                out = user_model.scaled(self, loss / self.m)
         self.saved[(mb, chunk)] = (tape, x, out)
         return float(loss) if target is not None else to_host(out)
 
@@ -200,6 +214,7 @@ class SequentialEngine(SequentialBase):
     # one optimizer step -------------------------------------------------------------------------
     def train_step(self, x, y, lr) -> StepResult:
         self.grads = {}
+        self._step_scale()   # fp16: the scale, or the testing aid's overflow on this rank
         norm = []
         if self.pipe is not None:
             loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
@@ -209,22 +224,26 @@ class SequentialEngine(SequentialBase):
             for xm, ym in aggregation.split_microbatches(x, y, self.m):
                 with tf.GradientTape() as tape:
                     part = _loss(self._run_chunk(0, from_host(xm), True), from_host(ym)) / self.m
-                self._accumulate(range(len(self.vars)), tape.gradient(part, self.vars))
+                    start = user_model.scaled(self, part)
+                self._accumulate(range(len(self.vars)), tape.gradient(start, self.vars))
                 loss += float(part)
             norm.append(self._reduce_and_step(lr))
         mean = self.comm.allreduce(from_host([loss], tf.float64), op="average", name="seq.loss")
-        return StepResult(loss=float(mean[0]), grad_norm=norm[0])
+        skipped = user_model.update_scaler(self.scaler, norm[0])
+        return StepResult(loss=float(mean[0]), grad_norm=norm[0], skipped=skipped)
 
     def _reduce_and_step(self, lr) -> float:
         grads = [self.grads.get(k, tf.zeros_like(v)) for k, v in enumerate(self.vars)]
+        user_model.inject_overflow(self, grads)
         if self.comm.size > 1 and grads:
             grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
         sq = user_model.grad_norm_sq(((n, float(tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))))
                                       for n, g in zip(self.names, grads)), self.split, user_tp.tp_sum(self.tp))
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
-        norm = float(np.sqrt(sq))
-        coef = clip_coef(norm, self.cfg.optim.grad_clip)
+        norm, coef = user_model.clip_or_skip(float(np.sqrt(sq)), self.cfg.optim.grad_clip, self.scaler)
+        if coef is None:   # fp16: an overflow somewhere in the job, which every rank sees: no update
+            return norm
         if grads:
             self.opt.apply([g * coef for g in grads], from_host(lr, tf.float64))
         return norm

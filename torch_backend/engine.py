@@ -93,7 +93,7 @@ class Engine(GPTEngineBase):
             self.local = LocalSGD(cfg.localsgd, self.comm, self.device_flat_params())
         if self.zero is None:
             self.opt = adamw_state.make_adamw(self.named, cfg.optim)
-        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1 (config validation)
+        if cfg.train.precision == "fp16":   # dp, tp, ZeRO-1, local SGD (config validation)
             self.scaler = LossScaler()
 
 
@@ -161,7 +161,8 @@ class Engine(GPTEngineBase):
             mean_loss = None
         else:
             norm, mean_loss = self._aggregate_and_clip(loss, reduce=self.local is None)
-            skip = self.scaler is not None and not math.isfinite(float(norm))   # the same on every rank
+            # the same on every rank (the reduced norm); local SGD: this rank's own, as it steps alone
+            skip = self.scaler is not None and not math.isfinite(float(norm))
             if not skip:
                 adamw_state.set_lr(self.opt, lr)
                 self.opt.step()

@@ -30,7 +30,7 @@ from torch import nn
 from hvdllm import aggregation, user_model
 from hvdllm.engine import StepResult
 from hvdllm.engines import SequentialBase
-from hvdllm.optim import clip_coef
+from hvdllm.loss_scale import LossScaler
 from hvdllm.strategies import pipeline as pl
 
 from . import adamw_state, collectives, user_tp
@@ -82,10 +82,18 @@ def probe(layers, model_cfg) -> list:
     return inputs
 
 
-def _run(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x
+def _run(layers, x, dtype=None):
+    """The layers in order; with `dtype` (train.precision = 'fp16': torch.float16) under
+    torch.autocast, as the built-in GPT computes, the output back in float32 (the loss, and a
+    pipeline stage's activation on the wire, stay float32)."""
+    if dtype is None:
+        for layer in layers:
+            x = layer(x)
+        return x
+    with torch.autocast(device_type=x.device.type, dtype=dtype):
+        for layer in layers:
+            x = layer(x)
+    return x.float()
 
 
 def measure_layer_times(layers, inputs) -> list[float]:
@@ -136,6 +144,9 @@ class SequentialEngine(SequentialBase):
         self._broadcast_parameters()
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = adamw_state.make_adamw(self.named, cfg.optim)
+        # fp16: the layers under autocast, the loss scaled (user_model.clip_or_skip says how)
+        self.dtype = torch.float16 if cfg.train.precision == "fp16" else None
+        self.scaler = LossScaler() if self.dtype is not None else None
         self.saved = {}
         self._describe(n_layers)
 
@@ -149,7 +160,7 @@ class SequentialEngine(SequentialBase):
             torch.nn.utils.vector_to_parameters(flat, [p for _, p in self.named])
 
     def _run_chunk(self, chunk, x):
-        return _run([self.layers[i] for i in self.chunks[chunk]], x)
+        return _run([self.layers[i] for i in self.chunks[chunk]], x, self.dtype)
 
     @staticmethod
     def _loss(logits, target):
@@ -165,7 +176,7 @@ class SequentialEngine(SequentialBase):
             self.saved[(mb, chunk)] = (x, out)
             return to_host(out)
         loss = self._loss(out, from_host(target))
-        self.saved[(mb, chunk)] = (x, loss / self.m)
+        self.saved[(mb, chunk)] = (x, user_model.scaled(self, loss / self.m))
         return float(loss.detach())
 
     def backward(self, chunk, mb, grad):
@@ -179,6 +190,7 @@ class SequentialEngine(SequentialBase):
             layer.train()
         for _, p in self.named:
             p.grad = None
+        self._step_scale()   # fp16: the scale, or the testing aid's overflow on this rank
         norm = []
         if self.pipe is not None:
             loss = self.pipe.run(self, np.split(x, self.m), np.split(y, self.m),
@@ -187,14 +199,16 @@ class SequentialEngine(SequentialBase):
             loss = 0.0
             for xm, ym in aggregation.split_microbatches(x, y, self.m):
                 part = self._loss(self._run_chunk(0, from_host(xm)), from_host(ym)) / self.m
-                part.backward()
+                user_model.scaled(self, part).backward()
                 loss += float(part.detach())
             norm.append(self._reduce_and_step(lr))
         mean = self.comm.allreduce(torch.tensor([loss], dtype=torch.float64), op="average", name="seq.loss")
-        return StepResult(loss=float(mean), grad_norm=norm[0])
+        skipped = user_model.update_scaler(self.scaler, norm[0])
+        return StepResult(loss=float(mean), grad_norm=norm[0], skipped=skipped)
 
     def _reduce_and_step(self, lr) -> float:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        user_model.inject_overflow(self, grads)
         if self.comm.size > 1 and grads:
             grads = self.comm.grouped_allreduce(grads, name="seq.grads", **self.reduce.kwargs())
         for (_, p), g in zip(self.named, grads):
@@ -203,9 +217,11 @@ class SequentialEngine(SequentialBase):
                                      self.split, user_tp.tp_sum(self.tp))
         if self.pipe is not None:
             sq = pl.allreduce_sum(self.pp_comm, sq, self.timeout, "pipeline grad-norm allreduce")
-        norm = float(np.sqrt(sq))
+        norm, coef = user_model.clip_or_skip(float(np.sqrt(sq)), self.cfg.optim.grad_clip, self.scaler)
+        if coef is None:   # fp16: an overflow somewhere in the job, which every rank sees: no update
+            return norm
         if grads:
-            torch._foreach_mul_(grads, clip_coef(norm, self.cfg.optim.grad_clip))
+            torch._foreach_mul_(grads, coef)
         adamw_state.set_lr(self.opt, lr)
         self.opt.step()
         return norm

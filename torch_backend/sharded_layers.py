@@ -26,6 +26,8 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
         self._groups(cfg, layout, Collectives(rt.process_set(layout.group("dp"))), None, NumpyCollectives)
         self.layers = build_layers(cfg.model, cfg.train.seed)
         probe(self.layers, cfg.model)
+        # fp16: the layers under autocast, as SequentialEngine's; the loss scale is ZeroSharded's
+        self.dtype = torch.float16 if cfg.train.precision == "fp16" else None
         if collectives.DEVICE is not None:   # train.device: checked on the CPU above, run there
             for layer in self.layers:
                 layer.to(collectives.DEVICE)
@@ -62,14 +64,14 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
         if u:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = _run(mods, x)
+            out = _run(mods, x, self.dtype)
             if target is not None:
                 out = SequentialEngine._loss(out, target) / self.k
         return out.detach(), (x, out)
 
     @torch.no_grad()
     def eval_unit(self, u, x):
-        return _run(self._unit_modules(u, False), x)
+        return _run(self._unit_modules(u, False), x, self.dtype)
 
     @torch.no_grad()
     def score(self, logits, y):

@@ -9,6 +9,14 @@ With outer_lr = 1 and outer_momentum = 0 the averaged parameters are taken as th
     delta = anchor - theta_avg;  buf = mu*buf + delta
     update = delta + mu*buf (Nesterov) or buf;   theta = anchor - outer_lr*update;  anchor = theta
 
+train.precision = 'fp16': a rank whose gradients overflow skips its own step and halves its own
+loss scale (the engines' norm is that rank's, not reduced): between averages every rank steps
+alone, as a single process on its data would, and a job-wide skip would cost one allreduce per
+step, the message local SGD exists to save. So the ranks' scales may differ for the rest of the
+run; the scale never reaches the weights (the gradients are unscaled before AdamW), so the
+average is not affected, and a resume gives every rank rank 0's scale (the checkpoint's, with
+rank 0's weights and moments).
+
 The vectors (parameters, anchor, momentum buffer) are the backend's own, moved by its tensor
 Collectives, never written in place (so the vector sync returns may be the anchor itself); they
 come to the host only for a checkpoint (state, load).

@@ -38,6 +38,13 @@ server i; wait for every REPLY and load the parameters. Servers, by `ps.mode`:
            slowest worker still training has completed at least c - ps.staleness steps: no
            worker starts a step more than `staleness` steps ahead of the slowest.
 
+train.precision = 'fp16' (loss_scale.py): a worker unscales its gradient before the push; one
+that overflowed pushes zeros with a non-finite squared norm in its header instead. Sync servers
+then skip the round (no AdamW step, the reply's norm infinite, so every worker skips and halves
+its scale alike, as data parallelism does); async/ssp servers skip that push only (its worker
+alone halves its scale). A skipped round or push counts against the budget and the schedule as
+an update does (a skipped step is a step), so AdamW's step count is the applied ones.
+
 End of training. The step budget is the servers': sync stops after train.steps rounds; async and
 ssp after train.steps * W applied pushes (the same tokens as sync, but a fast worker contributes
 more of them than a straggler; pushes arriving after the budget are not applied). The REPLY that
@@ -148,6 +155,13 @@ class ParameterServer:
         self.log: list[dict] = []
         self.t0 = None
         self.stopped = False
+        # fp16: updates not made for an overflow (a push whose squared norm is not finite); they
+        # count against the budget and the schedule as made ones do, as a skipped step does
+        self.overflows = 0
+
+    def _used(self) -> int:
+        """Updates (async/ssp) or rounds (sync) of the budget used: AdamW's plus the overflows."""
+        return self.opt.t + self.overflows
 
     # the event loop ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -214,11 +228,14 @@ class ParameterServer:
         if self.mode == "sync":
             return self._collect(w, h)
         gap = k - self._slowest()
-        applied = self.opt.t < self.budget
+        applied = self._used() < self.budget
         rec = {"worker": w, "step": k, "applied": applied, "gap": gap,
                "staleness": self.opt.t - int(h[VERSION])}
-        if applied:  # staleness-aware: see the module docstring
-            lr = lr_at(self.opt.t // self.per_step, self.cfg.optim, self.cfg.train.steps)
+        if applied and not math.isfinite(h[SQNORM]):   # fp16: the worker's gradient overflowed
+            rec.update(applied=False, overflow=True)
+            self.overflows += 1
+        elif applied:  # staleness-aware: see the module docstring
+            lr = lr_at(self._used() // self.per_step, self.cfg.optim, self.cfg.train.steps)
             rec["lr"] = stale_lr(lr, rec["staleness"], self.cfg.ps.stale_lr)
             self._update(self.inbox[w], math.sqrt(h[SQNORM]), rec["lr"])
         self.clock[w] = k + 1
@@ -238,10 +255,16 @@ class ParameterServer:
         for v in self.workers[1:]:
             g += self.inbox[v]
         g /= np.float32(self.W)
-        norm = math.sqrt(self._global_sq(float(np.dot(g, g))))
-        recs = [{"worker": v, "step": int(x[STEP]), "applied": True, "gap": 0,
+        # fp16: any worker's overflow (every server sees every header) skips the round on every
+        # server, with no norm exchange: the job-wide skip of data parallelism
+        overflow = not all(math.isfinite(x[SQNORM]) for x in hs)
+        norm = math.inf if overflow else math.sqrt(self._global_sq(float(np.dot(g, g))))
+        recs = [{"worker": v, "step": int(x[STEP]), "applied": not overflow, "gap": 0,
                  "staleness": self.opt.t - int(x[VERSION])} for v, x in zip(self.workers, hs)]
-        self._update(g, norm, float(hs[0][LR]))
+        if overflow:
+            self.overflows += 1
+        else:
+            self._update(g, norm, float(hs[0][LR]))
         for rec in recs:
             self._log(rec)
         mean_loss = sum(float(x[LOSS]) for x in hs) / self.W
@@ -279,7 +302,7 @@ class ParameterServer:
     def _release(self) -> None:
         """async: reply at once. ssp: reply to a worker only while it is at most tau steps ahead
         of the slowest active worker. After the budget: reply (STOP) to everyone held."""
-        spent = self.opt.t >= self.budget
+        spent = self._used() >= self.budget
         lo = self._slowest()
         go = [w for w in sorted(self.held)
               if spent or self.mode == "async" or self.clock[w] - lo <= self.tau]
@@ -307,7 +330,7 @@ class ParameterServer:
     def _reply(self, to: list[int], op: int, norm: float = 0.0, loss: float = 0.0) -> None:
         """Header and a copy of the shard (it changes before a send completes) to each of `to`."""
         hdr = header(op, {T: self.opt.t, NORM: norm, MEAN_LOSS: loss,
-                          FLAGS: STOP if self.opt.t >= self.budget else 0})
+                          FLAGS: STOP if self._used() >= self.budget else 0})
         shard = self._shard_copy()
         sends = []
         for w in to:

@@ -19,6 +19,8 @@ servers apply the schedule at the global step (param_server.py) and log every pu
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mpi import p2p
@@ -30,8 +32,8 @@ from .param_server import HDR, PULL_TAG, PUSH_TAG, ProtocolError
 
 
 class PSStepResult(StepResult):
-    def __init__(self, loss, grad_norm, final: bool = False):
-        super().__init__(loss, grad_norm)
+    def __init__(self, loss, grad_norm, final: bool = False, skipped: bool = False):
+        super().__init__(loss, grad_norm, skipped)
         self.final = final   # the servers' step budget is spent: this worker's training is over
 
 
@@ -53,6 +55,20 @@ class PSWorker(EngineBase):
         self.slow = cfg.ps.straggler_factor if layout.rank == cfg.ps.straggler_rank else 1.0
         self.extra_passes = 0.0
 
+    # fp16's scaler and the testing aid's overflow are the backend engine's (it scales the loss);
+    # the trainer reaches them here (logs, checkpoints, train.fail_mode = 'overflow')
+    @property
+    def scaler(self):
+        return self.inner.scaler
+
+    @property
+    def inject_overflow(self) -> bool:
+        return self.inner.inject_overflow
+
+    @inject_overflow.setter
+    def inject_overflow(self, on: bool) -> None:
+        self.inner.inject_overflow = on
+
     # the Engine contract ----------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PSStepResult:
         if self.finished:
@@ -60,6 +76,10 @@ class PSWorker(EngineBase):
         self._hello()
         loss, g = self.inner.local_gradients(x, y)
         g = np.ascontiguousarray(g, np.float32)
+        scaler = self.scaler   # fp16: g is this step's loss scale (inner.scale) times the gradient
+        overflow = scaler is not None and not np.isfinite(g).all()
+        if scaler is not None:   # the servers get the true gradient, or zeros and an infinite norm
+            g = np.zeros_like(g) if overflow else g / np.float32(self.inner.scale)
         # ps.straggler_*: a slower machine, f times the work per step: it computes the same
         # gradient again f - 1 times (a fraction carried to later steps) rather than sleeping: a
         # sleeping straggler frees its core for the others on an oversubscribed host and flatters
@@ -72,7 +92,8 @@ class PSWorker(EngineBase):
             while self.extra_passes >= 1.0:
                 self.inner.local_gradients(x, y)
                 self.extra_passes -= 1.0
-        sq = float(np.dot(g, g))   # float32 like the backends' norms; used by async/ssp clipping
+        # float32 like the backends' norms; used by async/ssp clipping (fp16: inf flags an overflow)
+        sq = math.inf if overflow else float(np.dot(g, g))
         k = self.pushes
         reqs, hdrs = self._post_replies()
         for i, (s, (lo, hi)) in enumerate(zip(self.servers, self.ranges)):
@@ -92,7 +113,11 @@ class PSWorker(EngineBase):
         if final:
             self._finish()
         self.inner.set_flat_params(self.params)
-        return PSStepResult(loss=float(loss), grad_norm=norm, final=final)
+        # fp16: sync, the round's (every worker alike); async/ssp, this push's own
+        skipped = scaler is not None and not math.isfinite(norm)
+        if scaler is not None:
+            scaler.update(not skipped)
+        return PSStepResult(loss=float(loss), grad_norm=norm, final=final, skipped=skipped)
 
     def evaluate(self, x, y):
         return self.inner.evaluate(x, y)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch_util import ROOT, TINY, env, losses, mpirun_argv, run, same_run, train
+from launch_util import ROOT, TINY, env, losses, mpirun_argv, run, same_fp16_run, same_run, train
 
 from hvdllm import config, metrics
 from hvdllm.errors import ConfigError
@@ -90,6 +90,25 @@ def test_sync_ps_equals_single_process(tmp_path, single):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-4000:]
     # float32 in another framework: the backends agree to ~1e-6 (tests/test_backends_agree.py)
     same_run(res, single, rtol=2e-4, what="resumed with TensorFlow workers")
+
+
+FP16 = ['train.precision="fp16"', "train.fail_at_step=1", 'train.fail_mode="overflow"']
+
+
+@pytest.mark.integration
+def test_fp16_sync_ps_skips_worker_1s_overflow_everywhere(tmp_path, reference):
+    """train.precision = 'fp16', 2 torch workers + 1 server, worker 1's gradients overflow at
+    step 2: it pushes zeros with an infinite norm, the server skips the round, both workers skip
+    and halve their scale; equal to np=1 in fp16 with the overflow there (2e-2: fp16's batch 4 and
+    8 round differently), the same skipped step and loss scales, and AdamW's step count at the
+    end is the 5 applied rounds of 6."""
+    ref = reference("backend=torch", "train.batch_size=8", *FP16, "train.fail_rank=0")
+    r, out = train(tmp_path, "ps16", 3, ["train.batch_size=4", "ps.servers=1", *FP16, "train.fail_rank=1"])
+    assert r.returncode == 0, r.stdout[-4000:]
+    same_fp16_run(out, ref, what="fp16 sync ps")
+    assert list(losses(out, "skipped")) == [False, True, False, False, False, False]
+    log = server_log(out)
+    assert [x["applied"] for x in log if x["step"] == 1] == [False, False] and log[-1]["t"] == 5
 
 
 ASYNC = ["train.batch_size=4", "ps.servers=1", "ps.straggler_rank=1", "ps.straggler_factor=5",

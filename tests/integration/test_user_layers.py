@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch_util import by_step, losses, same_checkpoint, same_run, train
+from launch_util import by_step, losses, same_checkpoint, same_fp16_run, same_run, train
 
 from hvdllm import checkpoint, config, user_model
 from hvdllm.errors import ConfigError
@@ -170,6 +170,26 @@ def test_user_layers_pipeline_equals_single_process(tmp_path, user_ref, backend,
     r, res = train(tmp_path, "resumed", 1, sets(backend, "train.batch_size=8", "train.resume=true"))
     assert r.returncode == 0 and "resumed from" in r.stdout and "step 3" in r.stdout, r.stdout[-4000:]
     same_run(res, ref, rtol=1e-5, what="pp2 resumed at pp=1")
+
+
+FP16 = ['train.precision="fp16"', "train.fail_at_step=1", 'train.fail_mode="overflow"']
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend,layout", [("torch", "pp2"), ("tensorflow", "dp2")])
+def test_user_layers_fp16_skips_rank_1s_overflow_everywhere(tmp_path, reference, backend, layout):
+    """train.precision = 'fp16' over the list (torch autocast, Keras' mixed_float16): rank 1's
+    gradients overflow at step 2 (the last stage's under pp2, the second replica's under dp2); the
+    job-wide norm makes every rank skip it and halve the scale. Equal to np=1 in fp16 with the
+    overflow there (2e-2, the precision table's tolerance), the same skipped step and scales."""
+    ref = reference(*sets(backend, "train.batch_size=8", *FP16, "train.fail_rank=0"))
+    extra = ["parallel.pp=2", "parallel.microbatches=4", "train.batch_size=8"] if layout == "pp2" \
+        else ["train.batch_size=4"]
+    r, d = train(tmp_path, layout, 2, sets(backend, *extra, *FP16, "train.fail_rank=1"))
+    assert r.returncode == 0, r.stdout[-4000:]
+    same_fp16_run(d, ref, what=f"fp16 {layout}")
+    assert list(losses(ref, "skipped")) == [False, True] + [False] * 4
+    assert list(losses(ref, "loss_scale")) == [2.0 ** 16] + [2.0 ** 15] * 5
 
 
 @pytest.mark.integration

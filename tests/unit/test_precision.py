@@ -8,6 +8,8 @@ to np=1 in bf16 and fp16 (dp, ZeRO-1, tp, pp; an overflow on one rank skipped on
 scale np=1's), and 200 bf16 steps at each layout learning as fp32 does:
 tests/integration/test_llama_layouts.py's launch; ZeRO-1's scaled step and skip on simulated
 ranks: tests/unit/test_zero1_sim.py."""
+from pathlib import Path
+
 import horovod.tensorflow  # noqa: F401  (installed by make env)
 import horovod.torch  # noqa: F401  (installed by make env)
 import launch_util
@@ -31,15 +33,26 @@ def horovod():
     torch_backend.init_horovod(MPI.COMM_WORLD)
 
 
-def engine(family, backend, precision, zero=0):
-    sets = [f"parallel.zero={zero}", "model.n_layer=2", "model.n_embd=32", "model.n_head=4", f"model.block_size={T}",
-            f"model.vocab_size={V}", f'backend="{backend}"', f'train.precision="{precision}"',
+def engine(family, backend, precision, zero=0, *extra):
+    sets = [*extra, f"parallel.zero={zero}", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
+            f"model.block_size={T}", f"model.vocab_size={V}", f'backend="{backend}"', f'train.precision="{precision}"',
             "optim.warmup_steps=0", "train.seed=3", "train.threads=1"]
     if family == "llama":
         sets += ['model.family="llama"', "model.n_kv_head=2", "model.ffn_hidden=48"]
     cfg = config.validate(config.load(None, sets))
     be = torch_backend if backend == "torch" else tf_backend
-    return (be.ShardedEngine if zero >= 2 else be.Engine)(cfg, Layout.build(cfg.parallel, 1, 0))
+    layout = Layout.build(cfg.parallel, 1, 0)
+    if cfg.model.layers:   # a user's layer list: its engines take the runtime (one process here)
+        from mpi4py import MPI
+
+        from hvdllm.runtime import Runtime
+        rt = Runtime("single", 0, 1, 0, 1, MPI.COMM_WORLD, {})
+        return (be.ShardedSequentialEngine if zero >= 2 else be.SequentialEngine)(cfg, layout, rt)
+    return (be.ShardedEngine if zero >= 2 else be.Engine)(cfg, layout)
+
+
+MODELS = Path(__file__).resolve().parents[1] / "user_models.py"
+USER_LM = {"torch": f"{MODELS}:torch_lm", "tensorflow": f"{MODELS}:keras_lm"}
 
 
 def pattern_batches(n):
@@ -65,14 +78,19 @@ def test_bf16_trains_as_float32_does_within_its_rounding(family, backend):
     assert abs(end16 - end32) <= 0.02 * first32.loss
 
 
-@pytest.mark.parametrize("zero", [0, 2, 3])
-@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero):
+# (TensorFlow's ZeRO-3 over a list joins once tf_backend/sharded_layers.py builds its layers in
+# the run's precision: /tmp/patch_fp16more.md)
+@pytest.mark.parametrize("backend,zero,layers", [(b, z, False) for b in ("torch", "tensorflow") for z in (0, 2, 3)]
+                         + [("torch", 0, True), ("torch", 3, True), ("tensorflow", 0, True)])
+def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero, layers):
     """An overflow (the testing aid's infinite scale at step 3) leaves every weight and AdamW's
     step count as they were, halves the scale, and the run goes on; fp16 trains within its
     rounding of float32 (11 significant bits). ZeRO-2/3 (strategies/zero_sharded.py: ZeRO-3's
-    weights live in its shards) alike, on the sharded engines' own loss-scaled backward."""
-    e, ref = engine("gpt2", backend, "fp16", zero), engine("gpt2", backend, "fp32", zero)
+    weights live in its shards) alike, on the sharded engines' own loss-scaled backward; and a
+    user's layer list (model.layers: torch autocast / Keras' mixed_float16 policy), unsharded and
+    under ZeRO-3 (its units are the layers)."""
+    extra = [f'model.layers="{USER_LM[backend]}"'] if layers else []
+    e, ref = engine("gpt2", backend, "fp16", zero, *extra), engine("gpt2", backend, "fp32", zero, *extra)
     batches = list(pattern_batches(6))
     first = e.train_step(*batches[0], lr=3e-3)
     want = ref.train_step(*batches[0], lr=3e-3)
@@ -109,10 +127,76 @@ def test_precision_is_validated():
     with pytest.raises(config.ConfigError, match="train.precision"):
         config.validate(config.load(None, ['train.precision="fp8"']))
     # fp16 runs under dp, tp, pp and ZeRO-1/2/3 (the overflow check is the job-wide gradient
-    # norm); local SGD and parameter servers still refuse it, naming bf16 as the way out
+    # norm), over a user's layer list, with local SGD and with parameter servers
     for ok in (["parallel.pp=2"], ["parallel.zero=1"], ["parallel.pp=2", "parallel.zero=1"], ["parallel.tp=2"],
-               ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"]):
+               ["parallel.zero=2"], ["parallel.zero=3"], ["parallel.pp=2", "parallel.zero=3"],
+               [f'model.layers="{USER_LM["torch"]}"', "parallel.pp=2"],
+               [f'model.layers="{USER_LM["tensorflow"]}"', 'backend="tensorflow"', "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
-    for bad, what in ((["localsgd.every=4"], "localsgd.every"), (["ps.servers=1"], "ps.servers")):
-        with pytest.raises(config.ConfigError, match=f"'fp16' .* not with {what}; use train.precision = 'bf16'"):
-            config.validate(config.load(None, ['train.precision="fp16"', *bad]))
+    config.validate(config.load(None, ['train.precision="fp16"', "localsgd.every=4"]))   # each rank skips alone
+    with pytest.raises(config.ConfigError, match="'fp16' over model.layers .* not yet beside parallel.tp = 2"):
+        config.validate(config.load(None, ['train.precision="fp16"', f'model.layers="{USER_LM["torch"]}"',
+                                           "parallel.tp=2", "model.tp_plan=*.fc=column"]), 2)
+    for mode in ("sync", "async"):   # the workers unscale, the servers skip an overflowed push
+        config.validate(config.load(None, ['train.precision="fp16"', "ps.servers=1", f"ps.mode={mode}"]), 3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_fp16_local_sgd_skips_an_overflow_on_its_own_rank_only(backend):
+    """Local SGD (localsgd.every = 2) on 2 simulated ranks (tests/unit/simcoll.py), each a real
+    engine: rank 1's gradients overflow at step 2. Between averages a rank steps alone, so only
+    rank 1 skips: its AdamW step count stays 1 and its scale halves, rank 0 takes its step at its
+    scale; no message is added (per step the loss's, per average the parameters': a job-wide skip
+    would cost an allreduce every step, which local SGD exists to save). The average at step 2 is
+    the mean of two single-process fp16 runs on each rank's data, rank 1's with that step
+    skipped."""
+    from simcoll import World
+    from simcoll import backend as sim_backend
+    be = torch_backend if backend == "torch" else tf_backend
+    sets = ["localsgd.every=2", "model.dropout=0", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
+            f"model.block_size={T}", f"model.vocab_size={V}", f'backend="{backend}"', 'train.precision="fp16"',
+            "optim.warmup_steps=0", "train.seed=3", "train.threads=1", "train.steps=4"]
+    cfg = config.validate(config.load(None, sets))
+    data = [list(launch_util.pattern_batches(2, B, T))[::-1], list(pattern_batches(2))]   # rank r's batches
+
+    def run(r, comm=None, local=True):
+        c = cfg if local else config.validate(config.load(None, sets[1:] + ["localsgd.every=0"]))
+        e = be.Engine(c, Layout.build(c.parallel, 2 if local else 1, r if local else 0), collectives=comm)
+        out = []
+        for step, (x, y) in enumerate(data[r], 1):
+            e.inject_overflow = r == 1 and step == 2
+            out.append(e.train_step(x, y, lr=3e-3).skipped)
+        return out, e.scaler.scale, int(e.state_dict()["optim.step"]), to_np(e.device_flat_params())
+
+    world = World(2, timeout=60.0)
+    comms = sim_backend(backend).group(world)
+    (skip0, scale0, t0, p0), (skip1, scale1, t1, p1) = world.run(lambda r: run(r, comms[r]))
+    assert (skip0, skip1) == ([False, False], [False, True])
+    assert (t0, t1) == (2, 1) and scale1 == scale0 / 2 == 2.0 ** 15
+    np.testing.assert_array_equal(p0, p1)   # averaged at step 2
+    refs = [run(r, local=False) for r in (0, 1)]
+    assert [r[0] for r in refs] == [skip0, skip1]
+    np.testing.assert_allclose(p0, (refs[0][3] + refs[1][3]) / np.float32(2), rtol=1e-6, atol=1e-7)
+    assert {n for _, n in world.groups[0].log} == {"init.params", "loss", "localsgd.params"}
+
+
+def to_np(t) -> np.ndarray:
+    return np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy(), np.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_fp16_local_gradients_carry_the_loss_scale(backend):
+    """What a parameter-server worker pushes from (Engine.local_gradients, no communication):
+    under fp16 the gradient times this step's loss scale, which the worker divides out
+    (strategies/ps_worker.py), within fp16's rounding of float32's; the testing aid's overflow
+    makes it non-finite, which the worker turns into a skipped push."""
+    e, ref = engine("gpt2", backend, "fp16"), engine("gpt2", backend, "fp32")
+    (x, y), = pattern_batches(1)
+    loss, g = e.local_gradients(x, y)
+    want_loss, want = ref.local_gradients(x, y)
+    assert e.scale == e.scaler.scale == 2.0 ** 16
+    g = np.asarray(g, np.float64) / e.scale
+    assert abs(loss - want_loss) <= 4 * 2.0 ** -11 * want_loss
+    assert np.linalg.norm(g - want) <= 0.02 * np.linalg.norm(want)
+    e.inject_overflow = True
+    assert not np.isfinite(e.local_gradients(x, y)[1]).all()
