@@ -41,7 +41,7 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
     def __init__(self, cfg, layout, rt):
         self._groups(cfg, layout, Collectives(rt.process_set(layout.group("dp"))), None, NumpyCollectives)
         self.recompute = cfg.parallel.zero == 3
-        self.layers = build_layers(cfg.model, cfg.train.seed)
+        self.layers = build_layers(cfg.model, cfg.train.seed, cfg.train.precision)
         _, names = probe(self.layers, cfg.model)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, keras.layers.Layer) and layer.non_trainable_weights:
