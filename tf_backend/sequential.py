@@ -43,11 +43,12 @@ def _call(layer, x, training: bool):
 
 
 def _run(layers, x, training: bool):
-    """The layers in order; a float16 output (Keras' 'mixed_float16' policy, train.precision =
-    'fp16') back in float32: the loss, and a pipeline stage's activation on the wire, stay float32."""
+    """The layers in order; a 16-bit output (Keras' 'mixed_bfloat16' / 'mixed_float16' policy,
+    train.precision = 'bf16' / 'fp16') back in float32: the loss, and a pipeline stage's activation
+    on the wire, stay float32."""
     for layer in layers:
         x = _call(layer, x, training)
-    return tf.cast(x, tf.float32) if x.dtype == tf.float16 else x
+    return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
 
 
 def _tf(v):
@@ -65,12 +66,13 @@ def _loss(logits, target):
 
 
 def build_layers(model_cfg, seed: int, precision: str = "fp32") -> list:
-    """The builder's layers; train.precision = 'fp16' builds them under Keras' 'mixed_float16'
-    policy (float32 variables, float16 computation: what the built-in GPT's casts do), which a
-    layer keeps from its construction on."""
+    """The builder's layers; train.precision = 'bf16' / 'fp16' builds them under Keras'
+    'mixed_bfloat16' / 'mixed_float16' policy (float32 variables, 16-bit computation: what the
+    built-in GPT's casts do), which a layer keeps from its construction on."""
     policy = keras.config.dtype_policy()
-    if precision == "fp16":
-        keras.config.set_dtype_policy("mixed_float16")
+    mixed = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}.get(precision)
+    if mixed:
+        keras.config.set_dtype_policy(mixed)
     try:
         built = user_model.build(model_cfg, seed, _seed)
     finally:

@@ -82,8 +82,13 @@ def probe(layers, model_cfg) -> list:
     return inputs
 
 
+def autocast_dtype(precision: str):
+    """The autocast dtype of train.precision over a layer list (None: float32 throughout)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def _run(layers, x, dtype=None):
-    """The layers in order; with `dtype` (train.precision = 'fp16': torch.float16) under
+    """The layers in order; with `dtype` (train.precision = 'bf16' / 'fp16') under
     torch.autocast, as the built-in GPT computes, the output back in float32 (the loss, and a
     pipeline stage's activation on the wire, stay float32)."""
     if dtype is None:
@@ -144,9 +149,9 @@ class SequentialEngine(SequentialBase):
         self._broadcast_parameters()
         self.reduce = aggregation.reduce_args(cfg.aggregation, self.comm.size)
         self.opt = adamw_state.make_adamw(self.named, cfg.optim)
-        # fp16: the layers under autocast, the loss scaled (user_model.clip_or_skip says how)
-        self.dtype = torch.float16 if cfg.train.precision == "fp16" else None
-        self.scaler = LossScaler() if self.dtype is not None else None
+        # bf16 / fp16: the layers under autocast; fp16's loss scaled (user_model.clip_or_skip says how)
+        self.dtype = autocast_dtype(cfg.train.precision)
+        self.scaler = LossScaler() if cfg.train.precision == "fp16" else None
         self.saved = {}
         self._describe(n_layers)
 

@@ -15,7 +15,7 @@ from hvdllm.strategies.zero_layers import ShardedLayersBase
 
 from . import collectives
 from .collectives import Collectives, NumpyCollectives, from_host, to_host
-from .sequential import SequentialEngine, _run, build_layers, probe
+from .sequential import SequentialEngine, _run, autocast_dtype, build_layers, probe
 from .sharded import ShardedEngine
 
 
@@ -27,7 +27,7 @@ class ShardedSequentialEngine(ShardedLayersBase, ShardedEngine):
         self.layers = build_layers(cfg.model, cfg.train.seed)
         probe(self.layers, cfg.model)
         # fp16: the layers under autocast, as SequentialEngine's; the loss scale is ZeroSharded's
-        self.dtype = torch.float16 if cfg.train.precision == "fp16" else None
+        self.dtype = autocast_dtype(cfg.train.precision)
         if collectives.DEVICE is not None:   # train.device: checked on the CPU above, run there
             for layer in self.layers:
                 layer.to(collectives.DEVICE)

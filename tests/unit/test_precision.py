@@ -107,6 +107,21 @@ def test_fp16_skips_an_overflowing_step_and_halves_the_scale(backend, zero, laye
     assert not r.skipped and np.isfinite(r.loss) and e.state_dict()["optim.step"] == 3
 
 
+@pytest.mark.parametrize("backend,zero", [(b, z) for b in ("torch", "tensorflow") for z in (0, 3)])
+def test_bf16_over_a_layer_list_is_really_used(backend, zero):
+    """train.precision = 'bf16' over a user's layer list computes in bfloat16 (torch autocast /
+    Keras' mixed_bfloat16; before, the list silently ran in float32): the first step's loss
+    differs from float32's, within bfloat16's rounding, and the unscaled norm is float32's to 2%;
+    no loss scaler."""
+    extra = [f'model.layers="{USER_LM[backend]}"']
+    e, ref = engine("gpt2", backend, "bf16", zero, *extra), engine("gpt2", backend, "fp32", zero, *extra)
+    assert e.scaler is None
+    batch = next(iter(pattern_batches(1)))
+    got, want = e.train_step(*batch, lr=3e-3), ref.train_step(*batch, lr=3e-3)
+    assert got.loss != want.loss and abs(got.loss - want.loss) <= 4 * BF16_EPS * want.loss, (got.loss, want.loss)
+    assert abs(got.grad_norm - want.grad_norm) <= 0.02 * want.grad_norm
+
+
 def test_loss_scaler_rules():
     from hvdllm.loss_scale import LossScaler
     s = LossScaler(init=8.0, window=2)
@@ -132,9 +147,10 @@ def test_precision_is_validated():
                [f'model.layers="{USER_LM["tensorflow"]}"', 'backend="tensorflow"', "parallel.zero=3"]):
         config.validate(config.load(None, ['train.precision="fp16"', *ok]))
     config.validate(config.load(None, ['train.precision="fp16"', "localsgd.every=4"]))   # each rank skips alone
-    with pytest.raises(config.ConfigError, match="'fp16' over model.layers .* not yet beside parallel.tp = 2"):
-        config.validate(config.load(None, ['train.precision="fp16"', f'model.layers="{USER_LM["torch"]}"',
-                                           "parallel.tp=2", "model.tp_plan=*.fc=column"]), 2)
+    for low in ("fp16", "bf16"):   # over a list beside tp: not yet (Horovod's CPU ops take no bfloat16)
+        with pytest.raises(config.ConfigError, match=f"'{low}' over model.layers .* not yet beside parallel.tp = 2"):
+            config.validate(config.load(None, [f'train.precision="{low}"', f'model.layers="{USER_LM["torch"]}"',
+                                               "parallel.tp=2", "model.tp_plan=*.fc=column"]), 2)
     for mode in ("sync", "async"):   # the workers unscale, the servers skip an overflowed push
         config.validate(config.load(None, ['train.precision="fp16"', "ps.servers=1", f"ps.mode={mode}"]), 3)
 
